@@ -1,0 +1,51 @@
+# Esper developer entry points. Every target that needs the venv builds it first, so a fresh
+# clone needs no other step: `make test`, `make e2e`, `make bench`.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+# Pin torch where a local wheel exists (CI: TORCH_SPEC=torch==2.13.0); users elsewhere get the
+# normal wheel. Empty means "do not install torch" (no package in this tree needs it yet).
+TORCH_SPEC ?=
+PACKAGES := libs/leyline libs/core services/oona
+STAMP := $(VENV)/.esper-setup
+PYTEST_FLAGS ?=
+
+.PHONY: setup test unit integration e2e bench bench-oona lint guard proto proto-check clean
+
+setup: $(STAMP)
+
+$(STAMP): requirements-dev.txt $(foreach p,$(PACKAGES),$(p)/pyproject.toml)
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip setuptools wheel
+	@if [ -n "$(TORCH_SPEC)" ]; then $(PY) -m pip install --quiet "$(TORCH_SPEC)"; fi
+	$(PY) -m pip install --quiet $(foreach p,$(PACKAGES),-e $(p)) -r requirements-dev.txt
+	touch $(STAMP)
+
+# pytest exits 5 when it collected nothing: that is a failure here, never a pass.
+test: $(STAMP) guard
+	$(PY) -m pytest tests $(PYTEST_FLAGS)
+
+e2e: $(STAMP)
+	$(PY) -m esper.oona drill all
+
+bench: bench-oona
+
+bench-oona: $(STAMP)
+	$(PY) bench/oona_bench.py --out bench/results/oona.json
+
+lint: $(STAMP) guard
+	$(VENV)/bin/ruff check libs services tests bench scripts
+	$(VENV)/bin/mypy
+
+guard: $(STAMP)
+	$(PY) scripts/check_shared_types.py libs services
+
+proto: $(STAMP)
+	$(PY) scripts/gen_proto.py --out libs/leyline/src/esper/leyline/_generated
+
+proto-check: $(STAMP)
+	$(PY) scripts/gen_proto.py --check libs/leyline/src/esper/leyline/_generated
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
