@@ -88,9 +88,7 @@ class CircuitBreaker:
     @property
     def state_name(self) -> str:
         """The state as a short name: ``"CLOSED"``, ``"OPEN"`` or ``"HALF_OPEN"``."""
-        return pb.CircuitBreakerState.Name(pb.CircuitBreakerState.ValueType(self.state)).removeprefix(
-            "CIRCUIT_STATE_"
-        )
+        return pb.CircuitBreakerState.Name(pb.CircuitBreakerState.ValueType(self.state)).removeprefix("CIRCUIT_STATE_")
 
     @property
     def failures(self) -> int:

@@ -1,0 +1,403 @@
+"""The consume loop: emergency lane first, consumer groups, ack after the handler, reclaim,
+dead letters, idempotency by message_id. Split decode → dispatch → ack (STYLE: no 200-line run_job).
+
+Delivery guarantees (at-least-once):
+- An entry is acked only after its handler returned (or after it was dead-lettered).
+- A handler error leaves the entry pending; any consumer of the group reclaims it with XAUTOCLAIM
+  once it has been idle for the visibility timeout. After `max_deliveries` it is dead-lettered.
+- Processed message ids are remembered locally and in a per-group sorted set written in the same
+  pipeline as the XACK, so a redelivery after a crash-between-effect-and-ack is skipped, not rerun.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import socket
+import time
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from google.protobuf.message import Message
+from redis.asyncio import Redis
+from redis.exceptions import ResponseError
+
+from esper.core.clock import now_ms
+from esper.core.errors import BreakerOpenError
+from esper.core.logging import get_logger
+from esper.leyline import (
+    BoundedTTLMap,
+    Channel,
+    EnvelopeError,
+    Lane,
+    ReplayCache,
+    channel,
+    pb,
+)
+from esper.oona.client import OonaClient, decode_id, ensure_group_on
+from esper.oona.connection import RETRYABLE
+from esper.oona.delivery import Delivery
+from esper.oona.errors import Reject
+from esper.oona.inbound import PAYLOAD_FIELD, validate_entry
+
+log = get_logger("esper.oona.consumer")
+
+Handler = Callable[[Delivery], Awaitable[Message | None]]
+# One XREADGROUP/XAUTOCLAIM entry as redis-py returns it (RESP2, bytes).
+Entry = tuple[bytes, Mapping[bytes, bytes] | None]
+
+
+@dataclass(slots=True)
+class ConsumerStats:
+    """Counters a test or drill can read without scraping Prometheus."""
+
+    handled: int = 0
+    handler_errors: int = 0
+    dead_lettered: int = 0
+    duplicates: int = 0
+    reclaimed: int = 0
+    reconnects: int = 0
+    dead_reasons: dict[str, int] = field(default_factory=dict)
+
+
+def default_consumer_name(prefix: str) -> str:
+    return f"{prefix}-{socket.gethostname()}-{os.getpid()}"
+
+
+class Consumer:
+    """Consumes one channel (both lanes) in a consumer group and dispatches to `handler`.
+
+    The handler gets a verified `Delivery`; it may return a Leyline message, which is sent to the
+    request's `reply_to` in the same pipeline as the ack. Raise `Reject` to dead-letter at once;
+    any other exception leaves the entry for redelivery.
+    """
+
+    def __init__(
+        self,
+        client: OonaClient,
+        ch: str | Channel,
+        *,
+        group: str,
+        handler: Handler,
+        name: str | None = None,
+        batch: int | None = None,
+        block_ms: int | None = None,
+        visibility_timeout_ms: int | None = None,
+        claim_interval_ms: int | None = None,
+        max_deliveries: int | None = None,
+    ) -> None:
+        s = client.settings
+        self.client = client
+        self.channel = ch if isinstance(ch, Channel) else channel(ch)
+        self.group = group
+        self.name = name or default_consumer_name(group)
+        self.handler = handler
+        self.batch = batch or s.read_batch
+        self.block_ms = block_ms if block_ms is not None else s.block_ms
+        self.visibility_timeout_ms = visibility_timeout_ms or s.visibility_timeout_ms
+        self.claim_interval_ms = claim_interval_ms or s.claim_interval_ms
+        self.max_deliveries = max_deliveries or s.max_deliveries
+        self.stats = ConsumerStats()
+        self.breaker = client._breaker("consume")
+        self.done_key = f"oona.{{{self.channel.name}}}.done.{group}"
+        self._streams = self.channel.streams  # emergency first
+        self._lane_of: dict[str, Lane] = {self.channel.emergency_stream: "emergency"}
+        if self.channel.normal_stream is not None:
+            self._lane_of[self.channel.normal_stream] = "normal"
+        self._read_args: dict[Any, Any] = dict.fromkeys(self._streams, ">")
+        self._replay = ReplayCache(capacity=s.replay_cache_size, ttl_ms=2 * s.freshness_window_ms)
+        self._done = BoundedTTLMap(capacity=max(4 * s.replay_cache_size, 1024), ttl_ms=s.done_ttl_ms)
+        self._last_error: BoundedTTLMap = BoundedTTLMap(capacity=1024, ttl_ms=s.done_ttl_ms)
+        self._acks: dict[str, list[bytes]] = {}
+        self._done_ids: list[str] = []
+        self._conn: Redis | None = None
+        self._next_claim = 0.0
+        m = client.metrics
+        cname = self.channel.name
+        self._m_ok = {lane: m.consumed.labels(cname, lane, "ok") for lane in ("normal", "emergency")}
+        self._m_err = {lane: m.consumed.labels(cname, lane, "error") for lane in ("normal", "emergency")}
+        self._m_latency = m.handler_latency.labels(cname)
+        self._m_dup = m.duplicates.labels(cname)
+
+    # -- setup -------------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Create the group on both lanes (idempotent) and open the dedicated blocking connection."""
+        for stream in self._streams:
+            await ensure_group_on(self.client.redis, stream, self.group)
+        if self._conn is None:
+            self._conn = self.client.blocking_connection()
+
+    async def close(self) -> None:
+        await self._flush()
+        if self._conn is not None:
+            await self._conn.aclose()
+            self._conn = None
+
+    # -- loop --------------------------------------------------------------------------------------
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Serve until `stop` is set; then finish the in-flight batch, flush acks and return."""
+        await self.start()
+        backoff = 0.05
+        try:
+            while not stop.is_set():
+                try:
+                    await self.run_once()
+                    backoff = 0.05
+                except BreakerOpenError as e:
+                    await _sleep_or_stop(stop, min(e.retry_after_s, 1.0))
+                except RETRYABLE as e:
+                    # Redis went away: count, back off (bounded), reconnect on the next read.
+                    self.breaker.record_failure()
+                    self.stats.reconnects += 1
+                    self.client.metrics.reconnects.inc()
+                    log.warning("consume read failed; backing off", error=str(e), backoff_s=backoff,
+                                channel=self.channel.name)
+                    await self._reset_connection()
+                    await _sleep_or_stop(stop, backoff)
+                    backoff = min(backoff * 2, 2.0)
+        finally:
+            try:
+                await self.close()
+            except RETRYABLE as e:
+                log.warning("could not flush acks on shutdown; entries will be redelivered", error=str(e))
+
+    async def run_once(self, block_ms: int | None = None) -> int:
+        """One cycle: reclaim if due, one read of both lanes, handle emergency entries first, ack."""
+        self.breaker.check()
+        seen = 0
+        if time.monotonic() >= self._next_claim:
+            self._next_claim = time.monotonic() + self.claim_interval_ms / 1000.0
+            seen += await self.reclaim()
+        if self._conn is None:
+            await self.start()
+        assert self._conn is not None
+        block = self.block_ms if block_ms is None else block_ms
+        try:
+            resp: Any = await self._conn.xreadgroup(self.group, self.name, self._read_args, count=self.batch,
+                                               block=block or None)
+        except ResponseError as e:
+            if "NOGROUP" not in str(e):
+                raise
+            log.warning("consumer group missing (redis restarted without persistence?); recreating",
+                        group=self.group, channel=self.channel.name)
+            await self.start()
+            return seen
+        self.breaker.record_success()
+        if resp:
+            for stream, entries in _emergency_first(resp, self.channel.emergency_stream):
+                await self._handle_batch(stream, entries, deliveries=None)
+                seen += len(entries)
+        await self._flush()
+        return seen
+
+    async def drain(self, *, max_idle_rounds: int = 1) -> int:
+        """Burst mode for tests and drills (arq's burst=True): handle until both lanes are empty."""
+        total, idle = 0, 0
+        while idle < max_idle_rounds:
+            n = await self.run_once(block_ms=0)
+            total += n
+            idle = idle + 1 if n == 0 else 0
+        return total
+
+    async def _reset_connection(self) -> None:
+        if self._conn is not None:
+            with contextlib.suppress(*RETRYABLE):
+                await self._conn.aclose()
+            self._conn = None
+
+    # -- handling ----------------------------------------------------------------------------------
+
+    async def _handle_batch(self, stream: str, entries: Sequence[Entry], deliveries: Mapping[str, int] | None) -> None:
+        lane = self._lane_of.get(stream, "normal")
+        for raw_id, fields in entries:
+            entry_id = decode_id(raw_id)
+            count = 1 if deliveries is None else deliveries.get(entry_id, 1)
+            await self._handle_entry(stream, lane, entry_id, fields or {}, count)
+
+    async def _handle_entry(
+        self, stream: str, lane: Lane, entry_id: str, fields: Mapping[bytes, bytes], deliveries: int
+    ) -> None:
+        now = now_ms()
+        try:
+            env = validate_entry(fields, entry_id, policy=self.client.policy, now_ms=now, replay=self._replay)
+        except EnvelopeError as e:
+            await self._dead_letter(stream, entry_id, fields, e.reason, e.detail, deliveries)
+            return
+        if self._done.get(env.message_id, now) is not None:
+            self.stats.duplicates += 1
+            self._m_dup.inc()
+            self._queue_ack(stream, entry_id, None)
+            return
+        delivery = Delivery(env, self.channel.name, stream, entry_id, lane, deliveries)
+        t0 = time.perf_counter()
+        try:
+            reply = await self.handler(delivery)
+        except Reject as e:
+            await self._dead_letter(stream, entry_id, fields, pb.DEAD_LETTER_REASON_HANDLER_REJECTED, str(e),
+                                    deliveries)
+            return
+        except EnvelopeError as e:  # handler's own decode of the payload failed: never retryable
+            await self._dead_letter(stream, entry_id, fields, e.reason, e.detail, deliveries)
+            return
+        except Exception as e:
+            self._on_handler_error(stream, lane, entry_id, e, deliveries)
+            if deliveries >= self.max_deliveries:
+                await self._dead_letter(stream, entry_id, fields, pb.DEAD_LETTER_REASON_MAX_DELIVERIES,
+                                        f"handler failed on delivery {deliveries}: {e!r}", deliveries)
+            return
+        self._m_latency.observe(time.perf_counter() - t0)
+        self._m_ok[lane].inc()
+        self.stats.handled += 1
+        self._done.put(env.message_id, entry_id, now)
+        self._queue_ack(stream, entry_id, env.message_id)
+        if reply is not None:
+            out = self.client.reply_entry(delivery, reply)
+            if out is not None:
+                await self._flush(reply=out)
+
+    def _on_handler_error(self, stream: str, lane: Lane, entry_id: str, e: Exception, deliveries: int) -> None:
+        self.stats.handler_errors += 1
+        self._m_err[lane].inc()
+        self._last_error.put(entry_id, repr(e)[:500], now_ms())
+        log.warning("handler failed; entry left pending for redelivery", channel=self.channel.name,
+                    entry_id=entry_id, deliveries=deliveries, max_deliveries=self.max_deliveries, error=repr(e))
+
+    def _queue_ack(self, stream: str, entry_id: str, message_id: str | None) -> None:
+        self._acks.setdefault(stream, []).append(entry_id.encode())
+        if message_id is not None:
+            self._done_ids.append(message_id)
+
+    async def _flush(self, reply: tuple[str, bytes] | None = None) -> None:
+        """Reply (if any), XACK and the processed-id marks in one round trip."""
+        if not self._acks and reply is None:
+            return
+        pipe = self.client.redis.pipeline(transaction=False)
+        if reply is not None:
+            pipe.xadd(reply[0], {PAYLOAD_FIELD: reply[1]}, maxlen=self.client.settings.reply_maxlen, approximate=True)
+        for stream, ids in self._acks.items():
+            pipe.xack(stream, self.group, *ids)
+        if self._done_ids:
+            score = now_ms()
+            pipe.zadd(self.done_key, dict.fromkeys(self._done_ids, score))
+        self._acks = {}
+        self._done_ids = []
+        await pipe.execute()
+
+    async def _dead_letter(
+        self,
+        stream: str,
+        entry_id: str,
+        fields: Mapping[bytes, bytes],
+        reason: pb.DeadLetterReason.ValueType,
+        detail: str,
+        deliveries: int,
+    ) -> None:
+        pipe = self.client.redis.pipeline(transaction=False)
+        self.client.add_dead_letter(pipe, channel_name=self.channel.name, stream=stream, entry_id=entry_id,
+                                    fields=fields, reason=reason, detail=detail, group=self.group,
+                                    consumer=self.name, deliveries=deliveries)
+        pipe.xack(stream, self.group, entry_id)
+        await pipe.execute()
+        self.stats.dead_lettered += 1
+        code = pb.DeadLetterReason.Name(reason)
+        self.stats.dead_reasons[code] = self.stats.dead_reasons.get(code, 0) + 1
+
+    # -- reclaim -----------------------------------------------------------------------------------
+
+    async def reclaim(self) -> int:
+        """XAUTOCLAIM entries idle past the visibility timeout; dead-letter the over-delivered ones,
+        skip the already-processed ones, handle the rest. Returns how many entries it took over."""
+        total = 0
+        for stream in self._streams:
+            start = "0-0"
+            while True:
+                try:
+                    res = await self.client.redis.xautoclaim(stream, self.group, self.name,
+                                                             min_idle_time=self.visibility_timeout_ms,
+                                                             start_id=start, count=self.batch)
+                except ResponseError as e:
+                    if "NOGROUP" in str(e):
+                        await self.start()
+                        break
+                    raise
+                start = decode_id(res[0])
+                entries: list[Entry] = [(i, f) for i, f in res[1] if f is not None]
+                trimmed = len(res[2]) if len(res) > 2 else 0
+                if trimmed:
+                    self.client.metrics.trimmed_pending.labels(self.channel.name).inc(trimmed)
+                    log.warning("pending entries were trimmed before processing", stream=stream, count=trimmed)
+                if entries:
+                    total += len(entries)
+                    self.stats.reclaimed += len(entries)
+                    self.client.metrics.reclaimed.labels(self.channel.name).inc(len(entries))
+                    await self._handle_reclaimed(stream, entries)
+                if start == "0-0" or not entries:
+                    break
+        await self._flush()
+        return total
+
+    async def _handle_reclaimed(self, stream: str, entries: list[Entry]) -> None:
+        ids = [decode_id(i) for i, _ in entries]
+        counts = await self._delivery_counts(stream, ids)
+        message_ids = [_message_id(f) for _, f in entries]
+        known = [mid for mid in message_ids if mid]
+        done_scores: list[Any] = await self.client.redis.zmscore(self.done_key, known) if known else []
+        done = {mid for mid, sc in zip(known, done_scores, strict=True) if sc is not None}
+        lane = self._lane_of.get(stream, "normal")
+        for (_raw_id, fields), entry_id, mid in zip(entries, ids, message_ids, strict=True):
+            n = counts.get(entry_id, self.max_deliveries + 1)
+            f = fields or {}
+            if mid and mid in done:
+                self.stats.duplicates += 1
+                self._m_dup.inc()
+                self._queue_ack(stream, entry_id, None)
+            elif n > self.max_deliveries:
+                last = self._last_error.get(entry_id, now_ms()) or "consumer died or stalled while handling it"
+                await self._dead_letter(stream, entry_id, f, pb.DEAD_LETTER_REASON_MAX_DELIVERIES,
+                                        f"delivered {n} times (max {self.max_deliveries}); last error: {last}", n)
+            else:
+                await self._handle_entry(stream, lane, entry_id, f, n)
+
+    async def _delivery_counts(self, stream: str, ids: list[str]) -> dict[str, int]:
+        rows = await self.client.redis.xpending_range(stream, self.group, min=min(ids, key=_id_key),
+                                                      max=max(ids, key=_id_key), count=len(ids) * 4,
+                                                      consumername=self.name)
+        return {decode_id(r["message_id"]): int(r["times_delivered"]) for r in rows}
+
+
+def _id_key(entry_id: str) -> tuple[int, int]:
+    ms, _, seq = entry_id.partition("-")
+    return int(ms), int(seq or 0)
+
+
+def _message_id(fields: Mapping[bytes, bytes] | None) -> str:
+    raw = (fields or {}).get(PAYLOAD_FIELD)
+    if not raw:
+        return ""
+    env = pb.BusEnvelope()
+    try:
+        env.ParseFromString(raw)
+    except Exception:  # undecodable: no id; the normal path dead-letters it
+        return ""
+    return env.message_id
+
+
+def _emergency_first(resp: Sequence[Any], emergency_stream: str) -> list[tuple[str, Sequence[Entry]]]:
+    out = [(decode_id(s), entries) for s, entries in resp]
+    out.sort(key=lambda item: item[0] != emergency_stream)
+    return out
+
+
+async def _sleep_or_stop(stop: asyncio.Event, seconds: float) -> None:
+    try:
+        async with asyncio.timeout(seconds):
+            await stop.wait()
+    except TimeoutError:
+        pass
+
+
+__all__ = ["Consumer", "ConsumerStats", "Handler"]
