@@ -208,9 +208,7 @@ def test_transition_table(start: str, event: str, expected: int) -> None:
     assert breaker.state == expected
 
 
-@pytest.mark.parametrize(
-    "kwargs", [{"failure_threshold": 0}, {"success_threshold": 0}, {"reset_timeout_s": -1.0}]
-)
+@pytest.mark.parametrize("kwargs", [{"failure_threshold": 0}, {"success_threshold": 0}, {"reset_timeout_s": -1.0}])
 def test_rejects_bad_configuration(kwargs: dict[str, float]) -> None:
     with pytest.raises(ConfigurationError) as info:
         make(FakeClock(), **kwargs)

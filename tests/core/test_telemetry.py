@@ -166,9 +166,7 @@ def test_parse_priority(text: str, expected: int | None) -> None:
 
 
 def test_unparsable_indicator_falls_back_to_events() -> None:
-    packet = build_telemetry_packet(
-        "x", events=[build_event("nan", level=CRITICAL)], indicators={"priority": "urgent"}
-    )
+    packet = build_telemetry_packet("x", events=[build_event("nan", level=CRITICAL)], indicators={"priority": "urgent"})
     assert packet_priority(packet) == pb.MESSAGE_PRIORITY_CRITICAL
 
 

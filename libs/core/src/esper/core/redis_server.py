@@ -25,6 +25,8 @@ from types import TracebackType
 from urllib.parse import quote
 
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from esper.core.errors import ConfigurationError, EsperError, RedisBinaryNotFoundError
 
@@ -188,7 +190,7 @@ class EmbeddedRedis:
         for attempt in range(attempts):
             try:
                 self._spawn_and_wait(binary, timeout_s)
-            except _EarlyExitError:
+            except _PortInUseError:
                 if attempt + 1 == attempts:
                     raise
                 self._port = free_port(self._host)
@@ -198,30 +200,42 @@ class EmbeddedRedis:
 
     def _spawn_and_wait(self, binary: str, timeout_s: float) -> None:
         with self.log_path.open("ab") as log:
+            log_offset = log.tell()
             # Own session: a Ctrl-C aimed at the test run or fleet does not hit redis before we stop it.
-            self._proc = subprocess.Popen(
+            proc = subprocess.Popen(
                 self.command(binary), stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                 start_new_session=True,
             )  # fmt: skip
+        self._proc = proc
         _live.add(self)
         deadline = time.monotonic() + timeout_s
+        # No client-side retries: each probe must fail fast so we notice a dead child at once.
         with redis.Redis(
-            host=self._host, port=self._port, password=self._password, socket_connect_timeout=0.5, socket_timeout=1.0
-        ) as client:
-            while True:
-                code = self._proc.poll()
+            host=self._host, port=self._port, password=self._password, socket_connect_timeout=0.5,
+            socket_timeout=1.0, retry=Retry(NoBackoff(), 0),
+        ) as client:  # fmt: skip
+            while not self._answers_ping(client, proc.pid):
+                code = proc.poll()
                 if code is not None:
                     self._reap()
-                    raise _EarlyExitError(f"redis-server exited with code {code} on start:\n{self._log_tail()}")
-                try:
-                    if client.ping():
-                        return
-                except redis.RedisError:
-                    pass
+                    log_text = self._log_tail(since=log_offset)
+                    error = _PortInUseError if "in use" in log_text else EsperError
+                    raise error(f"redis-server exited with code {code} on start:\n{log_text}")
                 if time.monotonic() >= deadline:
                     self._terminate(timeout_s=1.0)
-                    raise EsperError(f"redis-server not ready after {timeout_s} s:\n{self._log_tail()}")
+                    raise EsperError(f"redis-server not ready after {timeout_s} s:\n{self._log_tail(log_offset)}")
                 time.sleep(_POLL_INTERVAL_S)
+
+    @staticmethod
+    def _answers_ping(client: redis.Redis, pid: int) -> bool:
+        # PING fails while an AOF is still loading. The pid check catches a taken port, where
+        # another server would answer for a child that died.
+        try:
+            client.ping()
+            info = client.info("server")
+        except redis.RedisError:
+            return False
+        return bool(info.get("process_id") == pid)
 
     def stop(self, timeout_s: float = 5.0) -> None:
         """SIGTERM, then SIGKILL after ``timeout_s``; removes a data dir we created. Idempotent."""
@@ -265,9 +279,9 @@ class EmbeddedRedis:
         if proc is not None:
             proc.wait()
 
-    def _log_tail(self, limit: int = 4000) -> str:
+    def _log_tail(self, since: int = 0, limit: int = 4000) -> str:
         try:
-            data = self.log_path.read_bytes()
+            data = self.log_path.read_bytes()[since:]
         except OSError as exc:
             return f"(no log: {exc})"
         return data[-limit:].decode(errors="replace")
@@ -285,8 +299,8 @@ class EmbeddedRedis:
         return f"EmbeddedRedis(url={self.url!r}, pid={self.pid}, running={self.running})"
 
 
-class _EarlyExitError(EsperError):
-    """The server died during start-up (bad argument, port taken, unreadable data)."""
+class _PortInUseError(EsperError):
+    """The server could not bind its port."""
 
 
 @atexit.register

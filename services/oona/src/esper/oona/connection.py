@@ -32,7 +32,7 @@ def command_client(
         retry_on_error=[RedisConnectionError, RedisTimeoutError],
         health_check_interval=30,
     )
-    return Redis(connection_pool=pool)
+    return Redis.from_pool(pool)  # the client owns (and on aclose disconnects) its pool
 
 
 def blocking_client(url: str, *, block_ms: int, connect_timeout_s: float) -> Redis:

@@ -131,10 +131,19 @@ class Consumer:
             self._conn = self.client.blocking_connection()
 
     async def close(self) -> None:
-        await self._flush()
-        if self._conn is not None:
-            await self._conn.aclose()
-            self._conn = None
+        try:
+            await self._flush()
+        finally:
+            if self._conn is not None:
+                await self._conn.aclose()
+                self._conn = None
+
+    async def __aenter__(self) -> Consumer:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
 
     # -- loop --------------------------------------------------------------------------------------
 
