@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pickle
+from typing import Any
 
 import pytest
 
@@ -22,16 +23,24 @@ class FakeClock:
 
 
 def make(
-    clock: FakeClock, transitions: list[tuple[str, int, int]] | None = None, **kwargs: int | float
+    clock: FakeClock,
+    transitions: list[tuple[str, int, int]] | None = None,
+    *,
+    failure_threshold: int = 3,
+    success_threshold: int = 1,
+    reset_timeout_s: float = 10.0,
 ) -> CircuitBreaker:
-    record = transitions.append if transitions is not None else None
+    def record(name: str, old: int, new: int) -> None:
+        if transitions is not None:
+            transitions.append((name, old, new))
+
     return CircuitBreaker(
         "inference",
-        failure_threshold=int(kwargs.get("failure_threshold", 3)),
-        success_threshold=int(kwargs.get("success_threshold", 1)),
-        reset_timeout_s=float(kwargs.get("reset_timeout_s", 10.0)),
+        failure_threshold=failure_threshold,
+        success_threshold=success_threshold,
+        reset_timeout_s=reset_timeout_s,
         clock=clock,
-        on_transition=(lambda n, a, b: record((n, a, b))) if record else None,
+        on_transition=record,
     )
 
 
@@ -209,9 +218,9 @@ def test_transition_table(start: str, event: str, expected: int) -> None:
 
 
 @pytest.mark.parametrize("kwargs", [{"failure_threshold": 0}, {"success_threshold": 0}, {"reset_timeout_s": -1.0}])
-def test_rejects_bad_configuration(kwargs: dict[str, float]) -> None:
+def test_rejects_bad_configuration(kwargs: dict[str, Any]) -> None:
     with pytest.raises(ConfigurationError) as info:
-        make(FakeClock(), **kwargs)
+        CircuitBreaker("inference", **kwargs)
     assert isinstance(info.value, ValueError)
 
 

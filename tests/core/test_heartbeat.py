@@ -16,12 +16,18 @@ from esper.core.heartbeat import Heartbeat, check_health, heartbeat_key
 from esper.core.redis_server import free_port
 
 
+async def get_required(client: redis.asyncio.Redis, key: str) -> str:
+    value = await client.get(key)
+    assert isinstance(value, str), f"{key} missing"
+    return value
+
+
 async def test_beat_once_writes_json_with_ttl(redis_client: redis.asyncio.Redis) -> None:
     beat = Heartbeat(redis_client, "oona", "host-1", interval_s=1.0, ttl_s=3.0, status=lambda: {"breaker": "CLOSED"})
     before = now_ms()
     await beat.beat_once()
     assert beat.key == "esper.heartbeat.oona.host-1"
-    payload = json.loads(await redis_client.get(beat.key))
+    payload = json.loads(await get_required(redis_client, beat.key))
     assert payload["service"] == "oona"
     assert payload["instance"] == "host-1"
     assert payload["status"] == {"breaker": "CLOSED"}
@@ -62,7 +68,7 @@ async def test_run_beats_until_stopped_then_clears(redis_client: redis.asyncio.R
     async with asyncio.timeout(5):
         await third_beat.wait()
         await asyncio.sleep(0)  # let the third SET go out
-        payload = json.loads(await redis_client.get(beat.key))
+        payload = json.loads(await get_required(redis_client, beat.key))
         assert int(payload["status"]["beats"]) >= 2
         stop.set()
         await task

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from esper.core.errors import ConfigurationError, EsperError, RedisBinaryNotFoundError
 from esper.core.redis_server import BINARY_ENV_VAR, EmbeddedRedis, find_redis_server_binary, free_port
@@ -114,7 +116,8 @@ def test_password_is_required() -> None:
         assert server.url == f"redis://:s3cret%2F%2B@127.0.0.1:{server.port}/0"
         with client(server) as c:
             assert c.ping()
-        with redis.Redis(port=server.port, retry=None) as anonymous, pytest.raises(redis.AuthenticationError):
+        anonymous = redis.Redis(port=server.port, retry=Retry(NoBackoff(), 0))
+        with anonymous, pytest.raises(redis.AuthenticationError):
             anonymous.ping()
 
 
@@ -151,13 +154,17 @@ def test_atexit_hook_stops_a_forgotten_server() -> None:
         from esper.core.redis_server import EmbeddedRedis
         server = EmbeddedRedis()
         server.start()
-        print(server.pid, server.data_dir, flush=True)
+        crashed = EmbeddedRedis()
+        crashed.start()
+        crashed.kill()
+        print(server.pid, server.data_dir, crashed.data_dir, flush=True)
         """
     )
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=30, check=True)
-    pid_text, data_dir = out.stdout.split()
+    pid_text, data_dir, crashed_data_dir = out.stdout.split()
     assert not pid_alive(int(pid_text))
     assert not Path(data_dir).exists()
+    assert not Path(crashed_data_dir).exists()
 
 
 def test_binary_env_override(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:

@@ -37,7 +37,7 @@ _LOG_NAME = "redis.log"
 _POLL_INTERVAL_S = 0.02
 _PORT_ATTEMPTS = 3
 
-# Servers started and not yet stopped; stopped at interpreter exit.
+# Instances holding a process or a temp dir of ours; stopped at interpreter exit.
 _live: set[EmbeddedRedis] = set()
 
 
@@ -154,6 +154,7 @@ class EmbeddedRedis:
     def data_dir(self) -> Path:
         if self._data_dir is None:
             self._data_dir = Path(tempfile.mkdtemp(prefix="esper-redis-"))
+            _live.add(self)  # the atexit hook removes it even if the server never runs
         return self._data_dir
 
     @property
@@ -243,6 +244,7 @@ class EmbeddedRedis:
         if self._owns_data_dir and self._data_dir is not None:
             shutil.rmtree(self._data_dir, ignore_errors=True)
             self._data_dir = None
+        _live.discard(self)
 
     def kill(self) -> None:
         """SIGKILL, as a crash would; the data dir stays so :meth:`start` can recover from it."""
@@ -275,7 +277,8 @@ class EmbeddedRedis:
 
     def _reap(self) -> None:
         proc, self._proc = self._proc, None
-        _live.discard(self)
+        if not self._owns_data_dir or self._data_dir is None:
+            _live.discard(self)
         if proc is not None:
             proc.wait()
 

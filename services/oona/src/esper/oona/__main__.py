@@ -7,7 +7,9 @@ import sys
 from typing import Annotated
 
 import typer
+from pydantic import ValidationError
 
+from esper.core.errors import ConfigurationError
 from esper.core.lifecycle import run as run_async
 from esper.oona.settings import OonaSettings
 
@@ -26,7 +28,13 @@ def run() -> None:
     """Run the stream keeper: groups, reclaim sweep, trimming, gauges on /metrics."""
     from esper.oona.service import serve
 
-    settings = OonaSettings()
+    try:
+        settings = OonaSettings()
+        settings.signing_keys()
+        settings.require_redis_url()
+    except (ConfigurationError, ValidationError) as e:
+        typer.echo(f"oona: configuration error: {e}", err=True)
+        raise typer.Exit(2) from None
     raise typer.Exit(run_async(lambda: serve(settings)))
 
 
