@@ -255,3 +255,45 @@ def test_unpack_arbitrary_payload_only_raises_undecodable(
         assert isinstance(e, UndecodableError), f"unexpected {type(e).__name__}"
         return
     assert type(msg) is PAYLOAD_TYPES[message_type]
+
+
+_MAP_ENTRY = _len_field(1, b"k") + _len_field(2, b"v")
+
+
+def _proto_like(program: bytes) -> bytes:
+    """Turn arbitrary bytes into plausible protobuf fields: known or unknown numbers, right or wrong wire
+    types, honest or lying lengths (one cheap hypothesis draw instead of many small ones)."""
+    out = bytearray()
+    i = 0
+    while i + 3 <= len(program):
+        sel, wire, size = program[i], program[i + 1] % 6, program[i + 2] % 24
+        i += 3
+        number = sel % 15 if sel < 240 else sel * 2_000_003 % ((1 << 29) - 1)
+        out += _varint((max(number, 1) << 3) | wire)
+        value = program[i : i + size]
+        i += size
+        if wire == 0:
+            out += _varint(int.from_bytes(value[:10], "little") % (1 << 64))
+        elif wire == 1:
+            out += value.ljust(8, b"\0")[:8]
+        elif wire == 5:
+            out += value.ljust(4, b"\0")[:4]
+        elif wire == 2:
+            body = _MAP_ENTRY if size == 1 else value
+            declared = len(body) if size % 5 else size * 3
+            out += _varint(declared) + body
+    return bytes(out)
+
+
+@settings(max_examples=3000, deadline=None)
+@given(st.tuples(st.sampled_from([b"", _len_field(4, b"m-1")]), st.binary(max_size=300)).map(
+    lambda t: t[0] + _proto_like(t[1])
+))
+def test_decode_proto_like_bytes_only_raises_envelope_errors(data: bytes) -> None:
+    try:
+        env = decode_envelope(data)
+    except (UndecodableError, MissingIdError):
+        return
+    assert env.message_id
+    # Whatever parsed re-encodes and re-parses to the same envelope.
+    assert decode_envelope(encode_envelope(env)) == env

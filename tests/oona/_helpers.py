@@ -19,7 +19,7 @@ def state(i: int | str) -> pb.SystemStatePacket:
 async def wait_until(pred: Callable[[], Awaitable[bool]], timeout_s: float = 10.0, what: str = "condition") -> None:
     """Poll `pred` until true; a liveness bound, never a performance assertion."""
     async with asyncio.timeout(timeout_s):
-        while not await pred():
+        while not await pred():  # noqa: ASYNC110 - polls state in Redis/another process, no event to await
             await asyncio.sleep(0.02)
     assert await pred(), what
 

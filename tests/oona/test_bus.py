@@ -241,7 +241,7 @@ async def test_redelivery_of_processed_message_is_skipped(make_client: ClientFac
     async def handler(d: Delivery) -> None:
         runs.append(d.message_id)
 
-    a = Consumer(first, "state", group="tamiyo", name="a", handler=handler)
+    a = Consumer(first, "state", group="tamiyo", name="a", handler=handler, ack_mode="batch")
     await a.start()
     await pub.publish("state", state(1))
     # Simulate "effect done, ack lost": read and handle, mark processed, but drop the XACK.

@@ -36,7 +36,7 @@ async def test_keeper_process_serves_metrics_and_drains_on_sigterm(redis_url: st
     env = {**os.environ, "ESPER_REDIS_URL": redis_url, "ESPER_LEYLINE_SECRET": secret,
            "ESPER_METRICS_PORT": str(port), "ESPER_KEEPER_INTERVAL_S": "0.2",
            "ESPER_HEARTBEAT_INTERVAL_S": "0.2", "ESPER_HEARTBEAT_TTL_S": "2"}
-    proc = subprocess.Popen([sys.executable, "-m", "esper.oona", "run"], env=env, cwd=ROOT,
+    proc = subprocess.Popen([sys.executable, "-m", "esper.oona", "run"], env=env, cwd=ROOT,  # noqa: ASYNC220
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     r = Redis.from_url(redis_url)
     try:

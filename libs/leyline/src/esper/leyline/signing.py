@@ -32,10 +32,14 @@ class SigningKeys:
             raise ValueError("key_id must not be empty")
         if len(self.secret) < MIN_SECRET_BYTES:
             raise ValueError(f"secret must be at least {MIN_SECRET_BYTES} bytes")
+        if self.previous_key_id is not None and not self.previous_key_id:
+            raise ValueError("previous_key_id must not be empty")
         if (self.previous_key_id is None) != (self.previous_secret is None):
             raise ValueError("previous_key_id and previous_secret go together")
         if self.previous_key_id == self.key_id:
             raise ValueError("previous_key_id must differ from key_id")
+        if self.previous_secret is not None and len(self.previous_secret) < MIN_SECRET_BYTES:
+            raise ValueError(f"previous secret must be at least {MIN_SECRET_BYTES} bytes")
 
     def secret_for(self, key_id: str) -> bytes | None:
         if key_id == self.key_id:

@@ -7,6 +7,10 @@ Delivery guarantees (at-least-once):
   once it has been idle for the visibility timeout. After `max_deliveries` it is dead-lettered.
 - Processed message ids are remembered locally and in a per-group sorted set written in the same
   pipeline as the XACK, so a redelivery after a crash-between-effect-and-ack is skipped, not rerun.
+- `ack_mode="eager"` (default) writes that pipeline right after each handler, so a crash can only
+  ever repeat the one entry whose handler was running. `ack_mode="batch"` writes it once per read
+  batch (throughput consumers such as telemetry ingest): a crash may then repeat up to one batch of
+  already-handled entries, which at-least-once delivery allows and idempotent handlers absorb.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ import socket
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from google.protobuf.message import Message
 from redis.asyncio import Redis
@@ -47,6 +51,7 @@ log = get_logger("esper.oona.consumer")
 Handler = Callable[[Delivery], Awaitable[Message | None]]
 # One XREADGROUP/XAUTOCLAIM entry as redis-py returns it (RESP2, bytes).
 Entry = tuple[bytes, Mapping[bytes, bytes] | None]
+AckMode = Literal["eager", "batch"]
 
 
 @dataclass(slots=True)
@@ -87,6 +92,7 @@ class Consumer:
         visibility_timeout_ms: int | None = None,
         claim_interval_ms: int | None = None,
         max_deliveries: int | None = None,
+        ack_mode: AckMode = "eager",
     ) -> None:
         s = client.settings
         self.client = client
@@ -99,6 +105,7 @@ class Consumer:
         self.visibility_timeout_ms = visibility_timeout_ms or s.visibility_timeout_ms
         self.claim_interval_ms = claim_interval_ms or s.claim_interval_ms
         self.max_deliveries = max_deliveries or s.max_deliveries
+        self.ack_mode = ack_mode
         self.stats = ConsumerStats()
         self.breaker = client._breaker("consume")
         self.done_key = f"oona.{{{self.channel.name}}}.done.{group}"
@@ -263,10 +270,9 @@ class Consumer:
         self.stats.handled += 1
         self._done.put(env.message_id, entry_id, now)
         self._queue_ack(stream, entry_id, env.message_id)
-        if reply is not None:
-            out = self.client.reply_entry(delivery, reply)
-            if out is not None:
-                await self._flush(reply=out)
+        out = self.client.reply_entry(delivery, reply) if reply is not None else None
+        if out is not None or self.ack_mode == "eager":
+            await self._flush(reply=out)
 
     def _on_handler_error(self, stream: str, lane: Lane, entry_id: str, e: Exception, deliveries: int) -> None:
         self.stats.handler_errors += 1

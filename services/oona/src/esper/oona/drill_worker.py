@@ -73,7 +73,9 @@ async def _main(args: argparse.Namespace) -> int:
         await consumer.start()
         await r.set(f"{prefix}:ready:{name}", "1")
         if args.wait_key:
-            while not life.stopping and not await r.exists(args.wait_key):
+            while not life.stopping:
+                if await r.exists(args.wait_key):
+                    break
                 await asyncio.sleep(0.01)
         await consumer.run(life.stop_event)
     finally:

@@ -43,6 +43,12 @@ def entry_payload(fields: EntryFields) -> bytes:
     return raw
 
 
+def entry_time_ms(entry_id: str) -> int | None:
+    """The millisecond part of a stream entry id (`1700000000000-3`), i.e. when Redis stored it."""
+    ms, _, _ = entry_id.partition("-")
+    return int(ms) if ms.isdigit() else None
+
+
 def validate_entry(
     fields: EntryFields,
     entry_id: str,
@@ -54,7 +60,8 @@ def validate_entry(
     """Return the verified envelope of a stream entry or raise the EnvelopeError that rejects it."""
     env = decode_envelope(entry_payload(fields), max_bytes=policy.max_bytes)
     verify_envelope(env, policy.keys)
-    check_freshness(env, now_ms=now_ms, window_ms=policy.window_ms, max_skew_ms=policy.max_skew_ms)
+    check_freshness(env, now_ms=now_ms, window_ms=policy.window_ms, max_skew_ms=policy.max_skew_ms,
+                    enqueued_at_ms=entry_time_ms(entry_id))
     if replay is not None:
         replay.check(env.message_id, entry_id, now_ms)
     return env
