@@ -109,6 +109,17 @@ def _is_map(field: FieldDescriptor) -> bool:
     return field.message_type is not None and field.message_type.GetOptions().map_entry
 
 
+def _mt(field: FieldDescriptor) -> Descriptor:
+    """The message type of a message/map field (fails the test when the field is a scalar)."""
+    assert field.message_type is not None, f"{field.full_name} is not a message field"
+    return field.message_type
+
+
+def _et(field: FieldDescriptor) -> EnumDescriptor:
+    assert field.enum_type is not None, f"{field.full_name} is not an enum field"
+    return field.enum_type
+
+
 def test_package_name() -> None:
     assert pb.DESCRIPTOR.package == "esper.leyline.v1"
 
@@ -138,7 +149,8 @@ def test_every_enum_zero_is_unknown_or_unspecified(enum_name: str) -> None:
 
 def test_enum_spot_checks_via_module_api() -> None:
     assert pb.SeedLifecycleStage.Value("SEED_STAGE_FOSSILIZED") == 7
-    assert pb.SeedLifecycleStage.Name(11) == "SEED_STAGE_TERMINATED"
+    assert pb.SeedLifecycleStage.Name(pb.SEED_STAGE_TERMINATED) == "SEED_STAGE_TERMINATED"
+    assert int(pb.SEED_STAGE_TERMINATED) == 11
     assert pb.BusMessageType.Value("BUS_MESSAGE_TYPE_BSDS_ISSUED") == 20
     assert pb.BusMessageType.Value("BUS_MESSAGE_TYPE_BENCHMARK_REPORT") == 22
     assert pb.SeedLifecycleGate.Value("SEED_GATE_G5_RESET") == 6
@@ -173,11 +185,11 @@ def test_system_state_packet_exact_fields_and_reserved_range() -> None:
     assert (100, 200) in reserved, f"SystemStatePacket must reserve 100-199, has {reserved}"
     tm = desc.fields_by_name["training_metrics"]
     assert _is_map(tm)
-    assert tm.message_type.fields_by_name["key"].type == FieldDescriptor.TYPE_STRING
-    assert tm.message_type.fields_by_name["value"].type == FieldDescriptor.TYPE_FLOAT
+    assert _mt(tm).fields_by_name["key"].type == FieldDescriptor.TYPE_STRING
+    assert _mt(tm).fields_by_name["value"].type == FieldDescriptor.TYPE_FLOAT
     seeds = desc.fields_by_name["seed_states"]
     assert seeds.is_repeated
-    assert seeds.message_type.full_name == "esper.leyline.v1.SeedState"
+    assert _mt(seeds).full_name == "esper.leyline.v1.SeedState"
 
 
 def test_adaptation_command_fields_oneof_and_annotations() -> None:
@@ -187,7 +199,7 @@ def test_adaptation_command_fields_oneof_and_annotations() -> None:
     for i, name in enumerate(head, start=1):
         assert desc.fields_by_name[name].number == i, name
     oneof = desc.oneofs_by_name["payload"]
-    members = {f.name: (f.number, f.message_type.full_name) for f in oneof.fields}
+    members = {f.name: (f.number, _mt(f).full_name) for f in oneof.fields}
     assert members == {
         "seed_operation": (10, "esper.leyline.v1.CommandSeedOperation"),
         "optimizer_adjustment": (11, "esper.leyline.v1.CommandOptimizerAdjustment"),
@@ -198,8 +210,8 @@ def test_adaptation_command_fields_oneof_and_annotations() -> None:
     assert annotations.number == 20
     assert annotations.containing_oneof is None
     assert _is_map(annotations)
-    assert annotations.message_type.fields_by_name["value"].type == FieldDescriptor.TYPE_STRING
-    assert desc.fields_by_name["issued_at"].message_type.full_name == "google.protobuf.Timestamp"
+    assert _mt(annotations).fields_by_name["value"].type == FieldDescriptor.TYPE_STRING
+    assert _mt(desc.fields_by_name["issued_at"]).full_name == "google.protobuf.Timestamp"
 
 
 def test_telemetry_packet_field_numbers() -> None:
@@ -208,10 +220,10 @@ def test_telemetry_packet_field_numbers() -> None:
         "metrics": 10, "events": 20, "spans": 30, "system_health": 40,
     }
     fields = pb.TelemetryPacket.DESCRIPTOR.fields_by_name
-    assert fields["metrics"].message_type.name == "MetricPoint"
-    assert fields["events"].message_type.name == "TelemetryEvent"
-    assert fields["spans"].message_type.name == "TraceSpan"
-    assert fields["system_health"].message_type.name == "SystemHealth"
+    assert _mt(fields["metrics"]).name == "MetricPoint"
+    assert _mt(fields["events"]).name == "TelemetryEvent"
+    assert _mt(fields["spans"]).name == "TraceSpan"
+    assert _mt(fields["system_health"]).name == "SystemHealth"
     assert pb.MetricPoint.DESCRIPTOR.fields_by_name["value"].type == FieldDescriptor.TYPE_DOUBLE
 
 
@@ -221,19 +233,19 @@ def test_field_report_exact_fields() -> None:
     }
     follow = pb.FieldReport.DESCRIPTOR.fields_by_name["follow_up_actions"]
     assert follow.is_repeated
-    assert follow.message_type.name == "MitigationAction"
+    assert _mt(follow).name == "MitigationAction"
 
 
 def test_bus_envelope_prototype_fields_and_signature_type() -> None:
     fields = pb.BusEnvelope.DESCRIPTOR.fields_by_name
     assert fields["message_type"].number == 1
-    assert fields["message_type"].enum_type.name == "BusMessageType"
+    assert _et(fields["message_type"]).name == "BusMessageType"
     assert fields["payload"].number == 2
     assert fields["payload"].type == FieldDescriptor.TYPE_BYTES
     assert fields["attributes"].number == 3
     assert _is_map(fields["attributes"])
     assert fields["signature"].type == FieldDescriptor.TYPE_BYTES
-    assert fields["priority"].enum_type.name == "MessagePriority"
+    assert _et(fields["priority"]).name == "MessagePriority"
     assert _numbers(pb.BusEnvelope.DESCRIPTOR) == {
         n: i for i, n in enumerate(SEQUENTIAL_MESSAGES["BusEnvelope"], start=1)
     }

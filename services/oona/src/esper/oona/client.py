@@ -397,7 +397,7 @@ class OonaClient:
         raw = fields.get(PAYLOAD_FIELD)
         if raw is None:  # keep whatever the entry had, byte for byte
             raw = b"\n".join(k + b"=" + v for k, v in fields.items())
-        message_id, message_type = best_effort_ids(fields.get(PAYLOAD_FIELD))
+        message_id, message_type = best_effort_ids(fields.get(PAYLOAD_FIELD), max_bytes=self.settings.max_message_bytes)
         # Small originals ride inside the signed record; big ones (oversize input) go beside it in
         # a plain `raw` field, so nothing is lost and the record itself stays under the cap.
         inline = len(raw) <= self.settings.max_message_bytes // 2

@@ -43,12 +43,6 @@ def entry_payload(fields: EntryFields) -> bytes:
     return raw
 
 
-def entry_time_ms(entry_id: str) -> int | None:
-    """The millisecond part of a stream entry id (`1700000000000-3`), i.e. when Redis stored it."""
-    ms, _, _ = entry_id.partition("-")
-    return int(ms) if ms.isdigit() else None
-
-
 def validate_entry(
     fields: EntryFields,
     entry_id: str,
@@ -60,20 +54,26 @@ def validate_entry(
     """Return the verified envelope of a stream entry or raise the EnvelopeError that rejects it."""
     env = decode_envelope(entry_payload(fields), max_bytes=policy.max_bytes)
     verify_envelope(env, policy.keys)
-    check_freshness(env, now_ms=now_ms, window_ms=policy.window_ms, max_skew_ms=policy.max_skew_ms,
-                    enqueued_at_ms=entry_time_ms(entry_id))
+    check_freshness(env, now_ms=now_ms, window_ms=policy.window_ms, max_skew_ms=policy.max_skew_ms)
     if replay is not None:
         replay.check(env.message_id, entry_id, now_ms)
     return env
 
 
-def best_effort_ids(raw: bytes | None) -> tuple[str, pb.BusMessageType.ValueType]:
-    """message_id/type of a rejected entry for the dead-letter record, if its envelope parses at all."""
-    if not raw:
+MAX_REPORTED_ID_CHARS = 128
+
+
+def best_effort_ids(raw: bytes | None, *, max_bytes: int) -> tuple[str, pb.BusMessageType.ValueType]:
+    """message_id/type of a rejected entry for the dead-letter record, if its envelope parses at all.
+
+    Oversize input is never parsed (the cap holds on the dead-letter path too), and the id, which is
+    untrusted, is truncated so the record itself stays small.
+    """
+    if not raw or len(raw) > max_bytes:
         return "", pb.BUS_MESSAGE_TYPE_UNSPECIFIED
     env = pb.BusEnvelope()
     try:
         env.ParseFromString(raw)
     except Exception:  # any parse failure just means "no ids to report"
         return "", pb.BUS_MESSAGE_TYPE_UNSPECIFIED
-    return env.message_id, env.message_type
+    return env.message_id[:MAX_REPORTED_ID_CHARS], env.message_type
