@@ -284,3 +284,29 @@ async def test_keeper_dead_letters_entries_no_consumer_can_finish(make_client: C
     assert reason == "max_deliveries" and record.consumer == "oona-keeper"
     assert await pending_count(pub.redis, stream, "tamiyo") == 0
     assert keeper.metrics.deadletters._value.get() == 1
+
+
+async def test_durable_consumer_takes_a_longer_freshness_window(make_client: ClientFactory) -> None:
+    from esper.core.clock import now_ms
+    from esper.leyline import encode_envelope, pack, sign_envelope
+
+    sub = await make_client("simic")
+    window = sub.settings.freshness_window_ms
+    old = pack(state("old"), sender="tamiyo", issued_at_ms=now_ms() - 2 * window)
+    raw = encode_envelope(sign_envelope(old, sub.keys))
+    handled: list[str] = []
+
+    async def handler(d: Delivery) -> None:
+        handled.append(d.message_as(pb.SystemStatePacket).packet_id)
+
+    default = Consumer(sub, "state", group="strict", handler=handler)
+    durable = Consumer(sub, "state", group="durable", handler=handler, freshness_window_ms=4 * window)
+    await default.start()
+    await durable.start()
+    await sub.publish_raw(STATE.stream("normal"), {b"payload": raw})
+    await default.drain()
+    await durable.drain()
+    assert handled == ["pold"]
+    assert [r for r, _, _ in await dead_letters(sub.redis)] == ["stale"]
+    await default.close()
+    await durable.close()

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import os
 import socket
 import time
@@ -93,6 +94,7 @@ class Consumer:
         claim_interval_ms: int | None = None,
         max_deliveries: int | None = None,
         ack_mode: AckMode = "eager",
+        freshness_window_ms: int | None = None,
     ) -> None:
         s = client.settings
         self.client = client
@@ -106,6 +108,10 @@ class Consumer:
         self.claim_interval_ms = claim_interval_ms or s.claim_interval_ms
         self.max_deliveries = max_deliveries or s.max_deliveries
         self.ack_mode = ack_mode
+        # Durable channels (field reports) may accept older envelopes than the bus default so a
+        # backlog survives an outage; the replay memory is sized to the window actually used.
+        window_ms = freshness_window_ms or s.freshness_window_ms
+        self.policy = dataclasses.replace(client.policy, window_ms=window_ms)
         self.stats = ConsumerStats()
         self.breaker = client._breaker("consume")
         self.done_key = f"oona.{{{self.channel.name}}}.done.{group}"
@@ -114,7 +120,7 @@ class Consumer:
         if self.channel.normal_stream is not None:
             self._lane_of[self.channel.normal_stream] = "normal"
         self._read_args: dict[Any, Any] = dict.fromkeys(self._streams, ">")
-        self._replay = ReplayCache(capacity=s.replay_cache_size, ttl_ms=2 * s.freshness_window_ms)
+        self._replay = ReplayCache(capacity=s.replay_cache_size, ttl_ms=2 * window_ms)
         self._done = BoundedTTLMap(capacity=max(4 * s.replay_cache_size, 1024), ttl_ms=s.done_ttl_ms)
         self._last_error: BoundedTTLMap = BoundedTTLMap(capacity=1024, ttl_ms=s.done_ttl_ms)
         self._acks: dict[str, list[bytes]] = {}
@@ -239,7 +245,7 @@ class Consumer:
     ) -> None:
         now = now_ms()
         try:
-            env = validate_entry(fields, entry_id, policy=self.client.policy, now_ms=now, replay=self._replay)
+            env = validate_entry(fields, entry_id, policy=self.policy, now_ms=now, replay=self._replay)
         except EnvelopeError as e:
             await self._dead_letter(stream, entry_id, fields, e.reason, e.detail, deliveries)
             return
