@@ -119,3 +119,30 @@ async def test_consumer_survives_redis_restart_and_nothing_acked_is_lost(aof_red
 
 async def _count(items: list[str], n: int) -> bool:
     return len(items) >= n
+
+
+async def test_ack_that_failed_to_reach_redis_is_kept_and_flushed_later(aof_redis: EmbeddedRedis) -> None:
+    """Redis dies between the handler's effect and the XACK: the ack must not be forgotten."""
+    settings = OonaSettings(redis_url=aof_redis.url, leyline_secret=secrets.token_hex(16), block_ms=50,
+                            redis_retries=0, metrics_port=-1)
+    client = OonaClient.from_settings(settings, sender="tamiyo")
+    await client.connect()
+    effects: list[str] = []
+
+    async def handler(d: Delivery) -> None:
+        effects.append(d.message_id)
+        await asyncio.to_thread(aof_redis.stop)  # the effect happened; now the ack cannot be written
+
+    consumer = Consumer(client, "state", group="tamiyo", handler=handler)
+    await consumer.start()
+    published = await client.publish("state", state(1))
+    with pytest.raises(Exception, match="(?i)connect|closed|refused|reset"):
+        await consumer.run_once(block_ms=0)
+    assert effects == [published.message_id]
+    assert consumer._acks, "the unconfirmed ack was dropped"
+    await asyncio.to_thread(aof_redis.start)
+    await client.connect()
+    await consumer.close()  # flushes the kept ack and processed-id mark
+    assert await pending_count(client.redis, STREAM, "tamiyo") == 0
+    assert await client.redis.zscore(consumer.done_key, published.message_id) is not None
+    await client.close()

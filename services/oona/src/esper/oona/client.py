@@ -103,14 +103,15 @@ class OonaClient:
         return cls(settings=settings, keys=settings.signing_keys(), sender=sender or settings.service_name,
                    metrics=metrics)
 
-    def _breaker(self, name: str) -> CircuitBreaker:
+    def _breaker(self, name: str, *, reset_timeout_s: float | None = None) -> CircuitBreaker:
         s = self.settings
 
         def on_transition(bname: str, old: int, new: int) -> None:
             self.metrics.record_breaker(bname, new)
             log.warning("breaker transition", breaker=bname, old=old, new=new)
 
-        br = CircuitBreaker(name, failure_threshold=s.breaker_failures, reset_timeout_s=s.breaker_reset_s,
+        br = CircuitBreaker(name, failure_threshold=s.breaker_failures,
+                            reset_timeout_s=s.breaker_reset_s if reset_timeout_s is None else reset_timeout_s,
                             on_transition=on_transition)
         self.metrics.record_breaker(name, br.state)
         return br

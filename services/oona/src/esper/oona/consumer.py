@@ -113,7 +113,7 @@ class Consumer:
         window_ms = freshness_window_ms or s.freshness_window_ms
         self.policy = dataclasses.replace(client.policy, window_ms=window_ms)
         self.stats = ConsumerStats()
-        self.breaker = client._breaker("consume")
+        self.breaker = client._breaker("consume", reset_timeout_s=s.consume_breaker_reset_s)
         self.done_key = f"oona.{{{self.channel.name}}}.done.{group}"
         self._streams = self.channel.streams  # emergency first
         self._lane_of: dict[str, Lane] = {self.channel.emergency_stream: "emergency"}
@@ -293,20 +293,29 @@ class Consumer:
             self._done_ids.append(message_id)
 
     async def _flush(self, reply: tuple[str, bytes] | None = None) -> None:
-        """Reply (if any), XACK and the processed-id marks in one round trip."""
+        """Reply (if any), XACK and the processed-id marks in one round trip.
+
+        The queues are cleared only once Redis confirmed them: if the pipeline fails they are put
+        back, so a later flush (or `close()`) still acks and marks what was handled.
+        """
         if not self._acks and reply is None:
             return
+        acks, done_ids = self._acks, self._done_ids
+        self._acks, self._done_ids = {}, []
         pipe = self.client.redis.pipeline(transaction=False)
         if reply is not None:
             pipe.xadd(reply[0], {PAYLOAD_FIELD: reply[1]}, maxlen=self.client.settings.reply_maxlen, approximate=True)
-        for stream, ids in self._acks.items():
+        for stream, ids in acks.items():
             pipe.xack(stream, self.group, *ids)
-        if self._done_ids:
-            score = now_ms()
-            pipe.zadd(self.done_key, dict.fromkeys(self._done_ids, score))
-        self._acks = {}
-        self._done_ids = []
-        await pipe.execute()
+        if done_ids:
+            pipe.zadd(self.done_key, dict.fromkeys(done_ids, now_ms()))
+        try:
+            await pipe.execute()
+        except BaseException:
+            for stream, ids in acks.items():
+                self._acks.setdefault(stream, [])[:0] = ids
+            self._done_ids[:0] = done_ids
+            raise
 
     async def _dead_letter(
         self,

@@ -38,7 +38,12 @@ class OonaSettings(EsperSettings):
     max_connections: int = Field(16, description="BlockingConnectionPool size for commands")
     redis_retries: int = Field(3, description="redis-py retries (exponential backoff) per command")
     breaker_failures: int = Field(3, description="failures that open the publish/consume breaker")
-    breaker_reset_s: float = Field(30.0, description="open breaker waits this long before HALF_OPEN")
+    breaker_reset_s: float = Field(
+        5.0, description="open publish breaker fails fast this long before HALF_OPEN (prototype: 30 s)"
+    )
+    consume_breaker_reset_s: float = Field(
+        1.0, description="open consume breaker pauses reads this long; short so consumers resume soon after an outage"
+    )
 
     # Stream keeper (`python -m esper.oona`).
     keeper_interval_s: float = Field(5.0, description="reclaim / trim / gauge refresh period")
