@@ -15,7 +15,7 @@ import pytest
 
 from esper.core.redis_server import EmbeddedRedis
 from esper.leyline import CHANNELS, pb
-from esper.oona import Consumer, Delivery, OonaClient, OonaSettings
+from esper.oona import Consumer, Delivery, OonaClient, OonaSettings, PublishError
 from tests.conftest import ClientFactory
 from tests.oona._helpers import pending_count, state, wait_until
 
@@ -146,3 +146,27 @@ async def test_ack_that_failed_to_reach_redis_is_kept_and_flushed_later(aof_redi
     assert await pending_count(client.redis, STREAM, "tamiyo") == 0
     assert await client.redis.zscore(consumer.done_key, published.message_id) is not None
     await client.close()
+
+
+async def test_publish_breaker_opens_on_redis_loss_and_fails_fast(tmp_path: Path) -> None:
+    server = EmbeddedRedis(data_dir=tmp_path)
+    server.start()
+    settings = OonaSettings(redis_url=server.url, leyline_secret=secrets.token_hex(16), redis_retries=0,
+                            breaker_failures=3, breaker_reset_s=60, socket_timeout_s=0.5, connect_timeout_s=0.5,
+                            metrics_port=-1)
+    client = OonaClient.from_settings(settings, sender="tolaria")
+    try:
+        await client.connect()
+        await client.publish("telemetry", pb.TelemetryPacket(packet_id="ok"))
+        server.stop()
+        for _ in range(3):
+            with pytest.raises(PublishError, match="XADD"):
+                await client.publish("telemetry", pb.TelemetryPacket(packet_id="lost"))
+        assert client.publish_breaker.state == pb.CIRCUIT_STATE_OPEN
+        with pytest.raises(PublishError, match="breaker open"):
+            await client.publish("telemetry", pb.TelemetryPacket(packet_id="fast-fail"))
+        assert client.metrics.breaker_state.labels("publish")._value.get() == pb.CIRCUIT_STATE_OPEN
+        assert client.metrics.publish_errors.labels("telemetry", "breaker_open")._value.get() == 1
+    finally:
+        await client.close()
+        server.stop()

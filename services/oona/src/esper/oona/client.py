@@ -222,12 +222,16 @@ class OonaClient:
         entry_id = await self.redis.xadd(stream, dict(fields), maxlen=maxlen or None, approximate=True)
         return entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id)
 
-    async def _xadd(self, chname: str, lane: Lane, stream: str, raw: bytes, maxlen: int) -> str:
+    def _check_publish_breaker(self, chname: str) -> None:
+        """Fail fast (typed, counted) while the publish breaker is open: the caller never stalls."""
         try:
             self.publish_breaker.check()
         except BreakerOpenError as e:
             self.metrics.record_publish_error(chname, "breaker_open")
             raise PublishError(f"publish breaker open, retry in {e.retry_after_s:.1f}s") from e
+
+    async def _xadd(self, chname: str, lane: Lane, stream: str, raw: bytes, maxlen: int) -> str:
+        self._check_publish_breaker(chname)
         t0 = time.perf_counter()
         try:
             entry_id = await self.redis.xadd(stream, {PAYLOAD_FIELD: raw}, maxlen=maxlen, approximate=True)
@@ -250,11 +254,7 @@ class OonaClient:
         chan = _as_channel(ch)
         if not messages:
             return []
-        try:
-            self.publish_breaker.check()
-        except BreakerOpenError as e:
-            self.metrics.record_publish_error(chan.name, "breaker_open")
-            raise PublishError(f"publish breaker open, retry in {e.retry_after_s:.1f}s") from e
+        self._check_publish_breaker(chan.name)
         pipe = self.redis.pipeline(transaction=False)
         lane: Lane = "normal"
         for m in messages:
