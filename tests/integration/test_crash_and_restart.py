@@ -136,7 +136,7 @@ async def test_ack_that_failed_to_reach_redis_is_kept_and_flushed_later(aof_redi
     consumer = Consumer(client, "state", group="tamiyo", handler=handler)
     await consumer.start()
     published = await client.publish("state", state(1))
-    with pytest.raises(Exception, match="(?i)connect|closed|refused|reset"):
+    with pytest.raises(Exception, match=r"(?i)connect|closed|refused|reset"):
         await consumer.run_once(block_ms=0)
     assert effects == [published.message_id]
     assert consumer._acks, "the unconfirmed ack was dropped"
