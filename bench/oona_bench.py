@@ -18,6 +18,7 @@ import gc
 import importlib.metadata
 import json
 import logging
+import math
 import os
 import platform
 import secrets
@@ -35,6 +36,7 @@ import uvloop
 from faststream.redis import RedisBroker, StreamSub
 from google.protobuf.message import Message
 from redis.asyncio import Redis
+from redis.utils import HIREDIS_AVAILABLE
 
 from esper.core.redis_server import EmbeddedRedis
 from esper.leyline import Channel, channel, pb
@@ -69,6 +71,7 @@ QUICK = Sizes(rr_warmup=50, rr_rounds=4, rr_per_round=50, tp_rounds=1, publish_n
               consume_n=2_000, consume_eager_n=500, backlog_n=10_000, emergency_n=40)
 
 Result = dict[str, Any]
+Fields = dict[Any, Any]  # stream entry fields as redis-py takes them (its stubs are stricter than its API)
 
 
 # -- helpers -----------------------------------------------------------------------------------------
@@ -105,7 +108,7 @@ def ms(seconds: float) -> float:
 def percentile(samples: Sequence[float], q: float) -> float:
     """Nearest-rank percentile (q in 0..100)."""
     ordered = sorted(samples)
-    k = max(0, min(len(ordered) - 1, round(q / 100.0 * len(ordered) + 0.5) - 1))
+    k = max(0, min(len(ordered) - 1, math.ceil(q / 100.0 * len(ordered)) - 1))
     return ordered[k]
 
 
@@ -198,8 +201,8 @@ class RawRoundTrip:
         self.reply_reader = Redis.from_url(url, single_connection_client=True)
         self.srv_cmd = Redis.from_url(url)
         self.srv_reader = Redis.from_url(url, single_connection_client=True)
-        self.request = {PAYLOAD: os.urandom(request_size), b"reply_to": self.reply_stream.encode()}
-        self.reply = {PAYLOAD: os.urandom(reply_size)}
+        self.request: Fields = {PAYLOAD: os.urandom(request_size), b"reply_to": self.reply_stream.encode()}
+        self.reply: Fields = {PAYLOAD: os.urandom(reply_size)}
         self.last_reply = b"0-0"
         self._stopping = False
         self._task: asyncio.Task[None] | None = None
@@ -219,7 +222,7 @@ class RawRoundTrip:
                     await pipe.execute()
 
     async def call(self) -> None:
-        await self.cmd.xadd(self.stream, self.request, maxlen=10_000, approximate=True)  # type: ignore[arg-type]
+        await self.cmd.xadd(self.stream, self.request, maxlen=10_000, approximate=True)
         resp: Any = await self.reply_reader.xread({self.reply_stream: self.last_reply}, count=1, block=1_000)
         self.last_reply = resp[0][1][-1][0]
 
@@ -239,7 +242,8 @@ class FastStreamRoundTrip:
     stream = "fs.{rr}"
 
     def __init__(self, url: str, request_size: int, reply_size: int) -> None:
-        self.broker = RedisBroker(url, logger=None)  # no per-message log lines: fair to FastStream
+        # logger=None: no per-message log lines, which would be unfair to FastStream (stubs omit None).
+        self.broker = RedisBroker(url, logger=None)  # type: ignore[arg-type]
         reply = os.urandom(reply_size)
         self.request = os.urandom(request_size)
 
@@ -306,7 +310,7 @@ async def timed_calls(call: Callable[[], Awaitable[None]], n: int, out: list[flo
 # -- throughput --------------------------------------------------------------------------------------
 
 
-async def rate(n: int, body: Callable[[], Awaitable[None]]) -> float:
+async def rate(n: int, body: Callable[[], Awaitable[object]]) -> float:
     t0 = time.perf_counter()
     await body()
     return n / (time.perf_counter() - t0)
@@ -320,7 +324,7 @@ async def bench_publish(url: str, sizes: Sizes) -> Result:
     await raw.ping()
     stream, maxlen = "raw.{publish}", channel("state").maxlen
     messages = [state_packet(i) for i in range(sizes.batch)]
-    fields = {PAYLOAD: os.urandom(sealed_size(url, state_packet()))}
+    fields: Fields = {PAYLOAD: os.urandom(sealed_size(url, state_packet()))}
     n_batches = sizes.publish_n // sizes.batch
 
     async def ours_pipelined() -> None:
@@ -331,7 +335,7 @@ async def bench_publish(url: str, sizes: Sizes) -> Result:
         for _ in range(n_batches):
             pipe = raw.pipeline(transaction=False)
             for _ in range(sizes.batch):
-                pipe.xadd(stream, fields, maxlen=maxlen, approximate=True)  # type: ignore[arg-type]
+                pipe.xadd(stream, fields, maxlen=maxlen, approximate=True)
             await pipe.execute()
 
     async def ours_single() -> None:
@@ -341,7 +345,7 @@ async def bench_publish(url: str, sizes: Sizes) -> Result:
 
     async def raw_single() -> None:
         for _ in range(sizes.unpipelined_n):
-            await raw.xadd(stream, fields, maxlen=maxlen, approximate=True)  # type: ignore[arg-type]
+            await raw.xadd(stream, fields, maxlen=maxlen, approximate=True)
 
     await ours_pipelined()  # warm-up: streams exist and are at their cap, code paths are hot
     await raw_pipelined()
@@ -405,12 +409,12 @@ async def consume_raw_once(url: str, sizes: Sizes, payload_size: int) -> float:
     stream = "raw.{consume}"
     cmd = Redis.from_url(url)
     reader = Redis.from_url(url, single_connection_client=True)
-    fields = {PAYLOAD: os.urandom(payload_size)}
+    fields: Fields = {PAYLOAD: os.urandom(payload_size)}
     await cmd.xgroup_create(stream, GROUP, id="0", mkstream=True)
     for _ in range(sizes.consume_n // 1_000):
         pipe = cmd.pipeline(transaction=False)
         for _ in range(1_000):
-            pipe.xadd(stream, fields)  # type: ignore[arg-type]
+            pipe.xadd(stream, fields)
         await pipe.execute()
     handled = 0
 
@@ -657,6 +661,7 @@ def metadata(url: str, sizes: Sizes, loop_name: str) -> Result:
         "redis_py_version": importlib.metadata.version("redis"),
         "faststream_version": importlib.metadata.version("faststream"),
         "uvloop_version": importlib.metadata.version("uvloop"),
+        "hiredis": HIREDIS_AVAILABLE,
         "event_loop": loop_name,
         "cpu_count": os.cpu_count(),
         "cpu_affinity": len(os.sched_getaffinity(0)),
