@@ -165,7 +165,8 @@ def test_ttl_map_expires_by_age() -> None:
     assert m.get("a", 101) is None
     assert m.get("b", 101) == "2"
     assert m.get("b", 151) is None
-    assert len(m) == 0
+    m.put("c", "3", 151)  # expired entries are dropped on the next put
+    assert len(m) == 1
 
 
 def test_ttl_map_put_evicts_expired_entries() -> None:

@@ -248,3 +248,41 @@ def test_empty_previous_key_id_is_rejected() -> None:
         "BUG: SigningKeys accepts previous_key_id='' although key_id must be non-empty; an envelope without "
         "key_id then verifies against the previous secret"
     )
+
+
+# -- verification from the received bytes (hot path) --------------------------------------------------
+
+
+def test_verify_from_raw_bytes_matches_reserialising_path() -> None:
+    raw = encode_envelope(_signed())
+    env = decode_envelope(raw)
+    verify_envelope(env, KEYS, raw=raw)
+    verify_envelope(env, KEYS)
+
+
+def test_raw_path_rejects_tampered_prefix_with_intact_signature_suffix() -> None:
+    raw = bytearray(encode_envelope(_signed()))
+    raw[10] ^= 0x01  # inside the signed prefix; the trailing signature field is untouched
+    try:
+        env = decode_envelope(bytes(raw))
+    except Exception:
+        return  # the flip broke the structure: also a rejection
+    with pytest.raises(SignatureError):
+        verify_envelope(env, KEYS, raw=bytes(raw))
+
+
+def test_raw_path_rejects_a_duplicated_signature_field() -> None:
+    raw = encode_envelope(_signed())
+    doubled = raw + raw[-34:]  # parser keeps the last value; the prefix now includes a signature field
+    env = decode_envelope(doubled)
+    with pytest.raises(SignatureError):
+        verify_envelope(env, KEYS, raw=doubled)
+
+
+def test_non_canonical_layout_falls_back_to_reserialising() -> None:
+    signed = _signed()
+    sig_field = encode_envelope(signed)[-34:]
+    body = encode_envelope(signed)[:-34]
+    reordered = sig_field + body  # signature first: valid protobuf, different byte layout
+    env = decode_envelope(reordered)
+    verify_envelope(env, KEYS, raw=reordered)

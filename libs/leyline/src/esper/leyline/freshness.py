@@ -58,6 +58,7 @@ class BoundedTTLMap:
         self._items: OrderedDict[str, tuple[str, int]] = OrderedDict()
 
     def __len__(self) -> int:
+        """Entries held; expired ones are dropped on the next `put`."""
         return len(self._items)
 
     def _evict(self, now_ms: int) -> None:
@@ -69,9 +70,11 @@ class BoundedTTLMap:
             del items[key]
 
     def get(self, key: str, now_ms: int) -> str | None:
-        self._evict(now_ms)
+        # Expiry is checked on the hit alone; bulk eviction happens on put (hot path: one lookup).
         hit = self._items.get(key)
-        return None if hit is None else hit[0]
+        if hit is None or now_ms - hit[1] > self._ttl_ms:
+            return None
+        return hit[0]
 
     def put(self, key: str, value: str, now_ms: int) -> None:
         self._items[key] = (value, now_ms)

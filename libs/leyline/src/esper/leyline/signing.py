@@ -70,13 +70,30 @@ def sign_envelope(env: pb.BusEnvelope, keys: SigningKeys) -> pb.BusEnvelope:
     return env
 
 
-def verify_envelope(env: pb.BusEnvelope, keys: SigningKeys) -> None:
-    """Raise SignatureError (with the precise dead-letter reason) unless the signature holds."""
+# `signature` is field 13 (wire type 2): tag byte 0x6a, then a one-byte length for a 32-byte MAC.
+_SIGNATURE_TAG = b"\x6a\x20"
+
+
+def _signed_prefix(env: pb.BusEnvelope, raw: bytes | None) -> bytes:
+    """The bytes the signer MACed. Deterministic serialisation writes fields in number order, so a
+    conforming sender's signature field is the last 34 bytes and the rest is exactly the envelope
+    serialised with `signature` empty: reuse it instead of serialising again (hot path). Any other
+    layout (another serialiser) is re-serialised; both paths are equally strict."""
+    if raw is not None and len(env.signature) == 32 and raw.endswith(_SIGNATURE_TAG + env.signature):
+        return raw[: -len(_SIGNATURE_TAG) - 32]
+    return _signing_bytes(env)
+
+
+def verify_envelope(env: pb.BusEnvelope, keys: SigningKeys, *, raw: bytes | None = None) -> None:
+    """Raise SignatureError (with the precise dead-letter reason) unless the signature holds.
+
+    `raw`, when given, must be the bytes `env` was parsed from (saves a re-serialisation).
+    """
     if not env.signature:
         raise SignatureError("envelope is unsigned", reason=pb.DEAD_LETTER_REASON_MISSING_SIGNATURE)
     secret = keys.secret_for(env.key_id)
     if secret is None:
         raise SignatureError(f"unknown key_id {env.key_id!r}", reason=pb.DEAD_LETTER_REASON_UNKNOWN_KEY)
-    expected = hmac_sha256(secret, _signing_bytes(env))
+    expected = hmac_sha256(secret, _signed_prefix(env, raw))
     if not hmac.compare_digest(expected, env.signature):
         raise SignatureError("signature mismatch", reason=pb.DEAD_LETTER_REASON_BAD_SIGNATURE)

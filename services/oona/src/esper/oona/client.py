@@ -35,6 +35,7 @@ from esper.leyline import (
     channel,
     encode_envelope,
     lane_for,
+    new_message_id,
     pack,
     pb,
     reason_code,
@@ -296,7 +297,7 @@ class OonaClient:
         chan = _as_channel(ch)
         self._ensure_reply_listener()
         deadline = Deadline.after_ms(timeout_ms)
-        correlation_id = uuid.uuid4().hex
+        correlation_id = new_message_id()
         fut: asyncio.Future[Delivery] = asyncio.get_running_loop().create_future()
         self._pending[correlation_id] = fut
         t0 = time.perf_counter()

@@ -5,12 +5,14 @@ Delivery guarantees (at-least-once):
 - An entry is acked only after its handler returned (or after it was dead-lettered).
 - A handler error leaves the entry pending; any consumer of the group reclaims it with XAUTOCLAIM
   once it has been idle for the visibility timeout. After `max_deliveries` it is dead-lettered.
-- Processed message ids are remembered locally and in a per-group sorted set written in the same
-  pipeline as the XACK, so a redelivery after a crash-between-effect-and-ack is skipped, not rerun.
-- `ack_mode="eager"` (default) writes that pipeline right after each handler, so a crash can only
-  ever repeat the one entry whose handler was running. `ack_mode="batch"` writes it once per read
-  batch (throughput consumers such as telemetry ingest): a crash may then repeat up to one batch of
-  already-handled entries, which at-least-once delivery allows and idempotent handlers absorb.
+- `ack_mode="eager"` (default) acks right after each handler, so a crash can only ever repeat the
+  one entry whose handler was running. `ack_mode="batch"` acks once per read batch (throughput
+  consumers such as telemetry ingest): a crash may then repeat up to one batch of already-handled
+  entries, which at-least-once delivery allows and idempotent handlers absorb.
+- An ack that could not be written is kept and retried; until it lands, processed message ids are
+  remembered in memory so the entry, if reclaimed by this consumer, is acked without a second run.
+  (A shared Redis "processed" set was measured and dropped: written in the ack's own pipeline it
+  protects nothing the ack does not, and it cost ~10% of consume throughput.)
 """
 
 from __future__ import annotations
@@ -114,7 +116,6 @@ class Consumer:
         self.policy = dataclasses.replace(client.policy, window_ms=window_ms)
         self.stats = ConsumerStats()
         self.breaker = client._breaker("consume", reset_timeout_s=s.consume_breaker_reset_s)
-        self.done_key = f"oona.{{{self.channel.name}}}.done.{group}"
         self._streams = self.channel.streams  # emergency first
         self._lane_of: dict[str, Lane] = {self.channel.emergency_stream: "emergency"}
         if self.channel.normal_stream is not None:
@@ -124,7 +125,6 @@ class Consumer:
         self._done = BoundedTTLMap(capacity=max(4 * s.replay_cache_size, 1024), ttl_ms=s.done_ttl_ms)
         self._last_error: BoundedTTLMap = BoundedTTLMap(capacity=1024, ttl_ms=s.done_ttl_ms)
         self._acks: dict[str, list[bytes]] = {}
-        self._done_ids: list[str] = []
         self._conn: Redis | None = None
         self._next_claim = 0.0
         m = client.metrics
@@ -252,7 +252,7 @@ class Consumer:
         if self._done.get(env.message_id, now) is not None:
             self.stats.duplicates += 1
             self._m_dup.inc()
-            self._queue_ack(stream, entry_id, None)
+            self._queue_ack(stream, entry_id)
             return
         delivery = Delivery(env, self.channel.name, stream, entry_id, lane, deliveries)
         t0 = time.perf_counter()
@@ -275,7 +275,7 @@ class Consumer:
         self._m_ok[lane].inc()
         self.stats.handled += 1
         self._done.put(env.message_id, entry_id, now)
-        self._queue_ack(stream, entry_id, env.message_id)
+        self._queue_ack(stream, entry_id)
         out = self.client.reply_entry(delivery, reply) if reply is not None else None
         if out is not None or self.ack_mode == "eager":
             await self._flush(reply=out)
@@ -287,34 +287,28 @@ class Consumer:
         log.warning("handler failed; entry left pending for redelivery", channel=self.channel.name,
                     entry_id=entry_id, deliveries=deliveries, max_deliveries=self.max_deliveries, error=repr(e))
 
-    def _queue_ack(self, stream: str, entry_id: str, message_id: str | None) -> None:
+    def _queue_ack(self, stream: str, entry_id: str) -> None:
         self._acks.setdefault(stream, []).append(entry_id.encode())
-        if message_id is not None:
-            self._done_ids.append(message_id)
 
     async def _flush(self, reply: tuple[str, bytes] | None = None) -> None:
-        """Reply (if any), XACK and the processed-id marks in one round trip.
+        """Reply (if any) and XACKs in one round trip.
 
-        The queues are cleared only once Redis confirmed them: if the pipeline fails they are put
-        back, so a later flush (or `close()`) still acks and marks what was handled.
+        The queue is cleared only once Redis confirmed it: if the pipeline fails the acks are put
+        back, so a later flush (or `close()`) still acks what was handled.
         """
         if not self._acks and reply is None:
             return
-        acks, done_ids = self._acks, self._done_ids
-        self._acks, self._done_ids = {}, []
+        acks, self._acks = self._acks, {}
         pipe = self.client.redis.pipeline(transaction=False)
         if reply is not None:
             pipe.xadd(reply[0], {PAYLOAD_FIELD: reply[1]}, maxlen=self.client.settings.reply_maxlen, approximate=True)
         for stream, ids in acks.items():
             pipe.xack(stream, self.group, *ids)
-        if done_ids:
-            pipe.zadd(self.done_key, dict.fromkeys(done_ids, now_ms()))
         try:
             await pipe.execute()
         except BaseException:
             for stream, ids in acks.items():
                 self._acks.setdefault(stream, [])[:0] = ids
-            self._done_ids[:0] = done_ids
             raise
 
     async def _dead_letter(
@@ -373,19 +367,11 @@ class Consumer:
     async def _handle_reclaimed(self, stream: str, entries: list[Entry]) -> None:
         ids = [decode_id(i) for i, _ in entries]
         counts = await self._delivery_counts(stream, ids)
-        message_ids = [_message_id(f) for _, f in entries]
-        known = [mid for mid in message_ids if mid]
-        done_scores: list[Any] = await self.client.redis.zmscore(self.done_key, known) if known else []
-        done = {mid for mid, sc in zip(known, done_scores, strict=True) if sc is not None}
         lane = self._lane_of.get(stream, "normal")
-        for (_raw_id, fields), entry_id, mid in zip(entries, ids, message_ids, strict=True):
+        for (_raw_id, fields), entry_id in zip(entries, ids, strict=True):
             n = counts.get(entry_id, self.max_deliveries + 1)
             f = fields or {}
-            if mid and mid in done:
-                self.stats.duplicates += 1
-                self._m_dup.inc()
-                self._queue_ack(stream, entry_id, None)
-            elif n > self.max_deliveries:
+            if n > self.max_deliveries:
                 last = self._last_error.get(entry_id, now_ms()) or "consumer died or stalled while handling it"
                 await self._dead_letter(stream, entry_id, f, pb.DEAD_LETTER_REASON_MAX_DELIVERIES,
                                         f"delivered {n} times (max {self.max_deliveries}); last error: {last}", n)
@@ -402,18 +388,6 @@ class Consumer:
 def _id_key(entry_id: str) -> tuple[int, int]:
     ms, _, seq = entry_id.partition("-")
     return int(ms), int(seq or 0)
-
-
-def _message_id(fields: Mapping[bytes, bytes] | None) -> str:
-    raw = (fields or {}).get(PAYLOAD_FIELD)
-    if not raw:
-        return ""
-    env = pb.BusEnvelope()
-    try:
-        env.ParseFromString(raw)
-    except Exception:  # undecodable: no id; the normal path dead-letters it
-        return ""
-    return env.message_id
 
 
 def _emergency_first(resp: Sequence[Any], emergency_stream: str) -> list[tuple[str, Sequence[Entry]]]:

@@ -52,8 +52,9 @@ def validate_entry(
     replay: ReplayCache | None,
 ) -> pb.BusEnvelope:
     """Return the verified envelope of a stream entry or raise the EnvelopeError that rejects it."""
-    env = decode_envelope(entry_payload(fields), max_bytes=policy.max_bytes)
-    verify_envelope(env, policy.keys)
+    raw = entry_payload(fields)
+    env = decode_envelope(raw, max_bytes=policy.max_bytes)
+    verify_envelope(env, policy.keys, raw=raw)
     check_freshness(env, now_ms=now_ms, window_ms=policy.window_ms, max_skew_ms=policy.max_skew_ms)
     if replay is not None:
         replay.check(env.message_id, entry_id, now_ms)

@@ -57,9 +57,6 @@ class StreamKeeper:
                 for group in chan.groups:
                     result.dead_lettered += await self._sweep_over_delivered(chan, stream, group)
                 result.trimmed += await self._trim(chan, stream)
-            for group in chan.groups:
-                await self.client.redis.zremrangebyscore(f"oona.{{{chan.name}}}.done.{group}", "-inf",
-                                                         now_ms() - self.settings.done_ttl_ms)
         await self.refresh_gauges()
         self.metrics.swept.set(now_ms() / 1000.0)
         return result

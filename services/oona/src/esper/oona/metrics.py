@@ -64,11 +64,17 @@ class OonaMetrics:
             "oona_breaker_state", "Leyline CircuitBreakerState (1 closed, 2 open, 3 half-open)", ["breaker"],
             registry=r,
         )
+        self._publish_children: dict[tuple[str, str], tuple[Counter, Histogram]] = {}
         self.reconnects = Counter("oona_reconnects_total", "Consume loop recoveries after a Redis error", registry=r)
 
     def record_publish(self, channel: str, lane: Lane, seconds: float, count: int = 1) -> None:
-        self.published.labels(channel, lane).inc(count)
-        self.publish_latency.labels(lane).observe(seconds)
+        key = (channel, lane)
+        children = self._publish_children.get(key)
+        if children is None:  # label lookups cost ~1.5 µs each: bind once per (channel, lane)
+            children = self._publish_children[key] = (self.published.labels(channel, lane),
+                                                      self.publish_latency.labels(lane))
+        children[0].inc(count)
+        children[1].observe(seconds)
 
     def record_publish_error(self, channel: str, reason: str) -> None:
         self.publish_errors.labels(channel, reason).inc()

@@ -26,7 +26,7 @@ class OonaSettings(EsperSettings):
     visibility_timeout_ms: int = Field(30_000, description="pending entries idle this long are reclaimed")
     claim_interval_ms: int = Field(1_000, description="how often a consumer runs XAUTOCLAIM")
     max_deliveries: int = Field(5, description="deliveries before an entry is dead-lettered")
-    done_ttl_ms: int = Field(900_000, description="how long processed ids are kept for idempotency")
+    done_ttl_ms: int = Field(900_000, description="how long a consumer remembers processed ids (redelivery dedupe)")
 
     emergency_max_per_min: int = Field(120, description="emergency-lane token bucket (prototype 120/min)")
     emergency_maxlen_floor: int = Field(10_000, description="emergency lanes are never trimmed below this")
