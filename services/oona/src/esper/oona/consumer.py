@@ -127,6 +127,12 @@ class Consumer:
         self._acks: dict[str, list[bytes]] = {}
         self._conn: Redis | None = None
         self._next_claim = 0.0
+        # Emergency entries that arrive while a normal batch is being handled are picked up between
+        # normal entries: for free on each eager ack pipeline, or every `emergency_poll_ms` in batch mode.
+        self._poll_emergency = self.channel.normal_stream is not None
+        self._emergency_poll_s = s.emergency_poll_ms / 1000.0
+        self._last_emergency_poll = 0.0
+        self._emergency_read: dict[Any, Any] = {self.channel.emergency_stream: ">"}
         m = client.metrics
         cname = self.channel.name
         self._m_ok = {lane: m.consumed.labels(cname, lane, "ok") for lane in ("normal", "emergency")}
@@ -209,6 +215,7 @@ class Consumer:
             await self.start()
             return seen
         self.breaker.record_success()
+        self._last_emergency_poll = time.perf_counter()  # this read just covered the emergency lane
         if resp:
             for stream, entries in _emergency_first(resp, self.channel.emergency_stream):
                 await self._handle_batch(stream, entries, deliveries=None)
@@ -235,13 +242,35 @@ class Consumer:
 
     async def _handle_batch(self, stream: str, entries: Sequence[Entry], deliveries: Mapping[str, int] | None) -> None:
         lane = self._lane_of.get(stream, "normal")
-        for raw_id, fields in entries:
+        # Peek at the emergency lane only while normal work remains in this batch: after the last
+        # entry the next read covers both lanes anyway (and the request/reply path stays lean).
+        poll = lane == "normal" and self._poll_emergency
+        last = len(entries) - 1
+        for i, (raw_id, fields) in enumerate(entries):
+            more = poll and i < last
+            due = time.perf_counter() - self._last_emergency_poll > self._emergency_poll_s
+            if more and due and self.ack_mode == "batch":
+                await self._handle_emergency_poll(await self.client.redis.xreadgroup(
+                    self.group, self.name, self._emergency_read, count=self.batch))
             entry_id = decode_id(raw_id)
             count = 1 if deliveries is None else deliveries.get(entry_id, 1)
-            await self._handle_entry(stream, lane, entry_id, fields or {}, count)
+            await self._handle_entry(stream, lane, entry_id, fields or {}, count, poll_emergency=more)
+
+    async def _handle_emergency_poll(self, resp: Any) -> None:
+        """Handle what a non-blocking read of the emergency lane returned (before more normal work)."""
+        self._last_emergency_poll = time.perf_counter()
+        for stream, entries in resp or ():
+            await self._handle_batch(decode_id(stream), entries, deliveries=None)
 
     async def _handle_entry(
-        self, stream: str, lane: Lane, entry_id: str, fields: Mapping[bytes, bytes], deliveries: int
+        self,
+        stream: str,
+        lane: Lane,
+        entry_id: str,
+        fields: Mapping[bytes, bytes],
+        deliveries: int,
+        *,
+        poll_emergency: bool = False,
     ) -> None:
         now = now_ms()
         try:
@@ -278,7 +307,9 @@ class Consumer:
         self._queue_ack(stream, entry_id)
         out = self.client.reply_entry(delivery, reply) if reply is not None else None
         if out is not None or self.ack_mode == "eager":
-            await self._flush(reply=out)
+            urgent = await self._flush(reply=out, poll_emergency=poll_emergency)
+            if urgent:
+                await self._handle_emergency_poll(urgent)
 
     def _on_handler_error(self, stream: str, lane: Lane, entry_id: str, e: Exception, deliveries: int) -> None:
         self.stats.handler_errors += 1
@@ -290,26 +321,30 @@ class Consumer:
     def _queue_ack(self, stream: str, entry_id: str) -> None:
         self._acks.setdefault(stream, []).append(entry_id.encode())
 
-    async def _flush(self, reply: tuple[str, bytes] | None = None) -> None:
-        """Reply (if any) and XACKs in one round trip.
+    async def _flush(self, reply: tuple[str, bytes] | None = None, *, poll_emergency: bool = False) -> Any:
+        """Reply (if any) and XACKs in one round trip; with `poll_emergency`, the same round trip
+        also reads the emergency lane (non-blocking) and returns what it found.
 
         The queue is cleared only once Redis confirmed it: if the pipeline fails the acks are put
         back, so a later flush (or `close()`) still acks what was handled.
         """
         if not self._acks and reply is None:
-            return
+            return None
         acks, self._acks = self._acks, {}
         pipe = self.client.redis.pipeline(transaction=False)
         if reply is not None:
             pipe.xadd(reply[0], {PAYLOAD_FIELD: reply[1]}, maxlen=self.client.settings.reply_maxlen, approximate=True)
         for stream, ids in acks.items():
             pipe.xack(stream, self.group, *ids)
+        if poll_emergency:
+            pipe.xreadgroup(self.group, self.name, self._emergency_read, count=self.batch)
         try:
-            await pipe.execute()
+            results = await pipe.execute()
         except BaseException:
             for stream, ids in acks.items():
                 self._acks.setdefault(stream, [])[:0] = ids
             raise
+        return results[-1] if poll_emergency else None
 
     async def _dead_letter(
         self,

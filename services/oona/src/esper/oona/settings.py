@@ -23,6 +23,9 @@ class OonaSettings(EsperSettings):
 
     read_batch: int = Field(50, description="entries per XREADGROUP per lane (emergency latency grows with it)")
     block_ms: int = Field(200, description="BLOCK of the consume read; the socket timeout sits above it")
+    emergency_poll_ms: float = Field(
+        1.0, description="batch-ack consumers peek at the emergency lane this often while handling a normal batch"
+    )
     visibility_timeout_ms: int = Field(30_000, description="pending entries idle this long are reclaimed")
     claim_interval_ms: int = Field(1_000, description="how often a consumer runs XAUTOCLAIM")
     max_deliveries: int = Field(5, description="deliveries before an entry is dead-lettered")
