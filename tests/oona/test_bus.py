@@ -135,19 +135,49 @@ async def test_late_reply_is_discarded_and_counted(make_client: ClientFactory) -
     tamiyo = await make_client("tamiyo")
     release = asyncio.Event()
 
-    async def slow(d: Delivery) -> pb.DecisionFailure:
-        await release.wait()
-        return pb.DecisionFailure(reason=pb.DECISION_FAILURE_REASON_TIMEOUT_INFERENCE)
+    async def slow_then_fast(d: Delivery) -> pb.DecisionFailure:
+        packet = d.message_as(pb.SystemStatePacket)
+        if packet.packet_id == "pslow":
+            await release.wait()
+        return pb.DecisionFailure(packet_id=packet.packet_id, reason=pb.DECISION_FAILURE_REASON_TIMEOUT_INFERENCE)
 
-    consumer = Consumer(tamiyo, "state", group="tamiyo", handler=slow)
+    consumer = Consumer(tamiyo, "state", group="tamiyo", handler=slow_then_fast)
     stop = asyncio.Event()
     task = asyncio.create_task(consumer.run(stop))
     with pytest.raises(RequestTimeoutError):
-        await trainer.request("state", state(1), timeout_ms=150)
+        await trainer.request("state", state("slow"), timeout_ms=150)
     release.set()  # the handler now answers, after the requester gave up (deadline passed)
-    await wait_until(lambda: _late(trainer), what="late reply counted")
+    await wait_until(lambda: _reply_written(trainer), what="late reply written")
+    # The next request reads the stream: it gets its own reply and discards the late one.
+    reply = await trainer.request("state", state("next"), timeout_ms=2000)
+    assert reply.message_as(pb.DecisionFailure).packet_id == "pnext"
+    assert await _late(trainer)
     stop.set()
     await task
+
+
+async def _reply_written(client: OonaClient) -> bool:
+    return int(await client.redis.xlen(client.reply_stream)) >= 1
+
+
+async def test_concurrent_requests_share_one_reply_reader(make_client: ClientFactory) -> None:
+    trainer = await make_client("trainer")
+    tamiyo = await make_client("tamiyo")
+
+    async def echo(d: Delivery) -> pb.DecisionFailure:
+        packet = d.message_as(pb.SystemStatePacket)
+        return pb.DecisionFailure(packet_id=packet.packet_id, reason=pb.DECISION_FAILURE_REASON_TIMEOUT_INFERENCE)
+
+    consumer = Consumer(tamiyo, "state", group="tamiyo", handler=echo)
+    stop = asyncio.Event()
+    task = asyncio.create_task(consumer.run(stop))
+    try:
+        replies = await asyncio.gather(*(trainer.request("state", state(i), timeout_ms=3000) for i in range(50)))
+        assert [r.message_as(pb.DecisionFailure).packet_id for r in replies] == [f"p{i}" for i in range(50)]
+        assert trainer.metrics.late_replies._value.get() == 0
+    finally:
+        stop.set()
+        await task
 
 
 async def _late(client: OonaClient) -> bool:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import time
 import uuid
 from collections.abc import Mapping, Sequence
@@ -93,7 +94,12 @@ class OonaClient:
         self._bucket = TokenBucket(settings.emergency_max_per_min)
         self._reply_stream = f"{REPLY_PREFIX}{sender}.{uuid.uuid4().hex[:12]}}}"
         self._pending: dict[str, asyncio.Future[Delivery]] = {}
-        self._reply_task: asyncio.Task[None] | None = None
+        # Replies are read by whichever waiting request holds `_reply_lock` (no listener task: the
+        # reply wakes its requester directly, one event-loop hop less on the hot path).
+        self._reply_lock = asyncio.Lock()
+        self._reply_reader_done: asyncio.Future[None] | None = None
+        self._reply_conn: Redis | None = None
+        self._reply_last_id: bytes = b"0-0"
         self._reply_replay = ReplayCache(capacity=settings.replay_cache_size, ttl_ms=2 * settings.freshness_window_ms)
         self._closed = False
 
@@ -135,14 +141,13 @@ class OonaClient:
         if self._closed:
             return
         self._closed = True
-        if self._reply_task is not None:
-            self._reply_task.cancel()
-            await asyncio.gather(self._reply_task, return_exceptions=True)
-            # A private reply stream left behind is capped by MAXLEN; nothing to lose.
-            with contextlib.suppress(*RETRYABLE):
-                await self.redis.delete(self._reply_stream)
         for fut in self._pending.values():
             fut.cancel()
+        if self._reply_conn is not None:
+            with contextlib.suppress(*RETRYABLE):
+                await self._read_replies(block_ms=0)  # count replies that came after their requester gave up
+                await self.redis.delete(self._reply_stream)
+            await self._reply_conn.aclose()
         await self.redis.aclose()
 
     async def __aenter__(self) -> OonaClient:
@@ -292,10 +297,10 @@ class OonaClient:
     ) -> Delivery:
         """Publish with `reply_to`/`correlation_id`/`deadline_ms` and wait for the verified reply.
 
-        Raises RequestTimeoutError at the deadline; a reply arriving later is discarded and counted.
+        Raises RequestTimeoutError at the deadline. A reply that arrives after its requester gave up
+        is discarded and counted (`oona_late_replies_total`) when the reply stream is next read.
         """
         chan = _as_channel(ch)
-        self._ensure_reply_listener()
         deadline = Deadline.after_ms(timeout_ms)
         correlation_id = new_message_id()
         fut: asyncio.Future[Delivery] = asyncio.get_running_loop().create_future()
@@ -304,16 +309,53 @@ class OonaClient:
         try:
             await self.publish(chan, message, priority=priority, deadline_ms=deadline.epoch_ms,
                                reply_to=self._reply_stream, correlation_id=correlation_id, attributes=attributes)
-            try:
-                async with asyncio.timeout(deadline.remaining_s()):
-                    reply = await fut
-            except TimeoutError as e:
-                self.metrics.request_timeouts.labels(chan.name).inc()
-                raise RequestTimeoutError(f"no reply on {chan.name} within {timeout_ms} ms") from e
+            reply = await self._await_reply(fut, deadline)
+        except TimeoutError as e:
+            self.metrics.request_timeouts.labels(chan.name).inc()
+            raise RequestTimeoutError(f"no reply on {chan.name} within {timeout_ms} ms") from e
         finally:
             self._pending.pop(correlation_id, None)
         self.metrics.request_latency.labels(chan.name).observe(time.perf_counter() - t0)
         return reply
+
+    async def _await_reply(self, fut: asyncio.Future[Delivery], deadline: Deadline) -> Delivery:
+        """Wait for `fut`, reading the reply stream ourselves whenever no other request is reading it.
+
+        The reading request dispatches every reply it sees to its waiting future, so concurrent
+        requests share one reader; the others wake when their reply lands or the reader steps down.
+        The read BLOCKs at most until our deadline (capped by `block_ms`, under the socket timeout):
+        a command on the dedicated connection is never cancelled mid-reply.
+        """
+        while not fut.done():
+            remaining_ms = deadline.remaining_ms()
+            if remaining_ms <= 0:
+                raise TimeoutError
+            if self._reply_lock.locked():
+                assert self._reply_reader_done is not None
+                await asyncio.wait((fut, self._reply_reader_done), timeout=remaining_ms / 1000.0,
+                                   return_when=asyncio.FIRST_COMPLETED)
+                continue
+            async with self._reply_lock:
+                self._reply_reader_done = asyncio.get_running_loop().create_future()
+                try:
+                    block = max(1, min(math.ceil(remaining_ms), self.settings.block_ms))
+                    await self._read_replies(block_ms=block)
+                except RETRYABLE as e:
+                    log.warning("reply stream read failed", error=str(e), stream=self._reply_stream)
+                    await asyncio.sleep(min(0.05, deadline.remaining_s()))
+                finally:
+                    self._reply_reader_done.set_result(None)
+        return fut.result()
+
+    async def _read_replies(self, *, block_ms: int) -> None:
+        if self._reply_conn is None:
+            self._reply_conn = self.blocking_connection()
+        resp: Any = await self._reply_conn.xread({self._reply_stream: self._reply_last_id}, count=100,
+                                                 block=block_ms or None)
+        for _stream, entries in resp or ():
+            for entry_id, fields in entries:
+                self._reply_last_id = entry_id
+                await self._on_reply(entry_id.decode(), fields)
 
     def reply_entry(self, request: Delivery, message: Message) -> tuple[str, bytes] | None:
         """(stream, raw) of the signed reply to `request`, or None when it asked for no reply."""
@@ -325,31 +367,6 @@ class OonaClient:
         _, raw = self.seal(message, correlation_id=request.envelope.correlation_id or request.message_id,
                            deadline_ms=request.envelope.deadline_ms, priority=request.envelope.priority)
         return to, raw
-
-    def _ensure_reply_listener(self) -> None:
-        if self._reply_task is None or self._reply_task.done():
-            self._reply_task = asyncio.create_task(self._reply_loop(), name=f"oona-replies-{self.sender}")
-
-    async def _reply_loop(self) -> None:
-        conn = self.blocking_connection()
-        last_id = b"0-0"
-        backoff = 0.05
-        try:
-            while not self._closed:
-                try:
-                    resp: Any = await conn.xread({self._reply_stream: last_id}, count=100, block=self.settings.block_ms)
-                except RETRYABLE as e:
-                    log.warning("reply listener read failed", error=str(e), stream=self._reply_stream)
-                    await asyncio.sleep(backoff)
-                    backoff = min(backoff * 2, 2.0)
-                    continue
-                backoff = 0.05
-                for _stream, entries in resp or ():
-                    for entry_id, fields in entries:
-                        last_id = entry_id
-                        await self._on_reply(entry_id.decode(), fields)
-        finally:
-            await conn.aclose()
 
     async def _on_reply(self, entry_id: str, fields: Mapping[bytes, bytes]) -> None:
         now = now_ms()

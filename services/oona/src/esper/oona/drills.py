@@ -708,7 +708,14 @@ async def drill_request_reply() -> DrillResult:
                 late_after_expired = _metric(requester, "oona_late_replies_total")
                 # A slow responder: it answers after the deadline; the requester discards and counts it.
                 slow_outcome = await _expect_timeout(requester, "rr-slow", SLOW_DEADLINE_MS)
-                slow_counted = await _until(lambda: _metric(requester, "oona_late_replies_total") >= 1)
+
+                async def reply_landed() -> bool:
+                    return int(await requester.redis.xlen(requester.reply_stream)) >= 2
+
+                await _until_async(reply_landed, timeout_s=SLOW_HANDLER_S + 10)
+                # The requester's next read (its next request) discards the late reply and counts it.
+                await requester.request("state", pb.SystemStatePacket(packet_id="rr-after"), timeout_ms=2_000)
+                slow_counted = _metric(requester, "oona_late_replies_total") >= 1
             late_after_slow = _metric(requester, "oona_late_replies_total")
             timeouts = _metric(requester, "oona_request_timeouts_total", {"channel": "state"})
             replies_sent = int(await requester.redis.xlen(requester.reply_stream))
