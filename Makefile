@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 # Pin torch where a local wheel exists (CI: TORCH_SPEC=torch==2.13.0); users elsewhere get the
 # normal wheel. Empty means "do not install torch" (no package in this tree needs it yet).
 TORCH_SPEC ?=
-PACKAGES := libs/leyline libs/core services/oona
+PACKAGES := libs/leyline libs/core services/oona services/tamiyo
 STAMP := $(VENV)/.esper-setup
 PYTEST_FLAGS ?=
 
