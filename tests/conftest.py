@@ -1,7 +1,9 @@
 """Shared fixtures: a real redis-server per test session (never the system one on 6379).
 
-`ESPER_REDIS_URL` points the suite at an existing, disposable Redis instead (it is FLUSHDB'd before
-every test). Otherwise a private `redis-server` is spawned on a free loopback port.
+`ESPER_TEST_REDIS_URL` points the suite at an existing, *disposable* Redis instead (it is FLUSHDB'd
+before every test). It is deliberately not `ESPER_REDIS_URL`, which users export to run the fleet:
+a test run must never wipe their Redis. Otherwise a private `redis-server` is spawned on a free
+loopback port.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from esper.oona import OonaClient, OonaMetrics, OonaSettings
 
 @pytest.fixture(scope="session")
 def redis_url() -> Iterator[str]:
-    external = os.environ.get("ESPER_REDIS_URL")
+    external = os.environ.get("ESPER_TEST_REDIS_URL")
     if external:
         yield external
         return

@@ -43,7 +43,14 @@ from esper.leyline.freshness import (
     ReplayCache,
     check_freshness,
 )
-from esper.leyline.signing import SigningKeys, hmac_sha256, sign_envelope, verify_envelope
+from esper.leyline.signing import (
+    SigningKeys,
+    hmac_sha256,
+    sign_command,
+    sign_envelope,
+    verify_command,
+    verify_envelope,
+)
 
 pb = leyline_pb2
 
@@ -83,8 +90,10 @@ __all__ = [
     "pack",
     "pb",
     "reason_code",
+    "sign_command",
     "sign_envelope",
     "unpack",
     "unpack_as",
+    "verify_command",
     "verify_envelope",
 ]

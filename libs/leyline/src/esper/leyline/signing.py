@@ -8,6 +8,8 @@ in-flight traffic.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hashlib
 import hmac
 from dataclasses import dataclass
@@ -97,3 +99,46 @@ def verify_envelope(env: pb.BusEnvelope, keys: SigningKeys, *, raw: bytes | None
     expected = hmac_sha256(secret, _signed_prefix(env, raw))
     if not hmac.compare_digest(expected, env.signature):
         raise SignatureError("signature mismatch", reason=pb.DEAD_LETTER_REASON_BAD_SIGNATURE)
+
+
+# -- AdaptationCommand signatures -----------------------------------------------------------------
+# Commands carry their own signature (ARCHITECTURE §9): Kasmina verifies it before executing,
+# independently of the envelope that carried it. As in the prototype, the signature lives in
+# `annotations["signature"]` (base64 HMAC-SHA256 over the command serialised deterministically
+# without that annotation), with the key id beside it in `annotations["signature_key_id"]`.
+
+COMMAND_SIGNATURE = "signature"
+COMMAND_KEY_ID = "signature_key_id"
+
+
+def _command_signing_bytes(cmd: pb.AdaptationCommand) -> bytes:
+    copy = pb.AdaptationCommand()
+    copy.CopyFrom(cmd)
+    copy.annotations.pop(COMMAND_SIGNATURE, None)
+    return copy.SerializeToString(deterministic=True)
+
+
+def sign_command(cmd: pb.AdaptationCommand, keys: SigningKeys) -> pb.AdaptationCommand:
+    """Sign in place (the caller has set command_id and issued_at) and return the command."""
+    if not cmd.command_id:
+        raise SignatureError("command has no command_id", reason=pb.DEAD_LETTER_REASON_MISSING_ID)
+    cmd.annotations[COMMAND_KEY_ID] = keys.key_id
+    mac = hmac_sha256(keys.secret, _command_signing_bytes(cmd))
+    cmd.annotations[COMMAND_SIGNATURE] = base64.b64encode(mac).decode("ascii")
+    return cmd
+
+
+def verify_command(cmd: pb.AdaptationCommand, keys: SigningKeys) -> None:
+    """Raise SignatureError (missing_signature / unknown_key / bad_signature) unless it holds."""
+    sig = cmd.annotations.get(COMMAND_SIGNATURE)
+    if not sig:
+        raise SignatureError("command is unsigned", reason=pb.DEAD_LETTER_REASON_MISSING_SIGNATURE)
+    secret = keys.secret_for(cmd.annotations.get(COMMAND_KEY_ID, ""))
+    if secret is None:
+        raise SignatureError("command signed with an unknown key", reason=pb.DEAD_LETTER_REASON_UNKNOWN_KEY)
+    try:
+        given = base64.b64decode(sig, validate=True)
+    except (binascii.Error, ValueError) as e:
+        raise SignatureError(f"signature is not base64: {e}") from e
+    if not hmac.compare_digest(hmac_sha256(secret, _command_signing_bytes(cmd)), given):
+        raise SignatureError("command signature mismatch")

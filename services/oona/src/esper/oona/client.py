@@ -44,7 +44,7 @@ from esper.leyline import (
 )
 from esper.oona.connection import RETRYABLE, blocking_client, command_client
 from esper.oona.delivery import Delivery
-from esper.oona.errors import EmergencyRateLimitedError, PublishError, RequestTimeoutError, SetupError
+from esper.oona.errors import EmergencyRateLimitedError, OonaError, PublishError, RequestTimeoutError, SetupError
 from esper.oona.inbound import PAYLOAD_FIELD, InboundPolicy, best_effort_ids, validate_entry
 from esper.oona.metrics import OonaMetrics
 from esper.oona.ratelimit import TokenBucket
@@ -53,6 +53,13 @@ from esper.oona.settings import OonaSettings
 log = get_logger("esper.oona.client")
 
 REPLY_PREFIX = "oona.{reply."
+# Streams a reply may be written to: private reply streams and per-run command channels. Anything
+# else (above all a channel lane, whose MAXLEN a reply would trim) is refused.
+REPLY_TARGET_PREFIXES = (REPLY_PREFIX, "oona.{command.")
+
+
+def valid_reply_target(stream: str) -> bool:
+    return stream.startswith(REPLY_TARGET_PREFIXES) and stream.endswith("}") and stream.count("{") == 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,6 +99,9 @@ class OonaClient:
         self.conservative = False  # when set, everything rides the emergency lane (ARCHITECTURE §4)
         self.publish_breaker = self._breaker("publish")
         self._bucket = TokenBucket(settings.emergency_max_per_min)
+        # Bus telemetry (dead-letter events) has its own bucket: forged traffic must not use up the
+        # process's quota for its own emergencies.
+        self._telemetry_bucket = TokenBucket(settings.emergency_max_per_min)
         self._reply_stream = f"{REPLY_PREFIX}{sender}.{uuid.uuid4().hex[:12]}}}"
         self._pending: dict[str, asyncio.Future[Delivery]] = {}
         # Replies are read by whichever waiting request holds `_reply_lock` (no listener task: the
@@ -142,7 +152,8 @@ class OonaClient:
             return
         self._closed = True
         for fut in self._pending.values():
-            fut.cancel()
+            if not fut.done():
+                fut.set_exception(OonaError("client closed while the request was waiting"))
         if self._reply_conn is not None:
             with contextlib.suppress(*RETRYABLE):
                 await self._read_replies(block_ms=0)  # count replies that came after their requester gave up
@@ -212,8 +223,9 @@ class OonaClient:
         message_id: str | None = None,
         attributes: Mapping[str, str] | None = None,
     ) -> Published:
-        """Sign and XADD one message. Raises PublishError (typed subclasses) and never blocks past
-        the socket timeout; an open breaker fails fast."""
+        """Sign and XADD one message. Raises PublishError (typed subclasses); blocks at most
+        `socket_timeout_s` per attempt (connection errors are retried `redis_retries` times, timeouts
+        never); an open breaker fails fast."""
         chan = _as_channel(ch)
         env, raw = self.seal(message, priority=priority, deadline_ms=deadline_ms, reply_to=reply_to,
                              correlation_id=correlation_id, message_id=message_id, attributes=attributes)
@@ -307,8 +319,12 @@ class OonaClient:
         self._pending[correlation_id] = fut
         t0 = time.perf_counter()
         try:
-            await self.publish(chan, message, priority=priority, deadline_ms=deadline.epoch_ms,
-                               reply_to=self._reply_stream, correlation_id=correlation_id, attributes=attributes)
+            # The publish is bounded by the request's own deadline, not by socket timeouts and retries
+            # (redis-py drops a connection whose command is cancelled, so nothing is left mid-reply).
+            async with asyncio.timeout(deadline.remaining_s()):
+                await self.publish(chan, message, priority=priority, deadline_ms=deadline.epoch_ms,
+                                   reply_to=self._reply_stream, correlation_id=correlation_id,
+                                   attributes=attributes)
             reply = await self._await_reply(fut, deadline)
         except TimeoutError as e:
             self.metrics.request_timeouts.labels(chan.name).inc()
@@ -362,8 +378,8 @@ class OonaClient:
         to = request.envelope.reply_to
         if not to:
             return None
-        if not to.startswith("oona.{"):
-            raise SetupError(f"refusing reply_to outside Oona's namespace: {to!r}")
+        if not valid_reply_target(to):
+            raise SetupError(f"refusing reply_to {to!r}: replies go to oona.{{reply.*}} or oona.{{command.*}}")
         _, raw = self.seal(message, correlation_id=request.envelope.correlation_id or request.message_id,
                            deadline_ms=request.envelope.deadline_ms, priority=request.envelope.priority)
         return to, raw
@@ -396,7 +412,7 @@ class OonaClient:
         chan = CHANNELS["telemetry"]
         env, raw = self.seal(packet, priority=prio)  # type: ignore[arg-type]
         lane, stream, maxlen = self.route(chan, env)
-        if lane == "emergency" and not self._bucket.try_take():
+        if lane == "emergency" and not self._telemetry_bucket.try_take():
             self.metrics.telemetry_dropped.labels("emergency_rate").inc()
             return None
         return stream, raw, maxlen

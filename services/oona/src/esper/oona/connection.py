@@ -28,8 +28,11 @@ def command_client(
         timeout=socket_timeout_s,  # how long to wait for a free pooled connection
         socket_timeout=socket_timeout_s,
         socket_connect_timeout=connect_timeout_s,
+        # Retry only connection errors: a timed-out XADD may have been applied, and re-sending it
+        # would duplicate the entry (consumers would then dead-letter the copy as `replayed`).
         retry=Retry(ExponentialBackoff(cap=0.5, base=0.01), retries),
-        retry_on_error=[RedisConnectionError, RedisTimeoutError],
+        retry_on_error=[RedisConnectionError],
+        retry_on_timeout=False,
         health_check_interval=30,
     )
     return Redis.from_pool(pool)  # the client owns (and on aclose disconnects) its pool

@@ -43,10 +43,10 @@ from esper.leyline import (
     channel,
     pb,
 )
-from esper.oona.client import OonaClient, decode_id, ensure_group_on
+from esper.oona.client import OonaClient, decode_id, ensure_group_on, valid_reply_target
 from esper.oona.connection import RETRYABLE
 from esper.oona.delivery import Delivery
-from esper.oona.errors import Reject
+from esper.oona.errors import OonaError, Reject
 from esper.oona.inbound import PAYLOAD_FIELD, validate_entry
 
 log = get_logger("esper.oona.consumer")
@@ -125,6 +125,8 @@ class Consumer:
         self._done = BoundedTTLMap(capacity=max(4 * s.replay_cache_size, 1024), ttl_ms=s.done_ttl_ms)
         self._last_error: BoundedTTLMap = BoundedTTLMap(capacity=1024, ttl_ms=s.done_ttl_ms)
         self._acks: dict[str, list[bytes]] = {}
+        self._replies: list[tuple[str, bytes]] = []
+        self._claim_cursor: dict[str, str] = {}
         self._conn: Redis | None = None
         self._next_claim = 0.0
         # Emergency entries that arrive while a normal batch is being handled are picked up between
@@ -168,11 +170,12 @@ class Consumer:
 
     async def run(self, stop: asyncio.Event) -> None:
         """Serve until `stop` is set; then finish the in-flight batch, flush acks and return."""
-        await self.start()
         backoff = 0.05
         try:
             while not stop.is_set():
                 try:
+                    if self._conn is None:
+                        await self.start()  # inside the loop: Redis down at start-up means back off, not exit
                     await self.run_once()
                     backoff = 0.05
                 except BreakerOpenError as e:
@@ -283,6 +286,10 @@ class Consumer:
             self._m_dup.inc()
             self._queue_ack(stream, entry_id)
             return
+        if env.reply_to and not valid_reply_target(env.reply_to):
+            await self._dead_letter(stream, entry_id, fields, pb.DEAD_LETTER_REASON_BAD_REPLY_TO,
+                                    f"reply_to {env.reply_to[:200]!r} is not a reply or command stream", deliveries)
+            return
         delivery = Delivery(env, self.channel.name, stream, entry_id, lane, deliveries)
         t0 = time.perf_counter()
         try:
@@ -304,8 +311,15 @@ class Consumer:
         self._m_ok[lane].inc()
         self.stats.handled += 1
         self._done.put(env.message_id, entry_id, now)
+        try:
+            out = self.client.reply_entry(delivery, reply) if reply is not None else None
+        except (EnvelopeError, OonaError) as e:
+            # The handler ran but its reply cannot be sent (not a bus message, oversize): surface it
+            # as a dead letter with the reason instead of letting one bad reply kill the consumer.
+            await self._dead_letter(stream, entry_id, fields, pb.DEAD_LETTER_REASON_HANDLER_REJECTED,
+                                    f"handler returned an unsendable reply: {e}", deliveries)
+            return
         self._queue_ack(stream, entry_id)
-        out = self.client.reply_entry(delivery, reply) if reply is not None else None
         if out is not None or self.ack_mode == "eager":
             urgent = await self._flush(reply=out, poll_emergency=poll_emergency)
             if urgent:
@@ -322,18 +336,21 @@ class Consumer:
         self._acks.setdefault(stream, []).append(entry_id.encode())
 
     async def _flush(self, reply: tuple[str, bytes] | None = None, *, poll_emergency: bool = False) -> Any:
-        """Reply (if any) and XACKs in one round trip; with `poll_emergency`, the same round trip
-        also reads the emergency lane (non-blocking) and returns what it found.
+        """Replies and XACKs in one round trip; with `poll_emergency`, the same round trip also reads
+        the emergency lane (non-blocking) and returns what it found.
 
-        The queue is cleared only once Redis confirmed it: if the pipeline fails the acks are put
-        back, so a later flush (or `close()`) still acks what was handled.
+        Acks and replies are cleared only once Redis confirmed them: if the pipeline fails they are
+        put back, so a later flush (or `close()`) still sends what was handled.
         """
-        if not self._acks and reply is None:
+        if reply is not None:
+            self._replies.append(reply)
+        if not self._acks and not self._replies:
             return None
         acks, self._acks = self._acks, {}
+        replies, self._replies = self._replies, []
         pipe = self.client.redis.pipeline(transaction=False)
-        if reply is not None:
-            pipe.xadd(reply[0], {PAYLOAD_FIELD: reply[1]}, maxlen=self.client.settings.reply_maxlen, approximate=True)
+        for to, raw in replies:
+            pipe.xadd(to, {PAYLOAD_FIELD: raw}, maxlen=self.client.settings.reply_maxlen, approximate=True)
         for stream, ids in acks.items():
             pipe.xack(stream, self.group, *ids)
         if poll_emergency:
@@ -343,6 +360,7 @@ class Consumer:
         except BaseException:
             for stream, ids in acks.items():
                 self._acks.setdefault(stream, [])[:0] = ids
+            self._replies[:0] = replies
             raise
         return results[-1] if poll_emergency else None
 
@@ -368,34 +386,36 @@ class Consumer:
     # -- reclaim -----------------------------------------------------------------------------------
 
     async def reclaim(self) -> int:
-        """XAUTOCLAIM entries idle past the visibility timeout; dead-letter the over-delivered ones,
-        skip the already-processed ones, handle the rest. Returns how many entries it took over."""
+        """XAUTOCLAIM one page per lane of entries idle past the visibility timeout; dead-letter the
+        over-delivered ones, skip the ones this consumer already processed, handle the rest.
+
+        One page per call (the cursor is kept between calls) so a large reclaim backlog never holds
+        the emergency lane: the regular read, emergency first, runs between pages. Emergency lane
+        pages are taken first. Returns how many entries it took over.
+        """
         total = 0
         for stream in self._streams:
-            start = "0-0"
-            while True:
-                try:
-                    res = await self.client.redis.xautoclaim(stream, self.group, self.name,
-                                                             min_idle_time=self.visibility_timeout_ms,
-                                                             start_id=start, count=self.batch)
-                except ResponseError as e:
-                    if "NOGROUP" in str(e):
-                        await self.start()
-                        break
+            start = self._claim_cursor.get(stream, "0-0")
+            try:
+                res = await self.client.redis.xautoclaim(stream, self.group, self.name,
+                                                         min_idle_time=self.visibility_timeout_ms,
+                                                         start_id=start, count=self.batch)
+            except ResponseError as e:
+                if "NOGROUP" not in str(e):
                     raise
-                start = decode_id(res[0])
-                entries: list[Entry] = [(i, f) for i, f in res[1] if f is not None]
-                trimmed = len(res[2]) if len(res) > 2 else 0
-                if trimmed:
-                    self.client.metrics.trimmed_pending.labels(self.channel.name).inc(trimmed)
-                    log.warning("pending entries were trimmed before processing", stream=stream, count=trimmed)
-                if entries:
-                    total += len(entries)
-                    self.stats.reclaimed += len(entries)
-                    self.client.metrics.reclaimed.labels(self.channel.name).inc(len(entries))
-                    await self._handle_reclaimed(stream, entries)
-                if start == "0-0" or not entries:
-                    break
+                await self.start()
+                continue
+            self._claim_cursor[stream] = decode_id(res[0])
+            entries: list[Entry] = [(i, f) for i, f in res[1] if f is not None]
+            trimmed = len(res[2]) if len(res) > 2 else 0
+            if trimmed:
+                self.client.metrics.trimmed_pending.labels(self.channel.name).inc(trimmed)
+                log.warning("pending entries were trimmed before processing", stream=stream, count=trimmed)
+            if entries:
+                total += len(entries)
+                self.stats.reclaimed += len(entries)
+                self.client.metrics.reclaimed.labels(self.channel.name).inc(len(entries))
+                await self._handle_reclaimed(stream, entries)
         await self._flush()
         return total
 
@@ -403,26 +423,31 @@ class Consumer:
         ids = [decode_id(i) for i, _ in entries]
         counts = await self._delivery_counts(stream, ids)
         lane = self._lane_of.get(stream, "normal")
-        for (_raw_id, fields), entry_id in zip(entries, ids, strict=True):
-            n = counts.get(entry_id, self.max_deliveries + 1)
+        poll = lane == "normal" and self._poll_emergency
+        last_index = len(entries) - 1
+        for i, ((_raw_id, fields), entry_id) in enumerate(zip(entries, ids, strict=True)):
+            n = counts.get(entry_id)
             f = fields or {}
+            if n is None:  # acked by someone else since the claim: not ours any more
+                continue
             if n > self.max_deliveries:
                 last = self._last_error.get(entry_id, now_ms()) or "consumer died or stalled while handling it"
                 await self._dead_letter(stream, entry_id, f, pb.DEAD_LETTER_REASON_MAX_DELIVERIES,
                                         f"delivered {n} times (max {self.max_deliveries}); last error: {last}", n)
             else:
-                await self._handle_entry(stream, lane, entry_id, f, n)
+                await self._handle_entry(stream, lane, entry_id, f, n, poll_emergency=poll and i < last_index)
 
     async def _delivery_counts(self, stream: str, ids: list[str]) -> dict[str, int]:
-        rows = await self.client.redis.xpending_range(stream, self.group, min=min(ids, key=_id_key),
-                                                      max=max(ids, key=_id_key), count=len(ids) * 4,
-                                                      consumername=self.name)
-        return {decode_id(r["message_id"]): int(r["times_delivered"]) for r in rows}
-
-
-def _id_key(entry_id: str) -> tuple[int, int]:
-    ms, _, seq = entry_id.partition("-")
-    return int(ms), int(seq or 0)
+        """Exact delivery count per claimed id (one XPENDING per id, one round trip): a range query
+        could be crowded out by this consumer's other pending entries and miss some."""
+        pipe = self.client.redis.pipeline(transaction=False)
+        for entry_id in ids:
+            pipe.xpending_range(stream, self.group, min=entry_id, max=entry_id, count=1)
+        counts: dict[str, int] = {}
+        for rows in await pipe.execute():
+            for r in rows:
+                counts[decode_id(r["message_id"])] = int(r["times_delivered"])
+        return counts
 
 
 def _emergency_first(resp: Sequence[Any], emergency_stream: str) -> list[tuple[str, Sequence[Entry]]]:

@@ -25,6 +25,7 @@ KEEPER_CONSUMER = "oona-keeper"
 class SweepResult:
     dead_lettered: int = 0
     trimmed: int = 0
+    reply_streams_deleted: int = 0
 
 
 class KeeperMetrics:
@@ -57,26 +58,41 @@ class StreamKeeper:
                 for group in chan.groups:
                     result.dead_lettered += await self._sweep_over_delivered(chan, stream, group)
                 result.trimmed += await self._trim(chan, stream)
+        result.reply_streams_deleted = await self.sweep_reply_streams()
         await self.refresh_gauges()
         self.metrics.swept.set(now_ms() / 1000.0)
         return result
 
     async def _sweep_over_delivered(self, chan: Channel, stream: str, group: str) -> int:
+        """Dead-letter entries delivered more than `max_deliveries` times and idle past the visibility
+        timeout, paging through the whole pending list (a consumer that keeps dying on an entry never
+        gets to dead-letter it itself). Entries below the cap are left for consumers to reclaim."""
         s = self.settings
-        try:
-            rows = await self.client.redis.xpending_range(stream, group, min="-", max="+", count=200,
-                                                          idle=s.visibility_timeout_ms)
-        except ResponseError as e:
-            if "NOGROUP" in str(e):
-                await ensure_group_on(self.client.redis, stream, group)
-                return 0
-            raise
-        over: list[Any] = [decode_id(r["message_id"]) for r in rows if int(r["times_delivered"]) > s.max_deliveries]
+        swept, start = 0, "-"
+        while True:
+            try:
+                rows = await self.client.redis.xpending_range(stream, group, min=start, max="+", count=200,
+                                                              idle=s.visibility_timeout_ms)
+            except ResponseError as e:
+                if "NOGROUP" in str(e):
+                    await ensure_group_on(self.client.redis, stream, group)
+                    return swept
+                raise
+            if not rows:
+                return swept
+            swept += await self._dead_letter_rows(chan, stream, group, rows)
+            if len(rows) < 200:
+                return swept
+            start = "(" + decode_id(rows[-1]["message_id"])
+
+    async def _dead_letter_rows(self, chan: Channel, stream: str, group: str, rows: list[Any]) -> int:
+        s = self.settings
+        deliveries = {decode_id(r["message_id"]): int(r["times_delivered"]) for r in rows}
+        over: list[Any] = [i for i, n in deliveries.items() if n > s.max_deliveries]
         if not over:
             return 0
         # XCLAIM with the idle floor so a consumer that just took the entry keeps it.
         claimed: Any = await self.client.redis.xclaim(stream, group, KEEPER_CONSUMER, s.visibility_timeout_ms, over)
-        deliveries = {decode_id(r["message_id"]): int(r["times_delivered"]) for r in rows}
         pipe = self.client.redis.pipeline(transaction=False)
         n = 0
         for raw_id, fields in claimed:
@@ -96,6 +112,21 @@ class StreamKeeper:
             await pipe.execute()
             log.warning("keeper dead-lettered over-delivered entries", stream=stream, group=group, count=n)
         return n
+
+    async def sweep_reply_streams(self) -> int:
+        """Delete private reply streams (`oona.{reply.*}`) unused for `reply_stream_ttl_ms`: a client
+        that crashed never deletes its own."""
+        cutoff = now_ms() - self.settings.reply_stream_ttl_ms
+        deleted = 0
+        async for key in self.client.redis.scan_iter(match="oona.{reply.*", count=200, _type="stream"):
+            try:
+                info: Any = await self.client.redis.xinfo_stream(key)
+            except ResponseError:
+                continue
+            last = decode_id(info.get("last-generated-id", b"0-0"))
+            if int(last.partition("-")[0] or 0) < cutoff:
+                deleted += int(await self.client.redis.delete(key))
+        return deleted
 
     async def _trim(self, chan: Channel, stream: str) -> int:
         s = self.settings

@@ -51,6 +51,7 @@ class OonaSettings(EsperSettings):
     # Stream keeper (`python -m esper.oona`).
     keeper_interval_s: float = Field(5.0, description="reclaim / trim / gauge refresh period")
     message_ttl_ms: int = Field(900_000, description="normal lanes trimmed by XTRIM MINID now - ttl")
+    reply_stream_ttl_ms: int = Field(3_600_000, description="keeper deletes reply streams idle this long")
 
     def signing_keys(self) -> SigningKeys:
         """The HMAC keys, or a clear error: there is no default secret."""

@@ -507,6 +507,8 @@ class _DeadLetterReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Dead
     """handler refused it for good"""
     DEAD_LETTER_REASON_UNKNOWN_TYPE: _DeadLetterReason.ValueType  # 13
     """message_type has no registered payload"""
+    DEAD_LETTER_REASON_BAD_REPLY_TO: _DeadLetterReason.ValueType  # 14
+    """reply_to names a stream a reply must never be written to"""
 
 class DeadLetterReason(_DeadLetterReason, metaclass=_DeadLetterReasonEnumTypeWrapper):
     """Why Oona moved an entry to `oona.deadletter`."""
@@ -537,6 +539,8 @@ DEAD_LETTER_REASON_HANDLER_REJECTED: DeadLetterReason.ValueType  # 12
 """handler refused it for good"""
 DEAD_LETTER_REASON_UNKNOWN_TYPE: DeadLetterReason.ValueType  # 13
 """message_type has no registered payload"""
+DEAD_LETTER_REASON_BAD_REPLY_TO: DeadLetterReason.ValueType  # 14
+"""reply_to names a stream a reply must never be written to"""
 Global___DeadLetterReason: _TypeAlias = DeadLetterReason  # noqa: Y015
 
 @_typing.final
