@@ -1,0 +1,76 @@
+"""Tamiyo's one typed settings object: the bus settings (`ESPER_*`) plus Tamiyo's knobs, which keep
+the prototype's `TAMIYO_*` names (REFERENCE_PROTOTYPE §5)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import AliasChoices, Field, model_validator
+from pydantic_settings import SettingsConfigDict
+
+from esper.core.errors import ConfigurationError
+from esper.oona.settings import OonaSettings
+
+
+def _t(name: str) -> AliasChoices:
+    """Accept the prototype's TAMIYO_<NAME> env var (and the field name in code)."""
+    return AliasChoices(f"TAMIYO_{name.upper()}", name)
+
+
+class TamiyoSettings(OonaSettings):
+    model_config = SettingsConfigDict(env_prefix="ESPER_", env_file=".env", env_file_encoding="utf-8",
+                                      extra="ignore", populate_by_name=True)
+
+    service_name: str = "tamiyo"
+    group: str = Field("tamiyo", validation_alias=_t("group"), description="consumer group on `state`")
+
+    step_timeout_ms: float = Field(5.0, validation_alias=_t("step_timeout_ms"),
+                                   description="decision budget when a request carries no deadline")
+    reply_margin_ms: float = Field(0.5, validation_alias=_t("reply_margin_ms"),
+                                   description="answer this long before the request's deadline (transit)")
+    metadata_timeout_ms: float = Field(25.0, validation_alias=_t("metadata_timeout_ms"),
+                                       description="budget of one blueprint-metadata fetch (prototype 25 ms)")
+    metadata_cache_ttl_s: float = Field(300.0, validation_alias=_t("metadata_cache_ttl_s"),
+                                        description="blueprint metadata TTL cache (prototype 5 min)")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", validation_alias=_t("device"),
+                                                   description="auto picks CUDA when present")
+    enable_compile: bool = Field(False, validation_alias=_t("enable_compile"),
+                                 description="torch.compile the GNN on CUDA (warm-up once at start)")
+    cpu_threads: int = Field(1, validation_alias=_t("cpu_threads"), description="torch intra-op threads on CPU")
+    var_dir: Path = Field(Path("./var/tamiyo"), validation_alias=_t("var_dir"),
+                          description="norms and registries (JSON, written atomically)")
+    policy_dir: Path = Field(Path("./var/tamiyo/policies"), validation_alias=_t("policy_dir"),
+                             description="policy checkpoints")
+    conservative_mode: bool = Field(False, validation_alias=_t("conservative_mode"),
+                                    description="start in conservative mode")
+    breaker_failures_to_open: int = Field(3, validation_alias=_t("breaker_failures"),
+                                          description="inference / metadata breakers open after this many")
+    breaker_cooldown_ms: float = Field(100.0, validation_alias=_t("breaker_cooldown_ms"),
+                                       description="open breaker cooldown before HALF_OPEN (prototype 100 ms)")
+    conservative_timeouts: int = Field(3, validation_alias=_t("conservative_timeouts"),
+                                       description="consecutive timeouts that enter conservative mode")
+
+    enable_blend_mode_ann: bool = Field(False, validation_alias=_t("enable_blend_mode_ann"))
+    blend_mode_default: Literal["CONVEX", "RESIDUAL", "CHANNEL", "CONFIDENCE"] = Field(
+        "CONVEX", validation_alias=_t("blend_mode_default"))
+    blend_conf_gate_k: float = Field(1.0, validation_alias=_t("blend_conf_gate_k"))
+    blend_conf_gate_tau: float = Field(1.0, validation_alias=_t("blend_conf_gate_tau"))
+    blend_alpha_lo: float = Field(0.0, validation_alias=_t("blend_alpha_lo"))
+    blend_alpha_hi: float = Field(1.0, validation_alias=_t("blend_alpha_hi"))
+    blend_alpha_vec_max: int = Field(64, validation_alias=_t("blend_alpha_vec_max"))
+
+    # Fault injection for drills: refused unless ESPER_ENABLE_FAULT_INJECTION=1.
+    enable_fault_injection: bool = Field(False, description="allow the TAMIYO_FAULT_* knobs (drills only)")
+    fault_inference_delay_ms: float = Field(0.0, validation_alias=_t("fault_inference_delay_ms"),
+                                            description="sleep this long inside inference (drills)")
+    fault_crash_after: int = Field(0, validation_alias=_t("fault_crash_after"),
+                                   description="os._exit after this many decisions (drills); 0 = never")
+
+    @model_validator(mode="after")
+    def _faults_need_opt_in(self) -> TamiyoSettings:
+        if (self.fault_inference_delay_ms or self.fault_crash_after) and not self.enable_fault_injection:
+            raise ConfigurationError(
+                "TAMIYO_FAULT_* knobs are set but ESPER_ENABLE_FAULT_INJECTION is not 1: refusing to start"
+            )
+        return self
