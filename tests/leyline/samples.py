@@ -136,6 +136,28 @@ def sample_payloads() -> dict[pb.BusMessageType.ValueType, Message]:
             message_id="m1",
             message_type=pb.BUS_MESSAGE_TYPE_SYSTEM_STATE,
         ),
+        pb.BUS_MESSAGE_TYPE_BLUEPRINT_QUERY: pb.BlueprintQuery(
+            request_id="q1", blueprint_ids=["bp1"], include_graph=True, training_run_id="run1"
+        ),
+        pb.BUS_MESSAGE_TYPE_BLUEPRINT_CATALOG: pb.BlueprintCatalog(
+            request_id="q1",
+            issued_at=ts(),
+            entries=[
+                pb.BlueprintCatalogEntry(
+                    descriptor=pb.BlueprintDescriptor(blueprint_id="bp1", name="residual_mlp",
+                                                      tier=pb.BLUEPRINT_TIER_SAFE, risk=0.1),
+                    graph=pb.BlueprintGraph(
+                        layers=[pb.BlueprintLayer(layer_type="linear", depth=1.0, latency_ms=0.2)],
+                        activations=[pb.BlueprintActivation(activation_type="relu", saturation=0.1)],
+                        parameters=[pb.BlueprintParameter(name="alpha", min_value=0.0, max_value=1.0)],
+                        adjacency=[pb.LayerEdge(src=0, dst=0)],
+                        monitored_layers=[0],
+                        blend_methods=["linear"],
+                        candidate_score=0.5,
+                    ),
+                )
+            ],
+        ),
         pb.BUS_MESSAGE_TYPE_BSDS_ISSUED: pb.BSDSIssued(
             bsds=pb.BSDS(
                 version=1,

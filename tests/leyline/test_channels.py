@@ -18,6 +18,7 @@ from esper.leyline import (
 
 EXPECTED_CHANNELS = {
     "state", "telemetry", "field_report", "policy", "kernel.request", "kernel.ready", "kernel.error", "bsds",
+    "blueprint.query",
     "emergency",
 }
 EMERGENCY_PRIORITIES = {pb.MESSAGE_PRIORITY_HIGH, pb.MESSAGE_PRIORITY_CRITICAL}

@@ -286,3 +286,54 @@ def test_non_canonical_layout_falls_back_to_reserialising() -> None:
     reordered = sig_field + body  # signature first: valid protobuf, different byte layout
     env = decode_envelope(reordered)
     verify_envelope(env, KEYS, raw=reordered)
+
+
+# -- command signatures ------------------------------------------------------------------------------
+
+
+def _command() -> pb.AdaptationCommand:
+    cmd = pb.AdaptationCommand(version=1, command_id="cmd-1", command_type=pb.COMMAND_SEED, target_seed_id="s1",
+                               issued_by="tamiyo")
+    cmd.issued_at.FromMilliseconds(NOW_MS)
+    cmd.seed_operation.operation = pb.SEED_OP_GERMINATE
+    cmd.seed_operation.blueprint_id = "BP001"
+    cmd.seed_operation.parameters["alpha"] = 0.1
+    cmd.annotations["policy_version"] = "tamiyo_gnn_v1"
+    return cmd
+
+
+def test_command_signature_round_trip_and_tamper() -> None:
+    from esper.leyline import sign_command, verify_command
+
+    cmd = sign_command(_command(), KEYS)
+    verify_command(cmd, KEYS)
+    wire = pb.AdaptationCommand.FromString(cmd.SerializeToString())
+    verify_command(wire, KEYS)
+    for mutate in (
+        lambda c: setattr(c, "target_seed_id", "s2"),
+        lambda c: c.seed_operation.parameters.__setitem__("alpha", 0.9),
+        lambda c: c.annotations.__setitem__("policy_version", "evil"),
+        lambda c: setattr(c, "command_type", pb.COMMAND_PAUSE),
+    ):
+        bad = pb.AdaptationCommand()
+        bad.CopyFrom(cmd)
+        mutate(bad)
+        with pytest.raises(SignatureError) as exc:
+            verify_command(bad, KEYS)
+        assert exc.value.reason == pb.DEAD_LETTER_REASON_BAD_SIGNATURE
+
+
+def test_command_signature_reasons() -> None:
+    from esper.leyline import sign_command, verify_command
+
+    with pytest.raises(SignatureError) as exc:
+        verify_command(_command(), KEYS)
+    assert exc.value.reason == pb.DEAD_LETTER_REASON_MISSING_SIGNATURE
+    other = SigningKeys(key_id="other", secret=NEW_SECRET)
+    with pytest.raises(SignatureError) as exc:
+        verify_command(sign_command(_command(), other), KEYS)
+    assert exc.value.reason == pb.DEAD_LETTER_REASON_UNKNOWN_KEY
+    nameless = _command()
+    nameless.command_id = ""
+    with pytest.raises(SignatureError):
+        sign_command(nameless, KEYS)

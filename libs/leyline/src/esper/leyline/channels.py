@@ -61,6 +61,8 @@ CHANNELS: dict[str, Channel] = {
         Channel("kernel.ready", ("kasmina",), description="KernelArtifactReady / KernelCatalogUpdate"),
         Channel("kernel.error", ("kasmina",), description="KernelArtifactError"),
         Channel("bsds", ("urza", "tamiyo"), description="BSDS safety sheets from Urabrask"),
+        Channel("blueprint.query", ("urza",), maxlen=1_000,
+                description="BlueprintQuery requests (Tamiyo's metadata path); Urza replies BlueprintCatalog"),
         Channel("emergency", ("weatherlight",), emergency_only=True, description="EmergencySignal"),
     )
 }

@@ -32,6 +32,8 @@ PAYLOAD_TYPES: Mapping[pb.BusMessageType.ValueType, type[Message]] = {
     pb.BUS_MESSAGE_TYPE_EMERGENCY_SIGNAL: pb.EmergencySignal,
     pb.BUS_MESSAGE_TYPE_DECISION_FAILURE: pb.DecisionFailure,
     pb.BUS_MESSAGE_TYPE_DEAD_LETTER: pb.DeadLetterRecord,
+    pb.BUS_MESSAGE_TYPE_BLUEPRINT_QUERY: pb.BlueprintQuery,
+    pb.BUS_MESSAGE_TYPE_BLUEPRINT_CATALOG: pb.BlueprintCatalog,
     pb.BUS_MESSAGE_TYPE_BSDS_ISSUED: pb.BSDSIssued,
     pb.BUS_MESSAGE_TYPE_BSDS_FAILED: pb.BSDSFailed,
     pb.BUS_MESSAGE_TYPE_BENCHMARK_REPORT: pb.BenchmarkReport,

@@ -331,6 +331,8 @@ class _BusMessageTypeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_BusMes
     BUS_MESSAGE_TYPE_DECISION_FAILURE: _BusMessageType.ValueType  # 11
     """Fleet additions (not in the prototype)."""
     BUS_MESSAGE_TYPE_DEAD_LETTER: _BusMessageType.ValueType  # 12
+    BUS_MESSAGE_TYPE_BLUEPRINT_QUERY: _BusMessageType.ValueType  # 13
+    BUS_MESSAGE_TYPE_BLUEPRINT_CATALOG: _BusMessageType.ValueType  # 14
     BUS_MESSAGE_TYPE_BSDS_ISSUED: _BusMessageType.ValueType  # 20
     BUS_MESSAGE_TYPE_BSDS_FAILED: _BusMessageType.ValueType  # 21
     BUS_MESSAGE_TYPE_BENCHMARK_REPORT: _BusMessageType.ValueType  # 22
@@ -351,6 +353,8 @@ BUS_MESSAGE_TYPE_EMERGENCY_SIGNAL: BusMessageType.ValueType  # 10
 BUS_MESSAGE_TYPE_DECISION_FAILURE: BusMessageType.ValueType  # 11
 """Fleet additions (not in the prototype)."""
 BUS_MESSAGE_TYPE_DEAD_LETTER: BusMessageType.ValueType  # 12
+BUS_MESSAGE_TYPE_BLUEPRINT_QUERY: BusMessageType.ValueType  # 13
+BUS_MESSAGE_TYPE_BLUEPRINT_CATALOG: BusMessageType.ValueType  # 14
 BUS_MESSAGE_TYPE_BSDS_ISSUED: BusMessageType.ValueType  # 20
 BUS_MESSAGE_TYPE_BSDS_FAILED: BusMessageType.ValueType  # 21
 BUS_MESSAGE_TYPE_BENCHMARK_REPORT: BusMessageType.ValueType  # 22
@@ -2166,3 +2170,318 @@ class DeadLetterRecord(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___DeadLetterRecord: _TypeAlias = DeadLetterRecord  # noqa: Y015
+
+@_typing.final
+class BlueprintQuery(_message.Message):
+    """Tamiyo asks the blueprint library (Urza) for candidate blueprints and their graph metadata.
+    Empty `blueprint_ids` means "every blueprint you would offer" (Urza decides by tier and approval).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    BLUEPRINT_IDS_FIELD_NUMBER: _builtins.int
+    INCLUDE_GRAPH_FIELD_NUMBER: _builtins.int
+    TRAINING_RUN_ID_FIELD_NUMBER: _builtins.int
+    request_id: _builtins.str
+    include_graph: _builtins.bool
+    training_run_id: _builtins.str
+    @_builtins.property
+    def blueprint_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    def __init__(
+        self,
+        *,
+        request_id: _builtins.str = ...,
+        blueprint_ids: _abc.Iterable[_builtins.str] | None = ...,
+        include_graph: _builtins.bool = ...,
+        training_run_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["blueprint_ids", b"blueprint_ids", "include_graph", b"include_graph", "request_id", b"request_id", "training_run_id", b"training_run_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BlueprintQuery: _TypeAlias = BlueprintQuery  # noqa: Y015
+
+@_typing.final
+class BlueprintLayer(_message.Message):
+    """Graph metadata of one blueprint: what Tamiyo's layer / activation / parameter nodes are built from.
+    `optional` fields carry presence, so an unknown value is masked, never read as 0.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LAYER_TYPE_FIELD_NUMBER: _builtins.int
+    DEPTH_FIELD_NUMBER: _builtins.int
+    LATENCY_MS_FIELD_NUMBER: _builtins.int
+    PARAMETER_COUNT_FIELD_NUMBER: _builtins.int
+    DROPOUT_FIELD_NUMBER: _builtins.int
+    ACTIVATION_FIELD_NUMBER: _builtins.int
+    WEIGHT_NORM_FIELD_NUMBER: _builtins.int
+    GRADIENT_NORM_FIELD_NUMBER: _builtins.int
+    layer_type: _builtins.str
+    depth: _builtins.float
+    latency_ms: _builtins.float
+    parameter_count: _builtins.float
+    dropout: _builtins.float
+    activation: _builtins.str
+    weight_norm: _builtins.float
+    gradient_norm: _builtins.float
+    def __init__(
+        self,
+        *,
+        layer_type: _builtins.str = ...,
+        depth: _builtins.float | None = ...,
+        latency_ms: _builtins.float | None = ...,
+        parameter_count: _builtins.float | None = ...,
+        dropout: _builtins.float | None = ...,
+        activation: _builtins.str = ...,
+        weight_norm: _builtins.float | None = ...,
+        gradient_norm: _builtins.float | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_depth", b"_depth", "_dropout", b"_dropout", "_gradient_norm", b"_gradient_norm", "_latency_ms", b"_latency_ms", "_parameter_count", b"_parameter_count", "_weight_norm", b"_weight_norm", "depth", b"depth", "dropout", b"dropout", "gradient_norm", b"gradient_norm", "latency_ms", b"latency_ms", "parameter_count", b"parameter_count", "weight_norm", b"weight_norm"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_depth", b"_depth", "_dropout", b"_dropout", "_gradient_norm", b"_gradient_norm", "_latency_ms", b"_latency_ms", "_parameter_count", b"_parameter_count", "_weight_norm", b"_weight_norm", "activation", b"activation", "depth", b"depth", "dropout", b"dropout", "gradient_norm", b"gradient_norm", "latency_ms", b"latency_ms", "layer_type", b"layer_type", "parameter_count", b"parameter_count", "weight_norm", b"weight_norm"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__depth: _TypeAlias = _typing.Literal["depth"]  # noqa: Y015
+    _WhichOneofArgType__depth: _TypeAlias = _typing.Literal["_depth", b"_depth"]  # noqa: Y015
+    _WhichOneofReturnType__dropout: _TypeAlias = _typing.Literal["dropout"]  # noqa: Y015
+    _WhichOneofArgType__dropout: _TypeAlias = _typing.Literal["_dropout", b"_dropout"]  # noqa: Y015
+    _WhichOneofReturnType__gradient_norm: _TypeAlias = _typing.Literal["gradient_norm"]  # noqa: Y015
+    _WhichOneofArgType__gradient_norm: _TypeAlias = _typing.Literal["_gradient_norm", b"_gradient_norm"]  # noqa: Y015
+    _WhichOneofReturnType__latency_ms: _TypeAlias = _typing.Literal["latency_ms"]  # noqa: Y015
+    _WhichOneofArgType__latency_ms: _TypeAlias = _typing.Literal["_latency_ms", b"_latency_ms"]  # noqa: Y015
+    _WhichOneofReturnType__parameter_count: _TypeAlias = _typing.Literal["parameter_count"]  # noqa: Y015
+    _WhichOneofArgType__parameter_count: _TypeAlias = _typing.Literal["_parameter_count", b"_parameter_count"]  # noqa: Y015
+    _WhichOneofReturnType__weight_norm: _TypeAlias = _typing.Literal["weight_norm"]  # noqa: Y015
+    _WhichOneofArgType__weight_norm: _TypeAlias = _typing.Literal["_weight_norm", b"_weight_norm"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__depth) -> _WhichOneofReturnType__depth | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__dropout) -> _WhichOneofReturnType__dropout | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__gradient_norm) -> _WhichOneofReturnType__gradient_norm | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__latency_ms) -> _WhichOneofReturnType__latency_ms | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__parameter_count) -> _WhichOneofReturnType__parameter_count | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__weight_norm) -> _WhichOneofReturnType__weight_norm | None: ...
+
+Global___BlueprintLayer: _TypeAlias = BlueprintLayer  # noqa: Y015
+
+@_typing.final
+class BlueprintActivation(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ACTIVATION_TYPE_FIELD_NUMBER: _builtins.int
+    SATURATION_FIELD_NUMBER: _builtins.int
+    GRADIENT_FLOW_FIELD_NUMBER: _builtins.int
+    COST_FIELD_NUMBER: _builtins.int
+    NONLINEARITY_FIELD_NUMBER: _builtins.int
+    activation_type: _builtins.str
+    saturation: _builtins.float
+    gradient_flow: _builtins.float
+    cost: _builtins.float
+    nonlinearity: _builtins.float
+    def __init__(
+        self,
+        *,
+        activation_type: _builtins.str = ...,
+        saturation: _builtins.float | None = ...,
+        gradient_flow: _builtins.float | None = ...,
+        cost: _builtins.float | None = ...,
+        nonlinearity: _builtins.float | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_cost", b"_cost", "_gradient_flow", b"_gradient_flow", "_nonlinearity", b"_nonlinearity", "_saturation", b"_saturation", "cost", b"cost", "gradient_flow", b"gradient_flow", "nonlinearity", b"nonlinearity", "saturation", b"saturation"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_cost", b"_cost", "_gradient_flow", b"_gradient_flow", "_nonlinearity", b"_nonlinearity", "_saturation", b"_saturation", "activation_type", b"activation_type", "cost", b"cost", "gradient_flow", b"gradient_flow", "nonlinearity", b"nonlinearity", "saturation", b"saturation"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__cost: _TypeAlias = _typing.Literal["cost"]  # noqa: Y015
+    _WhichOneofArgType__cost: _TypeAlias = _typing.Literal["_cost", b"_cost"]  # noqa: Y015
+    _WhichOneofReturnType__gradient_flow: _TypeAlias = _typing.Literal["gradient_flow"]  # noqa: Y015
+    _WhichOneofArgType__gradient_flow: _TypeAlias = _typing.Literal["_gradient_flow", b"_gradient_flow"]  # noqa: Y015
+    _WhichOneofReturnType__nonlinearity: _TypeAlias = _typing.Literal["nonlinearity"]  # noqa: Y015
+    _WhichOneofArgType__nonlinearity: _TypeAlias = _typing.Literal["_nonlinearity", b"_nonlinearity"]  # noqa: Y015
+    _WhichOneofReturnType__saturation: _TypeAlias = _typing.Literal["saturation"]  # noqa: Y015
+    _WhichOneofArgType__saturation: _TypeAlias = _typing.Literal["_saturation", b"_saturation"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__cost) -> _WhichOneofReturnType__cost | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__gradient_flow) -> _WhichOneofReturnType__gradient_flow | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__nonlinearity) -> _WhichOneofReturnType__nonlinearity | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__saturation) -> _WhichOneofReturnType__saturation | None: ...
+
+Global___BlueprintActivation: _TypeAlias = BlueprintActivation  # noqa: Y015
+
+@_typing.final
+class BlueprintParameter(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    MIN_VALUE_FIELD_NUMBER: _builtins.int
+    MAX_VALUE_FIELD_NUMBER: _builtins.int
+    DEFAULT_VALUE_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    min_value: _builtins.float
+    max_value: _builtins.float
+    default_value: _builtins.float
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        min_value: _builtins.float | None = ...,
+        max_value: _builtins.float | None = ...,
+        default_value: _builtins.float | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_default_value", b"_default_value", "_max_value", b"_max_value", "_min_value", b"_min_value", "default_value", b"default_value", "max_value", b"max_value", "min_value", b"min_value"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_default_value", b"_default_value", "_max_value", b"_max_value", "_min_value", b"_min_value", "default_value", b"default_value", "max_value", b"max_value", "min_value", b"min_value", "name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__default_value: _TypeAlias = _typing.Literal["default_value"]  # noqa: Y015
+    _WhichOneofArgType__default_value: _TypeAlias = _typing.Literal["_default_value", b"_default_value"]  # noqa: Y015
+    _WhichOneofReturnType__max_value: _TypeAlias = _typing.Literal["max_value"]  # noqa: Y015
+    _WhichOneofArgType__max_value: _TypeAlias = _typing.Literal["_max_value", b"_max_value"]  # noqa: Y015
+    _WhichOneofReturnType__min_value: _TypeAlias = _typing.Literal["min_value"]  # noqa: Y015
+    _WhichOneofArgType__min_value: _TypeAlias = _typing.Literal["_min_value", b"_min_value"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__default_value) -> _WhichOneofReturnType__default_value | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__max_value) -> _WhichOneofReturnType__max_value | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__min_value) -> _WhichOneofReturnType__min_value | None: ...
+
+Global___BlueprintParameter: _TypeAlias = BlueprintParameter  # noqa: Y015
+
+@_typing.final
+class LayerEdge(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SRC_FIELD_NUMBER: _builtins.int
+    DST_FIELD_NUMBER: _builtins.int
+    src: _builtins.int
+    dst: _builtins.int
+    def __init__(
+        self,
+        *,
+        src: _builtins.int = ...,
+        dst: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dst", b"dst", "src", b"src"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LayerEdge: _TypeAlias = LayerEdge  # noqa: Y015
+
+@_typing.final
+class BlueprintGraph(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LAYERS_FIELD_NUMBER: _builtins.int
+    ACTIVATIONS_FIELD_NUMBER: _builtins.int
+    PARAMETERS_FIELD_NUMBER: _builtins.int
+    ADJACENCY_FIELD_NUMBER: _builtins.int
+    MONITORED_LAYERS_FIELD_NUMBER: _builtins.int
+    BLEND_METHODS_FIELD_NUMBER: _builtins.int
+    CANDIDATE_SCORE_FIELD_NUMBER: _builtins.int
+    candidate_score: _builtins.float
+    @_builtins.property
+    def layers(self) -> _containers.RepeatedCompositeFieldContainer[Global___BlueprintLayer]: ...
+    @_builtins.property
+    def activations(self) -> _containers.RepeatedCompositeFieldContainer[Global___BlueprintActivation]: ...
+    @_builtins.property
+    def parameters(self) -> _containers.RepeatedCompositeFieldContainer[Global___BlueprintParameter]: ...
+    @_builtins.property
+    def adjacency(self) -> _containers.RepeatedCompositeFieldContainer[Global___LayerEdge]:
+        """layer -> layer (indices into `layers`)"""
+
+    @_builtins.property
+    def monitored_layers(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """layers a seed of this blueprint monitors"""
+
+    @_builtins.property
+    def blend_methods(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    def __init__(
+        self,
+        *,
+        layers: _abc.Iterable[Global___BlueprintLayer] | None = ...,
+        activations: _abc.Iterable[Global___BlueprintActivation] | None = ...,
+        parameters: _abc.Iterable[Global___BlueprintParameter] | None = ...,
+        adjacency: _abc.Iterable[Global___LayerEdge] | None = ...,
+        monitored_layers: _abc.Iterable[_builtins.int] | None = ...,
+        blend_methods: _abc.Iterable[_builtins.str] | None = ...,
+        candidate_score: _builtins.float | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_candidate_score", b"_candidate_score", "candidate_score", b"candidate_score"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_candidate_score", b"_candidate_score", "activations", b"activations", "adjacency", b"adjacency", "blend_methods", b"blend_methods", "candidate_score", b"candidate_score", "layers", b"layers", "monitored_layers", b"monitored_layers", "parameters", b"parameters"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__candidate_score: _TypeAlias = _typing.Literal["candidate_score"]  # noqa: Y015
+    _WhichOneofArgType__candidate_score: _TypeAlias = _typing.Literal["_candidate_score", b"_candidate_score"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__candidate_score) -> _WhichOneofReturnType__candidate_score | None: ...
+
+Global___BlueprintGraph: _TypeAlias = BlueprintGraph  # noqa: Y015
+
+@_typing.final
+class BlueprintCatalogEntry(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DESCRIPTOR_FIELD_NUMBER: _builtins.int
+    BSDS_FIELD_NUMBER: _builtins.int
+    GRAPH_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def descriptor(self) -> Global___BlueprintDescriptor: ...
+    @_builtins.property
+    def bsds(self) -> Global___BSDS:
+        """absent when Urabrask has not issued one"""
+
+    @_builtins.property
+    def graph(self) -> Global___BlueprintGraph:
+        """absent unless include_graph was asked and known"""
+
+    def __init__(
+        self,
+        *,
+        descriptor: Global___BlueprintDescriptor | None = ...,
+        bsds: Global___BSDS | None = ...,
+        graph: Global___BlueprintGraph | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["bsds", b"bsds", "descriptor", b"descriptor", "graph", b"graph"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bsds", b"bsds", "descriptor", b"descriptor", "graph", b"graph"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BlueprintCatalogEntry: _TypeAlias = BlueprintCatalogEntry  # noqa: Y015
+
+@_typing.final
+class BlueprintCatalog(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    ENTRIES_FIELD_NUMBER: _builtins.int
+    ISSUED_AT_FIELD_NUMBER: _builtins.int
+    request_id: _builtins.str
+    @_builtins.property
+    def entries(self) -> _containers.RepeatedCompositeFieldContainer[Global___BlueprintCatalogEntry]: ...
+    @_builtins.property
+    def issued_at(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        request_id: _builtins.str = ...,
+        entries: _abc.Iterable[Global___BlueprintCatalogEntry] | None = ...,
+        issued_at: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["issued_at", b"issued_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["entries", b"entries", "issued_at", b"issued_at", "request_id", b"request_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BlueprintCatalog: _TypeAlias = BlueprintCatalog  # noqa: Y015
