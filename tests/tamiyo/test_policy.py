@@ -1,0 +1,351 @@
+"""decide(): the action table, selection of real seeds/blueprints, explicit failures, annotations and
+blend-mode gating; CompiledPolicy's CPU path and eager fallbacks. Logits are forced through the
+heads' biases (their weights zeroed), so the tests need no training."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+
+import pytest
+import torch
+
+from esper.core.errors import ConfigurationError, DependencyViolationError
+from esper.leyline import pb
+from esper.tamiyo.compile import ENV_ENABLE_COMPILE, CompiledPolicy, compile_requested, warmup_inputs
+from esper.tamiyo.gnn import GNNConfig, PolicyOutputs, TamiyoGNN
+from esper.tamiyo.policy import (
+    BLEND_MODES,
+    BlendModeSettings,
+    GraphIds,
+    PolicyDecision,
+    decide,
+    risk_score,
+)
+from esper.tamiyo.schema import BLEND_METHODS, POLICY_VERSION, NodeType
+from tests.tamiyo.test_gnn import random_graph
+
+SMALL = GNNConfig(hidden_dim=16, gat_dim=8, gat_heads=2)
+COUNTS = {"global": 1, "seed": 3, "blueprint": 2, "layer": 3, "activation": 1, "parameter": 1}
+ALWAYS = (
+    "policy_action",
+    "policy_param_delta",
+    "policy_version",
+    "blending_method",
+    "blending_method_index",
+    "policy_value_estimate",
+    "policy_risk_index",
+    "policy_risk_score",
+    "feature_coverage",
+    "breaker_open_score",
+    "breaker_close_score",
+    "blending_schedule_units",
+    "blending_schedule_start",
+    "blending_schedule_end",
+)
+BLEND_KEYS = ("blend_mode", "gate_k", "gate_tau", "alpha_lo", "alpha_hi", "alpha_vec", "alpha_vec_len")
+
+
+@dataclass
+class Ids:
+    """Stands in for the builder's GraphInputs (the ids and coverage decide() reads)."""
+
+    seed_ids: list[str] = field(default_factory=lambda: ["seed-a", "seed-b", "seed-c"])
+    blueprint_ids: list[str] = field(default_factory=lambda: ["BP001", "BP002"])
+    feature_coverage: float = 0.75
+
+
+def _forced(action: int, counts: dict[NodeType, int] | None = None, **head_bias: list[float]) -> PolicyOutputs:
+    """One forward of a small model whose graph-level heads output exactly the given biases."""
+    torch.manual_seed(0)
+    model = TamiyoGNN(SMALL).eval()
+    head_bias["policy_head"] = [5.0 if i == action else 0.0 for i in range(32)]
+    with torch.no_grad():
+        for name, bias in head_bias.items():
+            last = [m for m in getattr(model, name).modules() if isinstance(m, torch.nn.Linear)][-1]
+            last.weight.zero_()
+            last.bias.copy_(torch.tensor(bias))
+    out: PolicyOutputs = model(*random_graph(counts or COUNTS))
+    return out
+
+
+def _ids_for(counts: dict[NodeType, int]) -> Ids:
+    return Ids([f"seed-{i}" for i in range(counts["seed"])], [f"BP{i:03d}" for i in range(counts["blueprint"])])
+
+
+def test_graph_inputs_shape_satisfies_protocol() -> None:
+    ids: GraphIds = Ids()
+    assert ids.feature_coverage == 0.75
+
+
+def test_action_0_germinates_best_real_seed_and_blueprint() -> None:
+    out = _forced(0, param_head=[0.2, 0.0, 0.0, 0.0], schedule_head=[0.5, -0.5], blending_head=[0.0, 3.0, 0.0])
+    scores = out.seed_scores.clone()
+    d = decide(out, Ids())
+    cmd = d.command
+    assert d.action == 0 and cmd.command_type == pb.COMMAND_SEED
+    assert cmd.seed_operation.operation == pb.SEED_OP_GERMINATE
+    assert cmd.target_seed_id == ["seed-a", "seed-b", "seed-c"][int(scores.argmax())]
+    assert cmd.seed_operation.blueprint_id == ["BP001", "BP002"][int(out.blueprint_scores.argmax())]
+    params = cmd.seed_operation.parameters
+    assert params["alpha"] == pytest.approx(0.1 + math.tanh(0.2), abs=1e-6)
+    assert params["blending_method_index"] == 1.0 and d.blending_method == BLEND_METHODS[1]
+    start, end = 0.5 * (math.tanh(-0.5) + 1), 0.5 * (math.tanh(0.5) + 1)  # ordered start ≤ end
+    assert (params["blending_schedule_start"], params["blending_schedule_end"]) == pytest.approx((start, end))
+    assert cmd.annotations["selected_seed"] == cmd.target_seed_id
+    assert cmd.annotations["selected_blueprint"] == cmd.seed_operation.blueprint_id
+    # Unsigned: the service's signer owns command_id, issued_at and the signature.
+    assert cmd.command_id == "" and not cmd.HasField("issued_at") and "signature" not in cmd.annotations
+    assert cmd.version == 1 and cmd.issued_by == "tamiyo"
+
+
+def test_alpha_never_negative() -> None:
+    d = decide(_forced(0, param_head=[-9.0, 0.0, 0.0, 0.0]), Ids())
+    assert d.param_delta == pytest.approx(-1.0, abs=1e-6)
+    assert d.command.seed_operation.parameters["alpha"] == 0.0
+
+
+def test_action_1_adjusts_the_optimizer() -> None:
+    d = decide(_forced(1, param_head=[-0.3, 0.0, 0.0, 0.0]), Ids())
+    cmd = d.command
+    assert cmd.command_type == pb.COMMAND_OPTIMIZER and cmd.WhichOneof("payload") == "optimizer_adjustment"
+    assert cmd.optimizer_adjustment.optimizer_id == "sgd"
+    assert cmd.optimizer_adjustment.hyperparameters["lr_delta"] == pytest.approx(math.tanh(-0.3), abs=1e-6)
+    assert cmd.target_seed_id == ""
+
+
+@pytest.mark.parametrize(("action", "state"), [(3, pb.CIRCUIT_STATE_OPEN), (4, pb.CIRCUIT_STATE_CLOSED)])
+def test_actions_3_and_4_drive_the_breaker(action: int, state: int) -> None:
+    cmd = decide(_forced(action), Ids()).command
+    assert cmd.command_type == pb.COMMAND_CIRCUIT_BREAKER
+    assert cmd.circuit_breaker.desired_state == state and cmd.circuit_breaker.rationale == "policy_action"
+
+
+@pytest.mark.parametrize("action", [2, 5, 17, 31])
+def test_other_actions_pause_for_policy(action: int) -> None:
+    cmd = decide(_forced(action), Ids()).command
+    assert cmd.command_type == pb.COMMAND_PAUSE and cmd.annotations["reason"] == "policy"
+    assert cmd.annotations["policy_action"] == str(action) and cmd.WhichOneof("payload") is None
+
+
+@pytest.mark.parametrize("action", [0, 1, 2, 3, 4, 31])
+def test_annotations_always_present(action: int) -> None:
+    d = decide(_forced(action), Ids(), policy_version=POLICY_VERSION)
+    ann = d.command.annotations
+    assert all(k in ann for k in ALWAYS), [k for k in ALWAYS if k not in ann]
+    assert ann["policy_version"] == POLICY_VERSION == "tamiyo_gnn_v1"
+    assert ann["blending_method"] in BLEND_METHODS
+    assert ann["blending_method"] == BLEND_METHODS[int(ann["blending_method_index"])]
+    assert ann["blending_schedule_units"] == "fraction_0_1"
+    assert 0.0 <= float(ann["blending_schedule_start"]) <= float(ann["blending_schedule_end"]) <= 1.0
+    assert 0.0 <= float(ann["policy_risk_score"]) <= 1.0 and 0 <= int(ann["policy_risk_index"]) < 5
+    assert 0.0 <= float(ann["breaker_open_score"]) <= 1.0 and 0.0 <= float(ann["breaker_close_score"]) <= 1.0
+    assert float(ann["feature_coverage"]) == 0.75
+    assert float(ann["policy_value_estimate"]) == pytest.approx(d.value_estimate, abs=1e-6)
+    assert ann["selected_seed"] in Ids().seed_ids and ann["selected_blueprint"] in Ids().blueprint_ids
+    assert not any(k in ann for k in BLEND_KEYS)  # blend-mode annotations are off by default
+
+
+def test_selection_ignores_placeholder_rows() -> None:
+    out = _forced(0)
+    # A placeholder seed row (mask False) with the highest raw score must still lose.
+    rigged = replace(
+        out,
+        seed_scores=torch.tensor([0.1, 0.9, 0.3, 99.0]),
+        seed_mask=torch.tensor([True, True, True, False]),
+        blueprint_scores=torch.tensor([0.2, 99.0]),
+        blueprint_mask=torch.tensor([True, False]),
+    )
+    d = decide(rigged, Ids(blueprint_ids=["BP007"]))
+    assert d.seed_id == "seed-b" and d.blueprint_id == "BP007"
+    assert d.command.target_seed_id == "seed-b" and d.command.seed_operation.blueprint_id == "BP007"
+
+
+@pytest.mark.parametrize("missing", ["seed", "blueprint"])
+def test_germinate_without_real_seed_or_blueprint_is_a_dependency_violation(missing: str) -> None:
+    counts = dict(COUNTS, **{missing: 0})
+    out = _forced(0, counts)
+    assert out.seed_mask.sum() == counts["seed"] and out.blueprint_mask.sum() == counts["blueprint"]
+    with pytest.raises(DependencyViolationError, match=missing):
+        decide(out, _ids_for(counts))
+
+
+def test_no_real_seed_is_fine_for_other_actions_and_invents_no_ids() -> None:
+    counts = dict(COUNTS, seed=0, blueprint=0)
+    d = decide(_forced(2, counts), _ids_for(counts))
+    assert d.seed_id is None and d.blueprint_id is None
+    assert "selected_seed" not in d.command.annotations and "selected_blueprint" not in d.command.annotations
+    assert d.command.target_seed_id == ""
+
+
+def test_ids_that_do_not_match_the_real_rows_are_a_dependency_violation() -> None:
+    with pytest.raises(DependencyViolationError, match="seed"):
+        decide(_forced(1), Ids(seed_ids=["only-one"]))
+    with pytest.raises(DependencyViolationError, match="empty id"):
+        decide(_forced(0), Ids(seed_ids=["", "", ""]))
+
+
+def test_non_finite_outputs_are_refused() -> None:
+    out = _forced(1)
+    with pytest.raises(DependencyViolationError, match="policy_logits"):
+        decide(replace(out, policy_logits=torch.full((32,), math.nan)), Ids())
+
+
+def test_feature_coverage_map_is_averaged() -> None:
+    @dataclass
+    class MapIds:
+        seed_ids: list[str] = field(default_factory=lambda: Ids().seed_ids)
+        blueprint_ids: list[str] = field(default_factory=lambda: Ids().blueprint_ids)
+        feature_coverage: dict[str, float] = field(default_factory=lambda: {"a": 1.0, "b": 0.5})
+
+    assert decide(_forced(2), MapIds()).feature_coverage == 0.75
+
+
+def test_risk_score_is_expected_severity() -> None:
+    assert risk_score(torch.zeros(5)) == pytest.approx(0.5)
+    assert risk_score(torch.tensor([20.0, 0, 0, 0, 0])) == pytest.approx(0.0, abs=1e-6)
+    assert risk_score(torch.tensor([0, 0, 0, 0, 20.0])) == pytest.approx(1.0, abs=1e-6)
+    d = decide(_forced(2, risk_head=[0.0, 0.0, 0.0, 9.0, 0.0]), Ids())
+    assert d.risk_index == 3 and d.risk_score == pytest.approx(0.75, abs=0.01)
+
+
+# --- blend-mode annotations (P8) ---------------------------------------------------------------
+
+
+def _blend(blend: BlendModeSettings, channels: int | None = None) -> PolicyDecision:
+    return decide(
+        _forced(0, param_head=[0.3, 0, 0, 0]), Ids(), blend_mode_annotations=True, blend=blend, channel_count=channels
+    )
+
+
+@pytest.mark.parametrize("mode", ["CONVEX", "RESIDUAL"])
+def test_blend_mode_plain(mode: str) -> None:
+    ann = _blend(BlendModeSettings(mode=mode)).command.annotations
+    assert ann["blend_mode"] == mode
+    assert not any(k in ann for k in ("gate_k", "alpha_vec", "blend_mode_fallback"))
+
+
+def test_blend_mode_confidence_adds_gate() -> None:
+    blend = BlendModeSettings(mode="CONFIDENCE", gate_k=4.0, gate_tau=0.2, alpha_lo=0.1, alpha_hi=0.9)
+    ann = _blend(blend).command.annotations
+    assert ann["blend_mode"] == "CONFIDENCE"
+    assert [float(ann[k]) for k in ("gate_k", "gate_tau", "alpha_lo", "alpha_hi")] == [4.0, 0.2, 0.1, 0.9]
+
+
+def test_blend_mode_channel_with_known_channels() -> None:
+    d = _blend(BlendModeSettings(mode="CHANNEL"), channels=8)
+    ann = d.command.annotations
+    vec = json.loads(ann["alpha_vec"])
+    assert ann["blend_mode"] == "CHANNEL" and ann["alpha_vec_len"] == "8" and len(vec) == 8
+    assert vec == pytest.approx([d.command.seed_operation.parameters["alpha"]] * 8, abs=1e-6)
+
+
+@pytest.mark.parametrize(("channels", "reason"), [(None, "channel_count_unknown"), (65, "channel_count_exceeds_max")])
+def test_blend_mode_channel_falls_back_without_a_vector(channels: int | None, reason: str) -> None:
+    ann = _blend(BlendModeSettings(mode="CHANNEL"), channels=channels).command.annotations
+    assert ann["blend_mode"] == "CONVEX" and ann["blend_mode_fallback"] == reason
+    assert "alpha_vec" not in ann and "alpha_vec_len" not in ann
+
+
+def test_blend_mode_only_on_seed_commands() -> None:
+    d = decide(_forced(1), Ids(), blend_mode_annotations=True, blend=BlendModeSettings(mode="CONFIDENCE"))
+    assert not any(k in d.command.annotations for k in BLEND_KEYS)
+
+
+def test_blend_settings_validated() -> None:
+    assert BLEND_MODES == ("CONVEX", "RESIDUAL", "CHANNEL", "CONFIDENCE")
+    with pytest.raises(ConfigurationError):
+        BlendModeSettings(mode="LINEAR")
+    with pytest.raises(ConfigurationError):
+        BlendModeSettings(alpha_lo=0.8, alpha_hi=0.2)
+
+
+# --- CompiledPolicy ------------------------------------------------------------------------------
+
+
+def _small_model() -> TamiyoGNN:
+    torch.manual_seed(0)
+    return TamiyoGNN(SMALL)
+
+
+def test_compile_env_flag(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert not compile_requested({})
+    assert compile_requested({ENV_ENABLE_COMPILE: "true"}) and compile_requested({ENV_ENABLE_COMPILE: "1"})
+    assert not compile_requested({ENV_ENABLE_COMPILE: "0"})
+    monkeypatch.setenv(ENV_ENABLE_COMPILE, "yes")
+    assert compile_requested()
+
+
+def test_cpu_runs_eager_and_says_so(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(ENV_ENABLE_COMPILE, "1")
+    model = _small_model()
+    policy = CompiledPolicy(model)
+    assert (policy.compile_enabled, policy.compile_reason, policy.compile_fallback_total) == (0, "cpu", 0)
+    assert policy.compile_warm_ms == 0.0 and not model.training
+    graph = random_graph()
+    out = policy(*graph)
+    assert torch.equal(out.policy_logits, model(*graph).policy_logits)
+    assert policy.telemetry()["compile_reason"] == "cpu"
+
+
+def test_compile_error_falls_back_to_eager() -> None:
+    def broken(_: TamiyoGNN) -> Callable[..., PolicyOutputs]:
+        raise RuntimeError("inductor exploded")
+
+    policy = CompiledPolicy(_small_model(), enabled=True, require_cuda=False, compiler=broken)
+    assert policy.compile_enabled == 0 and policy.compile_fallback_total == 1
+    assert policy.compile_reason == "compile_error:RuntimeError"
+    assert policy(*random_graph()).policy_logits.shape == (32,)
+
+
+def test_warm_up_failure_and_runtime_failure_fall_back_once() -> None:
+    calls = {"n": 0}
+
+    def flaky(model: TamiyoGNN) -> Callable[..., PolicyOutputs]:
+        def run(*args: object) -> PolicyOutputs:
+            calls["n"] += 1
+            raise RuntimeError("guard failure")
+
+        return run
+
+    warm = CompiledPolicy(_small_model(), enabled=True, require_cuda=False, compiler=flaky)
+    assert (warm.compile_enabled, warm.compile_fallback_total, warm.compile_reason) == (
+        0,
+        1,
+        "compile_error:RuntimeError",
+    )
+
+    lazy = CompiledPolicy(_small_model(), enabled=True, require_cuda=False, compiler=flaky, warmup=False)
+    assert lazy.compile_enabled == 1
+    graph = random_graph()
+    first, second = lazy(*graph), lazy(*graph)
+    assert torch.equal(first.policy_logits, second.policy_logits)
+    assert (lazy.compile_enabled, lazy.compile_fallback_total) == (0, 1)
+    assert lazy.compile_reason == "runtime_error:RuntimeError" and calls["n"] == 2  # one in warm, one in lazy
+
+
+def test_working_compiler_is_warmed_once() -> None:
+    seen: list[int] = []
+
+    def identity(model: TamiyoGNN) -> Callable[..., PolicyOutputs]:
+        def run(*args: object) -> PolicyOutputs:
+            seen.append(1)
+            out: PolicyOutputs = model(*args)
+            return out
+
+        return run
+
+    policy = CompiledPolicy(_small_model(), enabled=True, require_cuda=False, compiler=identity)
+    assert (policy.compile_enabled, policy.compile_reason, policy.compile_fallback_total) == (1, "compiled", 0)
+    assert policy.compile_warm_ms > 0.0 and len(seen) == 1
+    policy(*random_graph())
+    assert len(seen) == 2
+
+
+def test_warmup_inputs_have_every_type_and_relation() -> None:
+    x, ei, ea, counts = warmup_inputs()
+    out = _small_model().eval()(x, ei, ea, counts)
+    assert out.seed_mask.all() and min(v.size(0) for v in x.values()) >= 2
+    assert all(v.size(1) >= 2 for v in ei.values()) and all(v.shape == (ei[r].size(1), 3) for r, v in ea.items())
