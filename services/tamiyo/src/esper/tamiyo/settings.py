@@ -28,7 +28,9 @@ class TamiyoSettings(OonaSettings):
     step_timeout_ms: float = Field(5.0, validation_alias=_t("step_timeout_ms"),
                                    description="decision budget when a request carries no deadline")
     reply_margin_ms: float = Field(0.5, validation_alias=_t("reply_margin_ms"),
-                                   description="answer this long before the request's deadline (transit)")
+                                   description="answer at least this long before the request's deadline")
+    reply_margin_fraction: float = Field(0.1, validation_alias=_t("reply_margin_fraction"),
+                                         description="... and at least this fraction of its budget before it")
     metadata_timeout_ms: float = Field(25.0, validation_alias=_t("metadata_timeout_ms"),
                                        description="budget of one blueprint-metadata fetch (prototype 25 ms)")
     metadata_cache_ttl_s: float = Field(300.0, validation_alias=_t("metadata_cache_ttl_s"),

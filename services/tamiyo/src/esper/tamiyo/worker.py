@@ -151,11 +151,17 @@ class TamiyoWorker:
     # -- the decision ------------------------------------------------------------------------------
 
     def deadline_for(self, delivery: Delivery) -> Deadline:
-        """Answer `reply_margin_ms` before the requester's deadline (or the step budget if none)."""
-        margin = self.settings.reply_margin_ms
-        if delivery.envelope.deadline_ms:
-            return Deadline.at_epoch_ms(int(delivery.envelope.deadline_ms - margin))
-        return Deadline.after_ms(self.settings.step_timeout_ms - margin)
+        """Our own deadline: the requester's, minus room for the reply to travel back (at least
+        `reply_margin_ms`, and `reply_margin_fraction` of the request's whole budget) — an explicit
+        failure that arrives after the requester gave up would be as useless as no answer."""
+        env = delivery.envelope
+        s = self.settings
+        if env.deadline_ms:
+            budget_ms = max(0.0, float(env.deadline_ms - env.issued_at_ms))
+            margin = max(s.reply_margin_ms, s.reply_margin_fraction * budget_ms)
+            return Deadline.at_epoch_ms(int(env.deadline_ms - margin))
+        margin = max(s.reply_margin_ms, s.reply_margin_fraction * s.step_timeout_ms)
+        return Deadline.after_ms(s.step_timeout_ms - margin)
 
     async def decide(self, packet: pb.SystemStatePacket, deadline: Deadline) -> DecisionResult:
         t0 = time.perf_counter()

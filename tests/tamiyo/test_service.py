@@ -1,0 +1,149 @@
+"""Tamiyo end to end on a real Redis: real graph, real GNN, real risk engine, real signatures."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from esper.leyline import CHANNELS, SignatureError, decode_envelope, pb, unpack_as, verify_command
+from esper.oona import OonaSettings
+from tests.conftest import ClientFactory
+from tests.oona._helpers import wait_until
+from tests.tamiyo._fleet import packet, running_tamiyo, tamiyo_settings, urza_stand_in
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+
+
+async def _metadata_ready(service: object) -> bool:
+    return bool(service.catalog.view().blueprints)  # type: ignore[attr-defined]
+
+
+async def test_signed_command_with_annotations(make_client: ClientFactory, settings: OonaSettings,
+                                               tmp_path: Path) -> None:
+    trainer = await make_client("tolaria")
+    urza = await make_client("urza")
+    async with urza_stand_in(urza), running_tamiyo(tamiyo_settings(settings, tmp_path)) as tamiyo:
+        await wait_until(lambda: _metadata_ready(tamiyo), what="catalogue fetched")
+        reply = await trainer.request("state", packet(), timeout_ms=2000)
+    command = reply.message_as(pb.AdaptationCommand)
+    verify_command(command, trainer.keys)
+    assert command.command_id and command.issued_at.seconds > 0
+    a = command.annotations
+    assert a["policy_version"] == "tamiyo_gnn_v1" and a["metadata"] == "ok"
+    assert "node.seed" in a["coverage_map"] and 0.0 < float(a["feature_coverage"]) <= 1.0
+    if command.command_type == pb.COMMAND_SEED:
+        assert command.seed_operation.blueprint_id == "BP001" and command.target_seed_id.startswith("seed-")
+    tampered = pb.AdaptationCommand()
+    tampered.CopyFrom(command)
+    tampered.annotations["policy_version"] = "forged"
+    with pytest.raises(SignatureError):
+        verify_command(tampered, trainer.keys)
+
+
+async def test_no_blueprint_library_is_an_explicit_failure(make_client: ClientFactory, settings: OonaSettings,
+                                                          tmp_path: Path) -> None:
+    trainer = await make_client("tolaria")
+    async with running_tamiyo(tamiyo_settings(settings, tmp_path, metadata_timeout_ms=30.0)) as tamiyo:
+        await wait_until(lambda: _failed(tamiyo), what="metadata refresh failed")
+        reply = await trainer.request("state", packet(), timeout_ms=2000)
+        assert tamiyo.catalog.last_failure == "timeout_urza"
+    failure = reply.message_as(pb.DecisionFailure)
+    assert failure.packet_id == "pkt-1"
+    assert failure.annotations["metadata"] == "unavailable:timeout_urza"
+    # The untrained policy wants to germinate; with no real blueprint that is refused, not faked.
+    assert failure.reason == pb.DECISION_FAILURE_REASON_DEPENDENCY_VIOLATION, failure.detail
+
+
+async def _failed(service: object) -> bool:
+    return service.catalog.last_failure is not None  # type: ignore[attr-defined]
+
+
+async def test_missing_ids_are_a_dependency_violation(make_client: ClientFactory, settings: OonaSettings,
+                                                      tmp_path: Path) -> None:
+    trainer = await make_client("tolaria")
+    nameless = packet()
+    nameless.training_run_id = ""
+    async with running_tamiyo(tamiyo_settings(settings, tmp_path)):
+        reply = await trainer.request("state", nameless, timeout_ms=2000)
+    failure = reply.message_as(pb.DecisionFailure)
+    assert failure.reason == pb.DECISION_FAILURE_REASON_DEPENDENCY_VIOLATION
+    assert "training_run_id" in failure.detail
+
+
+async def test_inference_timeout_breaker_and_recovery(make_client: ClientFactory, settings: OonaSettings,
+                                                      tmp_path: Path) -> None:
+    trainer = await make_client("tolaria")
+    urza = await make_client("urza")
+    async with urza_stand_in(urza), running_tamiyo(tamiyo_settings(settings, tmp_path)) as tamiyo:
+        await wait_until(lambda: _metadata_ready(tamiyo), what="catalogue fetched")
+        tamiyo.faults.inference_delay_ms = 150.0
+        reasons = []
+        for step in range(4):
+            t0 = time.monotonic()
+            reply = await trainer.request("state", packet(step), timeout_ms=60)
+            assert time.monotonic() - t0 < 1.0  # liveness: answered, not left to time out
+            reasons.append(reply.message_as(pb.DecisionFailure).reason)
+        assert reasons[0] == pb.DECISION_FAILURE_REASON_TIMEOUT_INFERENCE
+        assert pb.DECISION_FAILURE_REASON_BREAKER_OPEN in reasons[1:], reasons
+        assert tamiyo.worker.inference_breaker.state == pb.CIRCUIT_STATE_OPEN
+        tamiyo.faults.inference_delay_ms = 0.0
+        await asyncio.sleep(0.5)  # cooldown (300 ms) and the stalled forward finishing
+
+        async def recovered() -> bool:
+            r = await trainer.request("state", packet(99), timeout_ms=2000)
+            return r.message_type == pb.BUS_MESSAGE_TYPE_ADAPTATION_COMMAND
+
+        await wait_until(recovered, what="commands flow again")
+        assert tamiyo.worker.inference_breaker.state == pb.CIRCUIT_STATE_CLOSED
+    # HIGH timeout telemetry rides the emergency lane.
+    entries = await trainer.redis.xrange(CHANNELS["telemetry"].emergency_stream)
+    events = [e.attributes.get("event") for _, f in entries
+              for e in unpack_as(decode_envelope(f[b"payload"]), pb.TelemetryPacket).events]
+    assert "timeout_inference" in events
+    assert trainer.metrics.late_replies._value.get() == 0
+
+
+async def test_risk_engine_pauses_on_loss_spike(make_client: ClientFactory, settings: OonaSettings,
+                                                tmp_path: Path) -> None:
+    trainer = await make_client("tolaria")
+    urza = await make_client("urza")
+    async with urza_stand_in(urza), running_tamiyo(tamiyo_settings(settings, tmp_path)) as tamiyo:
+        await wait_until(lambda: _metadata_ready(tamiyo), what="catalogue fetched")
+        reply = await trainer.request("state", packet(loss_delta=0.5), timeout_ms=2000)
+        assert tamiyo.worker.conservative.active
+    command = reply.message_as(pb.AdaptationCommand)
+    verify_command(command, trainer.keys)
+    assert command.command_type == pb.COMMAND_PAUSE
+    assert command.annotations["risk_reason"] == "loss_spike"
+
+
+async def test_two_workers_split_requests_without_duplicates(make_client: ClientFactory, settings: OonaSettings,
+                                                             tmp_path: Path) -> None:
+    trainer = await make_client("tolaria")
+    urza = await make_client("urza")
+    a = tamiyo_settings(settings, tmp_path / "a", instance_id="a", read_batch=1)
+    b = tamiyo_settings(settings, tmp_path / "b", instance_id="b", read_batch=1)
+    async with urza_stand_in(urza), running_tamiyo(a) as ta, running_tamiyo(b) as tb:
+        await wait_until(lambda: _metadata_ready(ta), what="a ready")
+        await wait_until(lambda: _metadata_ready(tb), what="b ready")
+        replies = await asyncio.gather(*(trainer.request("state", packet(i), timeout_ms=5000) for i in range(40)))
+        decided = ta.worker.decisions + tb.worker.decisions
+    by = [r.message_as(pb.AdaptationCommand).issued_by for r in replies]
+    assert {"tamiyo:a", "tamiyo:b"} == set(by), "both replicas should have answered"
+    assert decided == 40, "a request was decided twice"
+    assert await trainer.redis.xlen(trainer.reply_stream) == 40
+
+
+def test_fault_knobs_need_explicit_opt_in(monkeypatch: pytest.MonkeyPatch) -> None:
+    from esper.tamiyo.settings import TamiyoSettings
+
+    monkeypatch.setenv("TAMIYO_FAULT_INFERENCE_DELAY_MS", "50")
+    monkeypatch.delenv("ESPER_ENABLE_FAULT_INJECTION", raising=False)
+    with pytest.raises(ValidationError, match="ESPER_ENABLE_FAULT_INJECTION"):
+        TamiyoSettings(leyline_secret="s" * 32, redis_url="redis://127.0.0.1:1/0")
+    monkeypatch.setenv("ESPER_ENABLE_FAULT_INJECTION", "1")
+    assert TamiyoSettings(leyline_secret="s" * 32).fault_inference_delay_ms == 50.0
