@@ -53,14 +53,17 @@ class TamiyoSettings(OonaSettings):
     conservative_timeouts: int = Field(3, validation_alias=_t("conservative_timeouts"),
                                        description="consecutive timeouts that enter conservative mode")
 
-    enable_blend_mode_ann: bool = Field(False, validation_alias=_t("enable_blend_mode_ann"))
+    enable_blend_mode_ann: bool = Field(False, validation_alias=_t("enable_blend_mode_ann"),
+                                        description="add blend-mode annotations to SEED commands")
     blend_mode_default: Literal["CONVEX", "RESIDUAL", "CHANNEL", "CONFIDENCE"] = Field(
-        "CONVEX", validation_alias=_t("blend_mode_default"))
-    blend_conf_gate_k: float = Field(1.0, validation_alias=_t("blend_conf_gate_k"))
-    blend_conf_gate_tau: float = Field(1.0, validation_alias=_t("blend_conf_gate_tau"))
-    blend_alpha_lo: float = Field(0.0, validation_alias=_t("blend_alpha_lo"))
-    blend_alpha_hi: float = Field(1.0, validation_alias=_t("blend_alpha_hi"))
-    blend_alpha_vec_max: int = Field(64, validation_alias=_t("blend_alpha_vec_max"))
+        "CONVEX", validation_alias=_t("blend_mode_default"), description="blend mode to annotate")
+    blend_conf_gate_k: float = Field(1.0, validation_alias=_t("blend_conf_gate_k"), description="CONFIDENCE gate k")
+    blend_conf_gate_tau: float = Field(1.0, validation_alias=_t("blend_conf_gate_tau"),
+                                       description="CONFIDENCE gate tau")
+    blend_alpha_lo: float = Field(0.0, validation_alias=_t("blend_alpha_lo"), description="CONFIDENCE alpha floor")
+    blend_alpha_hi: float = Field(1.0, validation_alias=_t("blend_alpha_hi"), description="CONFIDENCE alpha cap")
+    blend_alpha_vec_max: int = Field(64, validation_alias=_t("blend_alpha_vec_max"),
+                                     description="CHANNEL alpha_vec only up to this many channels")
 
     # Fault injection for drills: refused unless ESPER_ENABLE_FAULT_INJECTION=1.
     enable_fault_injection: bool = Field(False, description="allow the TAMIYO_FAULT_* knobs (drills only)")
