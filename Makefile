@@ -4,8 +4,8 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-# Pin torch where a local wheel exists (CI: TORCH_SPEC=torch==2.13.0); users elsewhere get the
-# normal wheel. Empty means "do not install torch" (no package in this tree needs it yet).
+# Pin torch where a local wheel exists (CI: TORCH_SPEC=torch==2.13.0); empty lets pip pick the
+# normal wheel for this machine when it installs esper-tamiyo's dependencies.
 TORCH_SPEC ?=
 PACKAGES := libs/leyline libs/core services/oona services/tamiyo
 STAMP := $(VENV)/.esper-setup
