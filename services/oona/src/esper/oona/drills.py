@@ -26,10 +26,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import uvloop
-
+from esper.core import drills as core_drills
 from esper.core.clock import now_ms
-from esper.core.logging import configure_logging
+from esper.core.drills import LOG_LEVEL_ENV, Drill, DrillResult
 from esper.core.redis_server import EmbeddedRedis
 from esper.leyline import (
     CHANNELS,
@@ -53,12 +52,8 @@ from esper.oona.delivery import Delivery
 from esper.oona.errors import RequestTimeoutError
 from esper.oona.settings import OonaSettings
 
-DrillResult = tuple[bool, str]
-Drill = Callable[[], Awaitable[DrillResult]]
-
 DRILL_TIMEOUT_S = 120.0  # liveness only: a drill that has not finished by then has hung
 WAIT_S = 30.0  # liveness bound of one "wait until" inside a drill
-LOG_LEVEL_ENV = "ESPER_DRILL_LOG_LEVEL"  # consumers log every expected failure; keep the drill output readable
 GROUP = "drill"
 
 # -- shared helpers -------------------------------------------------------------------------------
@@ -760,40 +755,14 @@ DRILLS: dict[str, Drill] = {
 }
 
 
-async def _guarded(drill: Drill) -> DrillResult:
-    try:
-        async with asyncio.timeout(DRILL_TIMEOUT_S):
-            return await drill()
-    except TimeoutError:
-        return False, f"drill hung for more than {DRILL_TIMEOUT_S:.0f} s"
-    except Exception as e:  # a drill that crashes is a FAIL with the reason, never a traceback-only exit
-        return False, f"drill raised {type(e).__name__}: {e}"
-
-
 def run_drill(name: str) -> DrillResult:
-    """Run one drill on a fresh uvloop event loop."""
-    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        return runner.run(_guarded(DRILLS[name]))
+    """Run one drill on a fresh event loop."""
+    return core_drills.run_drill(DRILLS[name], timeout_s=DRILL_TIMEOUT_S)
 
 
 def run_drills(name: str) -> int:
-    """Run `name` (or every drill for 'all'); print PASS/FAIL lines and `N passed, M failed`.
-
-    Exit code: 0 when all passed, 1 when any failed, 2 for an unknown drill name.
-    """
-    if name != "all" and name not in DRILLS:
-        print(f"unknown drill {name!r}; known: {', '.join(DRILLS)} (or 'all')", file=sys.stderr)
-        return 2
-    names = list(DRILLS) if name == "all" else [name]
-    configure_logging(level=os.environ.get(LOG_LEVEL_ENV, "ERROR"), service="oona-drill")
-    passed = failed = 0
-    for n in names:
-        t0 = time.perf_counter()
-        ok, evidence = run_drill(n)
-        passed, failed = (passed + 1, failed) if ok else (passed, failed + 1)
-        print(f"{'PASS' if ok else 'FAIL'} {n}: {evidence} [{time.perf_counter() - t0:.1f} s]", flush=True)
-    print(f"{passed} passed, {failed} failed", flush=True)
-    return 0 if failed == 0 else 1
+    """Run `name` (or every drill for 'all'); exit code 0 all passed, 1 any failed, 2 unknown name."""
+    return core_drills.run_drills(DRILLS, name, service="oona", timeout_s=DRILL_TIMEOUT_S)
 
 
 __all__ = ["DRILLS", "Drill", "DrillResult", "run_drill", "run_drills"]
