@@ -8,7 +8,7 @@ metadata fresh in the background, and serves /metrics and /healthz.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Coroutine, Mapping
+from collections.abc import Callable, Coroutine, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -89,7 +89,7 @@ class TamiyoService:
     async def handle(self, delivery: Delivery) -> Message:
         packet = delivery.message_as(pb.SystemStatePacket)
         result = await self.worker.decide(packet, self.worker.deadline_for(delivery))
-        self._spawn(self._publish_telemetry(result.telemetry))
+        self._spawn(self._publish_telemetry(result.telemetry))  # runs after the reply went out
         return result.reply
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
@@ -97,8 +97,9 @@ class TamiyoService:
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
-    async def _publish_telemetry(self, packet: pb.TelemetryPacket) -> None:
+    async def _publish_telemetry(self, make: Callable[[], pb.TelemetryPacket]) -> None:
         """Off the reply path; a refusal (rate limit, breaker, Redis) is counted, never raised."""
+        packet = make()
         try:
             await self.client.publish("telemetry", packet, priority=packet_priority(packet))  # type: ignore[arg-type]
         except PublishError as e:
@@ -109,7 +110,7 @@ class TamiyoService:
         level = pb.TELEMETRY_LEVEL_WARNING
         event = build_event(code if code == "timeout_urza" else "metadata_unavailable", level=level,
                             description=detail[:200], reason=code)
-        self._spawn(self._publish_telemetry(build_telemetry_packet("tamiyo", events=[event])))
+        self._spawn(self._publish_telemetry(lambda: build_telemetry_packet("tamiyo", events=[event])))
 
     async def _watch_faults(self, stop: asyncio.Event) -> None:
         """Drills change the injected delay at run time through a Redis hash (opt-in only)."""

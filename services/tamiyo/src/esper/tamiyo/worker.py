@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import functools
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -91,7 +92,7 @@ class Faults:
 @dataclass(slots=True)
 class DecisionResult:
     reply: Message
-    telemetry: pb.TelemetryPacket
+    telemetry: Callable[[], pb.TelemetryPacket]  # built after the reply is sent (off the hot path)
     outcome: str
     timings_ms: dict[str, float] = field(default_factory=dict)
 
@@ -159,7 +160,8 @@ class TamiyoWorker:
         if env.deadline_ms:
             budget_ms = max(0.0, float(env.deadline_ms - env.issued_at_ms))
             margin = max(s.reply_margin_ms, s.reply_margin_fraction * budget_ms)
-            return Deadline.at_epoch_ms(int(env.deadline_ms - margin))
+            # Sub-millisecond arithmetic on the wall clock (an int deadline would eat up to 1 ms more).
+            return Deadline.after_ms(env.deadline_ms - margin - time.time_ns() / 1e6)
         margin = max(s.reply_margin_ms, s.reply_margin_fraction * s.step_timeout_ms)
         return Deadline.after_ms(s.step_timeout_ms - margin)
 
@@ -207,7 +209,9 @@ class TamiyoWorker:
                                  f"inference breaker open, retry in {self.inference_breaker.retry_after_s():.3f}s",
                                  event="inference_breaker_open")
         if self._inflight is not None and not self._inflight.done():
-            self._timed_out("busy")
+            # A symptom of the timeout already counted (its forward is still running): refuse fast
+            # without counting it again, or one slow forward would cascade into an open breaker.
+            self.metrics.timeouts.labels("busy").inc()
             raise DecisionFailed(pb.DECISION_FAILURE_REASON_TIMEOUT_INFERENCE,
                                  "the previous inference is still running", event="timeout_inference")
         remaining = deadline.remaining_s()
@@ -308,8 +312,8 @@ class TamiyoWorker:
                             packet_id=packet.packet_id, step_index=packet.global_step)
         transitions = [t.to_event() for t in self.conservative.drain_transitions()]
         self.metrics.conservative.set(1.0 if self.conservative.active else 0.0)
-        telemetry = build_telemetry_packet(
-            "tamiyo", events=[event, *transitions],
+        telemetry = functools.partial(
+            build_telemetry_packet, "tamiyo", events=[event, *transitions],
             indicators={"reason": f.event, "step_index": str(packet.global_step), "policy_version": POLICY_VERSION,
                         "timeout_budget_ms": f"{self.settings.step_timeout_ms:g}",
                         "metadata_timeout_budget_ms": f"{self.settings.metadata_timeout_ms:g}",
@@ -322,7 +326,7 @@ class TamiyoWorker:
 
     def _command_telemetry(self, packet: pb.SystemStatePacket, decision: PolicyDecision, verdict: RiskVerdict,
                            graph: GraphInputs, view: CatalogView, transitions: tuple[ConservativeTransition, ...],
-                           timings: Mapping[str, float], deadline: Deadline) -> pb.TelemetryPacket:
+                           timings: Mapping[str, float], deadline: Deadline) -> Callable[[], pb.TelemetryPacket]:
         metrics = packet.training_metrics
         chosen = next((b for b in view.blueprints if b.blueprint_id == decision.blueprint_id), None)
         snapshot = DecisionSnapshot(
@@ -347,7 +351,7 @@ class TamiyoWorker:
             extra.append(build_event("metadata_unavailable", level=pb.TELEMETRY_LEVEL_INFO,
                                      description=f"deciding without blueprint metadata: {view.failure}",
                                      reason=view.failure))
-        return decision_telemetry(snapshot, verdict, transitions=transitions, extra_events=extra)
+        return lambda: decision_telemetry(snapshot, verdict, transitions=transitions, extra_events=extra)
 
     def _count_decision(self) -> None:
         self.decisions += 1
