@@ -11,7 +11,7 @@ PACKAGES := libs/leyline libs/core services/oona services/tamiyo
 STAMP := $(VENV)/.esper-setup
 PYTEST_FLAGS ?=
 
-.PHONY: setup test unit integration e2e bench bench-oona lint guard proto proto-check clean
+.PHONY: setup test e2e bench bench-oona bench-tamiyo lint guard proto proto-check clean
 
 setup: $(STAMP)
 
@@ -29,10 +29,13 @@ test: $(STAMP) guard
 e2e: $(STAMP)
 	$(PY) -m esper.oona drill all
 
-bench: bench-oona
+bench: bench-oona bench-tamiyo
 
 bench-oona: $(STAMP)
 	$(PY) bench/oona_bench.py --out bench/results/oona.json
+
+bench-tamiyo: $(STAMP)
+	$(PY) bench/tamiyo_bench.py --out bench/results/tamiyo.json
 
 lint: $(STAMP) guard
 	$(VENV)/bin/ruff check libs services tests bench scripts
