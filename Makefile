@@ -28,6 +28,7 @@ test: $(STAMP) guard
 
 e2e: $(STAMP)
 	$(PY) -m esper.oona drill all
+	$(PY) -m esper.tamiyo drill all
 
 bench: bench-oona bench-tamiyo
 
