@@ -473,7 +473,7 @@ class TimeoutRun:
     """The timeout drill's steps, sharing the worker, the clients and what was seen so far."""
 
     worker: WorkerProcess
-    warm_client: OonaClient  # steps 1-2 (its first requests may race the worker's start)
+    warm_client: OonaClient  # steps 1-2 and the evidence-only requests of step 5 (not audited)
     trainer_client: OonaClient  # everything from the baseline on: its reply stream is audited in step 6
     urza_answered: list[str]
     problems: list[str] = field(default_factory=list)
