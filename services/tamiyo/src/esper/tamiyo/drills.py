@@ -28,7 +28,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -51,9 +51,10 @@ from esper.leyline import (
     verify_command,
     verify_envelope,
 )
-from esper.oona import Consumer, Delivery, OonaClient, OonaSettings
+from esper.oona import OonaClient, OonaSettings
 from esper.oona.errors import RequestTimeoutError
 from esper.tamiyo.settings import TamiyoSettings
+from esper.tamiyo.standin import sample_packet, urza_stand_in
 
 DRILL_TIMEOUT_S = 120.0  # liveness only: a drill that has not finished by then has hung
 READY_S = 60.0  # liveness: worker start (torch import) plus the first catalogue fetch, on a loaded box
@@ -128,55 +129,6 @@ def _runs(states: Sequence[float]) -> str:
             out.append(f"{_state(prev)} x{n}")
         prev, n = s, 1
     return " -> ".join(out) or "none"
-
-
-def _catalog() -> pb.BlueprintCatalog:
-    """One SAFE blueprint with a small graph: enough for real seed decisions."""
-    descriptor = pb.BlueprintDescriptor(blueprint_id="BP001", name="residual_mlp", tier=pb.BLUEPRINT_TIER_SAFE,
-                                        risk=0.1, description="residual MLP adapter (drill)")
-    descriptor.allowed_parameters["alpha"].min_value = 0.0
-    descriptor.allowed_parameters["alpha"].max_value = 1.0
-    graph = pb.BlueprintGraph(
-        layers=[pb.BlueprintLayer(layer_type="linear", depth=1.0, latency_ms=0.1, parameter_count=4096.0),
-                pb.BlueprintLayer(layer_type="linear", depth=2.0, latency_ms=0.1, parameter_count=4096.0)],
-        activations=[pb.BlueprintActivation(activation_type="relu", saturation=0.05)],
-        parameters=[pb.BlueprintParameter(name="alpha", min_value=0.0, max_value=1.0, default_value=0.1)],
-        adjacency=[pb.LayerEdge(src=0, dst=1)], monitored_layers=[0], blend_methods=["linear"],
-    )
-    return pb.BlueprintCatalog(entries=[pb.BlueprintCatalogEntry(descriptor=descriptor, graph=graph)])
-
-
-def _packet(packet_id: str, step: int) -> pb.SystemStatePacket:
-    return pb.SystemStatePacket(
-        packet_id=packet_id, training_run_id="drill-run", global_step=step, current_epoch=1, validation_loss=0.5,
-        training_loss=0.6, training_metrics={"loss": 0.6, "gradient_norm": 1.0, "loss_delta": -0.01,
-                                             "samples_per_s": 4000.0, "hook_latency_ms": 1.0},
-        seed_states=[pb.SeedState(seed_id=f"seed-{i}", stage=pb.SEED_STAGE_DORMANT, layer_depth=i + 1)
-                     for i in range(3)],
-    )
-
-
-@contextlib.asynccontextmanager
-async def _urza_stand_in(client: OonaClient) -> AsyncIterator[list[str]]:
-    """Answers every BlueprintQuery with `_catalog()`; yields the request ids it answered."""
-    answered: list[str] = []
-
-    async def answer(d: Delivery) -> pb.BlueprintCatalog:
-        query = d.message_as(pb.BlueprintQuery)
-        answered.append(query.request_id)
-        reply = _catalog()
-        reply.request_id = query.request_id
-        return reply
-
-    consumer = Consumer(client, "blueprint.query", group="urza", handler=answer, name="urza-drill", block_ms=50)
-    stop = asyncio.Event()
-    task = asyncio.create_task(consumer.run(stop), name="drill-urza")
-    try:
-        yield answered
-    finally:
-        stop.set()
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(task, 10.0)
 
 
 def _budget_ms() -> float:
@@ -339,7 +291,7 @@ class Trainer:
         pid = f"{self.prefix}-{step}"
         t0 = time.perf_counter()
         try:
-            reply = await self.client.request("state", _packet(pid, step), timeout_ms=budget_ms)
+            reply = await self.client.request("state", sample_packet(pid, step), timeout_ms=budget_ms)
         except RequestTimeoutError:
             out = Outcome(pid, budget_ms, (time.perf_counter() - t0) * 1000.0, "request_timeout")
             self.outcomes.append(out)
@@ -451,7 +403,7 @@ async def drill_timeout() -> DrillResult:
         settings = _settings(server.url, secret)
         async with OonaClient.from_settings(settings, sender="urza") as urza_client, \
                 OonaClient.from_settings(settings, sender="drill-warmup") as warm_client, \
-                _urza_stand_in(urza_client) as urza_answered:
+                urza_stand_in(urza_client) as urza_answered:
             with _worker(server.url, secret) as worker:
                 trainer_client = OonaClient.from_settings(settings, sender="drill-trainer")
                 await trainer_client.connect()
