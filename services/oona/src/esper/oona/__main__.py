@@ -7,10 +7,7 @@ import sys
 from typing import Annotated
 
 import typer
-from pydantic import ValidationError
 
-from esper.core.errors import ConfigurationError
-from esper.core.lifecycle import run as run_async
 from esper.oona.settings import OonaSettings
 
 app = typer.Typer(add_completion=False, no_args_is_help=False, help="Oona: Esper's Redis Streams bus.")
@@ -26,16 +23,10 @@ def main(ctx: typer.Context) -> None:
 @app.command()
 def run() -> None:
     """Run the stream keeper: groups, reclaim sweep, trimming, gauges on /metrics."""
+    from esper.oona.cli import serve_or_exit
     from esper.oona.service import serve
 
-    try:
-        settings = OonaSettings()
-        settings.signing_keys()
-        settings.require_redis_url()
-    except (ConfigurationError, ValidationError) as e:
-        typer.echo(f"oona: configuration error: {e}", err=True)
-        raise typer.Exit(2) from None
-    raise typer.Exit(run_async(lambda: serve(settings)))
+    serve_or_exit("oona", OonaSettings, serve)
 
 
 @app.command()

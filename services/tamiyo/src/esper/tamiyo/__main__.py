@@ -6,10 +6,6 @@ import sys
 from typing import Annotated
 
 import typer
-from pydantic import ValidationError
-
-from esper.core.errors import ConfigurationError
-from esper.core.lifecycle import run as run_async
 
 app = typer.Typer(add_completion=False, help="Tamiyo: Esper's policy worker.")
 
@@ -24,17 +20,11 @@ def main(ctx: typer.Context) -> None:
 @app.command()
 def run() -> None:
     """Serve decisions on the `state` channel until SIGTERM."""
+    from esper.oona.cli import serve_or_exit
     from esper.tamiyo.service import serve
     from esper.tamiyo.settings import TamiyoSettings
 
-    try:
-        settings = TamiyoSettings()
-        settings.signing_keys()
-        settings.require_redis_url()
-    except (ConfigurationError, ValidationError) as e:
-        typer.echo(f"tamiyo: configuration error: {e}", err=True)
-        raise typer.Exit(2) from None
-    raise typer.Exit(run_async(lambda: serve(settings)))
+    serve_or_exit("tamiyo", TamiyoSettings, serve)
 
 
 @app.command()
