@@ -38,11 +38,13 @@ async def running_tamiyo(settings: TamiyoSettings) -> AsyncIterator[TamiyoServic
     service = TamiyoService(settings)
     await service.client.connect()
     stop = asyncio.Event()
-    tasks = [asyncio.create_task(service.consumer.run(stop)), asyncio.create_task(service.catalog.run(stop))]
+    tasks = [asyncio.create_task(service.consumer.run(stop)), asyncio.create_task(service.catalog.run(stop)),
+             asyncio.create_task(service.publish_field_reports(stop, poll_s=0.05))]
     try:
         yield service
     finally:
         stop.set()
         await asyncio.gather(*tasks)
         service.worker.close()
+        service.close_outbox()
         await service.client.close()

@@ -151,3 +151,35 @@ def test_fault_knobs_need_explicit_opt_in(monkeypatch: pytest.MonkeyPatch) -> No
         TamiyoSettings(leyline_secret="s" * 32, redis_url="redis://127.0.0.1:1/0")
     monkeypatch.setenv("ESPER_ENABLE_FAULT_INJECTION", "1")
     assert TamiyoSettings(leyline_secret="s" * 32).fault_inference_delay_ms == 50.0
+
+
+async def test_field_reports_reach_the_bus_and_windows_close(make_client: ClientFactory, settings: OonaSettings,
+                                                             tmp_path: Path) -> None:
+    trainer = await make_client("tolaria")
+    urza = await make_client("urza")
+    async with urza_stand_in(urza), running_tamiyo(tamiyo_settings(settings, tmp_path)) as tamiyo:
+        await wait_until(lambda: _metadata_ready(tamiyo), what="catalogue fetched")
+        first = packet(1)
+        first.current_epoch = 1
+        reply = await trainer.request("state", first, timeout_ms=2000)
+        command = reply.message_as(pb.AdaptationCommand)
+        later = packet(2)
+        later.current_epoch = 2  # one epoch on: the observation window (1 epoch) closes
+        await trainer.request("state", later, timeout_ms=2000)
+
+        async def reports() -> list[pb.FieldReport]:
+            entries = await trainer.redis.xrange(CHANNELS["field_report"].stream("normal"))
+            return [unpack_as(decode_envelope(f[b"payload"]), pb.FieldReport) for _, f in entries]
+
+        async def both_landed() -> bool:
+            ids = {r.report_id for r in await reports()}
+            return f"fr-{command.command_id}" in ids and any(i.startswith("fr-synth-") for i in ids)
+
+        await wait_until(both_landed, what="decision and synthetic reports published")
+        assert tamiyo.fr_published._value.get() >= 2
+    by_id = {r.report_id: r for r in await reports()}
+    decision_report = by_id[f"fr-{command.command_id}"]
+    assert decision_report.issued_at.seconds > 0 and decision_report.training_run_id == "run1"
+    if command.command_type == pb.COMMAND_SEED:
+        synth = by_id[f"fr-synth-{command.command_id}-1+1"]
+        assert synth.observation_window_epochs == 1 and synth.seed_id == command.target_seed_id

@@ -8,15 +8,20 @@ metadata fresh in the background, and serves /metrics and /healthz.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import functools
+import sqlite3
+import time
 from collections.abc import Callable, Coroutine, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 from google.protobuf.message import Message
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from esper.core.breaker import CircuitBreaker
+from esper.core.clock import now_ms
 from esper.core.health_server import HealthServer
 from esper.core.heartbeat import Heartbeat
 from esper.core.lifecycle import Lifecycle, tune_gc_for_hot_loop
@@ -27,6 +32,7 @@ from esper.oona import Consumer, Delivery, OonaClient, OonaMetrics, PublishError
 from esper.oona.connection import RETRYABLE
 from esper.tamiyo.catalog import BlueprintCatalog
 from esper.tamiyo.compile import CompiledPolicy
+from esper.tamiyo.field_reports import FieldReportError, FieldReportStore, outcome_for
 from esper.tamiyo.gnn import TamiyoGNN
 from esper.tamiyo.graph import GraphBuilder
 from esper.tamiyo.normaliser import FeatureNormaliser
@@ -37,6 +43,7 @@ from esper.tamiyo.worker import Faults, TamiyoWorker, _device
 log = get_logger("esper.tamiyo.service")
 
 NORMS_FILE = "gnn_norms.json"
+FIELD_REPORTS_FILE = "field_reports.db"
 POLICY_FILE = "current.pt"
 FAULT_KEY = "esper.fault.tamiyo"  # drills set fields inference_delay_ms / crash_after (opt-in only)
 
@@ -85,12 +92,105 @@ class TamiyoService:
         self.consumer = Consumer(self.client, "state", group=settings.group, handler=self.handle,
                                  name=f"tamiyo-{settings.instance_id}")
         self._background: set[asyncio.Task[None]] = set()
+        # The outbox blocks on fsync: every call goes through one dedicated thread, off the loop.
+        self.field_reports = FieldReportStore(Path(settings.var_dir) / FIELD_REPORTS_FILE)
+        self._fr_thread = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="tamiyo-fr")
+        r = self.registry
+        self.fr_published = Counter("tamiyo_field_reports_published_total", "Field reports published", registry=r)
+        self.fr_retries = Counter("tamiyo_field_reports_retries_total", "Field report publish retries", registry=r)
+        self.fr_dropped = Counter("tamiyo_field_reports_dropped_total", "Field reports dropped after retries",
+                                  registry=r)
+        self.fr_pending = Gauge("tamiyo_field_reports_pending", "Field reports waiting to be published", registry=r)
 
     async def handle(self, delivery: Delivery) -> Message:
         packet = delivery.message_as(pb.SystemStatePacket)
         result = await self.worker.decide(packet, self.worker.deadline_for(delivery))
         self._spawn(self._publish_telemetry(result.telemetry))  # runs after the reply went out
+        self._spawn(self._record(packet, result.reply))
         return result.reply
+
+    async def _record(self, packet: pb.SystemStatePacket, reply: Message) -> None:
+        """Field report for this decision, observation windows, all in the outbox thread."""
+        loop = asyncio.get_running_loop()
+        try:
+            await loop.run_in_executor(self._fr_thread, self._record_sync, packet, reply)
+        except (FieldReportError, sqlite3.Error) as e:
+            log.error("field report not stored", error=str(e), packet_id=packet.packet_id)
+
+    def _record_sync(self, packet: pb.SystemStatePacket, reply: Message) -> None:
+        store, s = self.field_reports, self.settings
+        issued = now_ms()
+        critical = False
+        if isinstance(reply, pb.AdaptationCommand):
+            reason = reply.annotations.get("risk_reason")
+            critical = reason in ("bp_quarantine", "policy_risk_critical", "bsds_handling_quarantine",
+                                  "bsds_hazard_critical")
+            report = pb.FieldReport(
+                version=1, report_id=f"fr-{reply.command_id}", command_id=reply.command_id,
+                training_run_id=packet.training_run_id, seed_id=reply.target_seed_id,
+                blueprint_id=reply.seed_operation.blueprint_id,
+                outcome=outcome_for(reply.command_type, reason),
+                tamiyo_policy_version=reply.annotations.get("policy_version", ""),
+                metrics={"loss_delta": float(packet.training_metrics.get("loss_delta", 0.0))},
+                notes=reason or "",
+            )
+            report.issued_at.FromMilliseconds(issued)
+            store.append(report)
+            if reply.command_type == pb.COMMAND_SEED:
+                store.open_window(reply, run_id=packet.training_run_id, start_epoch=packet.current_epoch,
+                                  epochs=s.fr_obs_window_epochs)
+        elif isinstance(reply, pb.DecisionFailure) and reply.packet_id:
+            report = pb.FieldReport(
+                version=1, report_id=f"fr-fail-{reply.training_run_id}-{reply.packet_id}",
+                training_run_id=packet.training_run_id, outcome=pb.FIELD_REPORT_OUTCOME_NEUTRAL,
+                tamiyo_policy_version=reply.policy_version,
+                notes=pb.DecisionFailureReason.Name(reply.reason),
+            )
+            report.issued_at.FromMilliseconds(issued)
+            store.append(report)
+        if packet.training_run_id:
+            store.observe(run_id=packet.training_run_id, epoch=packet.current_epoch,
+                          loss_delta=float(packet.training_metrics.get("loss_delta", 0.0)), critical=critical,
+                          issued_at_ms=issued)
+
+    async def publish_field_reports(self, stop: asyncio.Event, *, poll_s: float = 0.2) -> None:
+        """Drain the outbox to `field_report` with backoff; prune by retention now and then."""
+        loop = asyncio.get_running_loop()
+        s = self.settings
+        last_prune = 0.0
+        while not stop.is_set():
+            try:
+                due = await loop.run_in_executor(self._fr_thread, self.field_reports.due, now_ms(), 100)
+                published: list[str] = []
+                for item in due:
+                    try:
+                        await self.client.publish("field_report", item.report)
+                        published.append(item.report_id)
+                    except PublishError as e:
+                        retry = functools.partial(
+                            self.field_reports.mark_failed, item.report_id, now_ms=now_ms(),
+                            backoff_ms=s.fr_retry_backoff_ms, mult=s.fr_retry_backoff_mult,
+                            max_retries=s.field_report_max_retries)
+                        dropped = await loop.run_in_executor(self._fr_thread, retry)
+                        (self.fr_dropped if dropped else self.fr_retries).inc()
+                        log.warning("field report publish failed", report_id=item.report_id, dropped=dropped,
+                                    error=str(e))
+                if published:
+                    await loop.run_in_executor(self._fr_thread, self.field_reports.mark_published, published)
+                    self.fr_published.inc(len(published))
+                counts = await loop.run_in_executor(self._fr_thread, self.field_reports.counts)
+                self.fr_pending.set(counts["pending"])
+                if time.monotonic() - last_prune > 60:
+                    last_prune = time.monotonic()
+                    await loop.run_in_executor(self._fr_thread, lambda: self.field_reports.prune(
+                        now_ms=now_ms(), retention_hours=s.field_report_retention_hours))
+            except (FieldReportError, sqlite3.Error) as e:
+                log.error("field report outbox failed", error=str(e))
+            try:
+                async with asyncio.timeout(poll_s):
+                    await stop.wait()
+            except TimeoutError:
+                pass
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.ensure_future(coro)
@@ -132,6 +232,10 @@ class TamiyoService:
                       "inference_breaker": self.worker.inference_breaker.state_name,
                       "metadata": self.catalog.last_failure or "ok", "device": str(self.device)}
 
+    def close_outbox(self) -> None:
+        self._fr_thread.shutdown(wait=True)
+        self.field_reports.close()
+
     def save_state(self) -> None:
         var = Path(self.settings.var_dir)
         var.mkdir(parents=True, exist_ok=True)
@@ -153,7 +257,7 @@ async def serve(settings: TamiyoSettings) -> int:
     beat = Heartbeat(service.client.redis, "tamiyo", settings.instance_id, interval_s=settings.heartbeat_interval_s,
                      ttl_s=settings.heartbeat_ttl_s)
     tasks = [asyncio.create_task(service.consumer.run(stop)), asyncio.create_task(service.catalog.run(stop)),
-             asyncio.create_task(beat.run(stop))]
+             asyncio.create_task(beat.run(stop)), asyncio.create_task(service.publish_field_reports(stop))]
     if settings.enable_fault_injection:
         log.warning("fault injection enabled (drills only)")
         tasks.append(asyncio.create_task(service._watch_faults(stop)))
@@ -165,6 +269,7 @@ async def serve(settings: TamiyoSettings) -> int:
         await life.drain(tasks)
     finally:
         service.worker.close()
+        service.close_outbox()
         service.save_state()
         if http is not None:
             await http.stop()

@@ -65,6 +65,17 @@ class TamiyoSettings(OonaSettings):
     blend_alpha_vec_max: int = Field(64, validation_alias=_t("blend_alpha_vec_max"),
                                      description="CHANNEL alpha_vec only up to this many channels")
 
+    field_report_retention_hours: float = Field(24.0, validation_alias=_t("field_report_retention_hours"),
+                                                description="published/dropped reports kept this long")
+    field_report_max_retries: int = Field(3, validation_alias=_t("field_report_max_retries"),
+                                          description="publish attempts before a report is dropped (counted)")
+    fr_obs_window_epochs: int = Field(1, validation_alias=_t("fr_obs_window_epochs"),
+                                      description="epochs a SEED command is observed before its synthetic report")
+    fr_retry_backoff_ms: float = Field(1000.0, validation_alias=_t("fr_retry_backoff_ms"),
+                                       description="first retry delay of a failed publish")
+    fr_retry_backoff_mult: float = Field(2.0, validation_alias=_t("fr_retry_backoff_mult"),
+                                         description="retry delay multiplier")
+
     # Fault injection for drills: refused unless ESPER_ENABLE_FAULT_INJECTION=1.
     enable_fault_injection: bool = Field(False, description="allow the TAMIYO_FAULT_* knobs (drills only)")
     fault_inference_delay_ms: float = Field(0.0, validation_alias=_t("fault_inference_delay_ms"),
