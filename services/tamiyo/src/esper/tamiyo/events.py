@@ -14,7 +14,6 @@ from dataclasses import dataclass, field
 from typing import Final
 
 from esper.core.telemetry import (
-    HIGH_PRIORITY_EVENTS,
     build_event,
     build_metric,
     build_telemetry_packet,
@@ -33,7 +32,6 @@ __all__ = [
     "EVENT_DEGRADED_INPUTS",
     "EVENT_TIMEOUT_INFERENCE",
     "EVENT_TIMEOUT_URZA",
-    "REFERENCE_HIGH_EVENTS",
     "SOURCE",
     "DecisionSnapshot",
     "average_coverage",
@@ -44,7 +42,6 @@ __all__ = [
     "degraded_inputs_event",
     "degraded_inputs_level",
     "finding_event",
-    "missing_high_priority_events",
 ]
 
 SOURCE: Final = "tamiyo"
@@ -57,22 +54,6 @@ EVENT_DEGRADED_INPUTS: Final = "degraded_inputs"
 
 DEGRADED_INPUTS_CRITICAL_COVERAGE: Final[float] = 0.10  # average coverage <= → CRITICAL degraded_inputs
 DEGRADED_INPUTS_INFO_COVERAGE: Final[float] = 0.30  # average coverage < → INFO degraded_inputs
-
-REFERENCE_HIGH_EVENTS: Final[frozenset[str]] = frozenset(
-    {
-        "timeout_inference",
-        "timeout_urza",
-        "step_latency_high",
-        "loss_spike",
-        "isolation_violations",
-        "hook_budget",
-        "policy_risk_critical",
-        "bp_quarantine",
-        "device_pressure_high",
-        "cpu_pressure_high",
-    }
-)
-"""The prototype's HIGH list (REFERENCE_PROTOTYPE §6.4); must be a subset of core's list."""
 
 _INFO: Final[int] = pb.TELEMETRY_LEVEL_INFO
 _WARNING: Final[int] = pb.TELEMETRY_LEVEL_WARNING
@@ -119,11 +100,6 @@ DECISION_EVENT_PRIORITIES: Final[Mapping[tuple[str, int], int]] = {
 def decision_event_priority(name: str, level: int) -> int:
     """``MessagePriority`` of one decision event: core's :func:`event_priority`, nothing Tamiyo-local."""
     return event_priority(level, name)
-
-
-def missing_high_priority_events() -> frozenset[str]:
-    """Names the prototype ranks HIGH that core's ``HIGH_PRIORITY_EVENTS`` lacks (expected: none)."""
-    return REFERENCE_HIGH_EVENTS - HIGH_PRIORITY_EVENTS
 
 
 def decision_priority(events: Iterable[pb.TelemetryEvent]) -> int:
