@@ -18,13 +18,11 @@ import gc
 import importlib.metadata
 import json
 import logging
-import math
 import multiprocessing as mp
 import os
 import platform
 import secrets
 import statistics
-import subprocess
 import sys
 import time
 import uuid
@@ -43,6 +41,11 @@ from esper.core.redis_server import EmbeddedRedis
 from esper.leyline import Channel, channel, pb
 from esper.oona import Consumer, Delivery, OonaClient, OonaSettings
 from esper.oona.consumer import AckMode
+
+try:
+    from bench.benchlib import git_state, percentile, redis_version
+except ImportError:  # run as a script: bench/ is on sys.path
+    from benchlib import git_state, percentile, redis_version  # type: ignore[import-not-found,no-redef]
 
 SECRET = secrets.token_hex(16)
 GROUP = "tamiyo"
@@ -104,13 +107,6 @@ def sealed_size(url: str, message: Message, **fields: Any) -> int:
 
 def ms(seconds: float) -> float:
     return round(seconds * 1000.0, 4)
-
-
-def percentile(samples: Sequence[float], q: float) -> float:
-    """Nearest-rank percentile (q in 0..100)."""
-    ordered = sorted(samples)
-    k = max(0, min(len(ordered) - 1, math.ceil(q / 100.0 * len(ordered)) - 1))
-    return ordered[k]
 
 
 def latency_keys(prefix: str, samples: Sequence[float]) -> Result:
@@ -672,16 +668,6 @@ GOALS: list[tuple[str, str, Callable[[Result], bool]]] = [
 ]
 
 
-def redis_version(url: str) -> str:
-    import redis
-
-    client = redis.Redis.from_url(url)
-    try:
-        return str(client.info("server")["redis_version"])
-    finally:
-        client.close()
-
-
 def metadata(url: str, sizes: Sizes, loop_name: str) -> Result:
     return {
         "python": platform.python_version(),
@@ -710,21 +696,6 @@ def metadata(url: str, sizes: Sizes, loop_name: str) -> Result:
             f"{EMERGENCY_BUCKET_PER_MIN}/min (emergency_bucket_per_min) so it refuses none."
         ),
     }
-
-
-def git_state() -> Result:
-    """Which library code was measured (the tree may hold uncommitted edits)."""
-    root = Path(__file__).resolve().parent.parent
-
-    def git(*args: str) -> str:
-        try:
-            out = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=10, check=True)
-        except (OSError, subprocess.SubprocessError):
-            return ""
-        return out.stdout.strip()
-
-    dirty = git("status", "--porcelain", "--untracked-files=no", "--", "libs", "services")
-    return {"git_commit": git("rev-parse", "--short", "HEAD"), "git_library_dirty": bool(dirty)}
 
 
 def vars_of(sizes: Sizes) -> dict[str, Any]:

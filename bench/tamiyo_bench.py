@@ -68,6 +68,11 @@ from esper.tamiyo.service import TamiyoService
 from esper.tamiyo.settings import TamiyoSettings
 
 try:
+    from bench.benchlib import git_state, percentile, redis_version
+except ImportError:  # run as a script: bench/ is on sys.path
+    from benchlib import git_state, percentile, redis_version  # type: ignore[import-not-found,no-redef]
+
+try:
     from bench.tamiyo_build_bench import naive_build, representative_blueprints, representative_packet
     from bench.tamiyo_inference_bench import measure_inference
 except ModuleNotFoundError:  # run as a script: bench/ itself is on sys.path, the repository root is not
@@ -109,13 +114,6 @@ QUICK = Sizes(build_n=200, build_rounds=2, inference_n=100, decide_n=100, rr_war
 
 
 # -- helpers -----------------------------------------------------------------------------------------
-
-
-def percentile(samples: Sequence[float], q: float) -> float:
-    """Nearest-rank percentile (q in 0..100)."""
-    ordered = sorted(samples)
-    k = max(0, min(len(ordered) - 1, math.ceil(q / 100.0 * len(ordered)) - 1))
-    return ordered[k]
 
 
 def latency_keys(prefix: str, samples_ms: Sequence[float]) -> Result:
@@ -594,31 +592,6 @@ GOALS: list[tuple[str, str, Callable[[Result], bool]]] = [
     ("goal_decision_rr_commands", f">= {GOAL_COMMAND_RATIO:.0%} of timed requests answered with a command",
      lambda r: r.get("decision_rr_command_ratio", 0.0) >= GOAL_COMMAND_RATIO),
 ]
-
-
-def git_state() -> Result:
-    """Which library code was measured (the tree may hold uncommitted edits)."""
-    root = SCRIPT.parent.parent
-
-    def git(*args: str) -> str:
-        try:
-            out = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=10, check=True)
-        except (OSError, subprocess.SubprocessError):
-            return ""
-        return out.stdout.strip()
-
-    dirty = git("status", "--porcelain", "--untracked-files=no", "--", "libs", "services")
-    return {"git_commit": git("rev-parse", "--short", "HEAD"), "git_library_dirty": bool(dirty)}
-
-
-def redis_version(url: str) -> str:
-    import redis
-
-    client = redis.Redis.from_url(url)
-    try:
-        return str(client.info("server")["redis_version"])
-    finally:
-        client.close()
 
 
 def metadata(url: str, sizes: Sizes) -> Result:
