@@ -39,7 +39,8 @@ async def running_tamiyo(settings: TamiyoSettings) -> AsyncIterator[TamiyoServic
     await service.client.connect()
     stop = asyncio.Event()
     tasks = [asyncio.create_task(service.consumer.run(stop)), asyncio.create_task(service.catalog.run(stop)),
-             asyncio.create_task(service.publish_field_reports(stop, poll_s=0.05))]
+             asyncio.create_task(service.publish_field_reports(stop, poll_s=0.05)),
+             asyncio.create_task(service.policy_consumer.run(stop))]
     try:
         yield service
     finally:

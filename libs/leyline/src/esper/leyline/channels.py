@@ -28,6 +28,10 @@ class Channel:
     maxlen: int = 10_000  # approximate MAXLEN on the normal lane (prototype: Weatherlight maxlen 10 000)
     emergency_only: bool = False
     description: str = ""
+    # Channels of large, rare messages (policy checkpoints) raise the size cap and trim exactly:
+    # approximate MAXLEN trims whole radix nodes (~100 entries), far too lax for megabyte entries.
+    max_message_bytes: int | None = None  # None: the bus-wide cap (OonaSettings.max_message_bytes)
+    exact_trim: bool = False
 
     @property
     def normal_stream(self) -> str | None:
@@ -56,7 +60,8 @@ CHANNELS: dict[str, Channel] = {
         Channel("state", ("tamiyo",), description="SystemStatePacket from trainers; Tamiyo replies on command.<run>"),
         Channel("telemetry", ("nissa",), maxlen=50_000, description="TelemetryPacket from every process"),
         Channel("field_report", ("simic", "nissa"), description="FieldReport outbox drain from Tamiyo"),
-        Channel("policy", ("tamiyo",), maxlen=100, description="Signed PolicyUpdate from Simic"),
+        Channel("policy", (), maxlen=8, max_message_bytes=64 * 1024 * 1024, exact_trim=True,
+                description="Signed PolicyUpdate from Simic; every Tamiyo replica reads it in a group of its own"),
         Channel("kernel.request", ("urza",), description="KernelPrefetchRequest from Kasmina"),
         Channel("kernel.ready", ("kasmina",), description="KernelArtifactReady / KernelCatalogUpdate"),
         Channel("kernel.error", ("kasmina",), description="KernelArtifactError"),

@@ -184,13 +184,15 @@ class OonaClient:
         correlation_id: str = "",
         message_id: str | None = None,
         attributes: Mapping[str, str] | None = None,
+        max_bytes: int | None = None,
     ) -> tuple[pb.BusEnvelope, bytes]:
         """Pack and sign; refuse (before touching Redis) anything over the size cap."""
         env = pack(message, sender=self.sender, issued_at_ms=now_ms(), priority=priority, message_id=message_id,
                    correlation_id=correlation_id, reply_to=reply_to, deadline_ms=deadline_ms, attributes=attributes)
         raw = encode_envelope(sign_envelope(env, self.keys))
-        if len(raw) > self.settings.max_message_bytes:
-            raise PublishError(f"envelope is {len(raw)} bytes, cap is {self.settings.max_message_bytes}")
+        cap = max_bytes or self.settings.max_message_bytes
+        if len(raw) > cap:
+            raise PublishError(f"envelope is {len(raw)} bytes, cap is {cap}")
         return env, raw
 
     def route(self, ch: Channel, env: pb.BusEnvelope) -> tuple[Lane, str, int]:
@@ -228,11 +230,12 @@ class OonaClient:
         never); an open breaker fails fast."""
         chan = _as_channel(ch)
         env, raw = self.seal(message, priority=priority, deadline_ms=deadline_ms, reply_to=reply_to,
-                             correlation_id=correlation_id, message_id=message_id, attributes=attributes)
+                             correlation_id=correlation_id, message_id=message_id, attributes=attributes,
+                             max_bytes=chan.max_message_bytes)
         lane, stream, maxlen = self.route(chan, env)
         if lane == "emergency":
             self._take_emergency_token(chan)
-        entry_id = await self._xadd(chan.name, lane, stream, raw, maxlen)
+        entry_id = await self._xadd(chan.name, lane, stream, raw, maxlen, approximate=not chan.exact_trim)
         return Published(stream, entry_id, env.message_id, lane)
 
     async def publish_raw(self, stream: str, fields: Mapping[Any, Any], *, maxlen: int = 0) -> str:
@@ -248,11 +251,12 @@ class OonaClient:
             self.metrics.record_publish_error(chname, "breaker_open")
             raise PublishError(f"publish breaker open, retry in {e.retry_after_s:.1f}s") from e
 
-    async def _xadd(self, chname: str, lane: Lane, stream: str, raw: bytes, maxlen: int) -> str:
+    async def _xadd(self, chname: str, lane: Lane, stream: str, raw: bytes, maxlen: int, *,
+                    approximate: bool = True) -> str:
         self._check_publish_breaker(chname)
         t0 = time.perf_counter()
         try:
-            entry_id = await self.redis.xadd(stream, {PAYLOAD_FIELD: raw}, maxlen=maxlen, approximate=True)
+            entry_id = await self.redis.xadd(stream, {PAYLOAD_FIELD: raw}, maxlen=maxlen, approximate=approximate)
         except RETRYABLE as e:
             self.publish_breaker.record_failure()
             self.metrics.record_publish_error(chname, "redis")
@@ -276,11 +280,11 @@ class OonaClient:
         pipe = self.redis.pipeline(transaction=False)
         lane: Lane = "normal"
         for m in messages:
-            env, raw = self.seal(m, priority=priority)
+            env, raw = self.seal(m, priority=priority, max_bytes=chan.max_message_bytes)
             lane, stream, maxlen = self.route(chan, env)
             if lane == "emergency":
                 self._take_emergency_token(chan)
-            pipe.xadd(stream, {PAYLOAD_FIELD: raw}, maxlen=maxlen, approximate=True)
+            pipe.xadd(stream, {PAYLOAD_FIELD: raw}, maxlen=maxlen, approximate=not chan.exact_trim)
         t0 = time.perf_counter()
         try:
             ids = await pipe.execute()
@@ -511,11 +515,11 @@ class OonaClient:
             await ensure_group_on(self.redis, stream, group)
 
 
-async def ensure_group_on(redis: Redis, stream: str, group: str) -> None:
+async def ensure_group_on(redis: Redis, stream: str, group: str, *, start_id: str = "0") -> None:
     from redis.exceptions import ResponseError
 
     try:
-        await redis.xgroup_create(stream, group, id="0", mkstream=True)
+        await redis.xgroup_create(stream, group, id=start_id, mkstream=True)
     except ResponseError as e:
         if "BUSYGROUP" not in str(e):
             raise

@@ -42,6 +42,7 @@ from esper.leyline import (
     ReplayCache,
     channel,
     pb,
+    reason_code,
 )
 from esper.oona.client import OonaClient, decode_id, ensure_group_on, valid_reply_target
 from esper.oona.connection import RETRYABLE
@@ -55,6 +56,10 @@ Handler = Callable[[Delivery], Awaitable[Message | None]]
 # One XREADGROUP/XAUTOCLAIM entry as redis-py returns it (RESP2, bytes).
 Entry = tuple[bytes, Mapping[bytes, bytes] | None]
 AckMode = Literal["eager", "batch"]
+StartAt = Literal["all", "latest"]
+# Called after an entry was dead-lettered: (reason code, detail, lane). Lets a service turn a bus-level
+# rejection (bad signature, stale) into its own domain event (e.g. Tamiyo's `policy_update_rejected`).
+DeadLetterHook = Callable[[str, str, Lane], None]
 
 
 @dataclass(slots=True)
@@ -97,7 +102,13 @@ class Consumer:
         max_deliveries: int | None = None,
         ack_mode: AckMode = "eager",
         freshness_window_ms: int | None = None,
+        start_at: StartAt = "all",
+        ephemeral_group: bool = False,
+        on_dead_letter: DeadLetterHook | None = None,
     ) -> None:
+        """`start_at="latest"` creates a new group just before each lane's newest entry (that entry and
+        everything after it are delivered), for fan-out readers that only need the current state plus
+        what follows; `ephemeral_group` destroys the group on `close()` (one group per process)."""
         s = client.settings
         self.client = client
         self.channel = ch if isinstance(ch, Channel) else channel(ch)
@@ -110,10 +121,14 @@ class Consumer:
         self.claim_interval_ms = claim_interval_ms or s.claim_interval_ms
         self.max_deliveries = max_deliveries or s.max_deliveries
         self.ack_mode = ack_mode
+        self.start_at = start_at
+        self.ephemeral_group = ephemeral_group
+        self.on_dead_letter = on_dead_letter
         # Durable channels (field reports) may accept older envelopes than the bus default so a
         # backlog survives an outage; the replay memory is sized to the window actually used.
         window_ms = freshness_window_ms or s.freshness_window_ms
-        self.policy = dataclasses.replace(client.policy, window_ms=window_ms)
+        self.policy = dataclasses.replace(client.policy, window_ms=window_ms,
+                                          max_bytes=self.channel.max_message_bytes or client.policy.max_bytes)
         self.stats = ConsumerStats()
         self.breaker = client._breaker("consume", reset_timeout_s=s.consume_breaker_reset_s)
         self._streams = self.channel.streams  # emergency first
@@ -147,13 +162,17 @@ class Consumer:
     async def start(self) -> None:
         """Create the group on both lanes (idempotent) and open the dedicated blocking connection."""
         for stream in self._streams:
-            await ensure_group_on(self.client.redis, stream, self.group)
+            start = "0" if self.start_at == "all" else await _before_newest(self.client.redis, stream)
+            await ensure_group_on(self.client.redis, stream, self.group, start_id=start)
         if self._conn is None:
             self._conn = self.client.blocking_connection()
 
     async def close(self) -> None:
         try:
             await self._flush()
+            if self.ephemeral_group:
+                for stream in self._streams:
+                    await self.client.redis.xgroup_destroy(stream, self.group)
         finally:
             if self._conn is not None:
                 await self._conn.aclose()
@@ -382,6 +401,8 @@ class Consumer:
         self.stats.dead_lettered += 1
         code = pb.DeadLetterReason.Name(reason)
         self.stats.dead_reasons[code] = self.stats.dead_reasons.get(code, 0) + 1
+        if self.on_dead_letter is not None:
+            self.on_dead_letter(reason_code(reason), detail, self._lane_of.get(stream, "normal"))
 
     # -- reclaim -----------------------------------------------------------------------------------
 
@@ -448,6 +469,12 @@ class Consumer:
             for r in rows:
                 counts[decode_id(r["message_id"])] = int(r["times_delivered"])
         return counts
+
+
+async def _before_newest(redis: Redis, stream: str) -> str:
+    """The id a group must start at to deliver `stream`'s newest entry and all later ones."""
+    newest = await redis.xrevrange(stream, count=2) or []
+    return decode_id(newest[1][0]) if len(newest) == 2 else "0"
 
 
 def _emergency_first(resp: Sequence[Any], emergency_stream: str) -> list[tuple[str, Sequence[Entry]]]:

@@ -134,7 +134,7 @@ class StreamKeeper:
             # Emergency lanes are never trimmed below the floor, and never by age.
             return int(await self.client.redis.xtrim(stream, maxlen=max(s.emergency_maxlen_floor, chan.maxlen),
                                                      approximate=True))
-        by_len = int(await self.client.redis.xtrim(stream, maxlen=chan.maxlen, approximate=True))
+        by_len = int(await self.client.redis.xtrim(stream, maxlen=chan.maxlen, approximate=not chan.exact_trim))
         by_age = int(await self.client.redis.xtrim(stream, minid=f"{now_ms() - s.message_ttl_ms}-0", approximate=True))
         return by_len + by_age
 

@@ -135,6 +135,15 @@ class CategoryRegistry:
         with self._lock:
             return dict(self._table)
 
+    def adopt(self, entries: Mapping[str, int]) -> None:
+        """Record known assignments for new keys whose index is free (collision-resolved keys from
+        another process keep their index here too); keys we already have, or taken slots, are skipped."""
+        with self._lock:
+            for key, index in entries.items():
+                if key not in self._table and index not in self._taken and 0 < index < self.vocab_size:
+                    self._table[key] = index
+                    self._taken.add(index)
+
     def index(self, key: str) -> int:
         """The key's index, assigning one on first sight (never 0; see the module docstring)."""
         found = self._table.get(key)
@@ -297,3 +306,40 @@ class RegistrySet:
             detail = f"expected {expected_digest!r}, got {digest!r}"
             raise RegistryMismatchError("*", "expected_digest_mismatch", detail)
         return loaded
+
+    def schema_digest(self) -> str:
+        """sha256 of what fixes the meaning of an index: format, scheme, names and vocabulary sizes.
+
+        Unlike :meth:`digest` it does not change as keys arrive, so a checkpoint can be checked
+        against a live set that has seen more (or fewer) keys than the one it was trained with.
+        """
+        return hashlib.sha256(
+            canonical_json([FORMAT_VERSION, SCHEME, [[r.name, r.vocab_size] for r in self]])).hexdigest()
+
+    def entries(self) -> dict[str, dict[str, int]]:
+        """Every registry's key → index table (copies)."""
+        return {r.name: r.entries() for r in self}
+
+    def check_compatible(self, schema_digest: str, entries: Mapping[str, Mapping[str, int]]) -> None:
+        """Raise unless a policy trained with (`schema_digest`, `entries`) reads our indices as it was trained.
+
+        Same scheme and vocabularies, no key both sides know at different indices, and no key the
+        checkpoint knows whose index we gave to another key (the policy would confuse the two).
+        """
+        if schema_digest != self.schema_digest():
+            raise RegistryMismatchError("*", "schema_mismatch",
+                                        f"checkpoint schema {schema_digest[:12]}, live {self.schema_digest()[:12]}")
+        for registry in self:
+            theirs = entries.get(registry.name, {})
+            mine = registry.entries()
+            owners = {index: key for key, index in mine.items()}
+            conflicts = [key for key, index in theirs.items()
+                         if mine.get(key, index) != index or owners.get(index, key) != key]
+            if conflicts:
+                raise RegistryMismatchError(registry.name, "conflicting_entry",
+                                            f"{len(conflicts)} keys indexed differently, e.g. {sorted(conflicts)[:3]}")
+
+    def adopt(self, entries: Mapping[str, Mapping[str, int]]) -> None:
+        """Take the checkpoint's assignments for keys we have not seen (after `check_compatible`)."""
+        for registry in self:
+            registry.adopt(entries.get(registry.name, {}))

@@ -28,36 +28,42 @@ from esper.core.lifecycle import Lifecycle, tune_gc_for_hot_loop
 from esper.core.logging import configure_logging, get_logger
 from esper.core.telemetry import build_event, build_telemetry_packet, packet_priority
 from esper.leyline import pb
-from esper.oona import Consumer, Delivery, OonaClient, OonaMetrics, PublishError
+from esper.oona import Consumer, Delivery, OonaClient, OonaMetrics, PublishError, Reject
 from esper.oona.connection import RETRYABLE
 from esper.tamiyo.catalog import BlueprintCatalog
+from esper.tamiyo.checkpoint import PolicyStore, PolicyUpdateRejected
 from esper.tamiyo.compile import CompiledPolicy
 from esper.tamiyo.field_reports import FieldReportError, FieldReportStore, outcome_for
-from esper.tamiyo.gnn import TamiyoGNN
+from esper.tamiyo.gnn import GNNConfig, TamiyoGNN
 from esper.tamiyo.graph import GraphBuilder
 from esper.tamiyo.normaliser import FeatureNormaliser
-from esper.tamiyo.registry import REGISTRY_FILE, RegistrySet
+from esper.tamiyo.registry import REGISTRY_FILE, RegistryMismatchError, RegistrySet
+from esper.tamiyo.schema import POLICY_VERSION
 from esper.tamiyo.settings import TamiyoSettings
+from esper.tamiyo.updates import LivePolicy, PolicyUpdater, bus_rejection_reason, check_update
 from esper.tamiyo.worker import Faults, TamiyoWorker, _device
 
 log = get_logger("esper.tamiyo.service")
 
 NORMS_FILE = "gnn_norms.json"
 FIELD_REPORTS_FILE = "field_reports.db"
-POLICY_FILE = "current.pt"
 FAULT_KEY = "esper.fault.tamiyo"  # drills set fields inference_delay_ms / crash_after (opt-in only)
 
 
-def load_model(settings: TamiyoSettings, device: torch.device) -> TamiyoGNN:
-    """The GNN, from `policy_dir/current.pt` when present (weights only, never a pickled module)."""
-    torch.manual_seed(0)  # replicas without a checkpoint start from the same weights
-    model = TamiyoGNN()
-    path = settings.policy_dir / POLICY_FILE
-    if path.exists():
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        model.load_state_dict(state)
-        log.info("policy checkpoint loaded", path=str(path))
-    return model.to(device).eval()
+def initial_policy(settings: TamiyoSettings, updater: PolicyUpdater, device: torch.device) -> LivePolicy:
+    """The stored policy (validated like an update), else the initial weights every replica shares.
+
+    A stored policy that fails validation raises: serving other weights than the ones on disk
+    would be a silent fallback.
+    """
+    stored = updater.store.load()
+    if stored is not None:
+        live = updater.restore(stored)
+        log.info("policy loaded", version=live.version, policy_id=live.policy_id)
+        return live
+    torch.manual_seed(0)  # replicas without a stored policy start from the same weights
+    model = TamiyoGNN(updater.config).to(device).eval()
+    return LivePolicy(CompiledPolicy(model, enabled=settings.enable_compile), POLICY_VERSION)
 
 
 def load_state(settings: TamiyoSettings) -> tuple[FeatureNormaliser, RegistrySet]:
@@ -78,7 +84,10 @@ class TamiyoService:
         self.device = _device(settings.device)
         self.norms, self.registries = load_state(settings)
         builder = GraphBuilder(self.norms, self.registries, device=self.device)
-        policy = CompiledPolicy(load_model(settings, self.device), enabled=settings.enable_compile)
+        self.updater = PolicyUpdater(config=GNNConfig(), registries=self.registries,
+                                     store=PolicyStore(settings.policy_dir), compile_enabled=settings.enable_compile,
+                                     device=self.device)
+        live = initial_policy(settings, self.updater, self.device)
         cooldown_s = settings.breaker_cooldown_ms / 1000.0
         self.catalog = BlueprintCatalog(
             self.client, timeout_ms=settings.metadata_timeout_ms, ttl_s=settings.metadata_cache_ttl_s,
@@ -87,10 +96,19 @@ class TamiyoService:
             on_failure=self._metadata_failed,
         )
         self.faults = Faults(settings.fault_inference_delay_ms, settings.fault_crash_after)
-        self.worker = TamiyoWorker(settings, keys=self.client.keys, builder=builder, policy=policy,
-                                   catalog=self.catalog, registry=self.registry, faults=self.faults)
+        self.worker = TamiyoWorker(settings, keys=self.client.keys, builder=builder, policy=live.policy,
+                                   catalog=self.catalog, registry=self.registry, faults=self.faults,
+                                   policy_version=live.version)
+        self.worker.swap(live)
         self.consumer = Consumer(self.client, "state", group=settings.group, handler=self.handle,
                                  name=f"tamiyo-{settings.instance_id}")
+        # Every replica must apply every update: a group of its own (not the shared `tamiyo` group),
+        # starting at the newest update so a fresh replica catches up, destroyed on clean shutdown.
+        self.policy_consumer = Consumer(
+            self.client, "policy", group=f"tamiyo-policy-{settings.instance_id}", handler=self.handle_policy,
+            name=f"tamiyo-{settings.instance_id}", start_at="latest", ephemeral_group=True,
+            on_dead_letter=self._policy_dead_letter)
+        self._update_thread = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="tamiyo-upd")
         self._background: set[asyncio.Task[None]] = set()
         # The outbox blocks on fsync: every call goes through one dedicated thread, off the loop.
         self.field_reports = FieldReportStore(Path(settings.var_dir) / FIELD_REPORTS_FILE)
@@ -101,6 +119,9 @@ class TamiyoService:
         self.fr_dropped = Counter("tamiyo_field_reports_dropped_total", "Field reports dropped after retries",
                                   registry=r)
         self.fr_pending = Gauge("tamiyo_field_reports_pending", "Field reports waiting to be published", registry=r)
+        self.updates_applied = Counter("tamiyo_policy_updates_applied_total", "Policy updates swapped in", registry=r)
+        self.updates_rejected = Counter("tamiyo_policy_updates_rejected_total", "Policy updates refused",
+                                        ["reason"], registry=r)
 
     async def handle(self, delivery: Delivery) -> Message:
         packet = delivery.message_as(pb.SystemStatePacket)
@@ -108,6 +129,43 @@ class TamiyoService:
         self._spawn(self._publish_telemetry(result.telemetry))  # runs after the reply went out
         self._spawn(self._record(packet, result.reply))
         return result.reply
+
+    async def handle_policy(self, delivery: Delivery) -> None:
+        """Check, build aside, persist, swap (esper.tamiyo.updates); a refusal leaves the live policy
+        untouched, emits `policy_update_rejected` and dead-letters the update."""
+        update = delivery.message_as(pb.PolicyUpdate)
+        live = self.worker.live
+        loop = asyncio.get_running_loop()
+        try:
+            check_update(update, live, now_ms=now_ms(), verify=self.settings.verify_updates,
+                         freshness_s=self.settings.update_freshness_sec)
+            candidate = await loop.run_in_executor(self._update_thread, self.updater.prepare, update)
+            if self.worker.live is not live:
+                raise PolicyUpdateRejected("swap_failed", "another update went live meanwhile")
+            new = await loop.run_in_executor(self._update_thread, self.updater.commit, candidate)
+        except PolicyUpdateRejected as e:
+            self._policy_rejected(e.reason, e.detail, policy_id=update.policy_id)
+            raise Reject(f"policy update {update.policy_id!r} rejected: {e}") from e
+        self.worker.swap(new)
+        self.updates_applied.inc()
+        log.info("policy update applied", version=new.version, policy_id=new.policy_id, previous=live.version)
+        event = build_event("policy_update_applied", level=pb.TELEMETRY_LEVEL_INFO, description=new.version,
+                            policy_version=new.version, policy_id=new.policy_id, previous_version=live.version)
+        self._spawn(self._publish_telemetry(lambda: build_telemetry_packet("tamiyo", events=[event])))
+        return None
+
+    def _policy_dead_letter(self, code: str, detail: str, lane: str) -> None:
+        reason = bus_rejection_reason(code)
+        if reason is not None:
+            self._policy_rejected(reason, f"{code}: {detail}")
+
+    def _policy_rejected(self, reason: str, detail: str, *, policy_id: str = "") -> None:
+        self.updates_rejected.labels(reason).inc()
+        log.warning("policy update rejected", reason=reason, detail=detail[:300], policy_id=policy_id,
+                    live_version=self.worker.live.version)
+        event = build_event("policy_update_rejected", level=pb.TELEMETRY_LEVEL_WARNING, description=detail[:200],
+                            reason=reason, policy_id=policy_id, live_version=self.worker.live.version)
+        self._spawn(self._publish_telemetry(lambda: build_telemetry_packet("tamiyo", events=[event])))
 
     async def _record(self, packet: pb.SystemStatePacket, reply: Message) -> None:
         """Field report for this decision, observation windows, all in the outbox thread."""
@@ -230,9 +288,11 @@ class TamiyoService:
     def health(self) -> tuple[bool, Mapping[str, object]]:
         return True, {"decisions": self.worker.decisions, "conservative": self.worker.conservative.active,
                       "inference_breaker": self.worker.inference_breaker.state_name,
-                      "metadata": self.catalog.last_failure or "ok", "device": str(self.device)}
+                      "metadata": self.catalog.last_failure or "ok", "device": str(self.device),
+                      "policy_version": self.worker.live.version}
 
     def close_outbox(self) -> None:
+        self._update_thread.shutdown(wait=True)
         self._fr_thread.shutdown(wait=True)
         self.field_reports.close()
 
@@ -247,7 +307,11 @@ async def serve(settings: TamiyoSettings) -> int:
     configure_logging(level=settings.log_level, fmt=settings.log_format, service="tamiyo")
     life = Lifecycle("tamiyo", drain_timeout_s=settings.drain_timeout_s)
     life.install_signal_handlers()
-    service = TamiyoService(settings)
+    try:
+        service = TamiyoService(settings)
+    except (RegistryMismatchError, PolicyUpdateRejected) as e:
+        await report_startup_failure(settings, e)
+        return 3
     await service.client.connect()
     stop = life.stop_event
     http: HealthServer | None = None
@@ -257,6 +321,7 @@ async def serve(settings: TamiyoSettings) -> int:
     beat = Heartbeat(service.client.redis, "tamiyo", settings.instance_id, interval_s=settings.heartbeat_interval_s,
                      ttl_s=settings.heartbeat_ttl_s)
     tasks = [asyncio.create_task(service.consumer.run(stop)), asyncio.create_task(service.catalog.run(stop)),
+             asyncio.create_task(service.policy_consumer.run(stop)),
              asyncio.create_task(beat.run(stop)), asyncio.create_task(service.publish_field_reports(stop))]
     if settings.enable_fault_injection:
         log.warning("fault injection enabled (drills only)")
@@ -276,3 +341,18 @@ async def serve(settings: TamiyoSettings) -> int:
         await service.client.close()
         log.info("tamiyo stopped", decisions=service.worker.decisions)
     return 0
+
+
+async def report_startup_failure(settings: TamiyoSettings, error: RegistryMismatchError | PolicyUpdateRejected) -> None:
+    """Refusing to start on state that cannot be trusted is loud: a log line and an ERROR event."""
+    name = "registry_mismatch" if isinstance(error, RegistryMismatchError) else "policy_load_failed"
+    log.error("tamiyo cannot start", event_name=name, reason=error.reason, error=str(error))
+    client = OonaClient.from_settings(settings, sender="tamiyo", metrics=OonaMetrics(CollectorRegistry()))
+    event = build_event(name, level=pb.TELEMETRY_LEVEL_ERROR, description=str(error)[:200], reason=error.reason)
+    try:
+        await client.connect()
+        await client.publish("telemetry", build_telemetry_packet("tamiyo", events=[event]))
+    except (PublishError, *RETRYABLE) as e:
+        log.error("start-up failure not reported on the bus", error=str(e))
+    finally:
+        await client.close()

@@ -44,6 +44,10 @@ class TamiyoSettings(OonaSettings):
                           description="norms and registries (JSON, written atomically)")
     policy_dir: Path = Field(Path("./var/tamiyo/policies"), validation_alias=_t("policy_dir"),
                              description="policy checkpoints")
+    verify_updates: bool = Field(True, validation_alias=_t("verify_updates"),
+                                 description="updates must carry a newer, fresh issued_at (prototype default: off)")
+    update_freshness_sec: float = Field(600.0, validation_alias=_t("update_freshness_sec"),
+                                        description="oldest policy update accepted when verifying; 0 = no limit")
     conservative_mode: bool = Field(False, validation_alias=_t("conservative_mode"),
                                     description="start in conservative mode")
     breaker_failures_to_open: int = Field(3, validation_alias=_t("breaker_failures"),

@@ -39,6 +39,7 @@ from esper.tamiyo.policy import BlendModeSettings, PolicyDecision, decide
 from esper.tamiyo.risk import RiskInputs, RiskVerdict, evaluate
 from esper.tamiyo.schema import POLICY_VERSION
 from esper.tamiyo.settings import TamiyoSettings
+from esper.tamiyo.updates import LivePolicy
 
 log = get_logger("esper.tamiyo.worker")
 
@@ -116,11 +117,13 @@ class TamiyoWorker:
         catalog: BlueprintCatalog | None,
         registry: CollectorRegistry,
         faults: Faults | None = None,
+        policy_version: str = POLICY_VERSION,
     ) -> None:
         self.settings = settings
         self.keys = keys
         self.builder = builder
-        self.policy = policy
+        # Swapped whole by policy updates (one reference assignment); a decision reads it once.
+        self.live = LivePolicy(policy, policy_version)
         self.catalog = catalog
         self.faults = faults or Faults()
         self.metrics = TamiyoMetrics(registry)
@@ -140,6 +143,16 @@ class TamiyoWorker:
         self.decisions = 0
         self.metrics.compile_enabled.set(policy.compile_enabled)
         self.metrics.compile_fallbacks.set(policy.compile_fallback_total)
+
+    @property
+    def policy(self) -> CompiledPolicy:
+        return self.live.policy
+
+    def swap(self, live: LivePolicy) -> None:
+        """Serve `live` from the next decision on (in-flight decisions finish on the old one)."""
+        self.live = live
+        self.metrics.compile_enabled.set(live.policy.compile_enabled)
+        self.metrics.compile_fallbacks.set(live.policy.compile_fallback_total)
 
     def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
@@ -169,13 +182,14 @@ class TamiyoWorker:
         t0 = time.perf_counter()
         timings: dict[str, float] = {}
         view = self.catalog.view() if self.catalog is not None else CatalogView((), None, "no_catalog")
+        live = self.live
         try:
             _require_ids(packet)
             graph = self._build(packet, view.blueprints, timings)
-            outputs = await self._infer(graph, deadline, timings)
-            decision = self._map(outputs, graph)
+            outputs = await self._infer(graph, deadline, timings, live.policy)
+            decision = self._map(outputs, graph, live.version)
         except DecisionFailed as f:
-            return self._failure(packet, f, deadline, view, time.perf_counter() - t0, timings)
+            return self._failure(packet, f, deadline, view, time.perf_counter() - t0, timings, live.version)
         self.inference_breaker.record_success()
         self.conservative.record_on_time()
         verdict = self._risk(packet, decision, view.blueprints)
@@ -203,7 +217,8 @@ class TamiyoWorker:
         self.metrics.coverage.set(graph.feature_coverage)
         return graph
 
-    async def _infer(self, graph: GraphInputs, deadline: Deadline, timings: dict[str, float]) -> PolicyOutputs:
+    async def _infer(self, graph: GraphInputs, deadline: Deadline, timings: dict[str, float],
+                     policy: CompiledPolicy) -> PolicyOutputs:
         if not self.inference_breaker.allow():
             raise DecisionFailed(pb.DECISION_FAILURE_REASON_BREAKER_OPEN,
                                  f"inference breaker open, retry in {self.inference_breaker.retry_after_s():.3f}s",
@@ -221,7 +236,7 @@ class TamiyoWorker:
                                  event="timeout_inference")
         loop = asyncio.get_running_loop()
         t = time.perf_counter()
-        fut = loop.run_in_executor(self._executor, self._forward, graph)
+        fut = loop.run_in_executor(self._executor, self._forward, graph, policy)
         self._inflight = fut
         try:
             async with asyncio.timeout(remaining):
@@ -247,16 +262,16 @@ class TamiyoWorker:
         self.inference_breaker.record_failure()
         self.conservative.record_timeout("timeout_inference")
 
-    def _forward(self, graph: GraphInputs) -> PolicyOutputs:
+    def _forward(self, graph: GraphInputs, policy: CompiledPolicy) -> PolicyOutputs:
         """Runs on the inference thread."""
         if self.faults.inference_delay_ms > 0:
             time.sleep(self.faults.inference_delay_ms / 1000.0)
-        return self.policy(graph.x, graph.edge_index, graph.edge_attr, graph.counts)
+        return policy(graph.x, graph.edge_index, graph.edge_attr, graph.counts)
 
-    def _map(self, outputs: PolicyOutputs, graph: GraphInputs) -> PolicyDecision:
+    def _map(self, outputs: PolicyOutputs, graph: GraphInputs, policy_version: str) -> PolicyDecision:
         try:
             return decide(outputs, graph, blend_mode_annotations=self.settings.enable_blend_mode_ann,
-                          blend=self.blend)
+                          blend=self.blend, policy_version=policy_version)
         except DependencyViolationError as e:
             raise DecisionFailed(pb.DECISION_FAILURE_REASON_DEPENDENCY_VIOLATION, str(e),
                                  event="dependency_violation", level=pb.TELEMETRY_LEVEL_ERROR) from e
@@ -299,11 +314,11 @@ class TamiyoWorker:
     # -- failures and telemetry --------------------------------------------------------------------
 
     def _failure(self, packet: pb.SystemStatePacket, f: DecisionFailed, deadline: Deadline, view: CatalogView,
-                 elapsed_s: float, timings: dict[str, float]) -> DecisionResult:
+                 elapsed_s: float, timings: dict[str, float], policy_version: str) -> DecisionResult:
         reply = pb.DecisionFailure(
             version=1, packet_id=packet.packet_id, training_run_id=packet.training_run_id,
             global_step=packet.global_step, reason=f.reason, detail=f.detail[:500],
-            issued_by=f"tamiyo:{self.settings.instance_id}", policy_version=POLICY_VERSION,
+            issued_by=f"tamiyo:{self.settings.instance_id}", policy_version=policy_version,
         )
         reply.issued_at.FromMilliseconds(now_ms())
         reply.annotations["metadata"] = "ok" if view.failure is None else f"unavailable:{view.failure}"
@@ -314,7 +329,7 @@ class TamiyoWorker:
         self.metrics.conservative.set(1.0 if self.conservative.active else 0.0)
         telemetry = functools.partial(
             build_telemetry_packet, "tamiyo", events=[event, *transitions],
-            indicators={"reason": f.event, "step_index": str(packet.global_step), "policy_version": POLICY_VERSION,
+            indicators={"reason": f.event, "step_index": str(packet.global_step), "policy_version": policy_version,
                         "timeout_budget_ms": f"{self.settings.step_timeout_ms:g}",
                         "metadata_timeout_budget_ms": f"{self.settings.metadata_timeout_ms:g}",
                         "training_run_id": packet.training_run_id},
