@@ -8,7 +8,7 @@ import pytest
 
 from esper.tamiyo.drills import DRILLS, run_drill, run_drills
 
-EXPECTED = ["timeout"]
+EXPECTED = ["timeout", "policy_update"]
 
 
 def test_registry_names() -> None:
@@ -25,4 +25,11 @@ def test_timeout_drill_passes() -> None:
     ok, evidence = run_drill("timeout")
     assert ok, evidence
     for fact in ("timeout_inference", "OPEN", "oona_late_replies_total 0", "rc=0"):
+        assert fact in evidence, fact
+
+
+def test_policy_update_drill_passes() -> None:
+    ok, evidence = run_drill("policy_update")
+    assert ok, evidence
+    for fact in ("applied 1", "bad_signature=1", "registry_mismatch=1", "stale_update=1"):
         assert fact in evidence, fact

@@ -12,6 +12,8 @@ acts as the trainer. An injected inference delay beyond the request budget must 
 explicit `DecisionFailure(TIMEOUT_INFERENCE)` before its deadline, HIGH `timeout_inference`
 telemetry on the emergency lane, an inference breaker that opens and closes again after recovery,
 and no late command: exactly one reply per request on the trainer's reply stream.
+
+`policy_update`: see `esper.tamiyo.drill_policy`.
 """
 
 from __future__ import annotations
@@ -692,8 +694,16 @@ class TimeoutRun:
 
 # -- registry and runner --------------------------------------------------------------------------
 
+async def drill_policy_update() -> DrillResult:
+    """Valid update applied live; tampered, stale and registry-mismatched ones refused (drill_policy.py)."""
+    from esper.tamiyo.drill_policy import drill_policy_update as run
+
+    return await run()
+
+
 DRILLS: dict[str, Drill] = {
     "timeout": drill_timeout,
+    "policy_update": drill_policy_update,
 }
 
 
