@@ -11,7 +11,7 @@ PACKAGES := libs/leyline libs/core services/oona services/karn services/urza ser
 STAMP := $(VENV)/.esper-setup
 PYTEST_FLAGS ?=
 
-.PHONY: setup test e2e bench bench-oona bench-tamiyo lint guard proto proto-check clean
+.PHONY: setup test e2e bench bench-oona bench-tamiyo bench-blueprints lint guard proto proto-check clean
 
 setup: $(STAMP)
 
@@ -30,13 +30,16 @@ e2e: $(STAMP)
 	$(PY) -m esper.oona drill all
 	$(PY) -m esper.tamiyo drill all
 
-bench: bench-oona bench-tamiyo
+bench: bench-oona bench-tamiyo bench-blueprints
 
 bench-oona: $(STAMP)
 	$(PY) bench/oona_bench.py --out bench/results/oona.json
 
 bench-tamiyo: $(STAMP)
 	$(PY) bench/tamiyo_bench.py --out bench/results/tamiyo.json
+
+bench-blueprints: $(STAMP)
+	$(PY) bench/blueprints_bench.py --out bench/results/blueprints.json
 
 lint: $(STAMP) guard
 	$(VENV)/bin/ruff check libs services tests bench scripts

@@ -36,3 +36,23 @@ def test_missing_and_tampered_files(tmp_path: Path) -> None:
         store.get(ref, digest)
     with pytest.raises(ArtifactFormatError):
         store.get("sha256:../../x", digest)
+
+
+def test_verify_rehashes_after_any_write_even_with_mtime_restored(tmp_path: Path) -> None:
+    import os
+
+    store = ArtifactStore(tmp_path)
+    data = b"artifact bytes" * 100
+    ref = store.put(data)
+    store.verify(ref, checksum(data))
+    store.verify(ref, checksum(data))  # unchanged: served from the verified set
+    path = store.path_for(ref)
+    st = path.stat()
+    os.chmod(path, 0o644)
+    path.write_bytes(b"X" + data[1:])  # same size
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))  # mtime put back; ctime moved on
+    with pytest.raises(ChecksumMismatchError):
+        store.verify(ref, checksum(data))
+    path.unlink()
+    with pytest.raises(MissingArtifactError):
+        store.verify(ref, checksum(data))

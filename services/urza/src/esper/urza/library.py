@@ -253,6 +253,13 @@ class UrzaLibrary:
                               (blueprint_id,))
         return [record_from_row(r) for r in rows]
 
+    def verify_kernel(self, kernel_or_blueprint_id: str) -> KernelRecord:
+        """The kernel's record once its artifact is known to be intact (as `fetch_artifact`, but the
+        bytes stay on disk and an unchanged, already verified file is not hashed again)."""
+        record = self.kernel(kernel_or_blueprint_id)
+        self.store.verify(record.artifact_ref, record.checksum)
+        return record
+
     def fetch_artifact(self, kernel_or_blueprint_id: str) -> tuple[KernelRecord, bytes]:
         """The kernel's record and its verified bytes (UnknownKernelError, MissingArtifactError,
         ChecksumMismatchError)."""

@@ -145,7 +145,7 @@ class UrzaService:
             return None
         t0 = time.perf_counter()
         try:
-            record, _ = await asyncio.to_thread(self.library.fetch_artifact, request.blueprint_id)
+            record = await asyncio.to_thread(self.library.verify_kernel, request.blueprint_id)
         except UrzaError as e:
             self.metrics.fetch_latency.observe(time.perf_counter() - t0)
             return await self._kernel_error(delivery, request, e.reason, str(e))

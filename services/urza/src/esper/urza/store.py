@@ -29,10 +29,14 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+_VERIFIED_CAP = 4096  # files remembered as verified (a set cleared when full: cheap, bounded)
+
+
 class ArtifactStore:
     """The artifact directory (`URZA_ARTIFACT_DIR`). Safe for several processes: files are immutable."""
 
     def __init__(self, root: Path) -> None:
+        self._verified: set[tuple[str, str, int, int, int, int]] = set()
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
 
@@ -85,6 +89,23 @@ class ArtifactStore:
         if actual != expected_checksum:
             raise ChecksumMismatchError(f"artifact {ref} on disk hashes to {actual}")
         return data
+
+    def verify(self, ref: str, expected_checksum: str) -> None:
+        """`get` without returning the bytes, and without re-hashing a file already verified whose
+        inode, size, mtime and ctime are unchanged (ctime cannot be set back from user space, so any
+        write since the last check forces a re-hash). Serves repeated prefetches of one kernel."""
+        path = self.path_for(ref)
+        try:
+            st = path.stat()
+        except FileNotFoundError as e:
+            raise MissingArtifactError(f"artifact {ref} is not in {self.root}") from e
+        key = (ref, expected_checksum, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+        if key in self._verified:
+            return
+        self.get(ref, expected_checksum)
+        if len(self._verified) >= _VERIFIED_CAP:
+            self._verified.clear()
+        self._verified.add(key)
 
     def load(self, ref: str, expected_checksum: str, *, expected_guard_digest: str | None = None) -> Artifact:
         """`get` + `load_artifact`, and (for a `KernelArtifactReady`) the promised guard digest."""
