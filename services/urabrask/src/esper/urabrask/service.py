@@ -1,0 +1,106 @@
+"""`python -m esper.urabrask`: the crucible process.
+
+Every `URABRASK_PRODUCER_INTERVAL_S` (and once at start) it probes the kernels whose blueprint has no
+BSDS for its current artifact, stores each sheet in Urza's catalogue and announces it on `bsds`
+(`BSDSIssued`; `BSDSFailed` when an artifact cannot even be loaded). Probing runs in a worker thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Mapping
+
+import torch
+from prometheus_client import CollectorRegistry, Counter
+
+from esper.core.health_server import HealthServer
+from esper.core.heartbeat import Heartbeat
+from esper.core.lifecycle import Lifecycle
+from esper.core.logging import configure_logging, get_logger
+from esper.leyline import pb
+from esper.oona import OonaClient, OonaMetrics, PublishError
+from esper.urabrask.producer import ProducerReport, produce_once
+from esper.urabrask.settings import UrabraskSettings
+from esper.urza.library import UrzaLibrary
+
+log = get_logger("esper.urabrask.service")
+
+
+class UrabraskService:
+    def __init__(self, settings: UrabraskSettings, *, registry: CollectorRegistry | None = None) -> None:
+        self.settings = settings
+        self.registry = registry or CollectorRegistry()
+        self.client = OonaClient.from_settings(settings, sender="urabrask", metrics=OonaMetrics(self.registry))
+        use_cuda = settings.device == "cuda" or (settings.device == "auto" and torch.cuda.is_available())
+        self.device = torch.device("cuda" if use_cuda else "cpu")
+        self.library = UrzaLibrary(settings.db_path, settings.artifact_dir, busy_timeout_ms=settings.busy_timeout_ms)
+        self.issued = Counter("urabrask_bsds_issued", "Safety sheets issued", ["hazard_band"], registry=self.registry)
+        self.failed = Counter("urabrask_bsds_failed", "Kernels that could not be probed", ["reason"],
+                              registry=self.registry)
+        self.last: ProducerReport | None = None
+
+    def produce(self) -> ProducerReport:
+        s = self.settings
+        return produce_once(self.library, device=self.device, seed=s.seed, only_safe_tier=s.only_safe_tier,
+                            limit=s.topn_per_cycle)
+
+    async def announce(self, report: ProducerReport) -> None:
+        for sheet in report.issued:
+            self.issued.labels(pb.HazardBand.Name(sheet.hazard_band)).inc()
+        for reason in report.failed.values():
+            self.failed.labels(reason).inc()
+        if not self.settings.oona_publish_enabled:
+            return
+        messages = [pb.BSDSIssued(bsds=s) for s in report.issued]
+        failures = [pb.BSDSFailed(blueprint_id=b, reason=r) for b, r in report.failed.items()]
+        try:
+            if messages:
+                await self.client.publish_many("bsds", messages)
+            if failures:
+                await self.client.publish_many("bsds", failures)
+        except PublishError as e:  # the sheets are in the catalogue already; only the announcement is lost
+            log.warning("bsds announcement not sent", error=str(e))
+
+    async def run(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            report = await asyncio.to_thread(self.produce)
+            self.last = report
+            log.info("crucible pass", issued=len(report.issued), failed=len(report.failed), skipped=report.skipped)
+            await self.announce(report)
+            try:
+                async with asyncio.timeout(self.settings.producer_interval_s):
+                    await stop.wait()
+            except TimeoutError:
+                pass
+
+    def health(self) -> tuple[bool, Mapping[str, object]]:
+        last = self.last
+        return True, {"device": str(self.device), "issued_last_pass": None if last is None else len(last.issued),
+                      "failed_last_pass": None if last is None else dict(last.failed)}
+
+
+async def serve(settings: UrabraskSettings) -> int:
+    configure_logging(level=settings.log_level, fmt=settings.log_format, service="urabrask")
+    life = Lifecycle("urabrask", drain_timeout_s=settings.drain_timeout_s)
+    life.install_signal_handlers()
+    service = UrabraskService(settings)
+    http: HealthServer | None = None
+    try:
+        await service.client.connect()
+        if settings.metrics_port >= 0:
+            http = HealthServer(service.registry, service.health, host=settings.metrics_host,
+                                port=settings.metrics_port)
+            await http.start()
+        beat = Heartbeat(service.client.redis, "urabrask", settings.instance_id,
+                         interval_s=settings.heartbeat_interval_s, ttl_s=settings.heartbeat_ttl_s)
+        stop = life.stop_event
+        tasks = [asyncio.create_task(service.run(stop)), asyncio.create_task(beat.run(stop))]
+        log.info("urabrask ready", device=str(service.device))
+        await life.wait_stopped()
+        await life.drain(tasks)
+    finally:
+        if http is not None:
+            await http.stop()
+        service.library.close()
+        await service.client.close()
+    return 0
