@@ -1,0 +1,124 @@
+"""Optimizer migration when seed parameters join or leave the model.
+
+Two ways, both keeping every surviving parameter's state (SGD momentum buffers, Adam/AdamW moments
+and step counts) untouched:
+
+- in place (what Kasmina does at a step boundary): ``add_seed_params`` appends one param group tagged
+  with the seed id, copying the host's current hyperparameters (group 0: lr, momentum, betas, weight
+  decay...), and ``remove_seed_params`` drops that group and its state. The trainer's optimizer
+  object, and any reference to it, stays valid. (An LR scheduler built before a seed joined schedules
+  only the groups it knew: the seed group keeps the lr it was given.)
+- ``rebuild_optimizer``: a new optimizer of the same class over new param groups, with the state of
+  every parameter present in both carried over by identity.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any, Final
+
+from torch import Tensor, nn
+from torch.optim import Optimizer
+
+__all__ = [
+    "FOSSIL_GROUP_KEY",
+    "SEED_GROUP_KEY",
+    "add_seed_params",
+    "mark_fossil",
+    "rebuild_optimizer",
+    "remove_seed_params",
+    "seed_group",
+    "seed_param_count",
+    "state_tensors",
+]
+
+SEED_GROUP_KEY: Final[str] = "kasmina_seed"
+"""Param-group key naming the seed a group belongs to."""
+FOSSIL_GROUP_KEY: Final[str] = "kasmina_fossil"
+"""Set (to the seed id) on a fossilised seed's group: it is host now, and never removed by Kasmina."""
+
+
+def _hyperparameters(optimizer: Optimizer) -> dict[str, Any]:
+    base = optimizer.param_groups[0] if optimizer.param_groups else optimizer.defaults
+    return {k: v for k, v in base.items() if k not in ("params", SEED_GROUP_KEY, FOSSIL_GROUP_KEY)}
+
+
+def _ids(optimizer: Optimizer) -> set[int]:
+    return {id(p) for g in optimizer.param_groups for p in g["params"]}
+
+
+def seed_group(optimizer: Optimizer, seed_id: str) -> dict[str, Any] | None:
+    for group in optimizer.param_groups:
+        if group.get(SEED_GROUP_KEY) == seed_id:
+            return group
+    return None
+
+
+def seed_param_count(optimizer: Optimizer, seed_id: str) -> int:
+    """Parameters the optimizer still holds for ``seed_id`` (fossil groups excluded)."""
+    return sum(len(g["params"]) for g in optimizer.param_groups
+               if g.get(SEED_GROUP_KEY) == seed_id and not g.get(FOSSIL_GROUP_KEY))
+
+
+def add_seed_params(optimizer: Optimizer, seed_id: str, params: Iterable[nn.Parameter],
+                    **overrides: Any) -> dict[str, Any]:
+    """Append ``params`` as a new group tagged ``seed_id`` (host hyperparameters unless overridden)."""
+    plist = [p for p in params if p.requires_grad]
+    if not plist:
+        raise ValueError(f"{seed_id}: no trainable parameters to add")
+    if seed_group(optimizer, seed_id) is not None:
+        raise ValueError(f"{seed_id}: the optimizer already has a group for this seed")
+    known = _ids(optimizer)
+    if any(id(p) in known for p in plist):
+        raise ValueError(f"{seed_id}: some parameters are already in the optimizer")
+    group: dict[str, Any] = {**_hyperparameters(optimizer), **overrides, "params": plist, SEED_GROUP_KEY: seed_id}
+    group.pop("initial_lr", None)  # an LR scheduler's bookkeeping for the host groups
+    optimizer.add_param_group(group)
+    return optimizer.param_groups[-1]
+
+
+def remove_seed_params(optimizer: Optimizer, seed_id: str) -> int:
+    """Drop the (non-fossil) group of ``seed_id`` and its per-parameter state; returns how many
+    parameters left. The other groups, their order and their state are untouched."""
+    removed = 0
+    keep: list[dict[str, Any]] = []
+    for group in optimizer.param_groups:
+        if group.get(SEED_GROUP_KEY) == seed_id and not group.get(FOSSIL_GROUP_KEY):
+            for p in group["params"]:
+                optimizer.state.pop(p, None)
+                removed += 1
+        else:
+            keep.append(group)
+    optimizer.param_groups[:] = keep
+    return removed
+
+
+def mark_fossil(optimizer: Optimizer, seed_id: str) -> bool:
+    """Tag the seed's group as host for good (``remove_seed_params`` then leaves it alone)."""
+    group = seed_group(optimizer, seed_id)
+    if group is None:
+        return False
+    group[FOSSIL_GROUP_KEY] = seed_id
+    return True
+
+
+def rebuild_optimizer(optimizer: Optimizer, param_groups: Sequence[Mapping[str, Any]]) -> Optimizer:
+    """A new optimizer of ``type(optimizer)`` over ``param_groups`` (each a dict with ``params``; other
+    keys override the old defaults), with the state of every parameter that was in the old one."""
+    accepted = inspect.signature(type(optimizer).__init__).parameters
+    defaults = {k: v for k, v in optimizer.defaults.items() if k in accepted}
+    groups = [{**g, "params": list(g["params"])} for g in param_groups]
+    new = type(optimizer)(groups, **defaults)
+    old_state = optimizer.state
+    for group in new.param_groups:
+        for p in group["params"]:
+            state: Mapping[str, Any] | None = old_state.get(p)
+            if state:
+                new.state[p] = dict(state)
+    return new
+
+
+def state_tensors(optimizer: Optimizer, param: Tensor) -> dict[str, Tensor]:
+    """The tensor entries of one parameter's state (momentum_buffer, exp_avg, exp_avg_sq, step...)."""
+    return {k: v for k, v in optimizer.state.get(param, {}).items() if isinstance(v, Tensor)}

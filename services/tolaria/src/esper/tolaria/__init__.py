@@ -1,0 +1,1 @@
+"""Tolaria: the trainer (host network with seed slots; decisions from Tamiyo; checkpoints, rollback, emergencies)."""

@@ -1,0 +1,98 @@
+"""Asking Tamiyo for a decision without ever stalling the step (ARCHITECTURE §5).
+
+Pipelined (default): the packet for step k goes out, step k+1 starts at once, and the reply is taken
+at the first boundary after it arrived, unless it is older than `max_staleness_steps`. At most one
+request is in flight: a boundary that finds the previous one still pending sends nothing (counted).
+Sync: the trainer waits up to the budget. Either way a timeout is an explicit, counted outcome.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import time
+from dataclasses import dataclass
+from typing import Literal
+
+from esper.leyline import pb
+from esper.oona import OonaError
+from esper.oona.errors import RequestTimeoutError
+from esper.tolaria.bus import BusThread
+
+Kind = Literal["command", "failure", "timeout", "error"]
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """What came back for the packet of `step`."""
+
+    step: int
+    packet_id: str
+    kind: Kind
+    latency_ms: float
+    command: pb.AdaptationCommand | None = None
+    failure: pb.DecisionFailure | None = None
+    detail: str = ""
+
+
+class DecisionClient:
+    """Submits packets from the training thread; the bus thread does the waiting."""
+
+    def __init__(self, bus: BusThread, *, budget_ms: float) -> None:
+        self.bus = bus
+        self.budget_ms = budget_ms
+        self._inflight: concurrent.futures.Future[Decision] | None = None
+        self.sent = 0
+        self.skipped_inflight = 0
+
+    @property
+    def busy(self) -> bool:
+        return self._inflight is not None and not self._inflight.done()
+
+    def submit(self, packet: pb.SystemStatePacket, step: int) -> bool:
+        """Send unless a request is still in flight (then count the skip and return False)."""
+        if self.busy:
+            self.skipped_inflight += 1
+            return False
+        self._inflight = self.bus.submit(self._ask(packet, step))
+        self.sent += 1
+        return True
+
+    def poll(self) -> Decision | None:
+        """The finished decision, if any (non-blocking)."""
+        fut = self._inflight
+        if fut is None or not fut.done():
+            return None
+        self._inflight = None
+        return fut.result()
+
+    def wait(self) -> Decision | None:
+        """Sync mode: block up to the budget (plus a scheduling margin; the request enforces the budget)."""
+        fut = self._inflight
+        if fut is None:
+            return None
+        try:
+            result = fut.result(self.budget_ms / 1000.0 + 1.0)
+        except concurrent.futures.TimeoutError:
+            return None
+        self._inflight = None
+        return result
+
+    async def _ask(self, packet: pb.SystemStatePacket, step: int) -> Decision:
+        t0 = time.perf_counter()
+        try:
+            reply = await self.bus.client.request("state", packet, timeout_ms=self.budget_ms)
+        except RequestTimeoutError as e:
+            return Decision(step, packet.packet_id, "timeout", _ms(t0), detail=str(e))
+        except OonaError as e:
+            return Decision(step, packet.packet_id, "error", _ms(t0), detail=f"{type(e).__name__}: {e}")
+        msg = reply.message()
+        if isinstance(msg, pb.AdaptationCommand):
+            return Decision(step, packet.packet_id, "command", _ms(t0), command=msg)
+        if isinstance(msg, pb.DecisionFailure):
+            return Decision(step, packet.packet_id, "failure", _ms(t0), failure=msg,
+                            detail=pb.DecisionFailureReason.Name(msg.reason))
+        return Decision(step, packet.packet_id, "error", _ms(t0), detail=f"unexpected reply {type(msg).__name__}")
+
+
+def _ms(t0: float) -> float:
+    return (time.perf_counter() - t0) * 1000.0

@@ -1,0 +1,285 @@
+"""Two-tier rollback: an in-memory snapshot ring first, a verified checkpoint second, under one deadline.
+
+Fast tier: `SnapshotRing` keeps deep-copied CPU `TrainingState`s (model + optimizer) keyed by step,
+least recently used evicted first, capped by *bytes* (TOLARIA_ROLLBACK_FAST_CAP_MB). The trainer
+calls `RollbackManager.snapshot()` after each step; it copies every TOLARIA_ROLLBACK_SNAPSHOT_STEPS
+steps. A state bigger than the whole cap is not kept (counted): that run rolls back from checkpoints.
+
+Checkpoint tier: when no snapshot qualifies (none at or before the target step, evicted, too large,
+or it no longer fits the model because its architecture changed) the newest retained checkpoint at
+or before the target is verified and loaded (broken ones are passed over and reported).
+
+Deadline (TOLARIA_ROLLBACK_DEADLINE_MS) covers the whole call and is checked at tier boundaries:
+before the checkpoint tier starts (a miss there restores nothing) and when the restore finishes (a
+miss there *has* restored the state, `restored=True`). A tier is never aborted halfway, and a state
+is validated against the live model and optimizer before anything is written, so the model is
+always either untouched or fully restored. A miss raises `RollbackDeadlineExceeded`; the trainer
+escalates to HALT when TOLARIA_EMERGENCY_L4_ON_ROLLBACK_DEADLINE is set. The clock is injectable.
+
+After a restore, snapshots newer than the restored step are dropped: they belong to the abandoned
+trajectory. Rolling back architecture (seeds grafted after the snapshot) is Kasmina's job; until the
+model is rebuilt, such a state is a `state_mismatch`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import nn
+
+from esper.core.errors import DeadlineExceededError, EsperError
+from esper.tolaria.checkpoint import CheckpointError, CheckpointStore
+from esper.tolaria.instruments import TolariaMetrics
+from esper.tolaria.settings import TolariaSettings
+from esper.tolaria.state import StateMismatchError, TrainingState, capture_state, restore_state
+
+__all__ = [
+    "RollbackDeadlineExceeded",
+    "RollbackError",
+    "RollbackManager",
+    "RollbackResult",
+    "RollbackTier",
+    "Snapshot",
+    "SnapshotRing",
+]
+
+RollbackTier = Literal["fast", "checkpoint"]
+RollbackErrorReason = Literal["unavailable", "state_mismatch", "deadline"]
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    step: int
+    epoch: int
+    state: TrainingState
+
+
+class SnapshotRing:
+    """Snapshots by step, least recently used (taken or restored) evicted first, total bytes <= `cap_bytes`."""
+
+    def __init__(self, cap_bytes: int) -> None:
+        if cap_bytes < 0:
+            raise ValueError(f"cap_bytes must be >= 0, got {cap_bytes}")
+        self.cap_bytes = cap_bytes
+        self._items: OrderedDict[int, Snapshot] = OrderedDict()
+        self._nbytes = 0
+        self.evictions = 0
+        self.rejected = 0  # states bigger than the whole cap
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    @property
+    def nbytes(self) -> int:
+        return self._nbytes
+
+    def steps(self) -> list[int]:
+        return sorted(self._items)
+
+    def put(self, snap: Snapshot) -> list[int]:
+        """Keep `snap` (replacing one of the same step); returns the evicted steps. A state larger
+        than the cap is not kept (`rejected` counts it) and evicts nothing."""
+        if snap.state.nbytes > self.cap_bytes:
+            self.rejected += 1
+            return []
+        self._remove(snap.step)
+        evicted: list[int] = []
+        while self._items and self._nbytes + snap.state.nbytes > self.cap_bytes:
+            old_step, old = self._items.popitem(last=False)
+            self._nbytes -= old.state.nbytes
+            evicted.append(old_step)
+        self.evictions += len(evicted)
+        self._items[snap.step] = snap
+        self._nbytes += snap.state.nbytes
+        return evicted
+
+    def get(self, at_or_before: int | None = None) -> Snapshot | None:
+        """The newest snapshot with step <= `at_or_before` (the newest of all if None); marks it used."""
+        candidates = [s for s in self._items if at_or_before is None or s <= at_or_before]
+        if not candidates:
+            return None
+        step = max(candidates)
+        self._items.move_to_end(step)
+        return self._items[step]
+
+    def discard_after(self, step: int) -> int:
+        """Drop snapshots newer than `step`; returns how many."""
+        newer = [s for s in self._items if s > step]
+        for s in newer:
+            self._remove(s)
+        return len(newer)
+
+    def clear(self) -> None:
+        self._items.clear()
+        self._nbytes = 0
+
+    def _remove(self, step: int) -> None:
+        old = self._items.pop(step, None)
+        if old is not None:
+            self._nbytes -= old.state.nbytes
+
+
+@dataclass(frozen=True, slots=True)
+class RollbackResult:
+    """What a rollback restored and how: serving tier, restored step/epoch, time taken vs the deadline."""
+
+    tier: RollbackTier
+    step: int
+    epoch: int
+    elapsed_ms: float
+    deadline_ms: float
+    fast_miss: str | None = None  # why the fast tier did not serve (None when it did)
+    skipped_checkpoints: tuple[str, ...] = ()  # checkpoints passed over as broken: "<file>: <reason>"
+
+
+class RollbackError(EsperError):
+    """Nothing was restored (`restored` False) or, for deadline misses, maybe it was; `reason` says why."""
+
+    def __init__(self, reason: RollbackErrorReason, detail: str, *, elapsed_ms: float = 0.0,
+                 restored: bool = False) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason: RollbackErrorReason = reason
+        self.detail = detail
+        self.elapsed_ms = elapsed_ms
+        self.restored = restored
+
+
+class RollbackDeadlineExceeded(RollbackError, DeadlineExceededError):
+    """The rollback ran past its deadline. `result` is set when the state *was* restored (late)."""
+
+    def __init__(self, detail: str, *, elapsed_ms: float, deadline_ms: float, tier: RollbackTier | None,
+                 result: RollbackResult | None) -> None:
+        super().__init__("deadline", detail, elapsed_ms=elapsed_ms, restored=result is not None)
+        self.deadline_ms = deadline_ms
+        self.tier = tier
+        self.result = result
+
+
+class RollbackManager:
+    """Snapshots every N steps and rolls back fast tier first, checkpoint tier second (module docstring)."""
+
+    def __init__(self, *, fast_cap_bytes: int, snapshot_every_steps: int = 1, deadline_ms: float = 250.0,
+                 checkpoints: CheckpointStore | None = None, clock: Callable[[], float] = time.perf_counter,
+                 metrics: TolariaMetrics | None = None) -> None:
+        if snapshot_every_steps < 1:
+            raise ValueError(f"snapshot_every_steps must be >= 1, got {snapshot_every_steps}")
+        if deadline_ms < 0:
+            raise ValueError(f"deadline_ms must be >= 0, got {deadline_ms}")
+        self.ring = SnapshotRing(fast_cap_bytes)
+        self.snapshot_every_steps = snapshot_every_steps
+        self.deadline_ms = deadline_ms
+        self.checkpoints = checkpoints
+        self._clock = clock
+        self.metrics = metrics
+
+    @classmethod
+    def from_settings(cls, settings: TolariaSettings, *, checkpoints: CheckpointStore | None,
+                      metrics: TolariaMetrics | None = None) -> RollbackManager:
+        return cls(fast_cap_bytes=settings.rollback_fast_cap_bytes,
+                   snapshot_every_steps=settings.rollback_snapshot_steps, deadline_ms=settings.rollback_deadline_ms,
+                   checkpoints=checkpoints, metrics=metrics)
+
+    # -- snapshots ---------------------------------------------------------------------------------
+
+    def due(self, step: int) -> bool:
+        return step % self.snapshot_every_steps == 0
+
+    def snapshot(self, model: nn.Module, optimizer: torch.optim.Optimizer | None, *, step: int, epoch: int,
+                 force: bool = False) -> bool:
+        """Copy the state after `step` into the ring when due (or `force`); True when it was kept."""
+        if not (force or self.due(step)):
+            return False
+        state = capture_state(model, optimizer)
+        rejected_before = self.ring.rejected
+        evicted = self.ring.put(Snapshot(step, epoch, state))
+        kept = self.ring.rejected == rejected_before
+        if self.metrics is not None:
+            m = self.metrics
+            if kept:
+                m.snapshots.inc()
+            else:
+                m.snapshot_rejected.inc()
+            m.snapshot_evictions.inc(len(evicted))
+            m.snapshot_bytes.set(self.ring.nbytes)
+            m.snapshot_count.set(len(self.ring))
+        return kept
+
+    # -- rollback ----------------------------------------------------------------------------------
+
+    def rollback(self, model: nn.Module, optimizer: torch.optim.Optimizer | None, *,
+                 to_step: int | None = None) -> RollbackResult:
+        """Restore the newest state at or before `to_step` (newest of all if None), fast tier first.
+
+        Raises RollbackDeadlineExceeded (maybe restored, see `.restored`/`.result`) or RollbackError
+        ("unavailable": no snapshot and no usable checkpoint; "state_mismatch": none fits the model).
+        """
+        t0 = self._clock()
+
+        def elapsed_ms() -> float:
+            return (self._clock() - t0) * 1000.0
+
+        fast_miss: str
+        snap = self.ring.get(to_step)
+        if snap is None:
+            fast_miss = "no_snapshot"
+        else:
+            try:
+                restore_state(model, optimizer, snap.state)
+            except StateMismatchError as e:
+                fast_miss = f"state_mismatch: {e}"
+            else:
+                self.ring.discard_after(snap.step)
+                return self._finish(RollbackResult("fast", snap.step, snap.epoch, elapsed_ms(), self.deadline_ms))
+
+        spent = elapsed_ms()
+        if spent > self.deadline_ms:
+            self._count_miss()
+            raise RollbackDeadlineExceeded(
+                f"fast tier missed ({fast_miss}) after {spent:.2f} ms; no time left for a checkpoint restore "
+                f"(deadline {self.deadline_ms} ms)", elapsed_ms=spent, deadline_ms=self.deadline_ms, tier=None,
+                result=None)
+        if self.checkpoints is None:
+            raise self._fail("unavailable", f"fast tier missed ({fast_miss}) and no checkpoint store", spent)
+        try:
+            ckpt, skipped = self.checkpoints.load_at_or_before(to_step)
+        except CheckpointError as e:
+            raise self._fail("unavailable", f"fast tier missed ({fast_miss}); checkpoint tier: {e}",
+                             elapsed_ms()) from e
+        try:
+            ckpt.restore(model, optimizer)
+        except StateMismatchError as e:
+            raise self._fail("state_mismatch", f"fast tier missed ({fast_miss}); checkpoint {ckpt.info.file}: {e}",
+                             elapsed_ms()) from e
+        self.ring.discard_after(ckpt.step)
+        skipped_text = tuple(f"{e.path.name if e.path else '?'}: {e.reason}" for e in skipped)
+        return self._finish(RollbackResult("checkpoint", ckpt.step, ckpt.epoch, elapsed_ms(), self.deadline_ms,
+                                           fast_miss=fast_miss, skipped_checkpoints=skipped_text))
+
+    def _finish(self, result: RollbackResult) -> RollbackResult:
+        if self.metrics is not None:
+            self.metrics.rollbacks.labels(result.tier).inc()
+            self.metrics.rollback_seconds.labels(result.tier).observe(result.elapsed_ms / 1000.0)
+            self.metrics.snapshot_bytes.set(self.ring.nbytes)
+            self.metrics.snapshot_count.set(len(self.ring))
+        if result.elapsed_ms > self.deadline_ms:
+            self._count_miss()
+            raise RollbackDeadlineExceeded(
+                f"{result.tier} tier restored step {result.step} in {result.elapsed_ms:.2f} ms, past the "
+                f"{self.deadline_ms} ms deadline", elapsed_ms=result.elapsed_ms, deadline_ms=self.deadline_ms,
+                tier=result.tier, result=result)
+        return result
+
+    def _count_miss(self) -> None:
+        if self.metrics is not None:
+            self.metrics.rollback_deadline_misses.inc()
+
+    def _fail(self, reason: RollbackErrorReason, detail: str, spent_ms: float) -> RollbackError:
+        if self.metrics is not None:
+            self.metrics.rollback_failures.labels(reason).inc()
+        return RollbackError(reason, detail, elapsed_ms=spent_ms)
+

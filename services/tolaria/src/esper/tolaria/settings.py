@@ -1,0 +1,199 @@
+"""Tolaria's one typed settings object: the bus settings (`ESPER_*`) plus the trainer's knobs.
+
+Knobs keep the prototype's `TOLARIA_*` names (REFERENCE_PROTOTYPE §5); the decision budget reuses
+Tamiyo's `TAMIYO_STEP_TIMEOUT_MS` so both sides of the hot path read one number. Every field also
+accepts its own name in code (`TolariaSettings(epochs=3)`).
+
+Deviation from the prototype: rollback and emergency broadcasting default to *on* (the prototype had
+both off): ARCHITECTURE §6 makes them part of the failure semantics, and the drills rely on them.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from pathlib import Path
+from typing import Literal
+
+import torch
+from pydantic import AliasChoices, Field, field_validator, model_validator
+from pydantic_settings import SettingsConfigDict
+
+from esper.core.errors import ConfigurationError
+from esper.leyline import command_channel
+from esper.oona.settings import OonaSettings
+
+__all__ = ["OPTIMIZER_FAMILY_INDEX", "DecisionMode", "LrPolicy", "OptimizerName", "TolariaSettings",
+           "default_run_id"]
+
+OptimizerName = Literal["sgd", "adam", "adamw"]
+LrPolicy = Literal["off", "constant", "cosine", "step"]
+DecisionMode = Literal["pipelined", "sync"]
+
+OPTIMIZER_FAMILY_INDEX: dict[OptimizerName, int] = {"sgd": 0, "adam": 1, "adamw": 2}
+"""`training_metrics["optimizer_family_index"]` (prototype: sgd 0, adam 1, adamw 2)."""
+
+
+def _t(name: str) -> AliasChoices:
+    """Accept the prototype's TOLARIA_<NAME> env var (and the field name in code)."""
+    return AliasChoices(f"TOLARIA_{name.upper()}", name)
+
+
+def default_run_id() -> str:
+    return f"run-{secrets.token_hex(4)}"
+
+
+class TolariaSettings(OonaSettings):
+    model_config = SettingsConfigDict(env_prefix="ESPER_", env_file=".env", env_file_encoding="utf-8",
+                                      extra="ignore", populate_by_name=True)
+
+    service_name: str = Field("tolaria", description="process name in logs, metrics, heartbeats and envelopes")
+
+    # -- run and data ------------------------------------------------------------------------------
+    run_id: str = Field(default_factory=default_run_id, validation_alias=_t("run_id"),
+                        description="training run id: names the `command.<run>` reply channel; random if unset")
+    dataset_path: Path | None = Field(None, validation_alias=_t("dataset_path"),
+                                      description=".npz with x, y (optional x_val, y_val); unset = sklearn digits")
+    val_fraction: float = Field(0.2, gt=0.0, lt=1.0, validation_alias=_t("val_fraction"),
+                                description="stratified validation share when the data brings no x_val")
+    seed: int = Field(0, ge=0, validation_alias=_t("seed"),
+                      description="seeds the split, the host's initial weights and the batch order")
+    hidden_width: int = Field(32, ge=1, le=4096, validation_alias=_t("hidden_width"),
+                              description="width of the host's two hidden layers (small, so growth can help)")
+
+    # -- optimisation ------------------------------------------------------------------------------
+    epochs: int = Field(20, ge=1, validation_alias=_t("epochs"), description="epochs to train")
+    batch_size: int = Field(64, ge=1, validation_alias=_t("batch_size"), description="samples per step")
+    learning_rate: float = Field(1e-3, gt=0.0, validation_alias=AliasChoices("TOLARIA_LR", "TOLARIA_LEARNING_RATE",
+                                                                             "learning_rate"),
+                                 description="base learning rate (TOLARIA_LR or TOLARIA_LEARNING_RATE)")
+    optimizer: OptimizerName = Field("adam", validation_alias=_t("optimizer"), description="sgd, adam or adamw")
+    momentum: float = Field(0.9, ge=0.0, lt=1.0, validation_alias=_t("momentum"), description="SGD momentum")
+    weight_decay: float = Field(0.0, ge=0.0, validation_alias=_t("weight_decay"), description="weight decay")
+    lr_policy: LrPolicy = Field("off", validation_alias=_t("lr_policy"),
+                                description="off (optimizer's LR untouched), constant, cosine, step")
+    lr_warmup_steps: int = Field(0, ge=0, validation_alias=_t("lr_warmup_steps"),
+                                 description="linear warm-up steps before the LR policy applies")
+    lr_step_epochs: int = Field(10, ge=1, validation_alias=_t("lr_step_epochs"),
+                                description="`step` policy: decay every this many epochs")
+    lr_step_gamma: float = Field(0.5, gt=0.0, le=1.0, validation_alias=_t("lr_step_gamma"),
+                                 description="`step` policy: LR multiplier per decay")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", validation_alias=_t("device"),
+                                                   description="auto picks CUDA when present")
+
+    # -- decisions (ARCHITECTURE §5) ---------------------------------------------------------------
+    decision_mode: DecisionMode = Field("pipelined", validation_alias=_t("decision_mode"),
+                                        description="pipelined: step k+1 starts at once, the reply is applied at "
+                                                    "the next boundary; sync: wait up to the step timeout")
+    tamiyo_step_timeout_ms: float = Field(5.0, gt=0.0, validation_alias=AliasChoices("TAMIYO_STEP_TIMEOUT_MS",
+                                                                                     "tamiyo_step_timeout_ms"),
+                                          description="decision deadline per state packet (Tamiyo's env name)")
+    max_staleness_steps: int = Field(2, ge=0, validation_alias=_t("max_staleness_steps"),
+                                     description="pipelined: a reply older than this many steps is discarded "
+                                                 "(counted)")
+    epoch_budget_ms: float = Field(250.0, gt=0.0, validation_alias=_t("epoch_budget_ms"),
+                                   description="an epoch over this budget is an epoch failure (prototype 250 ms)")
+    hook_budget_ms: float = Field(50.0, gt=0.0, validation_alias=_t("hook_budget_ms"),
+                                  description="per-step hook/adaptation work over this is a failure (prototype 50)")
+
+    # -- rollback ----------------------------------------------------------------------------------
+    rollback_enabled: bool = Field(True, validation_alias=_t("rollback_enabled"),
+                                   description="roll back on epoch failures (prototype default: off)")
+    rollback_fast_cap_mb: float = Field(32.0, gt=0.0, validation_alias=_t("rollback_fast_cap_mb"),
+                                        description="byte cap of the in-memory snapshot ring, MiB")
+    rollback_deadline_ms: float = Field(250.0, ge=0.0, validation_alias=_t("rollback_deadline_ms"),
+                                        description="deadline of one rollback, both tiers together")
+    rollback_snapshot_steps: int = Field(1, ge=1, validation_alias=_t("rollback_snapshot_steps"),
+                                         description="take a fast snapshot every this many steps")
+
+    # -- checkpoints -------------------------------------------------------------------------------
+    var_dir: Path = Field(Path("./var/tolaria"), validation_alias=_t("var_dir"),
+                          description="checkpoints/ and emergency_spill.db live here")
+    checkpoint_keep: int = Field(3, ge=1, validation_alias=_t("checkpoint_keep"),
+                                 description="checkpoints retained (the pointer's history)")
+    checkpoint_every_epochs: int = Field(1, ge=1, validation_alias=_t("checkpoint_every_epochs"),
+                                         description="checkpoint at the end of every this many epochs")
+
+    # -- emergencies -------------------------------------------------------------------------------
+    emergency_enabled: bool = Field(True, validation_alias=_t("emergency_enabled"),
+                                    description="broadcast EmergencySignals on `emergency` (prototype default: off)")
+    emergency_bypass_max_per_min: int = Field(60, ge=1, validation_alias=_t("emergency_bypass_max_per_min"),
+                                              description="broadcast cap; signals over it wait (in order)")
+    emergency_l4_on_rollback_deadline: bool = Field(True, validation_alias=_t("emergency_l4_on_rollback_deadline"),
+                                                    description="a missed rollback deadline escalates to HALT")
+    emergency_l4_failed_epochs: int = Field(3, ge=1, validation_alias=_t("emergency_l4_failed_epochs"),
+                                            description="consecutive failed epochs that escalate to HALT")
+    emergency_queue_cap: int = Field(64, ge=1, validation_alias=_t("emergency_queue_cap"),
+                                     description="signals held in memory while Redis is unreachable; more spill "
+                                                 "to disk")
+    emergency_spill_cap: int = Field(10_000, ge=1, validation_alias=_t("emergency_spill_cap"),
+                                     description="signals kept on disk; past it the oldest are dropped (counted)")
+
+    # -- profiler ----------------------------------------------------------------------------------
+    profiler_dir: Path | None = Field(None, validation_alias=_t("profiler_dir"),
+                                      description="torch.profiler traces go here; unset = profiler off. Must be "
+                                                  "a writable directory (or creatable under one)")
+
+    @field_validator("run_id")
+    @classmethod
+    def _valid_run_id(cls, v: str) -> str:
+        try:
+            command_channel(v)
+        except ValueError as e:
+            raise ValueError(f"TOLARIA_RUN_ID: {e}") from e
+        return v
+
+    @field_validator("dataset_path")
+    @classmethod
+    def _valid_dataset(cls, v: Path | None) -> Path | None:
+        if v is not None and v.suffix != ".npz":
+            raise ValueError(f"TOLARIA_DATASET_PATH must name an .npz file, got {v}")
+        return v
+
+    @model_validator(mode="after")
+    def _valid_profiler_dir(self) -> TolariaSettings:
+        d = self.profiler_dir
+        if d is None:
+            return self
+        if d.exists():
+            if not d.is_dir():
+                raise ConfigurationError(f"TOLARIA_PROFILER_DIR {d} exists and is not a directory")
+            if not os.access(d, os.W_OK | os.X_OK):
+                raise ConfigurationError(f"TOLARIA_PROFILER_DIR {d} is not writable")
+            return self
+        parent = d.absolute().parent
+        while not parent.exists():
+            parent = parent.parent
+        if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+            raise ConfigurationError(f"TOLARIA_PROFILER_DIR {d} cannot be created: {parent} is not writable")
+        return self
+
+    # -- derived -----------------------------------------------------------------------------------
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.var_dir / "checkpoints"
+
+    @property
+    def emergency_spill_path(self) -> Path:
+        return self.var_dir / "emergency_spill.db"
+
+    @property
+    def profiler_enabled(self) -> bool:
+        return self.profiler_dir is not None
+
+    @property
+    def rollback_fast_cap_bytes(self) -> int:
+        return int(self.rollback_fast_cap_mb * 1024 * 1024)
+
+    @property
+    def optimizer_family_index(self) -> int:
+        return OPTIMIZER_FAMILY_INDEX[self.optimizer]
+
+    def torch_device(self) -> torch.device:
+        """The device to train on; ConfigurationError when CUDA is asked for and absent."""
+        if self.device == "cuda" and not torch.cuda.is_available():
+            raise ConfigurationError("TOLARIA_DEVICE=cuda but CUDA is not available")
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(self.device)

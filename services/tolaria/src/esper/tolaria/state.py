@@ -1,0 +1,126 @@
+"""Training state (model + optimizer) as detached CPU copies: what rollback snapshots and checkpoints hold.
+
+`capture_state` deep-copies every tensor to the CPU, so a snapshot never aliases live parameters or
+optimizer buffers. `restore_state` validates the *whole* state against the live model and optimizer
+before it writes anything (a mismatch leaves both untouched), then loads copies: the optimizer's
+`load_state_dict` keeps CPU tensors it is given as they are, so restoring the snapshot itself would
+let the next `optimizer.step()` mutate the snapshot in place.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import torch
+from torch import nn
+
+from esper.core.errors import EsperError
+
+__all__ = [
+    "StateMismatchError",
+    "TrainingState",
+    "capture_state",
+    "check_state",
+    "cpu_copy",
+    "restore_state",
+    "tensor_nbytes",
+]
+
+T = TypeVar("T")
+
+
+class StateMismatchError(EsperError, ValueError):
+    """A saved state does not fit the live model/optimizer (keys, shapes, dtypes, parameter groups)."""
+
+
+def cpu_copy(obj: T) -> T:
+    """Deep copy with every tensor detached and cloned to the CPU (dicts, lists and tuples recursed)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)  # type: ignore[return-value]
+    if isinstance(obj, dict):
+        return {k: cpu_copy(v) for k, v in obj.items()}  # type: ignore[return-value]
+    if isinstance(obj, list):
+        return [cpu_copy(v) for v in obj]  # type: ignore[return-value]
+    if isinstance(obj, tuple):
+        return tuple(cpu_copy(v) for v in obj)  # type: ignore[return-value]
+    return obj
+
+
+def tensor_nbytes(obj: object) -> int:
+    """Bytes held by the tensors in a nested dict/list/tuple."""
+    if isinstance(obj, torch.Tensor):
+        return obj.element_size() * obj.nelement()
+    if isinstance(obj, Mapping):
+        return sum(tensor_nbytes(v) for v in obj.values())
+    if isinstance(obj, list | tuple):
+        return sum(tensor_nbytes(v) for v in obj)
+    return 0
+
+
+@dataclass(frozen=True, slots=True)
+class TrainingState:
+    """A model state dict and an optimizer state dict, both CPU copies owned by this object."""
+
+    model: dict[str, torch.Tensor]
+    optimizer: dict[str, Any]
+    nbytes: int
+
+
+def capture_state(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> TrainingState:
+    """Deep-copied CPU state of `model` (parameters and buffers) and `optimizer` (may be None)."""
+    model_state = cpu_copy(dict(model.state_dict()))
+    opt_state: dict[str, Any] = cpu_copy(optimizer.state_dict()) if optimizer is not None else {}
+    return TrainingState(model_state, opt_state, tensor_nbytes(model_state) + tensor_nbytes(opt_state))
+
+
+def _check_model(model: nn.Module, state: Mapping[str, torch.Tensor]) -> None:
+    live = model.state_dict()
+    missing, unexpected = sorted(set(live) - set(state)), sorted(set(state) - set(live))
+    if missing or unexpected:
+        raise StateMismatchError(f"model keys differ: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    for key, tensor in live.items():
+        saved = state[key]
+        if not isinstance(saved, torch.Tensor):
+            raise StateMismatchError(f"{key}: saved value is a {type(saved).__name__}, not a tensor")
+        if saved.shape != tensor.shape or saved.dtype != tensor.dtype:
+            raise StateMismatchError(f"{key}: saved {tuple(saved.shape)} {saved.dtype}, "
+                                     f"live {tuple(tensor.shape)} {tensor.dtype}")
+
+
+def _check_optimizer(optimizer: torch.optim.Optimizer, state: Mapping[str, Any]) -> None:
+    groups, saved_groups = optimizer.param_groups, state.get("param_groups")
+    if not isinstance(saved_groups, list) or not isinstance(state.get("state"), Mapping):
+        raise StateMismatchError("optimizer state lacks 'state' / 'param_groups'")
+    if len(groups) != len(saved_groups):
+        raise StateMismatchError(f"optimizer has {len(groups)} parameter groups, saved state {len(saved_groups)}")
+    params: dict[int, torch.Tensor] = {}
+    for g, sg in zip(groups, saved_groups, strict=True):
+        ids = sg.get("params") if isinstance(sg, Mapping) else None
+        if not isinstance(ids, list) or len(ids) != len(g["params"]):
+            raise StateMismatchError("optimizer parameter group sizes differ from the saved state")
+        params.update(zip(ids, g["params"], strict=True))
+    for pid, per_param in state["state"].items():
+        if pid not in params or not isinstance(per_param, Mapping):
+            raise StateMismatchError(f"optimizer state for unknown parameter {pid!r}")
+        for name, value in per_param.items():
+            if isinstance(value, torch.Tensor) and value.ndim > 0 and value.shape != params[pid].shape:
+                raise StateMismatchError(f"optimizer {name} of parameter {pid}: saved {tuple(value.shape)}, "
+                                         f"live {tuple(params[pid].shape)}")
+
+
+def check_state(model: nn.Module, optimizer: torch.optim.Optimizer | None, state: TrainingState) -> None:
+    """Raise StateMismatchError unless `state` can be loaded into `model` and `optimizer` as a whole."""
+    _check_model(model, state.model)
+    if optimizer is not None:
+        _check_optimizer(optimizer, state.optimizer)
+
+
+def restore_state(model: nn.Module, optimizer: torch.optim.Optimizer | None, state: TrainingState) -> None:
+    """Load `state` bit for bit; validated first, so a mismatch changes nothing. `state` stays reusable."""
+    check_state(model, optimizer, state)
+    with torch.no_grad():
+        model.load_state_dict(state.model, strict=True)  # copies into the live tensors
+    if optimizer is not None:
+        optimizer.load_state_dict(cpu_copy(state.optimizer))  # a copy: the optimizer may keep what it gets

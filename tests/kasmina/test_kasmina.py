@@ -1,0 +1,385 @@
+"""The executor on a tiny host with real Karn kernels (built through the artifact path, no bus): stage
+progression, each gate failing in place and culling with `gate_failure`, PAUSE, ablation, evidence,
+optimizer bookkeeping and the exported SeedState/telemetry."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import pytest
+import torch
+
+from esper.kasmina import Kasmina, KasminaSettings
+from esper.kasmina.optim import SEED_GROUP_KEY, seed_group
+from esper.leyline import pb
+from tests.kasmina._helpers import (
+    KEYS,
+    SEED,
+    KarnKernelSource,
+    TinyHost,
+    clock,
+    command,
+    data,
+    events,
+    fast_settings,
+    train_step,
+)
+
+S = pb
+
+
+class Rig:
+    """A host, its optimizer and Kasmina, stepping on a fixed batch."""
+
+    def __init__(self, settings: KasminaSettings | None = None, source: KarnKernelSource | None = None) -> None:
+        torch.manual_seed(0)
+        self.model = TinyHost()
+        self.opt = torch.optim.SGD(self.model.parameters(), lr=0.05, momentum=0.9)
+        self.source = source or KarnKernelSource()
+        self.k = Kasmina(keys=KEYS, settings=settings or fast_settings(), kernels=self.source, optimizer=self.opt,
+                         clock_ms=clock)
+        self.k.register_host(self.model)
+        self.batch = data()
+        self.i = 0
+
+    async def germinate(self, **kw: object) -> None:
+        assert self.k.apply_command(command(**kw)).kernel_pending  # type: ignore[arg-type]
+        assert self.k.pending_kernels() == [SEED]
+        assert await self.k.fetch_kernels() == 1
+
+    def step(self, n: int = 1, **kw: object) -> None:
+        for _ in range(n):
+            self.i += 1
+            train_step(self.model, self.k, self.opt, self.batch, self.i, **kw)  # type: ignore[arg-type]
+
+    def until(self, stage: int, limit: int = 60, **kw: object) -> None:
+        for _ in range(limit):
+            if self.k.stage(SEED) == stage:
+                return
+            self.step(**kw)
+        raise AssertionError(f"never reached {stage}; at {self.k.stage(SEED)}")
+
+    @property
+    def stages(self) -> list[int]:
+        return [t.to_stage for t in self.k.history(SEED)]
+
+
+def _names(evs: list[Mapping[str, str]]) -> list[str]:
+    return [e["event"] for e in evs]
+
+
+async def test_full_path_to_fossilized() -> None:
+    rig = Rig()
+    await rig.germinate(annotations={"blend_mode": "CONVEX", "blending_method": "linear"},
+                        params={"alpha": 0.0, "blending_schedule_start": 0.0, "blending_schedule_end": 1.0})
+    assert rig.k.stage(SEED) == S.SEED_STAGE_GERMINATED and rig.model.slot.seed is None
+    rig.step()  # attach at this boundary
+    assert rig.model.slot.seed is not None and rig.model.slot.mode == "train"
+    group = seed_group(rig.opt, SEED)
+    assert group is not None and group["lr"] == 0.05 and group["momentum"] == 0.9
+    rig.until(S.SEED_STAGE_BLENDING)
+    alphas = []
+    while rig.k.stage(SEED) == S.SEED_STAGE_BLENDING:
+        alphas.append(rig.model.slot.alpha)
+        rig.step()
+    assert alphas == pytest.approx([0.0, 0.25, 0.5, 0.75])  # linear over 4 steps
+    assert rig.k.stage(SEED) == S.SEED_STAGE_SHADOWING and rig.model.slot.alpha == 1.0
+    rig.until(S.SEED_STAGE_PROBATIONARY)
+    x, y = rig.batch
+    rig.model.eval()
+    with torch.no_grad():
+        with_seed = float(torch.nn.functional.cross_entropy(rig.model(x), y))
+        with rig.k.ablated(SEED):
+            without = float(torch.nn.functional.cross_entropy(rig.model(x), y))
+    assert with_seed != without
+    assert rig.k.report_evidence(SEED, loss_with=0.40, loss_without=0.55)  # the "evidence" input
+    rig.until(S.SEED_STAGE_FOSSILIZED)
+    assert rig.stages == [S.SEED_STAGE_GERMINATED, S.SEED_STAGE_TRAINING, S.SEED_STAGE_BLENDING,
+                          S.SEED_STAGE_SHADOWING, S.SEED_STAGE_PROBATIONARY, S.SEED_STAGE_FOSSILIZED]
+    assert rig.model.slot.mode == "fossil" and rig.model.slot.hooks == 0
+    fossil = seed_group(rig.opt, SEED)
+    assert fossil is not None and fossil.get("kasmina_fossil") == SEED
+    evs = events(rig.k)
+    assert [e["gate"] for e in evs if e["event"] == "gate_event"] == ["G0_SANITY", "G3_INTERFACE", "G1_GRADIENT_HEALTH",
+                                                                      "G2_STABILITY", "G3_INTERFACE",
+                                                                      "G4_SYSTEM_IMPACT"]
+    assert "seed_fossilized" in _names(evs) and "gate_failure" not in _names(evs)
+    rig.step(3)  # the fossil keeps training as part of the host
+    assert rig.k.stage(SEED) == S.SEED_STAGE_FOSSILIZED
+    with pytest.raises(Exception, match="illegal"):
+        rig.k.apply_command(command())  # a fossil slot never hosts another seed
+    rig.k.retire(SEED)
+    assert rig.k.stage(SEED) == S.SEED_STAGE_TERMINATED
+
+
+async def test_no_benefit_culls_back_to_dormant() -> None:
+    rig = Rig()
+    await rig.germinate()
+    rig.until(S.SEED_STAGE_PROBATIONARY)
+    assert rig.k.report_evidence(SEED, loss_with=0.6, loss_without=0.5)
+    rig.k.advance(rig.i + 1, loss=0.5)  # evaluation-only boundaries do not move the seed's clock...
+    assert rig.k.stage(SEED) == S.SEED_STAGE_PROBATIONARY
+    rig.step(2)  # ...training steps do
+    assert rig.k.stage(SEED) == S.SEED_STAGE_CULLED
+    assert rig.model.slot.seed is None and seed_group(rig.opt, SEED) is None
+    assert all(SEED_GROUP_KEY not in g for g in rig.opt.param_groups)
+    rig.step(4)
+    assert rig.k.stage(SEED) == S.SEED_STAGE_DORMANT
+    assert rig.stages[-4:] == [S.SEED_STAGE_CULLED, S.SEED_STAGE_EMBARGOED, S.SEED_STAGE_RESETTING,
+                               S.SEED_STAGE_DORMANT]
+    assert _names(events(rig.k)).count("rollback_ready") == 1
+    await rig.germinate()  # the slot is usable again
+    rig.step()
+    assert rig.model.slot.seed is not None
+
+
+async def test_cull_keeps_host_momentum() -> None:
+    rig = Rig()
+    await rig.germinate()
+    rig.until(S.SEED_STAGE_BLENDING)
+    host = {n: p for n, p in rig.model.named_parameters() if not n.startswith("slot.")}
+    before = {n: rig.opt.state[p]["momentum_buffer"].clone() for n, p in host.items()}
+    seed_params = list(rig.model.slot.seed.parameters())  # type: ignore[union-attr]
+    assert all(p in rig.opt.state for p in seed_params)
+    rig.k.apply_command(command(op=pb.SEED_OP_CULL))
+    assert all(torch.equal(rig.opt.state[p]["momentum_buffer"], before[n]) for n, p in host.items())
+    assert all(p not in rig.opt.state for p in seed_params) and len(rig.opt.param_groups) == 1
+
+
+async def _cull_reason(rig: Rig, *, until: int = 40, **kw: object) -> tuple[str, str]:
+    for _ in range(until):
+        if rig.k.stage(SEED) == S.SEED_STAGE_CULLED:
+            break
+        rig.step(**kw)
+    assert rig.k.stage(SEED) == S.SEED_STAGE_CULLED, rig.k.stage(SEED)
+    failures = [e for e in events(rig.k) if e["event"] == "gate_failure"]
+    assert len(failures) == 1 and rig.model.slot.seed is None and seed_group(rig.opt, SEED) is None
+    return failures[0]["gate"], failures[0]["reason"]
+
+
+async def test_g1_no_gradients_when_the_trainer_ignores_the_local_loss() -> None:
+    rig = Rig()
+    await rig.germinate()
+    assert await _cull_reason(rig, aux=False) == ("G1_GRADIENT_HEALTH", "no_gradients")
+
+
+async def test_g1_isolation_violation_culls_with_a_high_priority_event() -> None:
+    rig = Rig()
+    await rig.germinate(blueprint="BP002")
+    rig.step()
+    rig.model.slot.leak_gradients = True
+    rig.model.slot.seed.fc2.weight.data.normal_()  # type: ignore[union-attr]  # make the leak carry gradient
+    rig.step()
+    assert rig.k.stage(SEED) == S.SEED_STAGE_CULLED  # on the first leaking step
+    evs = events(rig.k)
+    violation = [e for e in evs if e["event"] == "isolation_violation"]
+    assert len(violation) == 1 and violation[0]["_level"] == str(pb.TELEMETRY_LEVEL_WARNING)
+    assert [(e["gate"], e["reason"]) for e in evs if e["event"] == "gate_failure"] == [
+        ("G1_GRADIENT_HEALTH", "isolation_violation")]
+    assert {s.seed_id: s for s in rig.k.seed_states()}[SEED].metrics["isolation_violations"] == 1.0
+
+
+async def test_g2_latency_over_budget() -> None:
+    rig = Rig(fast_settings(latency_budget_ms=1e-9))
+    await rig.germinate()
+    assert await _cull_reason(rig) == ("G2_STABILITY", "latency_over_budget")
+
+
+async def test_g3_mesh_coverage_missing_at_attach() -> None:
+    rig = Rig()
+    await rig.germinate(annotations={"mesh_host_layers": '["fc1", "decoder.7"]'})
+    rig.step()
+    assert rig.k.stage(SEED) == S.SEED_STAGE_CULLED
+    evs = events(rig.k)
+    assert [(e["gate"], e["reason"]) for e in evs if e["event"] == "gate_failure"] == [
+        ("G3_INTERFACE", "mesh_coverage_missing")]
+    assert [e["missing"] for e in evs if e["event"] == "mesh_coverage_missing"] == ["decoder.7"]
+
+
+async def test_g3_mesh_coverage_met() -> None:
+    rig = Rig()
+    await rig.germinate(annotations={"mesh_host_layers": "fc1,hidden"})
+    rig.step()
+    assert rig.model.slot.seed is not None
+
+
+async def test_g3_blend_mode_not_allowed_by_the_blueprint() -> None:
+    rig = Rig()
+    await rig.germinate(blueprint="BP006", annotations={"blend_mode": "RESIDUAL"})  # SE allows CONVEX only
+    rig.step()
+    assert rig.k.stage(SEED) == S.SEED_STAGE_CULLED
+    assert [(e["gate"], e["reason"]) for e in events(rig.k) if e["event"] == "gate_failure"] == [
+        ("G3_INTERFACE", "blend_mode_not_allowed")]
+
+
+async def test_g4_fallback_status_is_terminal() -> None:
+    rig = Rig()
+    await rig.germinate()
+    rig.until(S.SEED_STAGE_BLENDING)
+    rig.k.set_performance_status(SEED, "fallback")
+    rig.step()
+    assert rig.k.stage(SEED) == S.SEED_STAGE_CULLED
+    evs = events(rig.k)
+    assert [(e["gate"], e["reason"]) for e in evs if e["event"] == "gate_failure"] == [
+        ("G4_SYSTEM_IMPACT", "fallback_status_rejected")]
+    critical = [e for e in evs if e["event"] == "fallback_status_rejected"]
+    assert len(critical) == 1 and critical[0]["_level"] == str(pb.TELEMETRY_LEVEL_CRITICAL)
+
+
+async def test_g4_fallback_annotation_on_the_command() -> None:
+    rig = Rig()
+    await rig.germinate(annotations={"performance_status": "fallback"})
+    rig.step(2)
+    assert rig.k.stage(SEED) == S.SEED_STAGE_CULLED
+
+
+async def test_g4_missing_loss_signal() -> None:
+    rig = Rig()
+    await rig.germinate()
+    rig.until(S.SEED_STAGE_SHADOWING)
+    rig.step(2, report_loss=False)  # the trainer stopped reporting its loss to advance()
+    assert rig.k.stage(SEED) == S.SEED_STAGE_CULLED
+    assert [e["reason"] for e in events(rig.k) if e["event"] == "gate_failure"] == ["missing_loss_signal"]
+
+
+async def test_g4_loss_regression() -> None:
+    rig = Rig(fast_settings(regression_tolerance=0.0))
+    await rig.germinate()
+    rig.until(S.SEED_STAGE_SHADOWING)
+    x, y = rig.batch
+    for _ in range(2):
+        rig.i += 1
+        rig.opt.zero_grad()
+        torch.nn.functional.cross_entropy(rig.model(x), y).backward()
+        rig.opt.step()
+        rig.k.advance(rig.i, loss=100.0)  # far above anything the host reported before
+    assert rig.k.stage(SEED) == S.SEED_STAGE_CULLED
+    assert [e["reason"] for e in events(rig.k) if e["event"] == "gate_failure"] == ["loss_regression"]
+
+
+async def test_g5_failure_retires_the_slot() -> None:
+    rig = Rig(fast_settings(embargo_steps=0))
+    await rig.germinate()
+    rig.step()
+    rig.k.apply_command(command(op=pb.SEED_OP_CULL))
+    assert rig.k.stage(SEED) == S.SEED_STAGE_CULLED
+    from esper.kasmina import add_seed_params
+
+    add_seed_params(rig.opt, SEED, [torch.nn.Parameter(torch.zeros(2))])  # state left behind on purpose
+    rig.step(3)
+    assert rig.k.stage(SEED) == S.SEED_STAGE_TERMINATED
+    assert [(e["gate"], e["reason"]) for e in events(rig.k) if e["event"] == "gate_failure"] == [
+        ("G5_RESET", "optimizer_state_left")]
+
+
+async def test_kernel_fetch_failure_fails_the_germination() -> None:
+    rig = Rig(source=KarnKernelSource(fail="timeout"))
+    await rig.germinate()
+    rig.step()
+    assert rig.k.stage(SEED) == S.SEED_STAGE_CULLED and rig.model.slot.seed is None
+    failed = [e for e in events(rig.k) if e["event"] == "germination_failed"]
+    assert [e["reason"] for e in failed] == ["timeout"]
+    rig.step(4)
+    assert rig.k.stage(SEED) == S.SEED_STAGE_DORMANT
+
+
+async def test_cull_before_the_kernel_arrives_drops_it() -> None:
+    rig = Rig()
+    rig.k.apply_command(command())
+    rig.k.apply_command(command(op=pb.SEED_OP_CANCEL))
+    assert await rig.k.fetch_kernels() == 0 and rig.source.fetches == 0
+    rig.step()
+    assert rig.model.slot.seed is None
+
+
+async def test_pause_holds_the_clock_and_resume_releases_it() -> None:
+    rig = Rig(fast_settings(training_steps=2))
+    await rig.germinate()
+    rig.until(S.SEED_STAGE_TRAINING)
+    assert rig.k.apply_command(command(pb.COMMAND_PAUSE)).action == "paused"
+    rig.step(5)
+    assert rig.k.stage(SEED) == S.SEED_STAGE_TRAINING
+    assert {s.seed_id: s for s in rig.k.seed_states()}[SEED].metrics["paused"] == 1.0
+    assert rig.k.apply_command(command(pb.COMMAND_PAUSE, annotations={"resume": "true"})).action == "resumed"
+    rig.step(2)
+    assert rig.k.stage(SEED) == S.SEED_STAGE_BLENDING
+    # a PAUSE naming a dormant seed (Tamiyo's risk engine replacing a GERMINATE) changes nothing
+    rig2 = Rig()
+    assert rig2.k.apply_command(command(pb.COMMAND_PAUSE)).action == "acknowledged"
+
+
+async def test_channel_and_confidence_blending_in_the_slot() -> None:
+    rig = Rig()
+    await rig.germinate(annotations={"blend_mode": "CHANNEL", "alpha_vec": "[1,1,1,1,0,0,0,0]"})
+    rig.until(S.SEED_STAGE_SHADOWING)
+    x = torch.randn(5, 8)
+    slot = rig.model.slot
+    slot.eval()
+    with torch.no_grad():
+        out, seed_out = slot(x), slot.seed(x)  # type: ignore[misc]
+    assert torch.allclose(out[:, :4], seed_out[:, :4]) and torch.equal(out[:, 4:], x[:, 4:])
+
+    rig2 = Rig()
+    await rig2.germinate(annotations={"blend_mode": "CONFIDENCE", "confidence_logits": "[3.0, 1.0]",
+                                      "gate_k": "1", "gate_tau": "0", "alpha_hi": "0.5"})
+    rig2.until(S.SEED_STAGE_SHADOWING)
+    state = {s.seed_id: s for s in rig2.k.seed_states()}[SEED]
+    assert state.metrics["alpha"] == pytest.approx(0.5)  # sigmoid(2) = 0.88, clamped to alpha_hi
+
+
+async def test_seed_state_and_telemetry_export() -> None:
+    rig = Rig()
+    (dormant,) = rig.k.seed_states()
+    assert (dormant.seed_id, dormant.stage, dormant.layer_depth) == (SEED, S.SEED_STAGE_DORMANT, 1)
+    assert dormant.metrics["kernel_attached"] == 0.0 and dormant.metrics["blend_allowed"] == 0.0
+    await rig.germinate(annotations={"blend_mode": "RESIDUAL", "blending_method": "warmup_hold"})
+    rig.until(S.SEED_STAGE_BLENDING)
+    rig.step()
+    (state,) = rig.k.seed_states()
+    m = state.metrics
+    assert state.stage == S.SEED_STAGE_BLENDING and state.risk_score == pytest.approx(0.1)  # BP002's risk
+    assert state.learning_rate == pytest.approx(0.05) and state.gradient_norm > 0
+    assert m["kernel_attached"] == 1.0 and m["alpha_steps"] == 1.0 and m["alpha_total_steps"] == 4.0
+    assert m["blend_mode_index"] == 1.0 and m["alpha_schedule_index"] == 3.0  # RESIDUAL, warmup_hold
+    assert m["blend_method.CONVEX"] == m["blend_method.RESIDUAL"] == m["blend_method.CHANNEL"] == 1.0
+    assert m["blend_allowed"] == 1.0 and m["isolation_dot"] == 0.0 and 0 < m["alpha"] < 1
+    packet = rig.k.telemetry_packet()
+    assert packet.source_subsystem == "kasmina" and packet.events
+    names = {p.name for p in packet.metrics}
+    assert {"kasmina.seed.stage", "kasmina.seed.alpha", "kasmina.seed.isolation.dot", "kasmina.seeds.active",
+            "kasmina.isolation.violations", "kasmina.commands.rejected_total"} <= names
+    stage_events = [e for e in packet.events if e.attributes["event"] == "seed_stage"]
+    assert [e.attributes["to_stage"] for e in stage_events] == ["GERMINATED", "TRAINING", "BLENDING"]
+    assert rig.k.drain_events() == []
+
+
+async def test_evidence_outside_probation_is_ignored_and_missing_evidence_culls() -> None:
+    rig = Rig()
+    assert not rig.k.report_evidence(SEED, loss_with=0.1, loss_without=0.2)
+    await rig.germinate()
+    rig.until(S.SEED_STAGE_PROBATIONARY)
+    assert not rig.k.report_evidence(SEED, loss_with=0.1, loss_without=float("nan"))
+    rig.step(5)  # probation (2) + grace (3) with no evidence
+    assert rig.k.stage(SEED) == S.SEED_STAGE_CULLED
+    verdicts = [e for e in events(rig.k) if e["event"] == "seed_verdict"]
+    assert verdicts[-1]["verdict"] == "cull"
+
+
+async def test_fossilize_command_needs_evidence() -> None:
+    rig = Rig(fast_settings(probation_steps=50))
+    await rig.germinate()
+    rig.until(S.SEED_STAGE_PROBATIONARY)
+    with pytest.raises(Exception, match="insufficient_evidence"):
+        rig.k.apply_command(command(op=pb.SEED_OP_FOSSILIZE))
+    rig.k.report_evidence(SEED, loss_with=0.3, loss_without=0.4)
+    assert rig.k.apply_command(command(op=pb.SEED_OP_FOSSILIZE)).action == "fossilized"
+    assert rig.k.stage(SEED) == S.SEED_STAGE_FOSSILIZED
+
+
+async def test_cull_all_before_a_rollback() -> None:
+    rig = Rig()
+    await rig.germinate()
+    rig.until(S.SEED_STAGE_BLENDING)
+    assert rig.k.cull_all() == [SEED] and rig.k.cull_all() == []
+    assert rig.k.stage(SEED) == S.SEED_STAGE_CULLED and rig.model.slot.seed is None
+    assert all(not k.startswith("slot.seed") for k in rig.model.state_dict())
