@@ -259,17 +259,19 @@ def _tamiyo_command(mode: str) -> pb.AdaptationCommand:
     return sign_command(cmd, KEYS)
 
 
-@pytest.mark.parametrize("mode", ["CONVEX", "RESIDUAL", "CHANNEL"])
+@pytest.mark.parametrize("mode", ["CONVEX", "RESIDUAL", "CHANNEL", "CONFIDENCE"])
 def test_accepts_what_tamiyo_emits(kasmina: Kasmina, mode: str) -> None:
     cmd = _tamiyo_command(mode)
     assert cmd.annotations["blend_mode"] == mode and cmd.annotations["blending_method"] == "cosine"
     outcome = kasmina.apply_command(cmd)
     assert outcome.action == "germinated" and outcome.seed_id == SEED
     state = {s.seed_id: s for s in kasmina.seed_states()}[SEED]
-    assert state.stage == pb.SEED_STAGE_GERMINATED and state.metrics["blend_mode_index"] == ["CONVEX", "RESIDUAL",
-                                                                                              "CHANNEL"].index(mode)
+    assert state.stage == pb.SEED_STAGE_GERMINATED and state.metrics["blend_mode_index"] == [
+        "CONVEX", "RESIDUAL", "CHANNEL", "CONFIDENCE"].index(mode)
 
 
-def test_tamiyo_confidence_needs_logits(kasmina: Kasmina) -> None:
-    """Tamiyo's CONFIDENCE annotations carry no logits yet: refused, as the issue requires."""
-    _rejected(kasmina, _tamiyo_command("CONFIDENCE"), "missing_confidence_logits")
+def test_confidence_without_tamiyo_logits_is_refused(kasmina: Kasmina) -> None:
+    cmd = _tamiyo_command("CONFIDENCE")
+    assert len(json.loads(cmd.annotations["confidence_logits"])) >= 2
+    del cmd.annotations["confidence_logits"]
+    _rejected(kasmina, sign_command(cmd, KEYS), "missing_confidence_logits")

@@ -24,7 +24,7 @@ from esper.tamiyo.policy import (
     decide,
     risk_score,
 )
-from esper.tamiyo.schema import BLEND_METHODS, POLICY_VERSION, NodeType
+from esper.tamiyo.schema import BLEND_METHODS, POLICY_CLASSES, POLICY_VERSION, NodeType
 from tests.tamiyo.test_gnn import random_graph
 
 SMALL = GNNConfig(hidden_dim=16, gat_dim=8, gat_heads=2)
@@ -45,7 +45,8 @@ ALWAYS = (
     "blending_schedule_start",
     "blending_schedule_end",
 )
-BLEND_KEYS = ("blend_mode", "gate_k", "gate_tau", "alpha_lo", "alpha_hi", "alpha_vec", "alpha_vec_len")
+BLEND_KEYS = ("blend_mode", "gate_k", "gate_tau", "alpha_lo", "alpha_hi", "alpha_vec", "alpha_vec_len",
+              "confidence_logits")
 
 
 @dataclass
@@ -232,6 +233,7 @@ def test_blend_mode_confidence_adds_gate() -> None:
     ann = _blend(blend).command.annotations
     assert ann["blend_mode"] == "CONFIDENCE"
     assert [float(ann[k]) for k in ("gate_k", "gate_tau", "alpha_lo", "alpha_hi")] == [4.0, 0.2, 0.1, 0.9]
+    assert len(json.loads(ann["confidence_logits"])) == POLICY_CLASSES  # the action logits the gate reads
 
 
 def test_blend_mode_channel_with_known_channels() -> None:

@@ -177,7 +177,8 @@ def decide(
     _fill_payload(decision)
     _annotate(decision)
     if blend_mode_annotations and action == ACTION_GERMINATE:
-        _annotate_blend_mode(decision, blend or BlendModeSettings(), channel_count)
+        _annotate_blend_mode(decision, blend or BlendModeSettings(), channel_count,
+                             policy_logits=out.policy_logits.reshape(-1).tolist())
     return decision
 
 
@@ -288,9 +289,11 @@ def _annotate(d: PolicyDecision) -> None:
     ann["blending_schedule_end"] = _f(d.schedule_end, 4)
 
 
-def _annotate_blend_mode(d: PolicyDecision, blend: BlendModeSettings, channel_count: int | None) -> None:
+def _annotate_blend_mode(d: PolicyDecision, blend: BlendModeSettings, channel_count: int | None, *,
+                         policy_logits: list[float]) -> None:
     """P8: tell Kasmina how to blend. CHANNEL needs a known, small channel count; without one it falls
-    back to CONVEX and says why, rather than sending a vector nobody computed."""
+    back to CONVEX and says why, rather than sending a vector nobody computed. CONFIDENCE carries the
+    policy's action logits: Kasmina gates alpha on their top-1/top-2 margin (how sure the policy was)."""
     ann = d.command.annotations
     mode = blend.mode
     if mode == "CHANNEL":
@@ -309,4 +312,5 @@ def _annotate_blend_mode(d: PolicyDecision, blend: BlendModeSettings, channel_co
         ann["gate_tau"] = _f(blend.gate_tau, 4)
         ann["alpha_lo"] = _f(blend.alpha_lo, 4)
         ann["alpha_hi"] = _f(blend.alpha_hi, 4)
+        ann["confidence_logits"] = json.dumps([round(float(v), 6) for v in policy_logits])
     ann["blend_mode"] = mode
