@@ -76,6 +76,24 @@ def _ids_for(counts: dict[NodeType, int]) -> Ids:
     return Ids([f"seed-{i}" for i in range(counts["seed"])], [f"BP{i:03d}" for i in range(counts["blueprint"])])
 
 
+def test_germinate_targets_the_best_dormant_seed() -> None:
+    out = _forced(0)
+    ids = ["seed-a", "seed-b", "seed-c"]
+    scores = out.seed_scores.detach()[:3].tolist()
+    best = ids[scores.index(max(scores))]
+    others = [i for i in ids if i != best]
+    d = decide(out, Ids(), germinable=frozenset(others))
+    ranked = sorted(others, key=lambda i: scores[ids.index(i)], reverse=True)
+    assert d.command.command_type == pb.COMMAND_SEED and d.command.target_seed_id == ranked[0]
+
+
+def test_germinate_with_no_dormant_seed_is_an_annotated_pause() -> None:
+    d = decide(_forced(0), Ids(), germinable=frozenset())
+    assert d.command.command_type == pb.COMMAND_PAUSE and d.no_dormant_seed
+    assert d.command.annotations["reason"] == "no_dormant_seed"
+    assert decide(_forced(1), Ids(), germinable=frozenset()).command.command_type == pb.COMMAND_OPTIMIZER
+
+
 def test_graph_inputs_shape_satisfies_protocol() -> None:
     ids: GraphIds = Ids()
     assert ids.feature_coverage == 0.75

@@ -12,7 +12,7 @@ made up.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Final, Protocol
 
@@ -29,6 +29,7 @@ __all__ = [
     "ACTION_BREAKER_OPEN",
     "ACTION_GERMINATE",
     "ACTION_OPTIMIZER",
+    "ACTION_PAUSE",
     "BLEND_MODES",
     "BlendModeSettings",
     "GraphIds",
@@ -42,6 +43,7 @@ ACTION_GERMINATE: Final[int] = 0
 ACTION_OPTIMIZER: Final[int] = 1
 ACTION_BREAKER_OPEN: Final[int] = 3
 ACTION_BREAKER_CLOSE: Final[int] = 4
+ACTION_PAUSE: Final[int] = 2  # one of the PAUSE indices: what a GERMINATE with no DORMANT seed becomes
 
 BLEND_MODES: Final[tuple[str, ...]] = ("CONVEX", "RESIDUAL", "CHANNEL", "CONFIDENCE")
 GERMINATE_BASE_ALPHA: Final[float] = 0.1  # alpha = max(0, 0.1 + param_delta), as the prototype
@@ -107,6 +109,7 @@ class PolicyDecision:
     breaker_close_score: float
     feature_coverage: float
     policy_version: str
+    no_dormant_seed: bool = False  # the policy chose GERMINATE but no seed was DORMANT
 
 
 def risk_score(risk_logits: Tensor) -> float:
@@ -133,9 +136,14 @@ def decide(
     channel_count: int | None = None,
     policy_version: str = POLICY_VERSION,
     blend_methods: Sequence[str] = BLEND_METHODS,
+    germinable: Collection[str] | None = None,
 ) -> PolicyDecision:
     """Map one forward's outputs to a command.
 
+    :param germinable: seed ids that can take a new seed now (DORMANT in the packet). A GERMINATE goes
+        to the best-scoring one of them; with none it becomes a PAUSE annotated
+        ``reason=no_dormant_seed`` (the policy's choice, constrained by the state, said out loud).
+        None: every seed row is eligible.
     :param blend_mode_annotations: emit blend-mode annotations on SEED commands
         (``TAMIYO_ENABLE_BLEND_MODE_ANN``, off by default).
     :param blend: blend-mode knobs (defaults: CONVEX, the prototype's gate and alpha defaults).
@@ -153,7 +161,16 @@ def decide(
     blend_index = int(out.blending_logits.argmax())
     blend_method = blend_methods[blend_index]
     start, end = _schedule(out.schedule)
-    seed = _select(out.seed_scores, out.seed_mask, graph_ids.seed_ids, "seed")
+    seed_scores = out.seed_scores
+    no_dormant = False
+    if germinable is not None and action == ACTION_GERMINATE:
+        eligible = torch.tensor([sid in germinable for sid in graph_ids.seed_ids]
+                                + [False] * (seed_scores.numel() - len(graph_ids.seed_ids)))
+        no_dormant = not bool(eligible.any())
+        seed_scores = seed_scores.masked_fill(~eligible, float("-inf")) if not no_dormant else seed_scores
+    seed = _select(seed_scores, out.seed_mask, graph_ids.seed_ids, "seed", allow_inf=germinable is not None)
+    if no_dormant:
+        action = ACTION_PAUSE
     blueprint = _select(out.blueprint_scores, out.blueprint_mask, graph_ids.blueprint_ids, "blueprint")
     breaker = torch.sigmoid(out.breaker_logits.reshape(-1)).tolist()
     decision = PolicyDecision(
@@ -173,6 +190,7 @@ def decide(
         breaker_close_score=float(breaker[1]),
         feature_coverage=_coverage(graph_ids.feature_coverage),
         policy_version=policy_version,
+        no_dormant_seed=no_dormant,
     )
     _fill_payload(decision)
     _annotate(decision)
@@ -207,14 +225,16 @@ def _schedule(schedule: Tensor) -> tuple[float, float]:
     return (start, end) if start <= end else (end, start)
 
 
-def _select(scores: Tensor, mask: Tensor, ids: Sequence[str], what: str) -> str | None:
-    """Best real row's id, or None when there is no real row. Placeholder rows can never win."""
+def _select(scores: Tensor, mask: Tensor, ids: Sequence[str], what: str, *, allow_inf: bool = False) -> str | None:
+    """Best real row's id, or None when there is no real row. Placeholder rows can never win.
+    `allow_inf`: rows masked out with -inf (ineligible) are allowed; NaN never is."""
     n_real = int(mask.sum())
     if n_real != len(ids) or not bool(mask[:n_real].all()):
         raise DependencyViolationError(f"{what}: {n_real} real rows (first rows) but {len(ids)} ids")
     if n_real == 0:
         return None
-    if not bool(torch.isfinite(scores[:n_real]).all()):
+    real = scores[:n_real]
+    if bool(torch.isnan(real).any()) or not (allow_inf or bool(torch.isfinite(real).all())):
         raise DependencyViolationError(f"{what} scores are not finite")
     best = int(scores[:n_real].argmax())
     chosen = ids[best]
@@ -260,7 +280,7 @@ def _fill_payload(d: PolicyDecision) -> None:
         cmd.circuit_breaker.rationale = RATIONALE
     else:
         cmd.command_type = pb.COMMAND_PAUSE
-        cmd.annotations["reason"] = "policy"
+        cmd.annotations["reason"] = "no_dormant_seed" if d.no_dormant_seed else "policy"
 
 
 def _f(value: float, digits: int = 6) -> str:

@@ -98,6 +98,11 @@ class DecisionResult:
     timings_ms: dict[str, float] = field(default_factory=dict)
 
 
+def _germinable(packet: pb.SystemStatePacket) -> frozenset[str]:
+    """Seeds that can take a new seed now: DORMANT ones (germinating anything else is illegal)."""
+    return frozenset(s.seed_id for s in packet.seed_states if s.stage == pb.SEED_STAGE_DORMANT)
+
+
 def _device(setting: str) -> torch.device:
     if setting == "cuda" or (setting == "auto" and torch.cuda.is_available()):
         return torch.device("cuda")
@@ -187,7 +192,7 @@ class TamiyoWorker:
             _require_ids(packet)
             graph = self._build(packet, view.blueprints, timings)
             outputs = await self._infer(graph, deadline, timings, live.policy)
-            decision = self._map(outputs, graph, live.version)
+            decision = self._map(outputs, graph, live.version, _germinable(packet))
         except DecisionFailed as f:
             return self._failure(packet, f, deadline, view, time.perf_counter() - t0, timings, live.version)
         self.inference_breaker.record_success()
@@ -268,10 +273,11 @@ class TamiyoWorker:
             time.sleep(self.faults.inference_delay_ms / 1000.0)
         return policy(graph.x, graph.edge_index, graph.edge_attr, graph.counts)
 
-    def _map(self, outputs: PolicyOutputs, graph: GraphInputs, policy_version: str) -> PolicyDecision:
+    def _map(self, outputs: PolicyOutputs, graph: GraphInputs, policy_version: str,
+             germinable: frozenset[str]) -> PolicyDecision:
         try:
             return decide(outputs, graph, blend_mode_annotations=self.settings.enable_blend_mode_ann,
-                          blend=self.blend, policy_version=policy_version)
+                          blend=self.blend, policy_version=policy_version, germinable=germinable)
         except DependencyViolationError as e:
             raise DecisionFailed(pb.DECISION_FAILURE_REASON_DEPENDENCY_VIOLATION, str(e),
                                  event="dependency_violation", level=pb.TELEMETRY_LEVEL_ERROR) from e
