@@ -41,6 +41,7 @@ class DecisionClient:
         self.bus = bus
         self.budget_ms = budget_ms
         self._inflight: concurrent.futures.Future[Decision] | None = None
+        self._ready: Decision | None = None  # finished before the boundary that would have polled it
         self.sent = 0
         self.skipped_inflight = 0
 
@@ -53,12 +54,17 @@ class DecisionClient:
         if self.busy:
             self.skipped_inflight += 1
             return False
+        if self._inflight is not None:  # done but not polled yet: keep it for the next poll
+            self._ready = self._inflight.result()
         self._inflight = self.bus.submit(self._ask(packet, step))
         self.sent += 1
         return True
 
     def poll(self) -> Decision | None:
-        """The finished decision, if any (non-blocking)."""
+        """The finished decision, if any (non-blocking); the oldest unpolled one first."""
+        if self._ready is not None:
+            ready, self._ready = self._ready, None
+            return ready
         fut = self._inflight
         if fut is None or not fut.done():
             return None
@@ -67,6 +73,9 @@ class DecisionClient:
 
     def wait(self) -> Decision | None:
         """Sync mode: block up to the budget (plus a scheduling margin; the request enforces the budget)."""
+        if self._ready is not None:
+            ready, self._ready = self._ready, None
+            return ready
         fut = self._inflight
         if fut is None:
             return None

@@ -129,6 +129,21 @@ class TolariaSettings(OonaSettings):
     emergency_spill_cap: int = Field(10_000, ge=1, validation_alias=_t("emergency_spill_cap"),
                                      description="signals kept on disk; past it the oldest are dropped (counted)")
 
+    # -- kernels, step failures, faults ------------------------------------------------------------
+    artifact_dir: Path = Field(Path("./var/urza/artifacts"), validation_alias=AliasChoices(
+        "URZA_ARTIFACT_DIR", "artifact_dir"), description="Urza's artifact files (read-only here; shared volume)")
+    kernel_timeout_ms: float = Field(2000.0, gt=0.0, validation_alias=_t("kernel_timeout_ms"),
+                                     description="budget of one kernel prefetch from Urza (off the step path)")
+    loss_spike_factor: float = Field(4.0, gt=1.0, validation_alias=_t("loss_spike_factor"),
+                                     description="a step loss above this x the loss EWMA (after warm-up) is a spike")
+    loss_spike_warmup_steps: int = Field(20, ge=0, validation_alias=_t("loss_spike_warmup_steps"),
+                                         description="steps before spike detection starts")
+    summary_json: Path | None = Field(None, validation_alias=_t("summary_json"),
+                                      description="write the run summary here as JSON (flat keys)")
+    enable_fault_injection: bool = Field(False, description="allow the TOLARIA_FAULT_* knobs (drills only)")
+    fault_nan_at_step: int = Field(0, ge=0, validation_alias=_t("fault_nan_at_step"),
+                                   description="make the loss NaN at this global step (drills); 0 = never")
+
     # -- profiler ----------------------------------------------------------------------------------
     profiler_dir: Path | None = Field(None, validation_alias=_t("profiler_dir"),
                                       description="torch.profiler traces go here; unset = profiler off. Must be "
@@ -149,6 +164,13 @@ class TolariaSettings(OonaSettings):
         if v is not None and v.suffix != ".npz":
             raise ValueError(f"TOLARIA_DATASET_PATH must name an .npz file, got {v}")
         return v
+
+    @model_validator(mode="after")
+    def _faults_need_opt_in(self) -> TolariaSettings:
+        if self.fault_nan_at_step and not self.enable_fault_injection:
+            raise ConfigurationError("TOLARIA_FAULT_* knobs are set but ESPER_ENABLE_FAULT_INJECTION is not 1: "
+                                     "refusing to start")
+        return self
 
     @model_validator(mode="after")
     def _valid_profiler_dir(self) -> TolariaSettings:

@@ -1,0 +1,48 @@
+"""The commands Kasmina hands back to the trainer (OPTIMIZER above all). Pure: tests call them directly.
+
+An OPTIMIZER command really changes the optimizer, but never by much at once and never far from
+where the run started: Tamiyo's `lr_delta` (or an explicit `learning_rate`) becomes a multiplicative
+step clamped to [1/MAX_STEP, MAX_STEP], and the result is clamped to [base/FLOOR, base*CEILING].
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from torch.optim import Optimizer
+
+MAX_STEP = 2.0  # one command changes the learning rate by at most 2x either way
+FLOOR = 100.0  # never below base / 100
+CEILING = 10.0  # never above base * 10
+
+
+@dataclass(frozen=True, slots=True)
+class LrChange:
+    old: float
+    new: float
+    requested: float  # what the command asked for, before the bounds
+    clamped: bool
+
+
+def adjust_lr(current: float, base: float, hyperparameters: Mapping[str, float]) -> LrChange:
+    """The bounded new learning rate for an OPTIMIZER command's hyperparameters."""
+    if "learning_rate" in hyperparameters and math.isfinite(hyperparameters["learning_rate"]):
+        requested = float(hyperparameters["learning_rate"])
+    else:
+        delta = float(hyperparameters.get("lr_delta", 0.0))
+        requested = current * math.exp(delta) if math.isfinite(delta) else current
+    stepped = min(max(requested, current / MAX_STEP), current * MAX_STEP)
+    new = min(max(stepped, base / FLOOR), base * CEILING)
+    return LrChange(current, new, requested, clamped=not math.isclose(new, requested, rel_tol=1e-9))
+
+
+def current_lr(optimizer: Optimizer) -> float:
+    return float(optimizer.param_groups[0]["lr"])
+
+
+def set_lr(optimizer: Optimizer, lr: float) -> None:
+    """Every group, seeds included (Kasmina's seed groups copy the host's hyperparameters)."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr

@@ -1,0 +1,62 @@
+"""`python -m esper.tolaria`: one training run, then exit with its summary.
+
+The trainer runs in the main thread; the bus (decisions, kernels, telemetry, /metrics) on the bus
+thread. SIGTERM finishes the current step, checkpoints and exits cleanly. Exit codes: 0 run finished,
+3 the run halted on an emergency (HALT), 2 configuration error (from `serve_or_exit`-style checks).
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+from collections.abc import Mapping
+from typing import Any
+
+from prometheus_client import CollectorRegistry
+
+from esper.core.health_server import HealthServer
+from esper.core.logging import configure_logging, get_logger
+from esper.tolaria.bus import BusThread
+from esper.tolaria.settings import TolariaSettings
+from esper.tolaria.trainer import Trainer
+
+log = get_logger("esper.tolaria.service")
+
+EXIT_HALTED = 3
+
+
+def run_training(settings: TolariaSettings, *, static: bool = False) -> tuple[int, dict[str, Any]]:
+    """Train once; returns (exit code, summary). `static`: no control plane at all (baseline)."""
+    configure_logging(level=settings.log_level, fmt=settings.log_format, service="tolaria")
+    registry = CollectorRegistry()
+    bus = None if static else BusThread(settings)
+    http: HealthServer | None = None
+    if bus is not None:
+        bus.start()
+    trainer = Trainer(settings, bus=bus, registry=registry)
+
+    def health() -> tuple[bool, Mapping[str, object]]:
+        return True, {"epoch": trainer.epoch, "step": trainer.step, "halted": trainer.emergency.halted}
+
+    if bus is not None and settings.metrics_port >= 0:
+        http = HealthServer(registry, health, host=settings.metrics_host, port=settings.metrics_port)
+        bus.call(http.start(), 10.0)
+    previous = signal.signal(signal.SIGTERM, lambda *_: trainer.stop())
+    clean = False
+    try:
+        trainer.run()
+        clean = True
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        summary = trainer.summary(clean_shutdown=clean)
+        trainer.close()
+        if bus is not None:
+            if http is not None:
+                bus.call(http.stop(), 10.0)
+            bus.stop()
+    if settings.summary_json is not None:
+        settings.summary_json.parent.mkdir(parents=True, exist_ok=True)
+        settings.summary_json.write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
+    log.info("run finished", epochs=summary["epochs"], val_accuracy=summary["final_val_accuracy"],
+             decisions=summary["decisions"], fossilized=summary["seeds_fossilized"], culled=summary["seeds_culled"])
+    return (EXIT_HALTED if summary["halted"] else 0), summary

@@ -1,0 +1,413 @@
+"""The training loop: a small host on real data, grown by Tamiyo's commands through Kasmina.
+
+Per step (ARCHITECTURE §5): take the decision that arrived since the last boundary (pipelined) and
+apply it through Kasmina; train (task loss + the isolated seeds' local loss); refuse a non-finite or
+spiking step (emergency escalation + two-tier rollback, never an optimizer step on bad gradients);
+advance Kasmina (gates, alpha schedules, stage changes); snapshot; send this step's packet. Kernel
+fetches and decision waits run on the bus thread, so the step never waits on anyone longer than the
+budget (`sync` mode waits at most the budget). Per epoch: validation, evidence for probationary
+seeds (loss with and without each), a checkpoint, telemetry.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from prometheus_client import CollectorRegistry
+
+from esper.core.logging import get_logger
+from esper.core.telemetry import build_event, build_metric, build_telemetry_packet
+from esper.kasmina import CommandRejected, Kasmina, KernelClient, SeedSlot
+from esper.leyline import pb
+from esper.tolaria.bus import BusThread
+from esper.tolaria.checkpoint import CheckpointError, CheckpointStore
+from esper.tolaria.commands import adjust_lr, current_lr, set_lr
+from esper.tolaria.data import Dataset, epoch_generator, iter_batches, load_dataset
+from esper.tolaria.decisions import Decision, DecisionClient
+from esper.tolaria.emergency import EmergencyController, EmergencyPublisher, epoch_failure_level
+from esper.tolaria.host import HostNetwork, build_host
+from esper.tolaria.instruments import TolariaMetrics
+from esper.tolaria.metrics import TrainingSignals, batch_accuracy, gradient_norm, training_metrics
+from esper.tolaria.packet import build_packet
+from esper.tolaria.rollback import RollbackDeadlineExceeded, RollbackError, RollbackManager
+from esper.tolaria.settings import TolariaSettings
+from esper.urza.store import ArtifactStore
+
+log = get_logger("esper.tolaria.trainer")
+
+_INFO, _WARNING = pb.TELEMETRY_LEVEL_INFO, pb.TELEMETRY_LEVEL_WARNING
+
+
+def make_optimizer(settings: TolariaSettings, params: Any) -> torch.optim.Optimizer:
+    s = settings
+    if s.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=s.learning_rate, momentum=s.momentum, weight_decay=s.weight_decay)
+    if s.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=s.learning_rate, weight_decay=s.weight_decay)
+    return torch.optim.Adam(params, lr=s.learning_rate, weight_decay=s.weight_decay)
+
+
+@dataclass(slots=True)
+class RunStats:
+    """What the summary reports; counters the loop updates as it goes."""
+
+    steps: int = 0
+    epochs: int = 0
+    decisions: Counter[str] = field(default_factory=Counter)  # command / failure / timeout / error
+    decision_ms: list[float] = field(default_factory=list)
+    commands: Counter[str] = field(default_factory=Counter)  # applied command types
+    stale: int = 0
+    rejected: Counter[str] = field(default_factory=Counter)
+    failure_reasons: Counter[str] = field(default_factory=Counter)
+    step_failures: Counter[str] = field(default_factory=Counter)
+    rollbacks: Counter[str] = field(default_factory=Counter)
+    seeds_fossilized: int = 0
+    seeds_culled: int = 0
+    lr_changes: int = 0
+    val_accuracy: list[float] = field(default_factory=list)
+    val_loss: list[float] = field(default_factory=list)
+
+
+class Trainer:
+    """One run. `bus=None` trains the host statically (no control plane): the benchmark's baseline."""
+
+    def __init__(self, settings: TolariaSettings, *, bus: BusThread | None,
+                 registry: CollectorRegistry | None = None, dataset: Dataset | None = None) -> None:
+        s = self.settings = settings
+        self.device = s.torch_device()
+        self.bus = bus
+        self.metrics = TolariaMetrics(registry)
+        torch.manual_seed(s.seed)
+        self.data = (dataset or load_dataset(s.dataset_path, seed=s.seed, val_fraction=s.val_fraction)).to(self.device)
+        self.host: HostNetwork = build_host(self.data.meta, hidden=(s.hidden_width,) * 2, seed=s.seed).to(self.device)
+        if bus is not None:
+            for name, shape in self.host.slot_shapes().items():
+                self.host.set_slot(name, SeedSlot(name, shape).to(self.device))
+        self.optimizer = make_optimizer(s, self.host.parameters())
+        self.base_lr = s.learning_rate
+        kernels = None if bus is None else KernelClient(bus.client, ArtifactStore(s.artifact_dir),
+                                                        timeout_ms=s.kernel_timeout_ms, training_run_id=s.run_id)
+        self.kasmina = Kasmina(keys=s.signing_keys() if bus is not None else None, kernels=kernels,
+                               optimizer=self.optimizer)
+        self.kasmina.register_host(self.host)
+        self.decisions = None if bus is None else DecisionClient(bus, budget_ms=s.tamiyo_step_timeout_ms)
+        self.checkpoints = CheckpointStore(s.checkpoint_dir, keep=s.checkpoint_keep, run_id=s.run_id)
+        self.rollback = RollbackManager.from_settings(s, checkpoints=self.checkpoints, metrics=self.metrics)
+        publisher = None
+        if bus is not None and s.emergency_enabled:
+            publisher = EmergencyPublisher.from_settings(s, metrics=self.metrics)
+            publisher.start()
+        self.emergency = EmergencyController(run_id=s.run_id, publisher=publisher, metrics=self.metrics)
+        self.signals = TrainingSignals()
+        self.stats = RunStats()
+        self.step = 0
+        self.epoch = 0
+        self.failed_epochs = 0
+        self._epoch_failed = False
+        self._structure: tuple[str, ...] = ()
+        self._stop = False
+        self._pending_events: list[pb.TelemetryEvent] = []
+        self._escalations_seen = 0
+
+    # -- the run -----------------------------------------------------------------------------------
+
+    def stop(self) -> None:
+        """Finish the current step, then stop (SIGTERM)."""
+        self._stop = True
+
+    def run(self) -> RunStats:
+        s = self.settings
+        for epoch in range(1, s.epochs + 1):
+            self.epoch = epoch
+            self._epoch_failed = False
+            gen = epoch_generator(s.seed, epoch)
+            for xb, yb in iter_batches(self.data.x_train, self.data.y_train, s.batch_size, generator=gen):
+                self.train_step(xb, yb)
+                if self._stop or self.emergency.halted:
+                    break
+            self.end_epoch()
+            if self._stop or self.emergency.halted:
+                break
+        self._settle_last_decision()
+        return self.stats
+
+    def train_step(self, xb: torch.Tensor, yb: torch.Tensor) -> None:
+        s = self.settings
+        t0 = time.perf_counter()
+        self.step += 1
+        if s.decision_mode == "pipelined":
+            self._take_decision(self.decisions.poll() if self.decisions is not None else None)
+        self.host.train()
+        logits = self.host(xb)
+        loss = F.cross_entropy(logits, yb)
+        if s.fault_nan_at_step and self.step == s.fault_nan_at_step:
+            loss = loss * float("nan")
+        aux = self.kasmina.auxiliary_loss()
+        total = loss if aux is None else loss + aux
+        self.optimizer.zero_grad(set_to_none=True)
+        total.backward()  # type: ignore[no-untyped-call]
+        loss_v = float(loss.detach())
+        grad = gradient_norm(p for p in self.host.parameters() if p.grad is not None)
+        reason = self._step_problem(loss_v, grad)
+        if reason is not None:
+            self._step_failure(reason, loss_v)
+            return
+        self.optimizer.step()
+        hook_t = time.perf_counter()
+        self.kasmina.advance(self.step, epoch=self.epoch, loss=loss_v)
+        self._start_kernel_fetches()
+        self._snapshot()
+        hook_ms = (time.perf_counter() - hook_t) * 1000.0
+        step_ms = (time.perf_counter() - t0) * 1000.0
+        signals = self.signals.update(loss_v, grad)
+        self.stats.steps += 1
+        if self.decisions is not None:
+            metrics = training_metrics(
+                loss=loss_v, accuracy=batch_accuracy(logits.detach(), yb), gradient_norm=grad,
+                samples_per_s=len(yb) / max(step_ms / 1000.0, 1e-9), hook_latency_ms=hook_ms, signals=signals,
+                step_latency_ms=step_ms, optimizer_family_index=s.optimizer_family_index,
+                extra={"learning_rate": current_lr(self.optimizer)})
+            packet = build_packet(run_id=s.run_id, step=self.step, epoch=self.epoch, epochs_total=s.epochs,
+                                  training_loss=loss_v, validation_loss=_last(self.stats.val_loss),
+                                  validation_accuracy=_last(self.stats.val_accuracy), training_metrics=metrics,
+                                  seed_states=self.kasmina.seed_states())
+            self.decisions.submit(packet, self.step)
+            if s.decision_mode == "sync":
+                self._take_decision(self.decisions.wait())
+
+    # -- decisions ---------------------------------------------------------------------------------
+
+    def _take_decision(self, d: Decision | None) -> None:
+        if d is None:
+            return
+        self.stats.decisions[d.kind] += 1
+        self.stats.decision_ms.append(d.latency_ms)
+        if d.kind in ("failure", "error"):
+            self.stats.failure_reasons[d.detail.removeprefix("DECISION_FAILURE_REASON_").lower()[:60]] += 1
+        if d.kind == "timeout":
+            self._event("tamiyo_timeout", _WARNING, d.detail, step_index=d.step, packet_id=d.packet_id)
+            return
+        if d.kind != "command" or d.command is None:
+            return
+        if self.step - d.step > self.settings.max_staleness_steps:
+            self.stats.stale += 1
+            self._event("command_stale", _WARNING, f"reply for step {d.step} arrived at step {self.step}",
+                        command_id=d.command.command_id)
+            return
+        try:
+            outcome = self.kasmina.apply_command(d.command)
+        except CommandRejected as e:
+            self.stats.rejected[e.reason] += 1
+            return
+        self.stats.commands[pb.CommandType.Name(d.command.command_type)] += 1
+        if outcome.for_trainer is not None:
+            self._trainer_command(outcome.for_trainer)
+
+    def _trainer_command(self, cmd: pb.AdaptationCommand) -> None:
+        if cmd.command_type == pb.COMMAND_OPTIMIZER:
+            change = adjust_lr(current_lr(self.optimizer), self.base_lr, cmd.optimizer_adjustment.hyperparameters)
+            if change.new != change.old:
+                set_lr(self.optimizer, change.new)
+                self.stats.lr_changes += 1
+            log.info("optimizer adjusted", old=change.old, new=change.new, requested=change.requested,
+                     clamped=change.clamped, command_id=cmd.command_id)
+            self._event("optimizer_adjusted", _INFO, f"lr {change.old:.3g} -> {change.new:.3g}",
+                        clamped=change.clamped, command_id=cmd.command_id)
+        elif cmd.command_type == pb.COMMAND_ROLLBACK:
+            self._do_rollback("command")
+        elif cmd.command_type == pb.COMMAND_EMERGENCY:
+            self.emergency.escalate(pb.EMERGENCY_LEVEL_CONSERVATIVE, "tamiyo_emergency_command")
+
+    def _start_kernel_fetches(self) -> None:
+        if self.bus is not None and self.kasmina.pending_kernels():
+            self.bus.submit(self.kasmina.fetch_kernels())
+
+    def _settle_last_decision(self) -> None:
+        """The reply to the last packet is counted (not applied: training is over)."""
+        if self.decisions is not None:
+            d = self.decisions.wait()
+            if d is not None:
+                self.stats.decisions[d.kind] += 1
+                self.stats.decision_ms.append(d.latency_ms)
+
+    # -- failures and rollback ---------------------------------------------------------------------
+
+    def _step_problem(self, loss: float, grad: float) -> str | None:
+        if not math.isfinite(loss) or not math.isfinite(grad):
+            return "non_finite"
+        ewma = self.signals.loss.mean
+        s = self.settings
+        if self.stats.steps >= s.loss_spike_warmup_steps and ewma > 0 and loss > s.loss_spike_factor * ewma:
+            return "loss_spike"
+        return None
+
+    def _step_failure(self, reason: str, loss: float) -> None:
+        """A bad step is never applied: escalate, roll back to the last good state, keep training."""
+        self.optimizer.zero_grad(set_to_none=True)
+        self.stats.step_failures[reason] += 1
+        self._epoch_failed = True
+        self._event("loss_spike" if reason == "loss_spike" else "step_failure", _WARNING,
+                    f"{reason} at step {self.step} (loss {loss})", reason=reason, step_index=self.step)
+        self.emergency.escalate(epoch_failure_level(reason), reason, attributes={"step": self.step})
+        if self.settings.rollback_enabled:
+            self._do_rollback(reason)
+
+    def _do_rollback(self, reason: str) -> None:
+        try:
+            result = self.rollback.rollback(self.host, self.optimizer)
+        except RollbackDeadlineExceeded as e:
+            self.stats.rollbacks["deadline_missed"] += 1
+            if self.settings.emergency_l4_on_rollback_deadline:
+                self.emergency.escalate(pb.EMERGENCY_LEVEL_HALT, "rollback_deadline")
+            log.error("rollback missed its deadline", error=str(e))
+            return
+        except RollbackError as e:
+            if e.reason == "state_mismatch":  # seeds changed the model since: drop them and retry once
+                self.kasmina.cull_all("rollback")
+                try:
+                    result = self.rollback.rollback(self.host, self.optimizer)
+                except RollbackError as again:
+                    self.stats.rollbacks[f"failed_{again.reason}"] += 1
+                    return
+            else:
+                self.stats.rollbacks[f"failed_{e.reason}"] += 1
+                log.warning("nothing to roll back to", reason=reason, error=str(e))
+                return
+        self.stats.rollbacks[result.tier] += 1
+        self.signals.reset()
+        self._event("rollback", _WARNING, f"{result.tier} tier restored step {result.step} in "
+                    f"{result.elapsed_ms:.2f} ms", reason=reason, tier=result.tier, restored_step=result.step)
+
+    def _snapshot(self) -> None:
+        """Fast-tier snapshots must fit the model as it is: when a seed changed its structure, older
+        snapshots (other parameters) are dropped rather than kept to fail a later restore."""
+        structure = (*tuple(self.host.state_dict().keys()), str(len(self.optimizer.param_groups)))
+        if structure != self._structure:
+            self.rollback.ring.clear()
+            self._structure = structure
+        self.rollback.snapshot(self.host, self.optimizer, step=self.step, epoch=self.epoch)
+
+    # -- epochs ------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def evaluate(self) -> tuple[float, float]:
+        self.host.eval()
+        logits = self.host(self.data.x_val)
+        loss = float(F.cross_entropy(logits, self.data.y_val))
+        return loss, batch_accuracy(logits, self.data.y_val)
+
+    def end_epoch(self) -> None:
+        s = self.settings
+        loss, acc = self.evaluate()
+        self.stats.val_loss.append(loss)
+        self.stats.val_accuracy.append(acc)
+        self.stats.epochs = self.epoch
+        self._report_evidence(loss)
+        self._count_seed_outcomes()
+        if self._epoch_failed:
+            self.failed_epochs += 1
+            if self.failed_epochs >= s.emergency_l4_failed_epochs:
+                self.emergency.escalate(pb.EMERGENCY_LEVEL_HALT, "failed_epochs")
+        else:
+            self.failed_epochs = 0
+        if self.epoch % s.checkpoint_every_epochs == 0 or self.emergency.halted:
+            try:
+                self.checkpoints.save_training(self.host, self.optimizer, epoch=self.epoch, step=self.step)
+                self.metrics.checkpoints.inc()
+            except CheckpointError as e:
+                self.metrics.checkpoint_errors.labels(e.reason).inc()
+                log.error("checkpoint not written", error=str(e))
+        log.info("epoch", epoch=self.epoch, val_loss=round(loss, 4), val_accuracy=round(acc, 4),
+                 seeds=dict(Counter(_stage(st.stage) for st in self.kasmina.seed_states())))
+        self._publish_epoch_telemetry(loss, acc)
+
+    def _report_evidence(self, loss_with: float) -> None:
+        for st in self.kasmina.seed_states():
+            if st.stage == pb.SEED_STAGE_PROBATIONARY:
+                with self.kasmina.ablated(st.seed_id):
+                    loss_without, _ = self.evaluate()
+                self.kasmina.report_evidence(st.seed_id, loss_with=loss_with, loss_without=loss_without)
+
+    def _count_seed_outcomes(self) -> None:
+        events = self.kasmina.drain_events()
+        for e in events:
+            if e.attributes.get("event") == "seed_stage":
+                to = e.attributes.get("to_stage", "")
+                self.stats.seeds_fossilized += to == "FOSSILIZED"
+                self.stats.seeds_culled += to == "CULLED"
+        self._pending_events.extend(events)
+
+    def _publish_epoch_telemetry(self, loss: float, acc: float) -> None:
+        if self.bus is None:
+            self._pending_events.clear()
+            return
+        metrics = [build_metric("tolaria.training.validation_loss", loss),
+                   build_metric("tolaria.training.accuracy", acc, unit="ratio"),
+                   build_metric("tolaria.epochs.total", float(self.epoch))]
+        events = [*self._pending_events, *self.emergency.events(self._new_escalations())]
+        self._pending_events.clear()
+        self.bus.publish_telemetry(build_telemetry_packet("tolaria", metrics=metrics, events=events))
+        self.bus.publish_telemetry(self.kasmina.telemetry_packet())
+
+    def _new_escalations(self) -> list[Any]:
+        history = list(self.emergency.history)
+        new = history[self._escalations_seen:]
+        self._escalations_seen = len(history)
+        return new
+
+    def _event(self, name: str, level: int, description: str = "", **attributes: object) -> None:
+        """A trainer event; WARNING ones in the HIGH list (tamiyo_timeout, loss_spike) go out at once
+        on the emergency lane, the rest with the epoch's telemetry."""
+        event = build_event(name, level=level, description=description[:200], **attributes)
+        if self.bus is not None and level >= _WARNING:
+            self.bus.publish_telemetry(build_telemetry_packet("tolaria", events=[event]))
+        else:
+            self._pending_events.append(event)
+
+    # -- summary -----------------------------------------------------------------------------------
+
+    def summary(self, *, clean_shutdown: bool) -> dict[str, Any]:
+        st = self.stats
+        lat = sorted(st.decision_ms)
+        stages = Counter(_stage(s.stage) for s in self.kasmina.seed_states())
+        seed_params = sum(p.numel() for name, p in self.host.named_parameters() if ".seed." in name)
+        return {
+            "run_id": self.settings.run_id, "epochs": st.epochs, "steps": st.steps,
+            "final_val_accuracy": _last(st.val_accuracy), "final_val_loss": _last(st.val_loss),
+            "decisions": sum(st.decisions.values()), "decision_commands": st.decisions["command"],
+            "decision_failures": st.decisions["failure"], "timeouts": st.decisions["timeout"],
+            "decision_errors": st.decisions["error"], "failures_by_reason": dict(st.failure_reasons),
+            "decision_p50_ms": statistics.median(lat) if lat else None,
+            "decision_p99_ms": lat[min(len(lat) - 1, math.ceil(0.99 * len(lat)) - 1)] if lat else None,
+            "commands_applied": sum(st.commands.values()), "commands_by_type": dict(st.commands),
+            "commands_stale": st.stale, "commands_rejected": sum(st.rejected.values()),
+            "rejected_by_reason": dict(st.rejected), "lr_changes": st.lr_changes,
+            "step_failures": dict(st.step_failures), "rollbacks": dict(st.rollbacks),
+            "emergencies": len(self.emergency.history), "emergency_level": int(self.emergency.level),
+            "halted": self.emergency.halted, "seeds_fossilized": st.seeds_fossilized,
+            "seeds_culled": st.seeds_culled, "seeds_by_stage": dict(stages), "seed_parameters": seed_params,
+            "host_parameters": sum(p.numel() for p in self.host.host_parameters()),
+            "decisions_skipped_inflight": self.decisions.skipped_inflight if self.decisions else 0,
+            "val_accuracy_by_epoch": list(st.val_accuracy), "clean_shutdown": clean_shutdown,
+        }
+
+    def close(self, timeout_s: float = 5.0) -> None:
+        publisher = self.emergency.publisher
+        if publisher is not None:
+            publisher.flush(timeout_s)
+            publisher.close(timeout_s)
+
+
+def _last(values: list[float]) -> float | None:
+    return values[-1] if values else None
+
+
+def _stage(stage: int) -> str:
+    return pb.SeedLifecycleStage.Name(stage).removeprefix("SEED_STAGE_")  # type: ignore[arg-type]

@@ -1,0 +1,121 @@
+"""The training loop: static baseline, NaN step → rollback + emergency, OPTIMIZER bounds, and the loop
+against a real Tamiyo and a real Urza over the bus (decisions, a signed germinate grows the model)."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from esper.core.clock import now_ms
+from esper.karn import CATALOGUE, SlotShape
+from esper.leyline import CHANNELS, decode_envelope, pb, sign_command, unpack_as
+from esper.oona import OonaSettings
+from esper.tezzeret.forge import forge_once
+from esper.tolaria.bus import BusThread
+from esper.tolaria.commands import CEILING, FLOOR, MAX_STEP, adjust_lr
+from esper.tolaria.decisions import Decision
+from esper.tolaria.settings import TolariaSettings
+from esper.tolaria.trainer import Trainer
+from esper.urza.library import UrzaLibrary
+from tests.conftest import ClientFactory
+from tests.tamiyo._fleet import running_tamiyo, tamiyo_settings
+from tests.urza._service import running_urza, urza_settings
+
+
+def _settings(tmp: Path, **overrides: object) -> TolariaSettings:
+    base: dict[str, object] = {"var_dir": tmp / "tolaria", "epochs": 2, "hidden_width": 16, "seed": 3,
+                               "learning_rate": 0.01, "emergency_enabled": False, "metrics_port": -1}
+    base.update(overrides)
+    return TolariaSettings(**base)
+
+
+def test_static_run_learns_and_reports(tmp_path: Path) -> None:
+    trainer = Trainer(_settings(tmp_path), bus=None)
+    stats = trainer.run()
+    summary = trainer.summary(clean_shutdown=True)
+    assert stats.epochs == 2 and stats.steps == summary["steps"] > 0
+    assert summary["final_val_accuracy"] > 0.3  # ten classes: chance is 0.1
+    assert summary["decisions"] == 0 and summary["seed_parameters"] == 0
+    assert len(trainer.checkpoints.history()) == 2  # one per epoch
+
+
+def test_nan_step_is_rolled_back_and_escalated(tmp_path: Path) -> None:
+    s = _settings(tmp_path, enable_fault_injection=True, fault_nan_at_step=5, epochs=1)
+    trainer = Trainer(s, bus=None)
+    trainer.run()
+    summary = trainer.summary(clean_shutdown=True)
+    assert summary["step_failures"] == {"non_finite": 1}
+    assert summary["rollbacks"] == {"fast": 1}
+    assert summary["emergencies"] == 1 and summary["emergency_level"] == pb.EMERGENCY_LEVEL_ELEVATED
+    assert summary["steps"] == math.ceil(trainer.data.meta.train_size / s.batch_size) - 1  # the bad step
+    assert all(torch.isfinite(p).all() for p in trainer.host.parameters())
+
+
+def test_faults_need_opt_in(tmp_path: Path) -> None:
+    with pytest.raises(Exception, match="ESPER_ENABLE_FAULT_INJECTION"):
+        _settings(tmp_path, fault_nan_at_step=3)
+
+
+@pytest.mark.parametrize(("hyper", "expected"), [
+    ({"lr_delta": 0.0}, 1e-3),
+    ({"lr_delta": math.log(1.5)}, 1.5e-3),
+    ({"lr_delta": 5.0}, 1e-3 * MAX_STEP),  # one command moves at most MAX_STEP x
+    ({"learning_rate": 1e-9}, 1e-3 / MAX_STEP),
+    ({"lr_delta": float("nan")}, 1e-3),
+])
+def test_optimizer_commands_are_bounded(hyper: dict[str, float], expected: float) -> None:
+    change = adjust_lr(1e-3, 1e-3, hyper)
+    assert change.new == pytest.approx(expected)
+    assert adjust_lr(1e-3 * CEILING, 1e-3, {"lr_delta": 1.0}).new == pytest.approx(1e-3 * CEILING)
+    assert adjust_lr(1e-3 / FLOOR, 1e-3, {"lr_delta": -1.0}).new == pytest.approx(1e-3 / FLOOR)
+
+
+def _germinate(keys: object, seed_id: str, blueprint: str, command_id: str) -> pb.AdaptationCommand:
+    cmd = pb.AdaptationCommand(version=1, command_id=command_id, command_type=pb.COMMAND_SEED,
+                               target_seed_id=seed_id, issued_by="test")
+    cmd.seed_operation.operation = pb.SEED_OP_GERMINATE
+    cmd.seed_operation.blueprint_id = blueprint
+    cmd.issued_at.FromMilliseconds(now_ms())
+    return sign_command(cmd, keys)  # type: ignore[arg-type]
+
+
+async def test_loop_against_real_tamiyo_and_urza(make_client: ClientFactory, settings: OonaSettings,
+                                                 tmp_path: Path) -> None:
+    """Sync decisions from a real Tamiyo every step; a signed germinate fetches a real kernel from Urza
+    over the bus, and the seed joins the model and its optimizer."""
+    us = urza_settings(settings, tmp_path / "urza", seed_karn=True, seed_slot="v16")
+    with UrzaLibrary(us.db_path, us.artifact_dir) as lib:
+        forge_once(lib, [SlotShape(16)], device=torch.device("cpu"), compile_enabled=False, seed=0,
+                   max_attempts=1, templates=[CATALOGUE["BP002"], CATALOGUE["BP005"]])
+    observer = await make_client("observer")
+    ts = _settings(tmp_path, redis_url=settings.redis_url, leyline_secret=settings.leyline_secret, epochs=1,
+                   decision_mode="sync", tamiyo_step_timeout_ms=500.0, artifact_dir=us.artifact_dir,
+                   run_id="run-loop")
+    async with running_urza(us), running_tamiyo(tamiyo_settings(settings, tmp_path / "tamiyo")):
+        bus = BusThread(ts)
+        bus.start()
+        trainer = Trainer(ts, bus=bus)
+        try:
+            seed_id = trainer.kasmina.seed_ids[0]
+            trainer.step = 1
+            trainer._take_decision(Decision(1, "run-loop-1", "command", 1.0,
+                                            command=_germinate(bus.client.keys, seed_id, "BP002", "cmd-grow")))
+            await asyncio.to_thread(trainer.run)
+        finally:
+            trainer.close()
+            await asyncio.to_thread(bus.stop)
+    summary = trainer.summary(clean_shutdown=True)
+    assert summary["decisions"] == summary["steps"] + 1  # one reply per step (sync) + the injected germinate
+    assert summary["decision_commands"] + summary["decision_failures"] + summary["timeouts"] == summary["decisions"]
+    assert summary["commands_by_type"].get("COMMAND_SEED", 0) >= 1
+    assert summary["seed_parameters"] > 0  # BP002's kernel was fetched from Urza and grafted
+    grafted = {id(p) for name, p in trainer.host.named_parameters() if ".seed." in name}
+    in_optimizer = {id(p) for g in trainer.optimizer.param_groups for p in g["params"]}
+    assert grafted and grafted <= in_optimizer
+    rows = await observer.redis.xrange(CHANNELS["telemetry"].normal_stream)
+    sources = {unpack_as(decode_envelope(f[b"payload"]), pb.TelemetryPacket).source_subsystem for _, f in rows}
+    assert {"tolaria", "kasmina"} <= sources
