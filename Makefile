@@ -29,6 +29,7 @@ test: $(STAMP) guard
 e2e: $(STAMP)
 	$(PY) -m esper.oona drill all
 	$(PY) -m esper.tamiyo drill all
+	$(PY) -m esper.tolaria drill all
 
 bench: bench-oona bench-tamiyo bench-blueprints
 

@@ -1,4 +1,4 @@
-"""`python -m esper.tolaria [run] [--static]`."""
+"""`python -m esper.tolaria [run [--static]|drill NAME|all]`."""
 
 from __future__ import annotations
 
@@ -38,6 +38,14 @@ def run(static: Annotated[bool, typer.Option(help="train the host alone: no Tami
     code, summary = run_training(settings, static=static)
     typer.echo(json.dumps(summary, sort_keys=True))
     raise typer.Exit(code)
+
+
+@app.command()
+def drill(name: Annotated[str, typer.Argument(help="drill name, or 'all'")] = "all") -> None:
+    """Run Tolaria's drills against a private redis-server and real processes."""
+    from esper.tolaria.drills import run_drills
+
+    raise typer.Exit(run_drills(name))
 
 
 if __name__ == "__main__":

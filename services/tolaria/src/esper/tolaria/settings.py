@@ -136,6 +136,9 @@ class TolariaSettings(OonaSettings):
                                      description="budget of one kernel prefetch from Urza (off the step path)")
     loss_spike_factor: float = Field(4.0, gt=1.0, validation_alias=_t("loss_spike_factor"),
                                      description="a step loss above this x the loss EWMA (after warm-up) is a spike")
+    loss_spike_min_delta: float = Field(0.5, ge=0.0, validation_alias=_t("loss_spike_min_delta"),
+                                        description="... and at least this much above it (nats): a noisy batch late in "
+                                                    "training is not a spike")
     loss_spike_warmup_steps: int = Field(20, ge=0, validation_alias=_t("loss_spike_warmup_steps"),
                                          description="steps before spike detection starts")
     summary_json: Path | None = Field(None, validation_alias=_t("summary_json"),

@@ -244,7 +244,8 @@ class Trainer:
             return "non_finite"
         ewma = self.signals.loss.mean
         s = self.settings
-        if self.stats.steps >= s.loss_spike_warmup_steps and ewma > 0 and loss > s.loss_spike_factor * ewma:
+        if (self.stats.steps >= s.loss_spike_warmup_steps and ewma > 0 and loss > s.loss_spike_factor * ewma
+                and loss - ewma > s.loss_spike_min_delta):
             return "loss_spike"
         return None
 

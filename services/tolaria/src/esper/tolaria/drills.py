@@ -1,0 +1,227 @@
+"""Tolaria drills: `python -m esper.tolaria drill [NAME|all]` (part of `make e2e`).
+
+Same rules as the other drills (docs/drills.md): a private `redis-server` on a free port, a fresh
+secret, real processes (`python -m esper.tolaria`, `python -m esper.tamiyo`, `python -m esper.urza`),
+pass criteria that are invariants (counts, events on the bus, exit codes), never wall-clock
+thresholds; timeouts are liveness bounds only.
+
+`emergency`: the trainer runs with no Tamiyo at all and a NaN injected into one step's loss. Pass:
+the run finishes every epoch (the trainer never stalls: every decision is a counted timeout, with
+HIGH `tamiyo_timeout` telemetry on the emergency lane), the bad step is refused and rolled back from
+the fast tier, and an `EmergencySignal` (ELEVATED, origin tolaria, reason non_finite) is on the
+emergency lane.
+
+`tamiyo_crash`: trainer, Urza and Tamiyo run; once commands flow the Tamiyo worker is SIGKILLed.
+Pass: the trainer keeps training (timeouts counted, exit 0, every epoch done), a restarted worker
+answers again (decisions resume: its own decision counter rises while the same run goes on).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO, Any
+
+from esper.core import drills as core_drills
+from esper.core.drills import Drill, DrillResult
+from esper.core.redis_server import EmbeddedRedis, free_port
+from esper.leyline import CHANNELS, decode_envelope, pb, unpack_as
+
+DRILL_TIMEOUT_S = 180.0  # liveness only
+WAIT_S = 60.0
+
+
+class Fleet:
+    """Processes of one drill sharing a private redis-server, a secret and a temp dir."""
+
+    def __init__(self, tmp: Path, redis_url: str) -> None:
+        self.tmp = tmp
+        base = {k: v for k, v in os.environ.items()
+                if not k.startswith(("ESPER_", "TAMIYO_", "TOLARIA_", "URZA_", "TEZZERET_", "KASMINA_"))}
+        self.env = {**base, "ESPER_REDIS_URL": redis_url, "ESPER_LEYLINE_SECRET": secrets.token_hex(16),
+                    "ESPER_LOG_LEVEL": "WARNING", "ESPER_LOG_FORMAT": "json", "ESPER_METRICS_PORT": "-1",
+                    "URZA_DATABASE_URL": f"sqlite:///{tmp}/urza/catalog.db", "URZA_ARTIFACT_DIR": str(tmp / "urza/a"),
+                    "URZA_SEED_SLOT": "v16", "TAMIYO_VAR_DIR": str(tmp / "tamiyo"),
+                    "TAMIYO_POLICY_DIR": str(tmp / "tamiyo/policies"), "TOLARIA_VAR_DIR": str(tmp / "tolaria"),
+                    "TOLARIA_HIDDEN_WIDTH": "16", "TOLARIA_SUMMARY_JSON": str(tmp / "summary.json")}
+        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+        self._logs: list[IO[bytes]] = []
+
+    def start(self, name: str, module: str, *args: str, **env: str) -> subprocess.Popen[bytes]:
+        out = (self.tmp / f"{name}.log").open("ab")
+        self._logs.append(out)
+        proc = subprocess.Popen([sys.executable, "-m", module, *args], env={**self.env, **env}, cwd=self.tmp,
+                                stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
+        self.procs[name] = proc
+        return proc
+
+    def summary(self) -> dict[str, Any]:
+        path = self.tmp / "summary.json"
+        return json.loads(path.read_text()) if path.exists() else {}
+
+    def tail(self, name: str, limit: int = 600) -> str:
+        path = self.tmp / f"{name}.log"
+        return path.read_text(errors="replace")[-limit:] if path.exists() else ""
+
+    def stop_all(self) -> None:
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in self.procs.values():
+            try:
+                proc.wait(15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        for f in self._logs:
+            f.close()
+
+
+@contextlib.contextmanager
+def _fleet() -> Iterator[tuple[Fleet, EmbeddedRedis]]:
+    server = EmbeddedRedis()
+    server.start()
+    with tempfile.TemporaryDirectory(prefix="esper-tolaria-drill-") as tmp:
+        fleet = Fleet(Path(tmp), server.url)
+        try:
+            yield fleet, server
+        finally:
+            fleet.stop_all()
+            server.stop()
+
+
+async def _wait_exit(proc: subprocess.Popen[bytes], timeout_s: float) -> int | None:
+    try:
+        return await asyncio.to_thread(proc.wait, timeout_s)
+    except subprocess.TimeoutExpired:
+        return None
+
+
+def _stream_messages(url: str, stream: str) -> list[Any]:
+    import redis
+
+    client = redis.Redis.from_url(url)
+    try:
+        rows: Any = client.xrange(stream)
+    finally:
+        client.close()
+    return [decode_envelope(fields[b"payload"]) for _id, fields in rows or []]
+
+
+def _events(url: str, lane: str) -> list[dict[str, str]]:
+    stream = CHANNELS["telemetry"].stream("emergency" if lane == "emergency" else "normal")
+    return [dict(e.attributes) for env in _stream_messages(url, stream)
+            for e in unpack_as(env, pb.TelemetryPacket).events]
+
+
+async def drill_emergency() -> DrillResult:
+    with _fleet() as (fleet, server):
+        proc = fleet.start("tolaria", "esper.tolaria", "run", ESPER_ENABLE_FAULT_INJECTION="1",
+                           TOLARIA_FAULT_NAN_AT_STEP="10", TOLARIA_EPOCHS="2", TAMIYO_STEP_TIMEOUT_MS="5")
+        rc = await _wait_exit(proc, WAIT_S * 2)
+        s = fleet.summary()
+        signals = [unpack_as(env, pb.EmergencySignal)
+                   for env in _stream_messages(server.url, CHANNELS["emergency"].emergency_stream)]
+        high = [e for e in _events(server.url, "emergency") if e.get("event") == "tamiyo_timeout"]
+        problems = []
+        if rc != 0:
+            problems.append(f"tolaria exit {rc}: {fleet.tail('tolaria')}")
+        if s.get("epochs") != 2:
+            problems.append(f"epochs {s.get('epochs')} of 2")
+        if s.get("step_failures") != {"non_finite": 1} or s.get("rollbacks") != {"fast": 1}:
+            problems.append(f"step failures {s.get('step_failures')}, rollbacks {s.get('rollbacks')}")
+        if not (s.get("timeouts", 0) > 0 and s.get("decision_commands") == 0):
+            problems.append(f"decisions without a Tamiyo: {s.get('timeouts')} timeouts, "
+                            f"{s.get('decision_commands')} commands")
+        if not any(x.level == pb.EMERGENCY_LEVEL_ELEVATED and x.origin == "tolaria" and x.reason == "non_finite"
+                   for x in signals):
+            problems.append(f"no ELEVATED non_finite EmergencySignal on the emergency lane ({len(signals)} signals)")
+        if not high:
+            problems.append("no HIGH tamiyo_timeout telemetry on the emergency lane")
+        evidence = (f"rc {rc}; {s.get('epochs')} epochs, {s.get('steps')} steps, val accuracy "
+                    f"{s.get('final_val_accuracy')}; step failures {s.get('step_failures')}, rollbacks "
+                    f"{s.get('rollbacks')}; decisions: timeouts {s.get('timeouts')}, commands "
+                    f"{s.get('decision_commands')}; EmergencySignals on the lane: "
+                    f"{[(pb.EmergencyLevel.Name(x.level), x.reason) for x in signals]}; HIGH tamiyo_timeout events "
+                    f"{len(high)}")
+        return (not problems, evidence if not problems else f"{evidence}; PROBLEMS: {'; '.join(problems)}")
+
+
+async def _metric(port: int, name: str) -> float:
+    """One sample of a process's /metrics (sum over labels); NaN when unreachable."""
+    try:
+        async with asyncio.timeout(5):
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            await writer.drain()
+            body = (await reader.read()).decode(errors="replace")
+            writer.close()
+    except (OSError, TimeoutError):
+        return float("nan")
+    total = 0.0
+    for line in body.splitlines():
+        if line.startswith(name) and not line.startswith("#"):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+async def drill_tamiyo_crash() -> DrillResult:
+    with _fleet() as (fleet, _server):
+        fleet.start("urza", "esper.urza", "run")
+        ports = [free_port(), free_port()]
+        tamiyo = fleet.start("tamiyo-1", "esper.tamiyo", "run", ESPER_METRICS_PORT=str(ports[0]),
+                             TAMIYO_METADATA_TIMEOUT_MS="500")
+        trainer = fleet.start("tolaria", "esper.tolaria", "run", TOLARIA_EPOCHS="40", TOLARIA_DECISION_MODE="sync",
+                              TAMIYO_STEP_TIMEOUT_MS="100", TOLARIA_EMERGENCY_ENABLED="false")
+        problems: list[str] = []
+        deadline = time.monotonic() + WAIT_S
+        first = 0.0
+        while time.monotonic() < deadline and trainer.poll() is None:
+            first = await _metric(ports[0], "tamiyo_decisions_total")
+            if first >= 20:
+                break
+            await asyncio.sleep(0.2)
+        if not first >= 20:
+            problems.append(f"the first worker made {first} decisions")
+        tamiyo.kill()
+        tamiyo.wait()
+        await asyncio.sleep(1.0)  # the trainer trains on, every decision a timeout
+        fleet.start("tamiyo-2", "esper.tamiyo", "run", ESPER_METRICS_PORT=str(ports[1]),
+                    TAMIYO_METADATA_TIMEOUT_MS="500")
+        resumed = 0.0
+        deadline = time.monotonic() + WAIT_S
+        while time.monotonic() < deadline and trainer.poll() is None:
+            resumed = await _metric(ports[1], "tamiyo_decisions_total")
+            if resumed >= 5:
+                break
+            await asyncio.sleep(0.2)
+        if not resumed >= 5:
+            problems.append(f"after the restart the trainer got {resumed} decisions before it finished")
+        rc = await _wait_exit(trainer, WAIT_S * 2)
+        s = fleet.summary()
+        if rc != 0 or s.get("epochs") != 40:
+            problems.append(f"trainer rc {rc}, epochs {s.get('epochs')} of 40: {fleet.tail('tolaria')}")
+        if not s.get("timeouts", 0) > 0:
+            problems.append("no timeout counted while no worker ran")
+        evidence = (f"worker 1: {first:g} decisions, then SIGKILL; trainer went on: rc {rc}, {s.get('epochs')} epochs, "
+                    f"{s.get('steps')} steps; decisions {s.get('decisions')} (commands {s.get('decision_commands')}, "
+                    f"timeouts {s.get('timeouts')}, failures {s.get('failures_by_reason')}); restarted worker answered "
+                    f"{resumed:g} while the run went on")
+        return (not problems, evidence if not problems else f"{evidence}; PROBLEMS: {'; '.join(problems)}")
+
+
+DRILLS: dict[str, Drill] = {"emergency": drill_emergency, "tamiyo_crash": drill_tamiyo_crash}
+
+
+def run_drills(name: str) -> int:
+    return core_drills.run_drills(DRILLS, name, service="tolaria", timeout_s=DRILL_TIMEOUT_S)
