@@ -11,7 +11,7 @@ PACKAGES := libs/leyline libs/core services/oona services/karn services/urza ser
 STAMP := $(VENV)/.esper-setup
 PYTEST_FLAGS ?=
 
-.PHONY: setup test e2e bench bench-oona bench-tamiyo bench-blueprints lint guard proto proto-check clean
+.PHONY: setup test e2e bench bench-oona bench-tamiyo bench-blueprints bench-tolaria lint guard proto proto-check clean
 
 setup: $(STAMP)
 
@@ -31,7 +31,7 @@ e2e: $(STAMP)
 	$(PY) -m esper.tamiyo drill all
 	$(PY) -m esper.tolaria drill all
 
-bench: bench-oona bench-tamiyo bench-blueprints
+bench: bench-oona bench-tamiyo bench-blueprints bench-tolaria
 
 bench-oona: $(STAMP)
 	$(PY) bench/oona_bench.py --out bench/results/oona.json
@@ -41,6 +41,9 @@ bench-tamiyo: $(STAMP)
 
 bench-blueprints: $(STAMP)
 	$(PY) bench/blueprints_bench.py --out bench/results/blueprints.json
+
+bench-tolaria: $(STAMP)
+	$(PY) bench/tolaria_bench.py --out bench/results/tolaria.json
 
 lint: $(STAMP) guard
 	$(VENV)/bin/ruff check libs services tests bench scripts

@@ -1,0 +1,191 @@
+"""Tolaria benchmark: trainer overhead of the control plane, rollback latency, grown vs static accuracy.
+
+Run: `.venv/bin/python bench/tolaria_bench.py --out bench/results/tolaria.json` (`make bench-tolaria`).
+
+- overhead (`overhead_ratio`): step time of the Tolaria loop with the control plane on — pipelined
+  decisions from a real Tamiyo *process*, Kasmina, per-step rollback snapshots, packets — divided by
+  the step time of a plain PyTorch loop over the same model, data and steps, measured in the same run
+  (`plain_step_ms`, `control_step_ms`). Both exclude validation. Tamiyo, Urza and Redis share the
+  machine's cores with the trainer, as they would on a one-box deployment.
+- rollback (`rollback_fast_*`, `rollback_checkpoint_*`): `RollbackManager.rollback` on the digits host
+  from the in-memory ring and, with the ring empty, from the newest checkpoint on disk.
+- accuracy (`accuracy_grown`, `accuracy_static`): the same seeds and epochs, once with the host alone
+  and once with the fleet deciding every step (sync mode, so every decision is applied at its step).
+
+Nothing is asserted; goals are recorded as flags (overhead ≤ 3%).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from esper.core.redis_server import EmbeddedRedis
+from esper.tolaria.bus import BusThread
+from esper.tolaria.data import epoch_generator, iter_batches, load_dataset
+from esper.tolaria.host import build_host
+from esper.tolaria.rollback import RollbackManager
+from esper.tolaria.settings import TolariaSettings
+from esper.tolaria.trainer import Trainer, make_optimizer
+
+try:
+    from bench.benchlib import git_state, percentile, redis_version
+except ImportError:  # run as a script: bench/ is on sys.path
+    from benchlib import git_state, percentile, redis_version  # type: ignore[import-not-found,no-redef]
+
+EPOCHS = 8
+WIDTH = 32
+
+
+def plain_loop(settings: TolariaSettings) -> tuple[float, int]:
+    """The baseline: the same host, data order and optimizer, nothing else. (ms per step, steps)."""
+    torch.manual_seed(settings.seed)
+    data = load_dataset(None, seed=settings.seed)
+    host = build_host(data.meta, hidden=(WIDTH, WIDTH), seed=settings.seed)
+    opt = make_optimizer(settings, host.parameters())
+    steps, spent = 0, 0.0
+    for epoch in range(1, settings.epochs + 1):
+        host.train()
+        t0 = time.perf_counter()
+        for xb, yb in iter_batches(data.x_train, data.y_train, settings.batch_size,
+                                   generator=epoch_generator(settings.seed, epoch)):
+            opt.zero_grad(set_to_none=True)
+            F.cross_entropy(host(xb), yb).backward()
+            opt.step()
+            steps += 1
+        spent += time.perf_counter() - t0
+    return spent * 1000.0 / steps, steps
+
+
+class TimedTrainer(Trainer):
+    """Times training steps only (validation and checkpoints at epoch ends are excluded)."""
+
+    step_seconds = 0.0
+
+    def train_step(self, xb: torch.Tensor, yb: torch.Tensor) -> None:
+        t0 = time.perf_counter()
+        super().train_step(xb, yb)
+        self.step_seconds += time.perf_counter() - t0
+
+
+def fleet_env(var: Path, url: str, secret: str) -> dict[str, str]:
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("ESPER_", "TAMIYO_", "TOLARIA_", "URZA_"))}
+    return {**base, "ESPER_REDIS_URL": url, "ESPER_LEYLINE_SECRET": secret, "ESPER_LOG_LEVEL": "WARNING",
+            "ESPER_METRICS_PORT": "-1", "URZA_DATABASE_URL": f"sqlite:///{var}/urza/catalog.db",
+            "URZA_ARTIFACT_DIR": str(var / "urza/a"), "URZA_SEED_SLOT": f"v{WIDTH}", "TEZZERET_SLOTS": f'["v{WIDTH}"]',
+            "TAMIYO_VAR_DIR": str(var / "tamiyo"), "TAMIYO_POLICY_DIR": str(var / "tamiyo/p")}
+
+
+def run_fleet(var: Path, url: str, secret: str, *, mode: str, budget_ms: float) -> dict[str, Any]:
+    s = TolariaSettings(redis_url=url, leyline_secret=secret, var_dir=var / f"tolaria-{mode}", epochs=EPOCHS,
+                        hidden_width=WIDTH, decision_mode=mode, tamiyo_step_timeout_ms=budget_ms,
+                        artifact_dir=var / "urza/a", metrics_port=-1, run_id=f"bench-{mode}", emergency_enabled=False)
+    bus = BusThread(s)
+    bus.start()
+    trainer = TimedTrainer(s, bus=bus)
+    try:
+        trainer.run()
+    finally:
+        trainer.close()
+        bus.stop()
+    out = trainer.summary(clean_shutdown=True)
+    out["step_ms"] = trainer.step_seconds * 1000.0 / max(1, trainer.stats.steps)
+    return out
+
+
+def rollback_latency(var: Path, n: int = 50) -> dict[str, float]:
+    s = TolariaSettings(var_dir=var / "rb", epochs=1, hidden_width=WIDTH)
+    trainer = Trainer(s, bus=None)
+    trainer.run()  # one epoch: a checkpoint on disk and snapshots in the ring
+    rb: RollbackManager = trainer.rollback
+    fast, ckpt = [], []
+    for _ in range(n):
+        rb.snapshot(trainer.host, trainer.optimizer, step=trainer.step, epoch=1, force=True)
+        fast.append(rb.rollback(trainer.host, trainer.optimizer).elapsed_ms)
+    for _ in range(n):
+        rb.ring.clear()
+        ckpt.append(rb.rollback(trainer.host, trainer.optimizer).elapsed_ms)
+    return {"rollback_fast_p50_ms": percentile(fast, 50), "rollback_fast_p95_ms": percentile(fast, 95),
+            "rollback_checkpoint_p50_ms": percentile(ckpt, 50), "rollback_checkpoint_p95_ms": percentile(ckpt, 95),
+            "rollback_deadline_ms": s.rollback_deadline_ms}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--out", type=Path, default=Path("bench/results/tolaria.json"))
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    server = EmbeddedRedis()
+    server.start()
+    secret = secrets.token_hex(16)
+    result: dict[str, Any] = {"epochs": EPOCHS, "hidden_width": WIDTH}
+    with tempfile.TemporaryDirectory(prefix="esper-bench-tolaria-") as tmp:
+        var = Path(tmp)
+        env = fleet_env(var, server.url, secret)
+        procs: list[subprocess.Popen[bytes]] = []
+        try:
+            subprocess.run([sys.executable, "-m", "esper.tezzeret", "compile"], env=env, cwd=var, check=True,
+                           stdout=subprocess.DEVNULL)
+            for module in ("esper.urza", "esper.tamiyo"):
+                procs.append(subprocess.Popen([sys.executable, "-m", module], env=env, cwd=var,
+                                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+            time.sleep(5)  # worker start-up (torch import) and the first catalogue fetch
+            static_settings = TolariaSettings(var_dir=var / "static", epochs=EPOCHS, hidden_width=WIDTH)
+            plain_ms, steps = plain_loop(static_settings)
+            static = Trainer(static_settings, bus=None)
+            static.run()
+            grown = run_fleet(var, server.url, secret, mode="sync", budget_ms=30.0)
+            pipelined = run_fleet(var, server.url, secret, mode="pipelined", budget_ms=5.0)
+            plain_ms_again, _ = plain_loop(static_settings)  # bracket the control-plane run
+        finally:
+            for p in procs:
+                p.send_signal(signal.SIGTERM)
+            for p in procs:
+                p.wait(15)
+        plain = (plain_ms + plain_ms_again) / 2
+        result.update({
+            "plain_step_ms": plain, "plain_step_ms_runs": [plain_ms, plain_ms_again], "steps": steps,
+            "control_step_ms": pipelined["step_ms"], "overhead_ratio": pipelined["step_ms"] / plain,
+            "goal_overhead_ratio": 1.03, "goal_overhead_met": pipelined["step_ms"] / plain <= 1.03,
+            "pipelined_decisions": pipelined["decisions"], "pipelined_timeouts": pipelined["timeouts"],
+            "pipelined_commands_applied": pipelined["commands_applied"],
+            "pipelined_skipped_inflight": pipelined["decisions_skipped_inflight"],
+            "pipelined_decision_p50_ms": pipelined["decision_p50_ms"],
+            "accuracy_static": static.summary(clean_shutdown=True)["final_val_accuracy"],
+            "accuracy_grown": grown["final_val_accuracy"], "accuracy_pipelined": pipelined["final_val_accuracy"],
+            "grown_seeds_fossilized": grown["seeds_fossilized"], "grown_seeds_culled": grown["seeds_culled"],
+            "grown_seed_parameters": grown["seed_parameters"], "host_parameters": grown["host_parameters"],
+            "grown_seeds_by_stage": grown["seeds_by_stage"], "grown_rejected_by_reason": grown["rejected_by_reason"],
+            "grown_commands_by_type": grown["commands_by_type"], "grown_decision_p50_ms": grown["decision_p50_ms"],
+            "grown_step_ms": grown["step_ms"],
+        })
+        result.update(rollback_latency(var))
+    result.update(git_state())
+    result.update({"redis_version": redis_version(server.url), "torch": str(torch.__version__),
+                   "python": sys.version.split()[0], "when": dt.datetime.now(dt.UTC).isoformat(),
+                   "cpu_count": os.cpu_count()})
+    server.stop()
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
+    for k in ("overhead_ratio", "plain_step_ms", "control_step_ms", "rollback_fast_p95_ms",
+              "rollback_checkpoint_p95_ms", "accuracy_static", "accuracy_grown", "grown_seeds_fossilized"):
+        print(f"{k:28s} {result[k]}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
