@@ -8,7 +8,7 @@ import pytest
 from esper.core.drills import run_drill
 from esper.tolaria.drills import DRILLS, run_drills
 
-EXPECTED = ["emergency", "tamiyo_crash"]
+EXPECTED = ["emergency", "tamiyo_crash", "fallback_rejection"]
 
 
 def test_registry_names() -> None:

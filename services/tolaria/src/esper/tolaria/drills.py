@@ -11,6 +11,10 @@ HIGH `tamiyo_timeout` telemetry on the emergency lane), the bad step is refused 
 the fast tier, and an `EmergencySignal` (ELEVATED, origin tolaria, reason non_finite) is on the
 emergency lane.
 
+`fallback_rejection`: Urza serves the catalogue but holds no kernel. Pass: Tamiyo's germinations each
+fail explicitly (`germination_failed`, reason `artifact_not_found`), the seeds are culled, nothing is
+grafted (no substitute kernel), and the run finishes.
+
 `tamiyo_crash`: trainer, Urza and Tamiyo run; once commands flow the Tamiyo worker is SIGKILLed.
 Pass: the trainer keeps training (timeouts counted, exit 0, every epoch done), a restarted worker
 answers again (decisions resume: its own decision counter rises while the same run goes on).
@@ -220,7 +224,37 @@ async def drill_tamiyo_crash() -> DrillResult:
         return (not problems, evidence if not problems else f"{evidence}; PROBLEMS: {'; '.join(problems)}")
 
 
-DRILLS: dict[str, Drill] = {"emergency": drill_emergency, "tamiyo_crash": drill_tamiyo_crash}
+async def drill_fallback_rejection() -> DrillResult:
+    """Urza holds the catalogue but no kernel at all: every germination Tamiyo orders must fail
+    explicitly (KernelArtifactError → germination_failed → culled), with nothing grafted."""
+    with _fleet() as (fleet, server):
+        fleet.start("urza", "esper.urza", "run")
+        fleet.start("tamiyo", "esper.tamiyo", "run", TAMIYO_METADATA_TIMEOUT_MS="500")
+        trainer = fleet.start("tolaria", "esper.tolaria", "run", TOLARIA_EPOCHS="4", TOLARIA_DECISION_MODE="sync",
+                              TAMIYO_STEP_TIMEOUT_MS="200", TOLARIA_EMERGENCY_ENABLED="false")
+        rc = await _wait_exit(trainer, WAIT_S * 2)
+        s = fleet.summary()
+        failed = [e for e in _events(server.url, "normal") + _events(server.url, "emergency")
+                  if e.get("event") == "germination_failed"]
+        reasons = sorted({e.get("reason", "") for e in failed})
+        problems = []
+        if rc != 0 or s.get("epochs") != 4:
+            problems.append(f"trainer rc {rc}, epochs {s.get('epochs')}: {fleet.tail('tolaria')}")
+        if not s.get("commands_by_type", {}).get("COMMAND_SEED"):
+            problems.append(f"Tamiyo ordered no germination ({s.get('commands_by_type')})")
+        if not failed or reasons != ["artifact_not_found"]:
+            problems.append(f"germination_failed events {len(failed)} with reasons {reasons}")
+        if s.get("seed_parameters") != 0 or s.get("seeds_culled", 0) < len(failed) or s.get("seeds_fossilized"):
+            problems.append(f"seed parameters {s.get('seed_parameters')}, culled {s.get('seeds_culled')}, "
+                            f"fossilized {s.get('seeds_fossilized')}")
+        evidence = (f"rc {rc}; {s.get('epochs')} epochs; commands {s.get('commands_by_type')}; germination_failed "
+                    f"events {len(failed)} (reasons {reasons}); seeds culled {s.get('seeds_culled')}, seed parameters "
+                    f"{s.get('seed_parameters')}, by stage {s.get('seeds_by_stage')}")
+        return (not problems, evidence if not problems else f"{evidence}; PROBLEMS: {'; '.join(problems)}")
+
+
+DRILLS: dict[str, Drill] = {"emergency": drill_emergency, "tamiyo_crash": drill_tamiyo_crash,
+                            "fallback_rejection": drill_fallback_rejection}
 
 
 def run_drills(name: str) -> int:
