@@ -119,3 +119,11 @@ async def test_loop_against_real_tamiyo_and_urza(make_client: ClientFactory, set
     rows = await observer.redis.xrange(CHANNELS["telemetry"].normal_stream)
     sources = {unpack_as(decode_envelope(f[b"payload"]), pb.TelemetryPacket).source_subsystem for _, f in rows}
     assert {"tolaria", "kasmina"} <= sources
+
+
+def test_resource_metrics_report_memory() -> None:
+    from esper.tolaria.trainer import resource_metrics
+
+    metrics = resource_metrics(torch.device("cpu"))
+    assert metrics["cpu_mem_peak_gb"] > 0.01  # this process has torch loaded: well above 10 MB
+    assert "gpu_mem_used_gb" not in metrics

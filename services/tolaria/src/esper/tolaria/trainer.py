@@ -13,6 +13,11 @@ from __future__ import annotations
 
 import math
 import statistics
+
+try:
+    import resource
+except ImportError:  # not on Windows
+    resource = None  # type: ignore[assignment]
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -114,6 +119,7 @@ class Trainer:
         self._structure: tuple[str, ...] = ()
         self._stop = False
         self._pending_events: list[pb.TelemetryEvent] = []
+        self._apply_ms = 0.0
         self._escalations_seen = 0
 
     # -- the run -----------------------------------------------------------------------------------
@@ -143,7 +149,9 @@ class Trainer:
         t0 = time.perf_counter()
         self.step += 1
         if s.decision_mode == "pipelined":
+            apply_t = time.perf_counter()
             self._take_decision(self.decisions.poll() if self.decisions is not None else None)
+            self._apply_ms = (time.perf_counter() - apply_t) * 1000.0
         self.host.train()
         logits = self.host(xb)
         loss = F.cross_entropy(logits, yb)
@@ -163,6 +171,7 @@ class Trainer:
         hook_t = time.perf_counter()
         self.kasmina.advance(self.step, epoch=self.epoch, loss=loss_v)
         self._start_kernel_fetches()
+        finalize_ms = (time.perf_counter() - hook_t) * 1000.0
         self._snapshot()
         hook_ms = (time.perf_counter() - hook_t) * 1000.0
         step_ms = (time.perf_counter() - t0) * 1000.0
@@ -173,14 +182,18 @@ class Trainer:
                 loss=loss_v, accuracy=batch_accuracy(logits.detach(), yb), gradient_norm=grad,
                 samples_per_s=len(yb) / max(step_ms / 1000.0, 1e-9), hook_latency_ms=hook_ms, signals=signals,
                 step_latency_ms=step_ms, optimizer_family_index=s.optimizer_family_index,
-                extra={"learning_rate": current_lr(self.optimizer)})
+                extra={"learning_rate": current_lr(self.optimizer), "kasmina.apply_ms": self._apply_ms,
+                       "kasmina.finalize_ms": finalize_ms, **resource_metrics(self.device)})
             packet = build_packet(run_id=s.run_id, step=self.step, epoch=self.epoch, epochs_total=s.epochs,
                                   training_loss=loss_v, validation_loss=_last(self.stats.val_loss),
                                   validation_accuracy=_last(self.stats.val_accuracy), training_metrics=metrics,
                                   seed_states=self.kasmina.seed_states())
             self.decisions.submit(packet, self.step)
             if s.decision_mode == "sync":
-                self._take_decision(self.decisions.wait())
+                decision = self.decisions.wait()
+                apply_t = time.perf_counter()
+                self._take_decision(decision)
+                self._apply_ms = (time.perf_counter() - apply_t) * 1000.0
 
     # -- decisions ---------------------------------------------------------------------------------
 
@@ -404,6 +417,18 @@ class Trainer:
         if publisher is not None:
             publisher.flush(timeout_s)
             publisher.close(timeout_s)
+
+
+def resource_metrics(device: torch.device) -> dict[str, float]:
+    """Memory where the platform says: process peak RSS (GB) on Unix, allocator figures on CUDA."""
+    out: dict[str, float] = {}
+    if resource is not None:
+        out["cpu_mem_peak_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2  # Linux: KiB
+    if device.type == "cuda":
+        free, total = torch.cuda.mem_get_info(device)
+        out["gpu_mem_used_gb"] = (total - free) / 1024**3
+        out["gpu_mem_free_gb"] = free / 1024**3
+    return out
 
 
 def _last(values: list[float]) -> float | None:
