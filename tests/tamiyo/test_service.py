@@ -176,7 +176,11 @@ async def test_field_reports_reach_the_bus_and_windows_close(make_client: Client
             return f"fr-{command.command_id}" in ids and any(i.startswith("fr-synth-") for i in ids)
 
         await wait_until(both_landed, what="decision and synthetic reports published")
-        assert tamiyo.fr_published._value.get() >= 2
+
+        async def counted() -> bool:  # the counter moves once the outbox marked them (after the XADDs)
+            return bool(tamiyo.fr_published._value.get() >= 2)
+
+        await wait_until(counted, what="published reports counted")
     by_id = {r.report_id: r for r in await reports()}
     decision_report = by_id[f"fr-{command.command_id}"]
     assert decision_report.issued_at.seconds > 0 and decision_report.training_run_id == "run1"
