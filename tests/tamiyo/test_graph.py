@@ -313,3 +313,20 @@ def test_invalid_caps_are_a_configuration_error() -> None:
 
     with pytest.raises(ConfigurationError):
         _builder(max_seeds=0)
+
+
+def test_a_large_catalogue_keeps_the_fitting_safe_best_scored_blueprints() -> None:
+    def bp(bid: str, *, score: float, quarantine: bool = False, graph: bool = True) -> BlueprintInfo:
+        desc = pb.BlueprintDescriptor(blueprint_id=bid, tier=pb.BLUEPRINT_TIER_SAFE, risk=0.1,
+                                      quarantine_only=quarantine)
+        extra: dict[str, object] = {} if graph else {"layers": (), "activations": (), "adjacency": (),
+                                                     "monitored_layers": ()}
+        return _full_blueprint(descriptor=desc, bsds=None, candidate_score=score, **extra)
+
+    catalogue = [bp("BP-Q", score=0.99, quarantine=True), bp("BP-NOGRAPH", score=0.98, graph=False),
+                 *(bp(f"BP{i:03d}", score=i / 100) for i in range(1, 11))]
+    g = _builder(max_blueprints=4).build(_full_packet(), catalogue)
+    assert g.blueprint_ids == ["BP010", "BP009", "BP008", "BP007"]
+    assert g.truncated["blueprint"] == len(catalogue) - 4
+    only_bad = _builder(max_blueprints=1).build(_full_packet(), catalogue[:2])
+    assert only_bad.blueprint_ids == ["BP-NOGRAPH"]  # fits-unknown beats quarantined

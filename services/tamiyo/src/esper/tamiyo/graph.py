@@ -89,7 +89,7 @@ from esper.tamiyo.schema import (
 if TYPE_CHECKING:
     from torch_geometric.data import HeteroData
 
-__all__ = ["DEFAULT_MAX_BLUEPRINTS", "DEFAULT_MAX_SEEDS", "GraphBuilder", "GraphInputs"]
+__all__ = ["DEFAULT_MAX_BLUEPRINTS", "DEFAULT_MAX_SEEDS", "GraphBuilder", "GraphInputs", "candidate_rank"]
 
 DEFAULT_MAX_SEEDS: Final[int] = 64
 DEFAULT_MAX_BLUEPRINTS: Final[int] = 8
@@ -214,6 +214,17 @@ def _unit(value: float) -> float:
     return 0.0 if value < 0.0 else 1.0 if value > 1.0 else value
 
 
+def candidate_rank(b: BlueprintInfo) -> tuple[bool, bool, float, str]:
+    """Which blueprints make the graph when the catalogue has more than `max_blueprints`: not
+    quarantined first, then those with a graph (Urza stores graphs for the trainer's slot kind, so a
+    graph means the design fits), then by candidate score (1 - risk when absent), then by id."""
+    d = b.descriptor
+    quarantined = d.quarantine_only or (b.bsds is not None and b.bsds.handling_class == pb.HANDLING_CLASS_QUARANTINE)
+    risk = float(b.bsds.risk_score) if b.bsds is not None else float(d.risk)
+    score = b.candidate_score if b.candidate_score is not None else 1.0 - risk
+    return (quarantined, not b.layers, -score, d.blueprint_id)
+
+
 class GraphBuilder:
     """Builds ``GraphInputs`` from packets; updates the normaliser and registries as it goes.
 
@@ -252,8 +263,8 @@ class GraphBuilder:
         _check_ids("seed", seed_ids)
         _check_ids("blueprint", blueprint_ids)
         seeds = all_seeds[: self._max_seeds]
-        bps = blueprints[: self._max_blueprints]
-        acc = _Acc(seed_ids[: len(seeds)], blueprint_ids[: len(bps)])
+        bps = sorted(blueprints, key=candidate_rank)[: self._max_blueprints]
+        acc = _Acc(seed_ids[: len(seeds)], [b.descriptor.blueprint_id for b in bps])
         acc.truncated["seed"] = len(all_seeds) - len(seeds)
         acc.truncated["blueprint"] = len(blueprints) - len(bps)
         self._global_row(acc, packet, len(all_seeds))
