@@ -127,3 +127,22 @@ def test_resource_metrics_report_memory() -> None:
     metrics = resource_metrics(torch.device("cpu"))
     assert metrics["cpu_mem_peak_gb"] > 0.01  # this process has torch loaded: well above 10 MB
     assert "gpu_mem_used_gb" not in metrics
+
+
+def test_lr_policies() -> None:
+    from esper.tolaria.commands import scheduled_lr
+
+    kw = {"step": 50, "epoch": 3, "total_steps": 100}
+    assert scheduled_lr("off", 1.0, **kw) is None
+    assert scheduled_lr("constant", 1.0, **kw) == 1.0
+    assert scheduled_lr("cosine", 1.0, **kw) == pytest.approx(0.5)  # halfway down the cosine
+    assert scheduled_lr("cosine", 1.0, step=100, epoch=9, total_steps=100) == pytest.approx(0.0)
+    assert scheduled_lr("step", 1.0, step=1, epoch=11, total_steps=100, step_epochs=10, gamma=0.5) == 0.5
+    assert scheduled_lr("constant", 1.0, step=5, epoch=1, total_steps=100, warmup_steps=10) == 0.5
+
+
+def test_cosine_policy_drives_the_optimizer(tmp_path: Path) -> None:
+    trainer = Trainer(_settings(tmp_path, lr_policy="cosine", epochs=1), bus=None)
+    trainer.run()
+    lr = trainer.optimizer.param_groups[0]["lr"]
+    assert 0.0 <= lr < 0.01 * 0.05  # the last step of a one-epoch cosine: almost zero

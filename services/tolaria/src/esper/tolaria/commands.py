@@ -46,3 +46,18 @@ def set_lr(optimizer: Optimizer, lr: float) -> None:
     """Every group, seeds included (Kasmina's seed groups copy the host's hyperparameters)."""
     for group in optimizer.param_groups:
         group["lr"] = lr
+
+
+def scheduled_lr(policy: str, base: float, *, step: int, epoch: int, total_steps: int, warmup_steps: int = 0,
+                 step_epochs: int = 10, gamma: float = 0.5) -> float | None:
+    """`TOLARIA_LR_POLICY`'s learning rate before OPTIMIZER commands scale it; None for `off` (the
+    optimizer keeps whatever rate commands set). Warm-up ramps linearly over the first steps."""
+    if policy == "off":
+        return None
+    warm = min(1.0, step / warmup_steps) if warmup_steps > 0 else 1.0
+    if policy == "cosine":
+        progress = min(1.0, max(0.0, step / max(1, total_steps)))
+        return base * warm * 0.5 * (1.0 + math.cos(math.pi * progress))
+    if policy == "step":
+        return base * warm * gamma ** ((max(1, epoch) - 1) // step_epochs)
+    return base * warm  # constant

@@ -33,7 +33,7 @@ from esper.kasmina import CommandRejected, Kasmina, KernelClient, SeedSlot
 from esper.leyline import pb
 from esper.tolaria.bus import BusThread
 from esper.tolaria.checkpoint import CheckpointError, CheckpointStore
-from esper.tolaria.commands import adjust_lr, current_lr, set_lr
+from esper.tolaria.commands import adjust_lr, current_lr, scheduled_lr, set_lr
 from esper.tolaria.data import Dataset, epoch_generator, iter_batches, load_dataset
 from esper.tolaria.decisions import Decision, DecisionClient
 from esper.tolaria.emergency import EmergencyController, EmergencyPublisher, epoch_failure_level
@@ -97,6 +97,8 @@ class Trainer:
                 self.host.set_slot(name, SeedSlot(name, shape).to(self.device))
         self.optimizer = make_optimizer(s, self.host.parameters())
         self.base_lr = s.learning_rate
+        self.lr_scale = 1.0  # OPTIMIZER commands scale the scheduled rate (TOLARIA_LR_POLICY != off)
+        self.total_steps = s.epochs * math.ceil(self.data.meta.train_size / s.batch_size)
         kernels = None if bus is None else KernelClient(bus.client, ArtifactStore(s.artifact_dir),
                                                         timeout_ms=s.kernel_timeout_ms, training_run_id=s.run_id)
         self.kasmina = Kasmina(keys=s.signing_keys() if bus is not None else None, kernels=kernels,
@@ -152,6 +154,7 @@ class Trainer:
             apply_t = time.perf_counter()
             self._take_decision(self.decisions.poll() if self.decisions is not None else None)
             self._apply_ms = (time.perf_counter() - apply_t) * 1000.0
+        self._apply_lr_policy()
         self.host.train()
         logits = self.host(xb)
         loss = F.cross_entropy(logits, yb)
@@ -228,6 +231,7 @@ class Trainer:
             change = adjust_lr(current_lr(self.optimizer), self.base_lr, cmd.optimizer_adjustment.hyperparameters)
             if change.new != change.old:
                 set_lr(self.optimizer, change.new)
+                self.lr_scale *= change.new / change.old
                 self.stats.lr_changes += 1
             log.info("optimizer adjusted", old=change.old, new=change.new, requested=change.requested,
                      clamped=change.clamped, command_id=cmd.command_id)
@@ -237,6 +241,13 @@ class Trainer:
             self._do_rollback("command")
         elif cmd.command_type == pb.COMMAND_EMERGENCY:
             self.emergency.escalate(pb.EMERGENCY_LEVEL_CONSERVATIVE, "tamiyo_emergency_command")
+
+    def _apply_lr_policy(self) -> None:
+        s = self.settings
+        lr = scheduled_lr(s.lr_policy, self.base_lr, step=self.step, epoch=self.epoch, total_steps=self.total_steps,
+                          warmup_steps=s.lr_warmup_steps, step_epochs=s.lr_step_epochs, gamma=s.lr_step_gamma)
+        if lr is not None:
+            set_lr(self.optimizer, lr * self.lr_scale)
 
     def _start_kernel_fetches(self) -> None:
         if self.bus is not None and self.kasmina.pending_kernels():
