@@ -146,3 +146,14 @@ def test_cosine_policy_drives_the_optimizer(tmp_path: Path) -> None:
     trainer.run()
     lr = trainer.optimizer.param_groups[0]["lr"]
     assert 0.0 <= lr < 0.01 * 0.05  # the last step of a one-epoch cosine: almost zero
+
+
+def test_budgets_are_reported_and_the_profiler_writes_a_trace(tmp_path: Path) -> None:
+    s = _settings(tmp_path, epochs=1, epoch_budget_ms=1e-3, hook_budget_ms=1e-3, profiler_dir=tmp_path / "prof")
+    trainer = Trainer(s, bus=None)
+    trainer.run()
+    summary = trainer.summary(clean_shutdown=True)
+    assert summary["budget_misses"] == {"epoch": 1, "hook": summary["steps"]}
+    assert summary["epochs"] == 1 and summary["step_failures"] == {}  # reported, not a failure
+    traces = list((tmp_path / "prof").iterdir())
+    assert traces and all(t.stat().st_size > 0 for t in traces)

@@ -11,6 +11,7 @@ seeds (loss with and without each), a checkpoint, telemetry.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import statistics
 
@@ -20,6 +21,7 @@ except ImportError:  # not on Windows
     resource = None  # type: ignore[assignment]
 import time
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -71,6 +73,7 @@ class RunStats:
     stale: int = 0
     rejected: Counter[str] = field(default_factory=Counter)
     failure_reasons: Counter[str] = field(default_factory=Counter)
+    budget_misses: Counter[str] = field(default_factory=Counter)  # epoch / hook
     step_failures: Counter[str] = field(default_factory=Counter)
     rollbacks: Counter[str] = field(default_factory=Counter)
     seeds_fossilized: int = 0
@@ -132,19 +135,46 @@ class Trainer:
 
     def run(self) -> RunStats:
         s = self.settings
-        for epoch in range(1, s.epochs + 1):
-            self.epoch = epoch
-            self._epoch_failed = False
-            gen = epoch_generator(s.seed, epoch)
-            for xb, yb in iter_batches(self.data.x_train, self.data.y_train, s.batch_size, generator=gen):
-                self.train_step(xb, yb)
+        with self._profiler() as prof:
+            for epoch in range(1, s.epochs + 1):
+                self.epoch = epoch
+                self._epoch_failed = False
+                gen = epoch_generator(s.seed, epoch)
+                t0 = time.perf_counter()
+                for xb, yb in iter_batches(self.data.x_train, self.data.y_train, s.batch_size, generator=gen):
+                    self.train_step(xb, yb)
+                    if prof is not None:
+                        prof.step()
+                    if self._stop or self.emergency.halted:
+                        break
+                self._check_epoch_budget((time.perf_counter() - t0) * 1000.0)
+                self.end_epoch()
                 if self._stop or self.emergency.halted:
                     break
-            self.end_epoch()
-            if self._stop or self.emergency.halted:
-                break
         self._settle_last_decision()
         return self.stats
+
+    @contextlib.contextmanager
+    def _profiler(self) -> Iterator[torch.profiler.profile | None]:
+        """`TOLARIA_PROFILER_DIR` set (validated by the settings): a torch.profiler trace of a few
+        steps after a short warm-up, written there for TensorBoard / Perfetto; otherwise nothing."""
+        out = self.settings.profiler_dir
+        if out is None:
+            yield None
+            return
+        out.mkdir(parents=True, exist_ok=True)
+        schedule = torch.profiler.schedule(wait=1, warmup=1, active=5, repeat=1)
+        with torch.profiler.profile(schedule=schedule,
+                                    on_trace_ready=torch.profiler.tensorboard_trace_handler(str(out))) as prof:
+            yield prof
+
+    def _check_epoch_budget(self, epoch_ms: float) -> None:
+        """Training time of one epoch against `TOLARIA_EPOCH_BUDGET_MS`: reported (event, counter),
+        not an epoch failure (a deviation from the prototype: on a CPU the budget measures the machine)."""
+        if epoch_ms > self.settings.epoch_budget_ms:
+            self.stats.budget_misses["epoch"] += 1
+            self._event("epoch_budget_exceeded", _WARNING, f"epoch {self.epoch} trained in {epoch_ms:.1f} ms",
+                        budget_ms=self.settings.epoch_budget_ms, epoch=self.epoch)
 
     def train_step(self, xb: torch.Tensor, yb: torch.Tensor) -> None:
         s = self.settings
@@ -177,6 +207,10 @@ class Trainer:
         finalize_ms = (time.perf_counter() - hook_t) * 1000.0
         self._snapshot()
         hook_ms = (time.perf_counter() - hook_t) * 1000.0
+        if hook_ms > s.hook_budget_ms:  # HIGH in the prototype's list: the boundary work stalls training
+            self.stats.budget_misses["hook"] += 1
+            self._event("hook_budget", _WARNING, f"step {self.step} boundary took {hook_ms:.1f} ms",
+                        budget_ms=s.hook_budget_ms, step_index=self.step)
         step_ms = (time.perf_counter() - t0) * 1000.0
         signals = self.signals.update(loss_v, grad)
         self.stats.steps += 1
@@ -415,6 +449,7 @@ class Trainer:
             "commands_stale": st.stale, "commands_rejected": sum(st.rejected.values()),
             "rejected_by_reason": dict(st.rejected), "lr_changes": st.lr_changes,
             "step_failures": dict(st.step_failures), "rollbacks": dict(st.rollbacks),
+            "budget_misses": dict(st.budget_misses),
             "emergencies": len(self.emergency.history), "emergency_level": int(self.emergency.level),
             "halted": self.emergency.halted, "seeds_fossilized": st.seeds_fossilized,
             "seeds_culled": st.seeds_culled, "seeds_by_stage": dict(stages), "seed_parameters": seed_params,
