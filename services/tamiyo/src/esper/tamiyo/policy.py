@@ -34,7 +34,9 @@ __all__ = [
     "BlendModeSettings",
     "GraphIds",
     "PolicyDecision",
+    "coverage_fraction",
     "decide",
+    "finish_decision",
     "risk_score",
 ]
 
@@ -281,6 +283,18 @@ def _fill_payload(d: PolicyDecision) -> None:
     else:
         cmd.command_type = pb.COMMAND_PAUSE
         cmd.annotations["reason"] = "no_dormant_seed" if d.no_dormant_seed else "policy"
+
+
+def finish_decision(d: PolicyDecision) -> PolicyDecision:
+    """Fill the command's payload and annotations from a decision made without the GNN's outputs
+    (the rule-based policy): the same command shape Kasmina and the risk engine always see."""
+    _fill_payload(d)
+    _annotate(d)
+    return d
+
+
+def coverage_fraction(coverage: float | Mapping[str, float]) -> float:
+    return _coverage(coverage)
 
 
 def _f(value: float, digits: int = 6) -> str:

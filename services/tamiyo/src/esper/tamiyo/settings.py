@@ -25,6 +25,8 @@ class TamiyoSettings(OonaSettings):
     service_name: str = "tamiyo"
     group: str = Field("tamiyo", validation_alias=_t("group"), description="consumer group on `state`")
 
+    policy: Literal["gnn", "heuristic"] = Field("gnn", validation_alias=_t("policy"),
+                                                description="gnn (learned) or heuristic (rule-based yardstick)")
     step_timeout_ms: float = Field(5.0, validation_alias=_t("step_timeout_ms"),
                                    description="decision budget when a request carries no deadline")
     reply_margin_ms: float = Field(0.5, validation_alias=_t("reply_margin_ms"),

@@ -34,6 +34,7 @@ from esper.tamiyo.conservative import ConservativeMode, ConservativeTransition
 from esper.tamiyo.events import DecisionSnapshot, decision_telemetry
 from esper.tamiyo.gnn import PolicyOutputs
 from esper.tamiyo.graph import GraphBuilder, GraphInputs
+from esper.tamiyo.heuristic import HeuristicPolicy
 from esper.tamiyo.metadata import BlueprintInfo
 from esper.tamiyo.policy import BlendModeSettings, PolicyDecision, decide
 from esper.tamiyo.risk import RiskInputs, RiskVerdict, evaluate
@@ -127,6 +128,7 @@ class TamiyoWorker:
         self.settings = settings
         self.keys = keys
         self.builder = builder
+        self.heuristic = HeuristicPolicy() if settings.policy == "heuristic" else None
         # Swapped whole by policy updates (one reference assignment); a decision reads it once.
         self.live = LivePolicy(policy, policy_version)
         self.catalog = catalog
@@ -191,8 +193,12 @@ class TamiyoWorker:
         try:
             _require_ids(packet)
             graph = self._build(packet, view.blueprints, timings)
-            outputs = await self._infer(graph, deadline, timings, live.policy)
-            decision = self._map(outputs, graph, live.version, _germinable(packet))
+            if self.heuristic is not None:
+                decision = self.heuristic.decide(packet, seed_ids=graph.seed_ids, blueprint_ids=graph.blueprint_ids,
+                                                 feature_coverage=graph.feature_coverage)
+            else:
+                outputs = await self._infer(graph, deadline, timings, live.policy)
+                decision = self._map(outputs, graph, live.version, _germinable(packet))
         except DecisionFailed as f:
             return self._failure(packet, f, deadline, view, time.perf_counter() - t0, timings, live.version)
         self.inference_breaker.record_success()

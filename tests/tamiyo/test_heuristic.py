@@ -1,0 +1,64 @@
+"""The rule-based policy (TAMIYO_POLICY=heuristic): one seed at a time, germinate on a plateau."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from esper.leyline import pb, verify_command
+from esper.oona import OonaSettings
+from esper.tamiyo.heuristic import HEURISTIC_VERSION, HeuristicPolicy
+from tests.conftest import ClientFactory
+from tests.oona._helpers import wait_until
+from tests.tamiyo._fleet import running_tamiyo, tamiyo_settings, urza_stand_in
+
+SEEDS = ["seed-hidden1", "seed-hidden2"]
+
+
+def _packet(epoch: int, val_loss: float, *, stages: tuple[int, int] = (pb.SEED_STAGE_DORMANT,) * 2,
+            run: str = "r") -> pb.SystemStatePacket:
+    return pb.SystemStatePacket(
+        training_run_id=run, current_epoch=epoch, validation_loss=val_loss, packet_id=f"p{epoch}",
+        seed_states=[pb.SeedState(seed_id=s, stage=st, layer_depth=i + 1)
+                     for i, (s, st) in enumerate(zip(SEEDS, stages, strict=True))])
+
+
+def _decide(policy: HeuristicPolicy, packet: pb.SystemStatePacket) -> pb.AdaptationCommand:
+    return policy.decide(packet, seed_ids=SEEDS, blueprint_ids=["BP005", "BP002"], feature_coverage=0.5).command
+
+
+def test_germinates_on_a_plateau_then_waits_for_the_seed() -> None:
+    policy = HeuristicPolicy(patience=2, min_improvement=0.01, cooldown_epochs=2)
+    rules = [_decide(policy, _packet(e, loss)).annotations["rule"] for e, loss in
+             [(1, 1.0), (2, 0.8), (3, 0.6), (4, 0.599), (5, 0.598)]]
+    assert rules == ["improving", "improving", "improving", "improving", "plateau"]
+    cmd = _decide(policy, _packet(5, 0.598))
+    assert cmd.command_type == pb.COMMAND_PAUSE and cmd.annotations["rule"] == "cooldown"
+    first = _decide(HeuristicPolicy(cooldown_epochs=0), _packet(5, 0.598))
+    assert first.command_type == pb.COMMAND_PAUSE  # a fresh policy has no history: no plateau yet
+    in_flight = _decide(policy, _packet(9, 0.598, stages=(pb.SEED_STAGE_TRAINING, pb.SEED_STAGE_DORMANT)))
+    assert in_flight.annotations["rule"] == "seed_in_flight"
+
+
+def test_plateau_germinate_targets_the_shallowest_dormant_seed_and_best_blueprint() -> None:
+    policy = HeuristicPolicy(patience=1, min_improvement=0.01, cooldown_epochs=0)
+    for e, loss in [(1, 0.5), (2, 0.5)]:
+        cmd = _decide(policy, _packet(e, loss, stages=(pb.SEED_STAGE_FOSSILIZED, pb.SEED_STAGE_DORMANT)))
+    assert cmd.command_type == pb.COMMAND_SEED and cmd.annotations["rule"] == "plateau"
+    assert cmd.target_seed_id == "seed-hidden2" and cmd.seed_operation.blueprint_id == "BP005"
+    assert cmd.annotations["policy_version"] == HEURISTIC_VERSION
+    none_left = _decide(policy, _packet(3, 0.5, stages=(pb.SEED_STAGE_FOSSILIZED,) * 2))
+    assert none_left.annotations["rule"] == "no_dormant_seed"
+
+
+async def test_service_serves_the_heuristic(make_client: ClientFactory, settings: OonaSettings,
+                                            tmp_path: Path) -> None:
+    trainer, urza = await make_client("tolaria"), await make_client("urza")
+    async with urza_stand_in(urza), running_tamiyo(tamiyo_settings(settings, tmp_path, policy="heuristic")) as t:
+        async def fetched() -> bool:
+            return bool(t.catalog.view().blueprints)
+
+        await wait_until(fetched, what="catalogue fetched")
+        reply = await trainer.request("state", _packet(1, 0.9, run="run1"), timeout_ms=2000)
+    cmd = reply.message_as(pb.AdaptationCommand)
+    verify_command(cmd, trainer.keys)
+    assert cmd.annotations["policy_version"] == HEURISTIC_VERSION and cmd.annotations["rule"] == "improving"
