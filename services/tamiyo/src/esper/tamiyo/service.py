@@ -32,7 +32,7 @@ from esper.oona import Consumer, Delivery, OonaClient, OonaMetrics, PublishError
 from esper.oona.connection import RETRYABLE
 from esper.tamiyo.catalog import BlueprintCatalog
 from esper.tamiyo.checkpoint import PolicyStore, PolicyUpdateRejected
-from esper.tamiyo.compile import CompiledPolicy
+from esper.tamiyo.compile import CompiledPolicy, warmup_inputs
 from esper.tamiyo.field_reports import FieldReportError, FieldReportStore, outcome_for
 from esper.tamiyo.gnn import GNNConfig, TamiyoGNN
 from esper.tamiyo.graph import GraphBuilder
@@ -100,6 +100,8 @@ class TamiyoService:
                                    catalog=self.catalog, registry=self.registry, faults=self.faults,
                                    policy_version=live.version)
         self.worker.swap(live)
+        # One forward now, off any deadline: the first real decision must not pay torch's cold start.
+        self.worker.policy(*warmup_inputs(self.device))
         self.consumer = Consumer(self.client, "state", group=settings.group, handler=self.handle,
                                  name=f"tamiyo-{settings.instance_id}")
         # Every replica must apply every update: a group of its own (not the shared `tamiyo` group),
