@@ -4,10 +4,12 @@ stand-in (`urza_stand_in`) is the drills' own, so tests and drills exercise the 
 from __future__ import annotations
 
 import asyncio
+import gc
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
+from esper.core.lifecycle import tune_gc_for_hot_loop
 from esper.leyline import pb
 from esper.oona import OonaSettings
 from esper.tamiyo.service import TamiyoService
@@ -35,8 +37,12 @@ def tamiyo_settings(bus: OonaSettings, var_dir: Path, **overrides: object) -> Ta
 
 @asynccontextmanager
 async def running_tamiyo(settings: TamiyoSettings) -> AsyncIterator[TamiyoService]:
+    """As `serve()` runs it, GC tuning included: the suite's process holds a large heap by the time
+    these tests run, and a full collection walking it can stall the loop past a 60 ms budget."""
     service = TamiyoService(settings)
     await service.client.connect()
+    threshold = gc.get_threshold()
+    tune_gc_for_hot_loop()
     stop = asyncio.Event()
     tasks = [asyncio.create_task(service.consumer.run(stop)), asyncio.create_task(service.catalog.run(stop)),
              asyncio.create_task(service.publish_field_reports(stop, poll_s=0.05)),
@@ -49,3 +55,5 @@ async def running_tamiyo(settings: TamiyoSettings) -> AsyncIterator[TamiyoServic
         service.worker.close()
         service.close_outbox()
         await service.client.close()
+        gc.unfreeze()
+        gc.set_threshold(*threshold)
