@@ -17,7 +17,6 @@ import dataclasses
 import hashlib
 import io
 import json
-import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +25,7 @@ from typing import Any, Final
 import torch
 
 from esper.core.errors import EsperError
+from esper.core.files import write_bytes_atomic
 from esper.tamiyo.gnn import GNNConfig, TamiyoGNN
 from esper.tamiyo.registry import RegistryMismatchError, RegistrySet, write_json_atomic
 from esper.tamiyo.schema import POLICY_VERSION
@@ -166,7 +166,7 @@ class PolicyStore:
         sha = hashlib.sha256(data).hexdigest()
         path = self.directory / f"{sha}.pt"
         if not path.exists():
-            _write_atomic(path, data)
+            write_bytes_atomic(path, data)
         write_json_atomic(self.directory / POINTER_FILE, {
             "format": CHECKPOINT_FORMAT, "file": path.name, "sha256": sha, "policy_version": policy_version,
             "policy_id": policy_id, "issued_at_ms": issued_at_ms})
@@ -192,21 +192,3 @@ class PolicyStore:
         files = sorted(self.directory.glob("*.pt"), key=lambda p: p.stat().st_mtime, reverse=True)
         for old in [f for f in files if f.name != keep][_KEEP_FILES - 1:]:
             old.unlink(missing_ok=True)
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

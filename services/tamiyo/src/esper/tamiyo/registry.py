@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import threading
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -26,6 +25,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from esper.core.errors import EsperError
+from esper.core.files import write_bytes_atomic
 from esper.tamiyo.schema import SMALL_VOCAB_SIZE, VOCAB_SIZE
 
 __all__ = [
@@ -80,28 +80,9 @@ def canonical_json(obj: object) -> bytes:
 
 
 def write_json_atomic(path: Path, obj: object) -> None:
-    """Write JSON so a reader sees the old file or the new one, never a torn mix.
-
-    Temp file in the same directory, fsync, ``os.replace``, then fsync the directory so the rename
-    itself survives a power cut. (A candidate for ``esper.core`` once a second package needs it.)
-    """
-    path = Path(path)
-    data = json.dumps(obj, sort_keys=True, indent=1, ensure_ascii=False, allow_nan=False).encode()
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-    try:
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    """Write JSON so a reader sees the old file or the new one, never a torn mix (esper.core.files)."""
+    write_bytes_atomic(Path(path), json.dumps(obj, sort_keys=True, indent=1, ensure_ascii=False,
+                                              allow_nan=False).encode())
 
 
 def _home_slot(key: str, vocab_size: int) -> int:

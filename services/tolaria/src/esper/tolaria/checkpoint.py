@@ -27,10 +27,8 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
 import pickle
 import re
-import threading
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -41,6 +39,7 @@ from torch import nn
 
 from esper.core.clock import now_ms
 from esper.core.errors import EsperError
+from esper.core.files import write_bytes_atomic
 from esper.core.logging import get_logger
 from esper.tolaria.state import TrainingState, restore_state, tensor_nbytes
 
@@ -220,29 +219,6 @@ def decode_checkpoint(data: bytes, *, path: Path | None = None) -> dict[str, Any
 
 
 # -- files -------------------------------------------------------------------------------------------
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_bytes_atomic(path: Path, data: bytes) -> None:
-    """Temp file in the same directory, fsync, rename over `path`, fsync the directory."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-    try:
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
 
 
 def sha256_file(path: Path) -> str:

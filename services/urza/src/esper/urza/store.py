@@ -8,25 +8,14 @@ is verified against the checksum it was asked for.
 
 from __future__ import annotations
 
-import contextlib
-import os
-import uuid
 from pathlib import Path
 
+from esper.core.files import fsync_dir, write_bytes_atomic
 from esper.urza.artifact import Artifact, artifact_ref, checksum, hex_of_ref, load_artifact
 from esper.urza.errors import ArtifactFormatError, ChecksumMismatchError, MissingArtifactError
 
 __all__ = ["ArtifactStore"]
 
-_TMP_PREFIX = ".tmp-"
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 _VERIFIED_CAP = 4096  # files remembered as verified (a set cleared when full: cheap, bounded)
@@ -58,19 +47,8 @@ class ArtifactStore:
         folder = final.parent
         if not folder.exists():
             folder.mkdir(parents=True, exist_ok=True)
-            _fsync_dir(self.root)
-        tmp = folder / f"{_TMP_PREFIX}{digest[:16]}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        try:
-            with open(tmp, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, final)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                tmp.unlink()
-            raise
-        _fsync_dir(folder)
+            fsync_dir(self.root)
+        write_bytes_atomic(final, data)
         return ref
 
     def get(self, ref: str, expected_checksum: str) -> bytes:
