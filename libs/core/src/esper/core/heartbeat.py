@@ -7,14 +7,13 @@ and compose health checks read them with :func:`check_health` (arq's health-key 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import re
 from collections.abc import Callable, Mapping
 
 from redis.asyncio import Redis
 
-from esper.core.clock import now_ms
+from esper.core.clock import now_ms, sleep_or_stop
 from esper.core.errors import ConfigurationError
 from esper.core.logging import get_logger
 
@@ -75,9 +74,7 @@ class Heartbeat:
                 await self.beat_once()
             except Exception as exc:  # a heartbeat must outlive a Redis blip; the TTL reports real outages
                 _log.warning("heartbeat failed", key=self.key, error=repr(exc))
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(self._interval_s):
-                    await stop.wait()
+            await sleep_or_stop(stop, self._interval_s)
         try:
             await self.clear()
         except Exception as exc:

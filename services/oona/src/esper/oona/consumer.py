@@ -31,7 +31,7 @@ from google.protobuf.message import Message
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
-from esper.core.clock import now_ms
+from esper.core.clock import now_ms, sleep_or_stop
 from esper.core.errors import BreakerOpenError
 from esper.core.logging import get_logger
 from esper.leyline import (
@@ -198,7 +198,7 @@ class Consumer:
                     await self.run_once()
                     backoff = 0.05
                 except BreakerOpenError as e:
-                    await _sleep_or_stop(stop, min(e.retry_after_s, 1.0))
+                    await sleep_or_stop(stop, min(e.retry_after_s, 1.0))
                 except RETRYABLE as e:
                     # Redis went away: count, back off (bounded), reconnect on the next read.
                     self.breaker.record_failure()
@@ -207,7 +207,7 @@ class Consumer:
                     log.warning("consume read failed; backing off", error=str(e), backoff_s=backoff,
                                 channel=self.channel.name)
                     await self._reset_connection()
-                    await _sleep_or_stop(stop, backoff)
+                    await sleep_or_stop(stop, backoff)
                     backoff = min(backoff * 2, 2.0)
         finally:
             try:
@@ -481,14 +481,6 @@ def _emergency_first(resp: Sequence[Any], emergency_stream: str) -> list[tuple[s
     out = [(decode_id(s), entries) for s, entries in resp]
     out.sort(key=lambda item: item[0] != emergency_stream)
     return out
-
-
-async def _sleep_or_stop(stop: asyncio.Event, seconds: float) -> None:
-    try:
-        async with asyncio.timeout(seconds):
-            await stop.wait()
-    except TimeoutError:
-        pass
 
 
 __all__ = ["Consumer", "ConsumerStats", "Handler"]

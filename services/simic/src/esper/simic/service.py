@@ -8,19 +8,16 @@ in a worker thread. Offline training and policy publishing are the Simic issue's
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import Mapping
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
-from esper.core.clock import now_ms
-from esper.core.health_server import HealthServer
-from esper.core.heartbeat import Heartbeat
-from esper.core.lifecycle import Lifecycle
-from esper.core.logging import configure_logging, get_logger
+from esper.core.clock import now_ms, sleep_or_stop
+from esper.core.logging import get_logger
 from esper.core.telemetry import build_event, build_telemetry_packet
 from esper.leyline import pb
 from esper.oona import Consumer, Delivery, OonaClient, OonaMetrics, PublishError, Reject
+from esper.oona.runner import run_bus_service
 from esper.simic.replay import MissingIssuedAtError, ReplayStore
 from esper.simic.settings import SimicSettings
 
@@ -63,41 +60,15 @@ class SimicService:
             if pruned:
                 log.info("replay store pruned", reports=pruned)
             self.stored.set(await asyncio.to_thread(self.store.count))
-            try:
-                async with asyncio.timeout(interval_s):
-                    await stop.wait()
-            except TimeoutError:
-                pass
+            await sleep_or_stop(stop, interval_s)
 
     def health(self) -> tuple[bool, Mapping[str, object]]:
         return True, {"replay_path": str(self.settings.replay_path)}
 
 
 async def serve(settings: SimicSettings) -> int:
-    configure_logging(level=settings.log_level, fmt=settings.log_format, service="simic")
-    life = Lifecycle("simic", drain_timeout_s=settings.drain_timeout_s)
-    life.install_signal_handlers()
     service = SimicService(settings)
-    http: HealthServer | None = None
-    t0 = time.monotonic()
-    try:
-        await service.client.connect()
-        if settings.metrics_port >= 0:
-            http = HealthServer(service.registry, service.health, host=settings.metrics_host,
-                                port=settings.metrics_port)
-            await http.start()
-        beat = Heartbeat(service.client.redis, "simic", settings.instance_id, interval_s=settings.heartbeat_interval_s,
-                         ttl_s=settings.heartbeat_ttl_s)
-        stop = life.stop_event
-        tasks = [asyncio.create_task(service.consumer.run(stop)), asyncio.create_task(service.housekeeping(stop)),
-                 asyncio.create_task(beat.run(stop))]
-        log.info("simic ready", replay=str(settings.replay_path), group=settings.group)
-        await life.wait_stopped()
-        await life.drain(tasks)
-    finally:
-        if http is not None:
-            await http.stop()
-        service.store.close()
-        await service.client.close()
-        log.info("simic stopped", uptime_s=round(time.monotonic() - t0, 1))
-    return 0
+    return await run_bus_service(
+        "simic", settings, client=service.client, registry=service.registry, health=service.health,
+        loops=lambda stop: [service.consumer.run(stop), service.housekeeping(stop)], close=service.store.close,
+        ready={"replay": str(settings.replay_path), "group": settings.group})

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from google.protobuf.message import Message
 
 from esper.core.breaker import CircuitBreaker
+from esper.core.clock import sleep_or_stop
 from esper.core.errors import BreakerOpenError, DependencyViolationError
 from esper.core.logging import get_logger
 from esper.leyline import EnvelopeError, new_message_id, pb
@@ -153,8 +154,4 @@ class BlueprintCatalog:
             if self.due():
                 ok = await self.refresh()
                 wait_s = poll_s if ok else min(max(wait_s * 2, poll_s), max_backoff_s)
-            try:
-                async with asyncio.timeout(wait_s):
-                    await stop.wait()
-            except TimeoutError:
-                pass
+            await sleep_or_stop(stop, wait_s)

@@ -21,7 +21,7 @@ from google.protobuf.message import Message
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from esper.core.breaker import CircuitBreaker
-from esper.core.clock import now_ms
+from esper.core.clock import now_ms, sleep_or_stop
 from esper.core.health_server import HealthServer
 from esper.core.heartbeat import Heartbeat
 from esper.core.lifecycle import Lifecycle, tune_gc_for_hot_loop
@@ -246,11 +246,7 @@ class TamiyoService:
                         now_ms=now_ms(), retention_hours=s.field_report_retention_hours))
             except (FieldReportError, sqlite3.Error) as e:
                 log.error("field report outbox failed", error=str(e))
-            try:
-                async with asyncio.timeout(poll_s):
-                    await stop.wait()
-            except TimeoutError:
-                pass
+            await sleep_or_stop(stop, poll_s)
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.ensure_future(coro)
@@ -281,11 +277,7 @@ class TamiyoService:
                 self.faults.crash_after = int(raw.get(b"crash_after", b"0") or 0)
             except (*RETRYABLE, ValueError) as e:
                 log.warning("fault knob read failed", error=str(e))
-            try:
-                async with asyncio.timeout(0.1):
-                    await stop.wait()
-            except TimeoutError:
-                pass
+            await sleep_or_stop(stop, 0.1)
 
     def health(self) -> tuple[bool, Mapping[str, object]]:
         return True, {"decisions": self.worker.decisions, "conservative": self.worker.conservative.active,

@@ -14,14 +14,13 @@ from collections.abc import Mapping
 import torch
 from prometheus_client import CollectorRegistry
 
-from esper.core.health_server import HealthServer
-from esper.core.heartbeat import Heartbeat
-from esper.core.lifecycle import Lifecycle
-from esper.core.logging import configure_logging, get_logger
+from esper.core.clock import sleep_or_stop
+from esper.core.logging import get_logger
 from esper.core.telemetry import build_event, build_telemetry_packet
 from esper.karn.template import SlotShape
 from esper.leyline import pb
 from esper.oona import OonaClient, OonaMetrics, PublishError
+from esper.oona.runner import run_bus_service
 from esper.tezzeret.forge import ForgeReport, forge_once
 from esper.tezzeret.metrics import TezzeretMetrics
 from esper.tezzeret.settings import TezzeretSettings
@@ -71,11 +70,7 @@ class TezzeretService:
             log.info("forge pass", registered=len(report.registered), current=len(report.current),
                      failed=len(report.failed))
             await self.announce(report)
-            try:
-                async with asyncio.timeout(self.settings.interval_s):
-                    await stop.wait()
-            except TimeoutError:
-                pass
+            await sleep_or_stop(stop, self.settings.interval_s)
 
     def health(self) -> tuple[bool, Mapping[str, object]]:
         last = self.last
@@ -85,27 +80,8 @@ class TezzeretService:
 
 
 async def serve(settings: TezzeretSettings) -> int:
-    configure_logging(level=settings.log_level, fmt=settings.log_format, service="tezzeret")
-    life = Lifecycle("tezzeret", drain_timeout_s=settings.drain_timeout_s)
-    life.install_signal_handlers()
     service = TezzeretService(settings)
-    http: HealthServer | None = None
-    try:
-        await service.client.connect()
-        if settings.metrics_port >= 0:
-            http = HealthServer(service.registry, service.health, host=settings.metrics_host,
-                                port=settings.metrics_port)
-            await http.start()
-        beat = Heartbeat(service.client.redis, "tezzeret", settings.instance_id,
-                         interval_s=settings.heartbeat_interval_s, ttl_s=settings.heartbeat_ttl_s)
-        stop = life.stop_event
-        tasks = [asyncio.create_task(service.run(stop)), asyncio.create_task(beat.run(stop))]
-        log.info("tezzeret ready", device=str(service.device), slots=settings.slots)
-        await life.wait_stopped()
-        await life.drain(tasks)
-    finally:
-        if http is not None:
-            await http.stop()
-        service.library.close()
-        await service.client.close()
-    return 0
+    return await run_bus_service("tezzeret", settings, client=service.client, registry=service.registry,
+                                 health=service.health, loops=lambda stop: [service.run(stop)],
+                                 close=service.library.close,
+                                 ready={"device": str(service.device), "slots": settings.slots})

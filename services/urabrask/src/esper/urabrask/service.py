@@ -13,12 +13,11 @@ from collections.abc import Mapping
 import torch
 from prometheus_client import CollectorRegistry, Counter
 
-from esper.core.health_server import HealthServer
-from esper.core.heartbeat import Heartbeat
-from esper.core.lifecycle import Lifecycle
-from esper.core.logging import configure_logging, get_logger
+from esper.core.clock import sleep_or_stop
+from esper.core.logging import get_logger
 from esper.leyline import pb
 from esper.oona import OonaClient, OonaMetrics, PublishError
+from esper.oona.runner import run_bus_service
 from esper.urabrask.producer import ProducerReport, produce_once
 from esper.urabrask.settings import UrabraskSettings
 from esper.urza.library import UrzaLibrary
@@ -67,11 +66,7 @@ class UrabraskService:
             self.last = report
             log.info("crucible pass", issued=len(report.issued), failed=len(report.failed), skipped=report.skipped)
             await self.announce(report)
-            try:
-                async with asyncio.timeout(self.settings.producer_interval_s):
-                    await stop.wait()
-            except TimeoutError:
-                pass
+            await sleep_or_stop(stop, self.settings.producer_interval_s)
 
     def health(self) -> tuple[bool, Mapping[str, object]]:
         last = self.last
@@ -80,27 +75,7 @@ class UrabraskService:
 
 
 async def serve(settings: UrabraskSettings) -> int:
-    configure_logging(level=settings.log_level, fmt=settings.log_format, service="urabrask")
-    life = Lifecycle("urabrask", drain_timeout_s=settings.drain_timeout_s)
-    life.install_signal_handlers()
     service = UrabraskService(settings)
-    http: HealthServer | None = None
-    try:
-        await service.client.connect()
-        if settings.metrics_port >= 0:
-            http = HealthServer(service.registry, service.health, host=settings.metrics_host,
-                                port=settings.metrics_port)
-            await http.start()
-        beat = Heartbeat(service.client.redis, "urabrask", settings.instance_id,
-                         interval_s=settings.heartbeat_interval_s, ttl_s=settings.heartbeat_ttl_s)
-        stop = life.stop_event
-        tasks = [asyncio.create_task(service.run(stop)), asyncio.create_task(beat.run(stop))]
-        log.info("urabrask ready", device=str(service.device))
-        await life.wait_stopped()
-        await life.drain(tasks)
-    finally:
-        if http is not None:
-            await http.stop()
-        service.library.close()
-        await service.client.close()
-    return 0
+    return await run_bus_service("urabrask", settings, client=service.client, registry=service.registry,
+                                 health=service.health, loops=lambda stop: [service.run(stop)],
+                                 close=service.library.close, ready={"device": str(service.device)})
