@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 # Pin torch where a local wheel exists (CI: TORCH_SPEC=torch==2.13.0); empty lets pip pick the
 # normal wheel for this machine when it installs esper-tamiyo's dependencies.
 TORCH_SPEC ?=
-PACKAGES := libs/leyline libs/core services/oona services/karn services/urza services/tezzeret services/urabrask services/kasmina services/tamiyo services/tolaria services/simic
+PACKAGES := libs/leyline libs/core services/oona services/karn services/urza services/tezzeret services/urabrask services/kasmina services/tamiyo services/tolaria services/simic services/nissa services/weatherlight
 STAMP := $(VENV)/.esper-setup
 PYTEST_FLAGS ?=
 

@@ -140,3 +140,32 @@ async def test_stop_closes_idle_connections_and_is_idempotent(probe: Probe) -> N
     await health.stop()
     with pytest.raises(EsperError):
         _ = health.port
+
+
+async def test_extra_routes(probe: Probe) -> None:
+    calls: list[int] = []
+
+    def alerts() -> tuple[int, str, bytes]:
+        calls.append(1)
+        return 200, "application/json", b'[{"alert": "x"}]'
+
+    def broken() -> tuple[int, str, bytes]:
+        raise RuntimeError("route broke")
+
+    health = HealthServer(CollectorRegistry(), probe, routes={"/alerts": alerts, "/broken": broken})
+    await health.start()
+    try:
+        status, content_type, body = await get(health, "/alerts?x=1")
+        assert (status, content_type, json.loads(body)) == (200, "application/json", [{"alert": "x"}])
+        assert calls == [1]
+        status, _, _ = await get(health, "/broken")
+        assert status == 500
+        status, _, body = await get(health, "/healthz")
+        assert status == 200 and json.loads(body)["healthy"] is True
+    finally:
+        await health.stop()
+
+
+def test_extra_routes_cannot_replace_builtins(probe: Probe) -> None:
+    with pytest.raises(ValueError, match="metrics"):
+        HealthServer(CollectorRegistry(), probe, routes={"/metrics": lambda: (200, "text/plain", b"")})

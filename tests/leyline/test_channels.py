@@ -31,12 +31,19 @@ def _hash_tag(key: str) -> str:
     return key[start + 1 : end]
 
 
+BROADCASTS = {"policy", "kernel.ready", "kernel.error"}
+
+
 def test_channel_table_matches_architecture() -> None:
     assert set(CHANNELS) == EXPECTED_CHANNELS
     for name, chan in CHANNELS.items():
         assert chan.name == name
         # `policy` fans out: every Tamiyo replica reads it in a group of its own, made at start-up.
-        assert chan.groups or name == "policy", f"{name} has no consumer group"
+        # `kernel.ready` / `kernel.error` are broadcasts nobody reads in a group (Kasmina's replies come
+        # on its own reply stream); a declared group without a consumer would only grow lag.
+        assert chan.groups or name in BROADCASTS, f"{name} has no consumer group"
+    assert not CHANNELS["kernel.ready"].groups and not CHANNELS["kernel.error"].groups
+    assert CHANNELS["bsds"].groups == ("urza",), "Tamiyo reads BSDS through Urza's catalogue, not the stream"
 
 
 def test_lanes_and_deadletter() -> None:

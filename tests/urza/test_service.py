@@ -210,19 +210,22 @@ async def test_bsds_issued_lands_in_extras(make_client: ClientFactory, settings:
         await urabrask.publish("bsds", pb.BSDSIssued(bsds=bsds))
         await urabrask.publish("bsds", pb.BSDSIssued(bsds=pb.BSDS(blueprint_id="BP404")))
         await urabrask.publish("bsds", pb.BSDSIssued())
+        await urabrask.publish("bsds", pb.BSDSFailed(blueprint_id="TST001", reason="probe crashed"))  # not stored
+        await urabrask.publish("bsds", pb.EmergencySignal(reason="does not belong on bsds"))
 
         async def handled() -> bool:
-            return urza.stats.bsds_stored == 1 and urza.stats.bsds_rejected == 2
+            return urza.stats.bsds_stored == 1 and urza.stats.bsds_rejected == 3
 
         await wait_until(handled, what="bsds handled")
         assert _metric(urza.registry, "urza_bsds_rejected_total", reason="unknown_blueprint") == 1
         assert _metric(urza.registry, "urza_bsds_rejected_total", reason="missing_id") == 1
+        assert _metric(urza.registry, "urza_bsds_rejected_total", reason="unexpected_type") == 1
     with UrzaLibrary(tmp_path / "catalog.db", tmp_path / "artifacts") as lib:  # durable, seen by other processes
         assert lib.extras("TST001")["bsds"]["recommendation"] == "safe to graft"
         assert lib.catalog_entries(["TST001"])[0].bsds == bsds
     reasons = [reason for reason, record, _ in await dead_letters(urabrask.redis)
                if record.source_stream.startswith("oona.{bsds}")]
-    assert reasons == [reason_code(pb.DEAD_LETTER_REASON_HANDLER_REJECTED)] * 2
+    assert reasons == [reason_code(pb.DEAD_LETTER_REASON_HANDLER_REJECTED)] * 3
 
 
 def test_settings_accept_the_prototype_names(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:

@@ -1,4 +1,4 @@
-"""A tiny HTTP/1.1 server for ``/metrics`` and ``/healthz``.
+"""A tiny HTTP/1.1 server for ``/metrics``, ``/healthz`` and a service's few extra GET routes.
 
 Written on ``asyncio.start_server`` rather than an ASGI framework: every slim process (oona, tamiyo
 workers, nissa) needs only two GET routes for Prometheus and health probes, and pulling an ASGI
@@ -19,7 +19,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from esper.core.errors import EsperError
 from esper.core.logging import get_logger
 
-__all__ = ["HealthCheck", "HealthServer"]
+__all__ = ["HealthCheck", "HealthServer", "Response", "Route"]
 
 HealthCheck = Callable[[], tuple[bool, Mapping[str, object]]]
 """Returns ``(healthy, details)``; details are served as JSON on ``/healthz``."""
@@ -31,10 +31,15 @@ _JSON = "application/json"
 _log = get_logger(__name__)
 
 Response = tuple[int, str, bytes]
+"""``(status, content type, body)``."""
+
+Route = Callable[[], Response]
+"""An extra GET route (e.g. Nissa's ``/alerts``): called per request, must not block."""
 
 
 class HealthServer:
-    """Serves ``/metrics`` from a ``CollectorRegistry`` and ``/healthz`` from a health callback."""
+    """Serves ``/metrics`` from a ``CollectorRegistry``, ``/healthz`` from a health callback, and any
+    extra ``routes`` (exact paths, query ignored; they cannot replace the two built-in ones)."""
 
     def __init__(
         self,
@@ -44,8 +49,12 @@ class HealthServer:
         host: str = "127.0.0.1",
         port: int = 0,
         read_timeout_s: float = READ_TIMEOUT_S,
+        routes: Mapping[str, Route] | None = None,
     ) -> None:
         self._registry = registry
+        self._routes = dict(routes or {})
+        if self._routes.keys() & {"/metrics", "/healthz"}:
+            raise ValueError("extra routes cannot replace /metrics or /healthz")
         self._health = health
         self._host = host
         self._requested_port = port
@@ -123,6 +132,9 @@ class HealthServer:
             return HTTPStatus.OK, CONTENT_TYPE_LATEST, generate_latest(self._registry)
         if path == "/healthz":
             return self._healthz()
+        route = self._routes.get(path)
+        if route is not None:
+            return route()
         return _text(HTTPStatus.NOT_FOUND)
 
     def _healthz(self) -> Response:

@@ -63,9 +63,11 @@ CHANNELS: dict[str, Channel] = {
         Channel("policy", (), maxlen=8, max_message_bytes=64 * 1024 * 1024, exact_trim=True,
                 description="Signed PolicyUpdate from Simic; every Tamiyo replica reads it in a group of its own"),
         Channel("kernel.request", ("urza",), description="KernelPrefetchRequest from Kasmina"),
-        Channel("kernel.ready", ("kasmina",), description="KernelArtifactReady / KernelCatalogUpdate"),
-        Channel("kernel.error", ("kasmina",), description="KernelArtifactError"),
-        Channel("bsds", ("urza", "tamiyo"), description="BSDS safety sheets from Urabrask"),
+        # Kasmina gets its kernel replies on its own reply stream and Tamiyo reads BSDS through Urza's
+        # catalogue, so these broadcasts have no group of theirs: a group nobody reads only grows lag.
+        Channel("kernel.ready", (), description="KernelArtifactReady / KernelCatalogUpdate"),
+        Channel("kernel.error", (), description="KernelArtifactError"),
+        Channel("bsds", ("urza",), description="BSDS safety sheets from Urabrask"),
         Channel("blueprint.query", ("urza",), maxlen=1_000,
                 description="BlueprintQuery requests (Tamiyo's metadata path); Urza replies BlueprintCatalog"),
         Channel("emergency", ("weatherlight",), emergency_only=True, description="EmergencySignal"),

@@ -9,7 +9,7 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry
 
-from esper.core.health_server import HealthServer
+from esper.core.health_server import HealthServer, Route
 from esper.core.heartbeat import Heartbeat
 from esper.core.lifecycle import Lifecycle
 from esper.core.logging import configure_logging, get_logger
@@ -24,9 +24,11 @@ HealthCheck = Callable[[], tuple[bool, Mapping[str, object]]]
 
 async def run_bus_service(name: str, settings: OonaSettings, *, client: OonaClient, registry: CollectorRegistry,
                           health: HealthCheck, loops: Loops, close: Callable[[], None] = lambda: None,
-                          ready: Mapping[str, object] | None = None) -> int:
+                          ready: Mapping[str, object] | None = None,
+                          routes: Mapping[str, Route] | None = None) -> int:
     """Run `loops(stop)` until SIGTERM, then drain them; `close` releases the service's own resources
-    (files, stores) after the loops ended, before the bus client closes."""
+    (files, stores) after the loops ended, before the bus client closes. `routes` are extra GET paths
+    served beside /metrics and /healthz (Nissa's /alerts)."""
     configure_logging(level=settings.log_level, fmt=settings.log_format, service=name)
     life = Lifecycle(name, drain_timeout_s=settings.drain_timeout_s)
     life.install_signal_handlers()
@@ -34,7 +36,8 @@ async def run_bus_service(name: str, settings: OonaSettings, *, client: OonaClie
     try:
         await client.connect()
         if settings.metrics_port >= 0:
-            http = HealthServer(registry, health, host=settings.metrics_host, port=settings.metrics_port)
+            http = HealthServer(registry, health, host=settings.metrics_host, port=settings.metrics_port,
+                                routes=routes)
             await http.start()
         beat = Heartbeat(client.redis, name, settings.instance_id, interval_s=settings.heartbeat_interval_s,
                          ttl_s=settings.heartbeat_ttl_s)

@@ -202,9 +202,12 @@ class UrzaService:
 
     async def handle_bsds(self, delivery: Delivery) -> None:
         """Store the sheet; one that can never be stored (no blueprint id, unknown blueprint) is
-        dead-lettered at once, counted and reported. Other message types on `bsds` are not ours."""
-        if delivery.message_type != pb.BUS_MESSAGE_TYPE_BSDS_ISSUED:
+        dead-lettered at once, counted and reported. `BSDSFailed` is Urabrask's note to operators (nothing
+        to store); any other type does not belong on `bsds` and is dead-lettered."""
+        if delivery.message_type == pb.BUS_MESSAGE_TYPE_BSDS_FAILED:
             return None
+        if delivery.message_type != pb.BUS_MESSAGE_TYPE_BSDS_ISSUED:
+            self._bsds_rejected("unexpected_type", f"message type {delivery.message_type} on bsds", "")
         issued = delivery.message_as(pb.BSDSIssued)
         if not issued.HasField("bsds") or not issued.bsds.blueprint_id:
             self._bsds_rejected("missing_id", "BSDSIssued without a BSDS blueprint_id", "")

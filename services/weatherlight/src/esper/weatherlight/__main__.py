@@ -1,0 +1,5 @@
+"""`python -m esper.weatherlight` is the `esper` command."""
+
+from esper.weatherlight.cli import main
+
+main()
