@@ -11,7 +11,7 @@ PACKAGES := libs/leyline libs/core services/oona services/karn services/urza ser
 STAMP := $(VENV)/.esper-setup
 PYTEST_FLAGS ?=
 
-.PHONY: setup test e2e bench bench-oona bench-tamiyo bench-blueprints bench-tolaria lint guard proto proto-check clean
+.PHONY: setup demo test e2e bench bench-oona bench-tamiyo bench-blueprints bench-tolaria lint guard proto proto-check clean
 
 setup: $(STAMP)
 
@@ -26,10 +26,14 @@ $(STAMP): requirements-dev.txt $(foreach p,$(PACKAGES),$(p)/pyproject.toml)
 test: $(STAMP) guard
 	$(PY) -m pytest tests $(PYTEST_FLAGS)
 
+# The whole fleet on an embedded Redis: train DEMO_EPOCHS, print the summary, stop cleanly.
+DEMO_EPOCHS ?= 12
+demo: $(STAMP)
+	$(VENV)/bin/esper up --epochs $(DEMO_EPOCHS) --summary-json var/demo-summary.json
+
+# Every drill (each service's own, then the fleet drills), a PASS/FAIL table, exit 1 on any FAIL.
 e2e: $(STAMP)
-	$(PY) -m esper.oona drill all
-	$(PY) -m esper.tamiyo drill all
-	$(PY) -m esper.tolaria drill all
+	$(VENV)/bin/esper drill all
 
 bench: bench-oona bench-tamiyo bench-blueprints bench-tolaria
 

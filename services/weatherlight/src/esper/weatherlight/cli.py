@@ -84,7 +84,7 @@ def service(ctx: typer.Context, name: Annotated[str, typer.Argument(help=", ".jo
     _exec_module(spec.module, *(ctx.args or list(spec.args)))
 
 
-DRILL_HELP = "'all', a service (oona, tamiyo, tolaria), 'oona.bad_input', 'fleet' or 'fleet.redis_restart'"
+DRILL_HELP = "'all', a service (oona, tamiyo, tolaria), 'oona.bad-input', 'fleet' or 'fleet.redis_restart'"
 
 
 @app.command()

@@ -76,18 +76,18 @@ def run_service_drills(service: str, name: str = "all", *,
     module = SERVICE_DRILLS[service]
     rows: list[DrillRow] = []
     t0 = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-m", module, "drill", name], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, stdin=subprocess.DEVNULL)
-    assert proc.stdout is not None
     tail: list[str] = []
-    for line in proc.stdout:
-        m = _LINE.match(line.rstrip("\n"))
-        if m:
-            row = DrillRow(f"{service}.{m[2]}", m[1] == "PASS", m[3], float(m[4]))
-            rows.append(row)
-            echo(row)
-        else:
-            tail = [*tail, line.rstrip()][-20:]
+    with subprocess.Popen([sys.executable, "-m", module, "drill", name], stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True, stdin=subprocess.DEVNULL) as proc:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            m = _LINE.match(line.rstrip("\n"))
+            if m:
+                row = DrillRow(f"{service}.{m[2]}", m[1] == "PASS", m[3], float(m[4]))
+                rows.append(row)
+                echo(row)
+            else:
+                tail = [*tail, line.rstrip()][-20:]
     code = proc.wait()
     if code != 0 and not any(not r.ok for r in rows):
         row = DrillRow(f"{service}.{name}", False, f"exit code {code} with no FAIL line: {' | '.join(tail)[-800:]}",
@@ -391,35 +391,29 @@ def _has_module(name: str) -> bool:
 FLEET_DRILLS: dict[str, Drill] = {"up": drill_up, "redis_restart": drill_redis_restart, "bad_input": drill_bad_input}
 
 
-def run_fleet_drill(name: str) -> DrillRow:
-    t0 = time.perf_counter()
-    ok, evidence = run_drill(FLEET_DRILLS[name], timeout_s=DRILL_TIMEOUT_S)
-    return DrillRow(f"fleet.{name}", ok, evidence, time.perf_counter() - t0)
-
-
 def known_drills() -> list[str]:
     return [*SERVICE_DRILLS, *(f"fleet.{n}" for n in FLEET_DRILLS)]
 
 
 def run_all(name: str, *, echo: Callable[[DrillRow], None]) -> list[DrillRow] | None:
-    """Run `name`: 'all', a service ('oona' = all its drills), 'oona.bad_input', or 'fleet[.drill]'.
+    """Run `name`: 'all', a service ('oona' = all its drills), 'oona.bad-input', or 'fleet[.drill]'.
     Returns None for an unknown name."""
-    rows: list[DrillRow] = []
     service, _, sub = name.partition(".")
-    if name == "all" or name == "fleet" or service == "fleet":
-        pass
-    elif service not in SERVICE_DRILLS:
-        return None
     if name == "all":
-        for svc in SERVICE_DRILLS:
-            rows += run_service_drills(svc, echo=echo)
-    elif service in SERVICE_DRILLS:
+        rows = [row for svc in SERVICE_DRILLS for row in run_service_drills(svc, echo=echo)]
+        return rows + _run_fleet(list(FLEET_DRILLS), echo)
+    if service in SERVICE_DRILLS:
         return run_service_drills(service, sub or "all", echo=echo)
-    fleet = list(FLEET_DRILLS) if name in ("all", "fleet") else [sub]
-    if any(f not in FLEET_DRILLS for f in fleet):
-        return None
-    for f in fleet:
-        row = run_fleet_drill(f)
-        echo(row)
-        rows.append(row)
+    if service == "fleet" and (not sub or sub in FLEET_DRILLS):
+        return _run_fleet([sub] if sub else list(FLEET_DRILLS), echo)
+    return None
+
+
+def _run_fleet(names: list[str], echo: Callable[[DrillRow], None]) -> list[DrillRow]:
+    rows = []
+    for n in names:
+        t0 = time.perf_counter()
+        ok, evidence = run_drill(FLEET_DRILLS[n], timeout_s=DRILL_TIMEOUT_S)
+        rows.append(DrillRow(f"fleet.{n}", ok, evidence, time.perf_counter() - t0))
+        echo(rows[-1])
     return rows
