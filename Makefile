@@ -11,7 +11,7 @@ PACKAGES := libs/leyline libs/core services/oona services/karn services/urza ser
 STAMP := $(VENV)/.esper-setup
 PYTEST_FLAGS ?=
 
-.PHONY: setup demo test e2e bench bench-oona bench-tamiyo bench-blueprints bench-tolaria lint guard proto proto-check clean
+.PHONY: setup demo experiment test e2e bench bench-oona bench-tamiyo bench-blueprints bench-tolaria lint guard proto proto-check clean
 
 setup: $(STAMP)
 
@@ -30,6 +30,10 @@ test: $(STAMP) guard
 DEMO_EPOCHS ?= 12
 demo: $(STAMP)
 	$(VENV)/bin/esper up --epochs $(DEMO_EPOCHS) --summary-json var/demo-summary.json
+
+# Static host vs rule-based Tamiyo vs the GNN after Simic training (docs/simic.md); a few minutes.
+experiment: $(STAMP)
+	$(VENV)/bin/esper experiment --json bench/results/experiment.json --png bench/results/experiment.png
 
 # Every drill (each service's own, then the fleet drills), a PASS/FAIL table, exit 1 on any FAIL.
 e2e: $(STAMP)

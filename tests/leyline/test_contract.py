@@ -71,7 +71,7 @@ SEQUENTIAL_MESSAGES: dict[str, list[str]] = {
     "KernelCatalogUpdate": ["blueprint_id", "artifact_ref", "checksum", "guard_digest", "compile_ms", "prewarm_ms"],
     "FieldReport": ["version", "report_id", "command_id", "training_run_id", "seed_id", "blueprint_id", "outcome",
                     "metrics", "observation_window_epochs", "issued_at", "tamiyo_policy_version",
-                    "follow_up_actions", "notes"],
+                    "follow_up_actions", "notes", "observation", "command"],  # 14, 15: Simic's training data
     "MitigationAction": ["action_type", "rationale"],
     "BlueprintDescriptor": ["blueprint_id", "name", "tier", "allowed_parameters", "risk", "stage",
                             "quarantine_only", "approval_required", "description"],
@@ -234,6 +234,9 @@ def test_field_report_exact_fields() -> None:
     follow = pb.FieldReport.DESCRIPTOR.fields_by_name["follow_up_actions"]
     assert follow.is_repeated
     assert _mt(follow).name == "MitigationAction"
+    fields = pb.FieldReport.DESCRIPTOR.fields_by_name
+    assert _mt(fields["observation"]).name == "SystemStatePacket"
+    assert _mt(fields["command"]).name == "AdaptationCommand"
 
 
 def test_bus_envelope_prototype_fields_and_signature_type() -> None:

@@ -187,6 +187,9 @@ async def test_field_reports_reach_the_bus_and_windows_close(make_client: Client
     by_id = {r.report_id: r for r in await reports()}
     decision_report = by_id[f"fr-{command.command_id}"]
     assert decision_report.issued_at.seconds > 0 and decision_report.training_run_id == "run1"
+    # Simic trains on what the decision saw and what it decided: both ride the report.
+    assert decision_report.observation == first
+    assert decision_report.command == command
     if command.command_type == pb.COMMAND_SEED:
         synth = by_id[f"fr-synth-{command.command_id}-1+1"]
         assert synth.observation_window_epochs == 1 and synth.seed_id == command.target_seed_id

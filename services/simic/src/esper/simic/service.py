@@ -2,7 +2,8 @@
 
 A report that cannot be stored (no id, no `issued_at`) is dead-lettered with a `field_report_rejected`
 event; a repeat is acknowledged and counted (`simic_reports_total{result="duplicate"}`). SQLite work runs
-in a worker thread. Offline training and policy publishing are the Simic issue's next steps.
+in a worker thread. Training rounds and publishing are `python -m esper.simic train --publish`
+(pipeline.py, publish.py).
 """
 
 from __future__ import annotations

@@ -26,3 +26,36 @@ class SimicSettings(OonaSettings):
                                    description="reports issued longer ago are pruned (prototype: 24 h)")
     field_report_freshness_ms: int = Field(3_600_000, gt=0, validation_alias=_s("field_report_freshness_ms"),
                                            description="oldest envelope accepted: a backlog survives an outage")
+
+    # -- offline training (REFERENCE §11: PPO lr 5e-4, gamma 0.99, lambda 0.95) ------------------------------
+    learning_rate: float = Field(5e-4, gt=0, validation_alias=_s("learning_rate"),
+                                 description="Adam learning rate (the prototype's PPO lr)")
+    gamma: float = Field(0.99, gt=0, le=1, validation_alias=_s("gamma"), description="reward discount")
+    gae_lambda: float = Field(0.95, ge=0, le=1, validation_alias=_s("gae_lambda"), description="GAE lambda")
+    outcome_reward: float = Field(0.1, ge=0, validation_alias=_s("outcome_reward"),
+                                  description="reward ± for a SUCCESS / REGRESSION outcome")
+    imitation_epochs: int = Field(2, ge=0, validation_alias=_s("imitation_epochs"),
+                                  description="passes of imitation of positive-advantage decisions")
+    awr_epochs: int = Field(4, ge=0, validation_alias=_s("awr_epochs"),
+                            description="passes of advantage-weighted regression after imitation")
+    batch_size: int = Field(64, ge=1, validation_alias=_s("batch_size"), description="graphs per step")
+    awr_beta: float = Field(1.0, gt=0, validation_alias=_s("awr_beta"),
+                            description="AWR temperature, in standard deviations of the advantage")
+    awr_max_weight: float = Field(20.0, gt=1, validation_alias=_s("awr_max_weight"),
+                                  description="cap of one decision's AWR weight")
+    value_weight: float = Field(0.5, ge=0, validation_alias=_s("value_weight"),
+                                description="weight of the value head's MSE on the return")
+    train_seed: int = Field(0, validation_alias=_s("train_seed"), description="seeds shuffling and dropout")
+    holdout_fraction: float = Field(0.25, gt=0, lt=1, validation_alias=_s("holdout_fraction"),
+                                    description="share of training runs held out for the validation gate")
+    gate_margin: float = Field(0.01, ge=0, validation_alias=_s("gate_margin"),
+                               description="a candidate must beat the current policy's score by more than this")
+    gate_min_holdout: int = Field(20, ge=1, validation_alias=_s("gate_min_holdout"),
+                                  description="fewer held-out decisions than this: the gate refuses")
+    policy_dir: Path = Field(Path("./var/simic/policies"), validation_alias=_s("policy_dir"),
+                             description="trained checkpoints are written here")
+    tamiyo_var_dir: Path | None = Field(None, validation_alias=_s("tamiyo_var_dir"),
+                                        description="Tamiyo's var dir: train with its registries and norms "
+                                                    "(unset: fresh ones, which index keys the same way)")
+    catalog_timeout_ms: float = Field(2000.0, gt=0, validation_alias=_s("catalog_timeout_ms"),
+                                      description="budget of the blueprint catalogue request to Urza")

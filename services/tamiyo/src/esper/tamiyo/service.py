@@ -194,6 +194,8 @@ class TamiyoService:
                 metrics={"loss_delta": float(packet.training_metrics.get("loss_delta", 0.0))},
                 notes=reason or "",
             )
+            report.observation.CopyFrom(packet)  # what Simic learns from: the state and ...
+            report.command.CopyFrom(reply)  # ... the command taken on it (signed, as executed)
             report.issued_at.FromMilliseconds(issued)
             store.append(report)
             if reply.command_type == pb.COMMAND_SEED:
@@ -206,6 +208,7 @@ class TamiyoService:
                 tamiyo_policy_version=reply.policy_version,
                 notes=pb.DecisionFailureReason.Name(reply.reason),
             )
+            report.observation.CopyFrom(packet)
             report.issued_at.FromMilliseconds(issued)
             store.append(report)
         if packet.training_run_id:

@@ -1171,6 +1171,8 @@ class FieldReport(_message.Message):
     TAMIYO_POLICY_VERSION_FIELD_NUMBER: _builtins.int
     FOLLOW_UP_ACTIONS_FIELD_NUMBER: _builtins.int
     NOTES_FIELD_NUMBER: _builtins.int
+    OBSERVATION_FIELD_NUMBER: _builtins.int
+    COMMAND_FIELD_NUMBER: _builtins.int
     version: _builtins.int
     report_id: _builtins.str
     command_id: _builtins.str
@@ -1187,6 +1189,14 @@ class FieldReport(_message.Message):
     def issued_at(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
     def follow_up_actions(self) -> _containers.RepeatedCompositeFieldContainer[Global___MitigationAction]: ...
+    @_builtins.property
+    def observation(self) -> Global___SystemStatePacket:
+        """What the decision was made on and what was decided (Simic trains on them). Set on the report
+        written at decision time; absent on synthesised observation-window reports.
+        """
+
+    @_builtins.property
+    def command(self) -> Global___AdaptationCommand: ...
     def __init__(
         self,
         *,
@@ -1203,10 +1213,12 @@ class FieldReport(_message.Message):
         tamiyo_policy_version: _builtins.str = ...,
         follow_up_actions: _abc.Iterable[Global___MitigationAction] | None = ...,
         notes: _builtins.str = ...,
+        observation: Global___SystemStatePacket | None = ...,
+        command: Global___AdaptationCommand | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["issued_at", b"issued_at"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["command", b"command", "issued_at", b"issued_at", "observation", b"observation"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["blueprint_id", b"blueprint_id", "command_id", b"command_id", "follow_up_actions", b"follow_up_actions", "issued_at", b"issued_at", "metrics", b"metrics", "notes", b"notes", "observation_window_epochs", b"observation_window_epochs", "outcome", b"outcome", "report_id", b"report_id", "seed_id", b"seed_id", "tamiyo_policy_version", b"tamiyo_policy_version", "training_run_id", b"training_run_id", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["blueprint_id", b"blueprint_id", "command", b"command", "command_id", b"command_id", "follow_up_actions", b"follow_up_actions", "issued_at", b"issued_at", "metrics", b"metrics", "notes", b"notes", "observation", b"observation", "observation_window_epochs", b"observation_window_epochs", "outcome", b"outcome", "report_id", b"report_id", "seed_id", b"seed_id", "tamiyo_policy_version", b"tamiyo_policy_version", "training_run_id", b"training_run_id", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -1,0 +1,285 @@
+"""Offline training of Tamiyo's GNN on logged decisions, and the validation gate.
+
+Objective (REFERENCE §11's settings: Adam lr 5e-4, gamma 0.99, lambda 0.95), in two phases over the training
+split:
+
+1. **imitation** of decisions with good outcomes: cross-entropy on the action taken, for the samples
+   whose advantage is positive (weight 1, others 0);
+2. **advantage-weighted regression** (AWR, the offline counterpart of PPO's policy step): the same
+   cross-entropy with weights ``exp(A / (beta·std(A)))`` clipped to ``max_weight`` and normalised to mean 1
+   per batch, so better-than-baseline decisions are pulled up and worse ones fade out.
+
+Beside the action, each phase trains the value head on the return (``value_weight`` · MSE), the param
+head on the ``param_delta`` an OPTIMIZER / GERMINATE command carried, and the seed head (cross-entropy
+over the DORMANT seeds) on the seed a GERMINATE chose — all with the same sample weights.
+
+Graphs are batched as one disjoint union: message passing is per edge, so the union embeds every
+graph exactly as alone; the heads then read each graph's global node and seed rows
+(:func:`forward_batch`, checked against the serving forward in the tests).
+
+**Validation gate**: on held-out runs a policy's score is ``Σ A_i·[π(s_i) = a_i] / Σ |A_i|`` (in
+[-1, 1]): agreeing with decisions that beat the baseline counts for it, agreeing with ones that fell
+short counts against it. ``π(s)`` is what Tamiyo would do: the argmax action, a GERMINATE with no
+DORMANT seed is a PAUSE, every index past the action table is a PAUSE, and an OPTIMIZER only agrees
+when its ``lr_delta`` has the logged sign. A candidate is accepted only if it beats the current policy
+by more than ``margin`` on at least ``min_holdout`` held-out decisions.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from esper.simic.dataset import Sample
+from esper.tamiyo.gnn import TamiyoGNN
+from esper.tamiyo.policy import ACTION_BREAKER_CLOSE, ACTION_GERMINATE, ACTION_OPTIMIZER, ACTION_PAUSE
+from esper.tamiyo.schema import NODE_TYPES, RELATIONS
+
+__all__ = [
+    "Batch",
+    "GateResult",
+    "TrainConfig",
+    "TrainReport",
+    "collate",
+    "effective_actions",
+    "forward_batch",
+    "gate",
+    "policy_score",
+    "sample_weights",
+    "train_policy",
+    "train_step",
+]
+
+_T = {t: i for i, t in enumerate(NODE_TYPES)}
+
+
+@dataclass(frozen=True, slots=True)
+class TrainConfig:
+    learning_rate: float = 5e-4
+    imitation_epochs: int = 2
+    awr_epochs: int = 4
+    batch_size: int = 64
+    awr_beta: float = 1.0
+    max_weight: float = 20.0
+    value_weight: float = 0.5
+    grad_clip: float = 1.0
+    seed: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Batch:
+    """A disjoint union of graphs plus, per graph, where its global node and real seed rows are."""
+
+    x: dict[str, Tensor]
+    edge_index: dict[tuple[str, str, str], Tensor]
+    edge_attr: dict[tuple[str, str, str], Tensor]
+    counts: dict[str, int]
+    global_rows: Tensor  # [B]
+    seed_rows: Tensor  # [S] rows of every real seed (type "seed")
+    seed_graph: Tensor  # [S] graph of each
+    seed_germinable: Tensor  # [S] bool
+
+
+def collate(samples: Sequence[Sample]) -> Batch:
+    xs: dict[str, list[Tensor]] = {t: [] for t in NODE_TYPES}
+    eis: dict[tuple[str, str, str], list[Tensor]] = {r: [] for r in RELATIONS}
+    eas: dict[tuple[str, str, str], list[Tensor]] = {r: [] for r in RELATIONS}
+    offset = dict.fromkeys(NODE_TYPES, 0)
+    global_rows: list[int] = []
+    seed_rows: list[int] = []
+    seed_graph: list[int] = []
+    germinable: list[bool] = []
+    for b, s in enumerate(samples):
+        g = s.graph
+        global_rows.append(offset["global"])
+        n_seed = g.counts["seed"]
+        seed_rows.extend(range(offset["seed"], offset["seed"] + n_seed))
+        seed_graph.extend([b] * n_seed)
+        germinable.extend(s.germinable[:n_seed])
+        for r in RELATIONS:
+            src, _, dst = r
+            ei = g.edge_index[r]
+            if ei.numel():
+                shift = torch.tensor([[offset[src]], [offset[dst]]], dtype=ei.dtype)
+                eis[r].append(ei + shift)
+                eas[r].append(g.edge_attr[r])
+        for t in NODE_TYPES:
+            xs[t].append(g.x[t])
+            offset[t] += g.x[t].size(0)
+    empty_ei, empty_ea = torch.zeros(2, 0, dtype=torch.long), torch.zeros(0, 3)
+    return Batch(
+        x={t: torch.cat(v) for t, v in xs.items()},
+        edge_index={r: torch.cat(v, 1) if v else empty_ei for r, v in eis.items()},
+        edge_attr={r: torch.cat(v) if v else empty_ea for r, v in eas.items()},
+        counts=dict(offset), global_rows=torch.tensor(global_rows, dtype=torch.long),
+        seed_rows=torch.tensor(seed_rows, dtype=torch.long), seed_graph=torch.tensor(seed_graph, dtype=torch.long),
+        seed_germinable=torch.tensor(germinable, dtype=torch.bool))
+
+
+@dataclass(frozen=True, slots=True)
+class BatchOutputs:
+    policy_logits: Tensor  # [B, C]
+    param_delta: Tensor  # [B]
+    value: Tensor  # [B]
+    seed_scores: Tensor  # [S]
+
+
+def forward_batch(model: TamiyoGNN, batch: Batch) -> BatchOutputs:
+    """The heads of every graph of the batch (what ``model(...)`` gives for each graph alone)."""
+    g = model.pack(batch.x, batch.edge_index, batch.edge_attr, batch.counts)
+    h = model.embed(g)
+    emb = h[_T["global"]].index_select(0, batch.global_rows)
+    seeds = h[_T["seed"]].index_select(0, batch.seed_rows)
+    return BatchOutputs(
+        policy_logits=model.policy_head(emb), param_delta=torch.tanh(model.param_head(emb))[:, 0],
+        value=model.value_head(emb).squeeze(-1), seed_scores=model.seed_score_head(seeds).squeeze(-1))
+
+
+def sample_weights(samples: Sequence[Sample], *, phase: str, beta: float, max_weight: float,
+                   adv_scale: float) -> Tensor:
+    """Imitation: 1 for a positive advantage, else 0. AWR: exp(A / (beta·scale)) clipped, mean 1."""
+    adv = torch.tensor([s.advantage for s in samples], dtype=torch.float32)
+    if phase == "imitation":
+        return (adv > 0).float()
+    w = torch.exp(torch.clamp(adv / (beta * adv_scale), max=math.log(max_weight)))
+    return w / w.mean().clamp_min(1e-12)
+
+
+def _loss(model: TamiyoGNN, samples: Sequence[Sample], weights: Tensor, value_weight: float) -> Tensor:
+    out = forward_batch(model, collate(samples))
+    actions = torch.tensor([s.action for s in samples], dtype=torch.long)
+    norm = weights.sum().clamp_min(1e-12)
+    loss = (F.cross_entropy(out.policy_logits, actions, reduction="none") * weights).sum() / norm
+    returns = torch.tensor([s.ret for s in samples], dtype=torch.float32)
+    loss = loss + value_weight * F.mse_loss(out.value, returns)
+    with_param = [i for i, s in enumerate(samples) if s.param_target is not None]
+    if with_param:
+        idx = torch.tensor(with_param, dtype=torch.long)
+        target = torch.tensor([samples[i].param_target or 0.0 for i in with_param]).clamp(-0.999, 0.999)
+        w = weights.index_select(0, idx)
+        err = (out.param_delta.index_select(0, idx) - target) ** 2
+        loss = loss + (err * w).sum() / w.sum().clamp_min(1e-12)
+    return loss + _seed_loss(samples, out, weights)
+
+
+def _seed_loss(samples: Sequence[Sample], out: BatchOutputs, weights: Tensor) -> Tensor:
+    terms: list[Tensor] = []
+    first = 0
+    for b, s in enumerate(samples):
+        n = s.graph.counts["seed"]
+        if s.action == ACTION_GERMINATE and s.seed_target is not None and weights[b] > 0:
+            scores = out.seed_scores[first:first + n]
+            mask = torch.tensor(s.germinable[:n], dtype=torch.bool)
+            if bool(mask[s.seed_target]):
+                logp = torch.log_softmax(scores.masked_fill(~mask, -1e9), dim=0)
+                terms.append(-logp[s.seed_target] * weights[b])
+        first += n
+    if not terms:
+        return out.seed_scores.sum() * 0.0
+    return torch.stack(terms).sum() / weights.sum().clamp_min(1e-12)
+
+
+def train_step(model: TamiyoGNN, optimizer: torch.optim.Optimizer, samples: Sequence[Sample], weights: Tensor, *,
+               value_weight: float = 0.5, grad_clip: float = 1.0) -> float:
+    """One optimizer step on `samples`; returns the loss before the step."""
+    model.train()
+    optimizer.zero_grad(set_to_none=True)
+    loss = _loss(model, samples, weights, value_weight)
+    loss.backward()  # type: ignore[no-untyped-call]
+    torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    optimizer.step()
+    return float(loss.detach())
+
+
+@dataclass(frozen=True, slots=True)
+class TrainReport:
+    steps: int
+    first_loss: float
+    last_loss: float
+    samples: int
+
+
+def train_policy(model: TamiyoGNN, samples: Sequence[Sample], config: TrainConfig | None = None) -> TrainReport:
+    """Imitation then AWR, in place on `model` (start it from the current policy's weights)."""
+    cfg = config or TrainConfig()
+    if not samples:
+        return TrainReport(0, math.nan, math.nan, 0)
+    rng = random.Random(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.learning_rate)
+    adv = torch.tensor([s.advantage for s in samples])
+    scale = float(adv.std()) if len(samples) > 1 and float(adv.std()) > 0 else 1.0
+    losses: list[float] = []
+    order = list(samples)
+    for phase, epochs in (("imitation", cfg.imitation_epochs), ("awr", cfg.awr_epochs)):
+        for _ in range(epochs):
+            rng.shuffle(order)
+            for i in range(0, len(order), cfg.batch_size):
+                chunk = order[i:i + cfg.batch_size]
+                w = sample_weights(chunk, phase=phase, beta=cfg.awr_beta, max_weight=cfg.max_weight,
+                                   adv_scale=scale)
+                if float(w.sum()) <= 0:
+                    continue
+                losses.append(train_step(model, optimizer, chunk, w, value_weight=cfg.value_weight,
+                                         grad_clip=cfg.grad_clip))
+    model.eval()
+    return TrainReport(len(losses), losses[0] if losses else math.nan, losses[-1] if losses else math.nan,
+                       len(samples))
+
+
+@torch.no_grad()
+def effective_actions(model: TamiyoGNN, samples: Sequence[Sample], *, batch_size: int = 256) -> list[tuple[int, float]]:
+    """(action, param_delta) Tamiyo would take on each sample's graph (see the module docstring)."""
+    model.eval()
+    out: list[tuple[int, float]] = []
+    for i in range(0, len(samples), batch_size):
+        chunk = samples[i:i + batch_size]
+        res = forward_batch(model, collate(chunk))
+        for s, a, p in zip(chunk, res.policy_logits.argmax(-1).tolist(), res.param_delta.tolist(), strict=True):
+            act = int(a)
+            if act > ACTION_BREAKER_CLOSE or (act == ACTION_GERMINATE and not any(s.germinable)):
+                act = ACTION_PAUSE
+            out.append((act, float(p)))
+    return out
+
+
+def policy_score(model: TamiyoGNN, samples: Sequence[Sample]) -> float:
+    """``Σ A_i·[π(s_i) = a_i] / Σ |A_i|`` over `samples` (module docstring); 0.0 when there are none."""
+    total = sum(abs(s.advantage) for s in samples)
+    if not samples or total <= 0:
+        return 0.0
+    agree = 0.0
+    for s, (act, delta) in zip(samples, effective_actions(model, samples), strict=True):
+        same = act == s.action
+        if same and act == ACTION_OPTIMIZER and s.param_target is not None:
+            same = (delta >= 0) == (s.param_target >= 0)
+        agree += s.advantage if same else 0.0
+    return agree / total
+
+
+@dataclass(frozen=True, slots=True)
+class GateResult:
+    accepted: bool
+    candidate_score: float
+    current_score: float
+    holdout: int
+    reason: str
+
+
+def gate(candidate: TamiyoGNN, current: TamiyoGNN, holdout: Sequence[Sample], *, margin: float = 0.0,
+         min_holdout: int = 20) -> GateResult:
+    """Accept `candidate` only if it beats `current` on the held-out decisions (module docstring)."""
+    if len(holdout) < min_holdout:
+        return GateResult(False, math.nan, math.nan, len(holdout),
+                          f"only {len(holdout)} held-out decisions (need {min_holdout})")
+    cand, cur = policy_score(candidate, holdout), policy_score(current, holdout)
+    if cand > cur + margin:
+        return GateResult(True, cand, cur, len(holdout), f"candidate {cand:.4f} > current {cur:.4f} + {margin:g}")
+    return GateResult(False, cand, cur, len(holdout), f"candidate {cand:.4f} does not beat current {cur:.4f} "
+                                                      f"+ {margin:g}")

@@ -1,0 +1,124 @@
+"""Simic's offline training: samples from field reports, the batched forward, a training step, the gate."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from esper.leyline import pb
+from esper.simic.dataset import action_of, build_samples, split_by_run
+from esper.simic.pipeline import run_round
+from esper.simic.settings import SimicSettings
+from esper.simic.training import collate, forward_batch, gate, policy_score, sample_weights, train_step
+from esper.tamiyo.checkpoint import decode_checkpoint
+from esper.tamiyo.gnn import TamiyoGNN
+from esper.tamiyo.policy import ACTION_GERMINATE, ACTION_OPTIMIZER, ACTION_PAUSE
+from esper.tamiyo.registry import RegistrySet
+from tests.simic._data import SMALL, blueprints, decision_report, runs
+
+
+def _small(seed: int = 0) -> TamiyoGNN:
+    torch.manual_seed(seed)
+    return TamiyoGNN(SMALL).eval()
+
+
+def test_samples_carry_action_targets_and_advantages() -> None:
+    reports = runs(n_runs=2, steps=12)
+    reports.append(decision_report("run9", 1, "seed", 1.0, run_index=9))
+    synth = pb.FieldReport(report_id="fr-synth-x", command_id="run9-c1", outcome=pb.FIELD_REPORT_OUTCOME_SUCCESS)
+    synth.issued_at.FromMilliseconds(1)
+    no_observation = pb.FieldReport(report_id="fr-old", command_id="c-old", training_run_id="run0")
+    no_observation.issued_at.FromMilliseconds(2)
+    samples = build_samples([*reports, synth, no_observation], blueprints=blueprints())
+    assert len(samples) == 25  # every decision report; the synthetic and observation-less ones are evidence only
+    by_id = {s.report_id: s for s in samples}
+    opt, pause, seed = by_id["fr-run0-c1"], by_id["fr-run0-c2"], by_id["fr-run9-c1"]
+    assert (opt.action, opt.param_target) == (ACTION_OPTIMIZER, pytest.approx(-0.5))
+    assert (pause.action, pause.param_target) == (ACTION_PAUSE, None)
+    assert seed.action == ACTION_GERMINATE and seed.param_target == pytest.approx(0.2)
+    assert seed.graph.seed_ids[seed.seed_target or 0] == "seed-1" and seed.blueprint_target == 0
+    assert seed.reward == pytest.approx(0.1)  # its observation window ended in SUCCESS; no next decision
+    assert opt.reward == pytest.approx(0.05, abs=1e-6) and pause.reward == pytest.approx(-0.02, abs=1e-6)
+    run0 = [s for s in samples if s.run_id == "run0"]
+    mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
+    assert mean([s.advantage for s in run0 if s.action == ACTION_OPTIMIZER]) > \
+        mean([s.advantage for s in run0 if s.action == ACTION_PAUSE])
+    assert action_of(pb.AdaptationCommand(command_type=pb.COMMAND_ROLLBACK)) is None
+
+
+def test_split_holds_out_whole_newest_runs() -> None:
+    samples = build_samples(runs(n_runs=4, steps=6), blueprints=blueprints())
+    train, held = split_by_run(samples, 0.25)
+    assert {s.run_id for s in held} == {"run3"} and "run3" not in {s.run_id for s in train}
+    assert split_by_run([s for s in samples if s.run_id == "run0"], 0.25)[1] == []
+
+
+def test_batched_forward_matches_the_serving_forward() -> None:
+    samples = build_samples(runs(n_runs=1, steps=5), blueprints=blueprints())
+    samples += build_samples(runs(n_runs=1, steps=3))  # graphs without blueprint nodes mixed in
+    model = _small(3)
+    out = forward_batch(model, collate(samples))
+    first = 0
+    for i, s in enumerate(samples):
+        g = s.graph
+        alone = model(g.x, g.edge_index, g.edge_attr, g.counts)
+        n = g.counts["seed"]
+        torch.testing.assert_close(out.policy_logits[i], alone.policy_logits)
+        torch.testing.assert_close(out.value[i], alone.value)
+        torch.testing.assert_close(out.param_delta[i], alone.param_delta)
+        torch.testing.assert_close(out.seed_scores[first:first + n], alone.seed_scores[:n])
+        first += n
+
+
+def test_a_training_step_decreases_the_loss_on_a_fixed_batch() -> None:
+    samples = build_samples(runs(n_runs=2, steps=16), blueprints=blueprints())
+    model = _small()
+    optimizer = torch.optim.Adam(model.parameters(), lr=5e-3)
+    weights = sample_weights(samples, phase="awr", beta=1.0, max_weight=20.0, adv_scale=0.05)
+    losses = [train_step(model, optimizer, samples, weights) for _ in range(6)]
+    assert losses[-1] < losses[0], losses
+
+
+def _fixed_policy(action: int, delta_sign: float) -> TamiyoGNN:
+    """A policy that always picks `action` with a param_delta of sign `delta_sign`."""
+    model = _small()
+    with torch.no_grad():
+        model.policy_head.weight.zero_()
+        model.policy_head.bias.fill_(-1.0)
+        model.policy_head.bias[action] = 1.0
+        last = model.param_head[-1]
+        assert isinstance(last, torch.nn.Linear)
+        last.weight.zero_()
+        last.bias.fill_(delta_sign)
+    return model.eval()
+
+
+def test_gate_refuses_a_worse_policy_and_accepts_a_better_one() -> None:
+    held = build_samples(runs(n_runs=2, steps=24), blueprints=blueprints())
+    lowers_lr = _fixed_policy(ACTION_OPTIMIZER, -1.0)
+    raises_lr = _fixed_policy(ACTION_OPTIMIZER, 1.0)  # same action, the other sign: never agrees
+    pauses = _fixed_policy(ACTION_PAUSE, 0.0)
+    assert policy_score(lowers_lr, held) > policy_score(pauses, held)
+    assert policy_score(raises_lr, held) == 0.0
+    assert gate(lowers_lr, pauses, held).accepted
+    refused = gate(pauses, lowers_lr, held)
+    assert not refused.accepted and refused.candidate_score < refused.current_score
+    assert not gate(raises_lr, lowers_lr, held).accepted
+    assert not gate(lowers_lr, lowers_lr, held).accepted  # equal is not better
+    too_few = gate(lowers_lr, pauses, held[:5], min_holdout=20)
+    assert not too_few.accepted and "held-out" in too_few.reason
+
+
+def test_a_round_trains_a_candidate_that_passes_the_gate(tmp_path: object) -> None:
+    current = _fixed_policy(ACTION_PAUSE, 0.0)
+    settings = SimicSettings(imitation_epochs=2, awr_epochs=6, batch_size=32, learning_rate=5e-3, gate_min_holdout=10,
+                             leyline_secret="s" * 32)
+    registries = RegistrySet.new()
+    result = run_round(runs(n_runs=4, steps=24), current, settings, blueprints=blueprints(), registries=registries,
+                       policy_version="simic-test")
+    assert result.samples == 96 and result.holdout == 24
+    assert result.train.last_loss < result.train.first_loss
+    assert result.gate.accepted, result.gate
+    decoded = decode_checkpoint(result.checkpoint)
+    assert decoded.policy_version == "simic-test" and decoded.gnn_config["hidden_dim"] == SMALL.hidden_dim
+    assert decoded.registry_schema == registries.schema_digest()
