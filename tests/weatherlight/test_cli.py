@@ -64,3 +64,28 @@ def test_policy_show_reports_absent_present_and_tampered(tmp_path: Path) -> None
 def test_policy_publish_refuses_a_missing_file(tmp_path: Path) -> None:
     result = runner.invoke(app, ["policy", "publish", str(tmp_path / "nope.pt")])
     assert result.exit_code == 2 and "not a file" in result.output
+
+
+def test_policy_publish_then_show_through_the_real_bus(tmp_path: Path, redis_url: str, secret: str) -> None:
+    """`esper policy publish` (a real process: Simic's signer) puts a PolicyUpdate on `policy`;
+    `esper policy show` finds it and verifies its signature with the fleet's secret."""
+    import subprocess
+    import sys
+
+    from esper.simic.pipeline import initial_model
+    from esper.tamiyo.checkpoint import encode_checkpoint
+    from esper.tamiyo.registry import RegistrySet
+
+    path = tmp_path / "policy.pt"
+    path.write_bytes(encode_checkpoint(initial_model(), RegistrySet.new(), policy_version="cli-test-1"))
+    env = {"PATH": "/usr/bin:/bin", "ESPER_REDIS_URL": redis_url, "ESPER_LEYLINE_SECRET": secret,
+           "ESPER_LOG_LEVEL": "ERROR"}
+    published = subprocess.run([sys.executable, "-m", "esper.weatherlight", "policy", "publish", str(path)], env=env,
+                               capture_output=True, text=True, timeout=120)
+    assert published.returncode == 0, published.stderr
+    assert json.loads(published.stdout.strip().splitlines()[-1])["policy_version"] == "cli-test-1"
+    shown = runner.invoke(app, ["policy", "show", "--policy-dir", str(tmp_path / "none")],
+                          env={"ESPER_REDIS_URL": redis_url, "ESPER_LEYLINE_SECRET": secret})
+    bus = json.loads(shown.output)["bus"]
+    assert bus["updates"] == 1
+    assert bus["newest"]["tamiyo_policy_version"] == "cli-test-1" and bus["newest"]["signature_verified"] is True
