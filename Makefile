@@ -11,7 +11,7 @@ PACKAGES := libs/leyline libs/core services/oona services/karn services/urza ser
 STAMP := $(VENV)/.esper-setup
 PYTEST_FLAGS ?=
 
-.PHONY: setup demo experiment test e2e bench bench-oona bench-tamiyo bench-blueprints bench-tolaria lint guard proto proto-check clean
+.PHONY: setup demo experiment up down env-example test e2e bench bench-oona bench-tamiyo bench-blueprints bench-tolaria lint guard proto proto-check clean
 
 setup: $(STAMP)
 
@@ -35,6 +35,17 @@ demo: $(STAMP)
 experiment: $(STAMP)
 	$(VENV)/bin/esper experiment --json bench/results/experiment.json --png bench/results/experiment.png
 
+# The container stack (docs/deploy.md): needs Docker with compose and deploy/.env.
+up:
+	docker compose -f deploy/docker-compose.yml --env-file deploy/.env up --build -d
+
+down:
+	docker compose -f deploy/docker-compose.yml --env-file deploy/.env down
+
+# deploy/.env.example is generated from the settings classes (a test fails when it drifts).
+env-example: $(STAMP)
+	$(PY) deploy/gen_env_example.py > deploy/.env.example
+
 # Every drill (each service's own, then the fleet drills), a PASS/FAIL table, exit 1 on any FAIL.
 e2e: $(STAMP)
 	$(VENV)/bin/esper drill all
@@ -54,7 +65,7 @@ bench-tolaria: $(STAMP)
 	$(PY) bench/tolaria_bench.py --out bench/results/tolaria.json
 
 lint: $(STAMP) guard
-	$(VENV)/bin/ruff check libs services tests bench scripts
+	$(VENV)/bin/ruff check libs services tests bench scripts deploy
 	$(VENV)/bin/mypy
 
 guard: $(STAMP)

@@ -58,6 +58,9 @@ def test_nan_step_is_rolled_back_and_escalated(tmp_path: Path) -> None:
 def test_faults_need_opt_in(tmp_path: Path) -> None:
     with pytest.raises(Exception, match="ESPER_ENABLE_FAULT_INJECTION"):
         _settings(tmp_path, fault_nan_at_step=3)
+    with pytest.raises(Exception, match="ESPER_ENABLE_FAULT_INJECTION"):
+        _settings(tmp_path, fault_step_delay_ms=30.0)
+    assert _settings(tmp_path, enable_fault_injection=True, fault_step_delay_ms=30.0).fault_step_delay_ms == 30.0
 
 
 @pytest.mark.parametrize(("hyper", "expected"), [

@@ -14,12 +14,14 @@ __all__ = ["KasminaSettings"]
 
 
 def _k(name: str) -> AliasChoices:
-    return AliasChoices(f"KASMINA_{name.upper()}", name)
+    return AliasChoices(f"KASMINA_{name.upper()}")
 
 
 class KasminaSettings(BaseSettings):
-    model_config = SettingsConfigDict(env_file=".env", env_file_encoding="utf-8", extra="ignore",
-                                      populate_by_name=True)
+    # The prefix matters even though every field has an alias: with populate_by_name, pydantic-settings
+    # also reads `<prefix><field name>`, and an empty prefix would let a bare `MAX_AGE_S` leak in.
+    model_config = SettingsConfigDict(env_prefix="KASMINA_", env_file=".env", env_file_encoding="utf-8",
+                                      extra="ignore", populate_by_name=True)
 
     # -- command validation (prototype: nonce TTL 300 s, 5 s ahead, 60 s old) -------------------------
     nonce_ttl_s: float = Field(300.0, gt=0, validation_alias=_k("nonce_ttl_s"), description="command ids remembered")
@@ -33,7 +35,7 @@ class KasminaSettings(BaseSettings):
     # -- kernels --------------------------------------------------------------------------------------
     artifact_dir: Path = Field(
         Path("./var/urza/artifacts"),
-        validation_alias=AliasChoices("KASMINA_ARTIFACT_DIR", "URZA_ARTIFACT_DIR", "artifact_dir"),
+        validation_alias=AliasChoices("KASMINA_ARTIFACT_DIR", "URZA_ARTIFACT_DIR"),
         description="Urza's artifact directory (read access)")
     kernel_timeout_ms: float = Field(2000.0, gt=0, validation_alias=_k("kernel_timeout_ms"),
                                      description="deadline of one kernel request to Urza (off the step path)")

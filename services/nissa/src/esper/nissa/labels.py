@@ -26,6 +26,7 @@ EVENTS: Final[frozenset[str]] = frozenset({
     # Tolaria (trainer.py, emergency.py)
     "epoch_budget_exceeded", "hook_budget", "tamiyo_timeout", "command_stale", "optimizer_adjusted", "loss_spike",
     "step_failure", "rollback", "tolaria.emergency.escalated", "tolaria.emergency.halt", "tolaria.emergency.dropped",
+    "conservative_mode_cleared",  # (conservative_mode_entered is listed with Tamiyo's: both emit it)
     # Kasmina (kasmina.py; published inside Tolaria's epoch packet)
     "command_rejected", "emergency_cleanup", "fallback_status_rejected", "gate_event", "gate_failure",
     "germination_failed", "isolation_violation", "kernel_attached", "mesh_coverage_missing", "optimizer_unbound",
@@ -44,6 +45,8 @@ EVENTS: Final[frozenset[str]] = frozenset({
     "oona.dead_letter", "oona.dead_letter.bad_signature", "oona.breaker_open",
     # Simic, Urza, Tezzeret.
     "field_report_rejected", "kernel_artifact_error", "bsds_rejected", "compile_failed",
+    # Weatherlight (supervisor restarts).
+    "service_restarted",
     # Nissa's own alert transitions.
     "nissa.alert_fired", "nissa.alert_cleared",
 })

@@ -9,7 +9,7 @@ from esper.oona.settings import OonaSettings
 
 
 def _n(name: str) -> AliasChoices:
-    return AliasChoices(f"NISSA_{name.upper()}", name)
+    return AliasChoices(f"NISSA_{name.upper()}")
 
 
 class NissaSettings(OonaSettings):
@@ -18,7 +18,7 @@ class NissaSettings(OonaSettings):
 
     service_name: str = "nissa"
     metrics_port: int = Field(9100, ge=-1, le=65535,
-                              validation_alias=AliasChoices("NISSA_METRICS_PORT", "ESPER_METRICS_PORT", "metrics_port"),
+                              validation_alias=AliasChoices("NISSA_METRICS_PORT", "ESPER_METRICS_PORT"),
                               description="/metrics, /healthz, /alerts (prototype 9100; 0 picks a free port)")
     group: str = Field("nissa", validation_alias=_n("group"),
                        description="consumer group on telemetry and field_report (predefined in the channel table)")

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from esper.leyline import Lane
+from esper.leyline import CHANNELS, Lane
 
 LATENCY_BUCKETS_S = (0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 1.0)
 
@@ -66,6 +66,10 @@ class OonaMetrics:
         )
         self._publish_children: dict[tuple[str, str], tuple[Counter, Histogram]] = {}
         self.reconnects = Counter("oona_reconnects_total", "Consume loop recoveries after a Redis error", registry=r)
+        # Series for rare events exist from the start at 0, so rate()/increase() see their first event.
+        for name in CHANNELS:
+            self.request_timeouts.labels(name)
+            self.emergency_rate_limited.labels(name)
 
     def record_publish(self, channel: str, lane: Lane, seconds: float, count: int = 1) -> None:
         key = (channel, lane)

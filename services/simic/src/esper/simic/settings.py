@@ -11,7 +11,7 @@ from esper.oona.settings import OonaSettings
 
 
 def _s(name: str) -> AliasChoices:
-    return AliasChoices(f"SIMIC_{name.upper()}", name)
+    return AliasChoices(f"SIMIC_{name.upper()}")
 
 
 class SimicSettings(OonaSettings):

@@ -15,7 +15,7 @@ from esper.oona.settings import OonaSettings
 
 def _t(name: str) -> AliasChoices:
     """Accept the prototype's TAMIYO_<NAME> env var (and the field name in code)."""
-    return AliasChoices(f"TAMIYO_{name.upper()}", name)
+    return AliasChoices(f"TAMIYO_{name.upper()}")
 
 
 class TamiyoSettings(OonaSettings):

@@ -47,6 +47,11 @@ log = get_logger("esper.tamiyo.worker")
 DECISION_BUCKETS_S = (0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.02, 0.05, 0.1)
 
 
+TIMEOUT_KINDS = ("busy", "budget", "inference")
+"""`tamiyo_timeouts_total{kind}`: the previous forward still running, the budget spent before inference,
+inference itself past the budget."""
+
+
 class TamiyoMetrics:
     def __init__(self, registry: CollectorRegistry) -> None:
         r = registry
@@ -59,6 +64,8 @@ class TamiyoMetrics:
         self.build_latency = Histogram("tamiyo_graph_build_seconds", "Graph build", buckets=DECISION_BUCKETS_S,
                                        registry=r)
         self.timeouts = Counter("tamiyo_timeouts_total", "Decisions past their budget", ["kind"], registry=r)
+        for kind in TIMEOUT_KINDS:  # at 0 from the start, so rate()/increase() see the first timeout
+            self.timeouts.labels(kind)
         self.coverage = Gauge("tamiyo_feature_coverage", "Average feature coverage of the last graph", registry=r)
         self.conservative = Gauge("tamiyo_conservative_mode", "1 while in conservative mode", registry=r)
         self.breaker = Gauge("tamiyo_breaker_state", "Leyline CircuitBreakerState", ["breaker"], registry=r)

@@ -16,7 +16,7 @@ from esper.urza.settings import sqlite_path
 
 
 def _t(name: str) -> AliasChoices:
-    return AliasChoices(f"TEZZERET_{name.upper()}", name)
+    return AliasChoices(f"TEZZERET_{name.upper()}")
 
 
 class TezzeretSettings(OonaSettings):
@@ -24,10 +24,10 @@ class TezzeretSettings(OonaSettings):
                                       extra="ignore", populate_by_name=True)
 
     service_name: str = "tezzeret"
-    database_url: str = Field("sqlite:///./var/urza/catalog.db", validation_alias=AliasChoices(
-        "URZA_DATABASE_URL", "database_url"), description="Urza's SQLite catalogue (shared with Urza)")
-    artifact_dir: Path = Field(Path("./var/urza/artifacts"), validation_alias=AliasChoices(
-        "URZA_ARTIFACT_DIR", "artifact_dir"), description="Urza's artifact files (shared with Urza and Kasmina)")
+    database_url: str = Field("sqlite:///./var/urza/catalog.db", validation_alias="URZA_DATABASE_URL",
+                              description="Urza's SQLite catalogue (shared with Urza)")
+    artifact_dir: Path = Field(Path("./var/urza/artifacts"), validation_alias="URZA_ARTIFACT_DIR",
+                              description="Urza's artifact files (shared with Urza and Kasmina)")
     slots: list[str] = Field(["v64"], validation_alias=_t("slots"),
                              description="slot keys to compile every fitting blueprint for (JSON list)")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", validation_alias=_t("device"),

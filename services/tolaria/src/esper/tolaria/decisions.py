@@ -4,6 +4,8 @@ Pipelined (default): the packet for step k goes out, step k+1 starts at once, an
 at the first boundary after it arrived, unless it is older than `max_staleness_steps`. At most one
 request is in flight: a boundary that finds the previous one still pending sends nothing (counted).
 Sync: the trainer waits up to the budget. Either way a timeout is an explicit, counted outcome.
+The trainer takes a finished request before it sends the next one, so the decision breaker
+(`conservative.py`) knows every outcome before the next packet goes.
 """
 
 from __future__ import annotations
@@ -48,6 +50,10 @@ class DecisionClient:
     @property
     def busy(self) -> bool:
         return self._inflight is not None and not self._inflight.done()
+
+    def skip_pending(self) -> None:
+        """The caller saw a request still in flight and sends nothing this boundary (counted)."""
+        self.skipped_inflight += 1
 
     def submit(self, packet: pb.SystemStatePacket, step: int) -> bool:
         """Send unless a request is still in flight (then count the skip and return False)."""

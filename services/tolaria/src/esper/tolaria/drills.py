@@ -7,17 +7,24 @@ thresholds; timeouts are liveness bounds only.
 
 `emergency`: the trainer runs with no Tamiyo at all and a NaN injected into one step's loss. Pass:
 the run finishes every epoch (the trainer never stalls: every decision is a counted timeout, with
-HIGH `tamiyo_timeout` telemetry on the emergency lane), the bad step is refused and rolled back from
-the fast tier, and an `EmergencySignal` (ELEVATED, origin tolaria, reason non_finite) is on the
-emergency lane.
+HIGH `tamiyo_timeout` telemetry on the emergency lane), the decision breaker opens after exactly
+`TOLARIA_DECISION_BREAKER_FAILURES` timeouts (conservative mode: one HIGH `conservative_mode_entered`
+on the emergency lane, later steps skip their decision instead of timing out, so the timeouts are
+bounded by the failures and the probes), the bad step is refused and rolled back from the fast tier,
+and an `EmergencySignal` (ELEVATED, origin tolaria, reason non_finite) is on the emergency lane.
 
 `fallback_rejection`: Urza serves the catalogue but holds no kernel. Pass: Tamiyo's germinations each
 fail explicitly (`germination_failed`, reason `artifact_not_found`), the seeds are culled, nothing is
 grafted (no substitute kernel), and the run finishes.
 
 `tamiyo_crash`: trainer, Urza and Tamiyo run; once commands flow the Tamiyo worker is SIGKILLed.
-Pass: the trainer keeps training (timeouts counted, exit 0, every epoch done), a restarted worker
-answers again (decisions resume: its own decision counter rises while the same run goes on).
+Pass: the trainer keeps training (timeouts counted, exit 0, every epoch done) in conservative mode
+(entered, decisions skipped rather than waited for), a restarted worker answers again (decisions
+resume through a half-open probe: its own decision counter rises while the same run goes on, and
+`conservative_mode_cleared` is on the bus). The drill's breaker reset is short
+(`TOLARIA_DECISION_BREAKER_RESET_S=0.5`) and its steps last 30 ms (`TOLARIA_FAULT_STEP_DELAY_MS`, as a
+small real model's; the toy model's 2 ms steps would finish the run before a new worker is up), so
+that the probes come while the run goes on.
 """
 
 from __future__ import annotations
@@ -122,21 +129,30 @@ def _stream_messages(url: str, stream: str) -> list[Any]:
     return [decode_envelope(fields[b"payload"]) for _id, fields in rows or []]
 
 
-def _events(url: str, lane: str) -> list[dict[str, str]]:
+def _events(url: str, lane: str, *, source: str | None = None) -> list[dict[str, str]]:
+    """Event attributes on one telemetry lane; `source`: only packets from that subsystem (Tamiyo
+    names some events as Tolaria does, `conservative_mode_entered` for one)."""
     stream = CHANNELS["telemetry"].stream("emergency" if lane == "emergency" else "normal")
-    return [dict(e.attributes) for env in _stream_messages(url, stream)
-            for e in unpack_as(env, pb.TelemetryPacket).events]
+    packets = [unpack_as(env, pb.TelemetryPacket) for env in _stream_messages(url, stream)]
+    return [dict(e.attributes) for p in packets if source is None or p.source_subsystem == source for e in p.events]
 
 
 async def drill_emergency() -> DrillResult:
     with _fleet() as (fleet, server):
+        failures = 3
         proc = fleet.start("tolaria", "esper.tolaria", "run", ESPER_ENABLE_FAULT_INJECTION="1",
-                           TOLARIA_FAULT_NAN_AT_STEP="10", TOLARIA_EPOCHS="2", TAMIYO_STEP_TIMEOUT_MS="5")
+                           TOLARIA_FAULT_NAN_AT_STEP="10", TOLARIA_EPOCHS="2", TAMIYO_STEP_TIMEOUT_MS="5",
+                           TOLARIA_DECISION_BREAKER_FAILURES=str(failures),
+                           # ~2 ms steps would end the run before `failures` timeouts (each takes 5 ms
+                           # plus the bus thread's wake-up) were even seen: give the steps real length.
+                           TOLARIA_FAULT_STEP_DELAY_MS="10")
         rc = await _wait_exit(proc, WAIT_S * 2)
         s = fleet.summary()
         signals = [unpack_as(env, pb.EmergencySignal)
                    for env in _stream_messages(server.url, CHANNELS["emergency"].emergency_stream)]
-        high = [e for e in _events(server.url, "emergency") if e.get("event") == "tamiyo_timeout"]
+        emergency_events = _events(server.url, "emergency", source="tolaria")
+        high = [e for e in emergency_events if e.get("event") == "tamiyo_timeout"]
+        entered = [e for e in emergency_events if e.get("event") == "conservative_mode_entered"]
         problems = []
         if rc != 0:
             problems.append(f"tolaria exit {rc}: {fleet.tail('tolaria')}")
@@ -152,12 +168,25 @@ async def drill_emergency() -> DrillResult:
             problems.append(f"no ELEVATED non_finite EmergencySignal on the emergency lane ({len(signals)} signals)")
         if not high:
             problems.append("no HIGH tamiyo_timeout telemetry on the emergency lane")
+        # no Tamiyo: every request times out, so the breaker opens once, after exactly `failures`
+        # timeouts; then only half-open probes ask (plus, at most, the last request, settled after the run)
+        timeouts, probes = s.get("timeouts", 0), s.get("conservative_probes", 0)
+        if s.get("conservative_entries") != 1 or len(entered) != 1:
+            problems.append(f"conservative mode entered {s.get('conservative_entries')} times, "
+                            f"{len(entered)} HIGH conservative_mode_entered events on the emergency lane")
+        if not failures <= timeouts <= failures + probes + 1 or len(high) != timeouts:
+            problems.append(f"timeouts {timeouts} not bounded by {failures} failures + {probes} probes, or "
+                            f"{len(high)} tamiyo_timeout events for them")
+        if not s.get("decisions_skipped_conservative", 0) > 0:
+            problems.append("no decision skipped in conservative mode")
         evidence = (f"rc {rc}; {s.get('epochs')} epochs, {s.get('steps')} steps, val accuracy "
                     f"{s.get('final_val_accuracy')}; step failures {s.get('step_failures')}, rollbacks "
                     f"{s.get('rollbacks')}; decisions: timeouts {s.get('timeouts')}, commands "
-                    f"{s.get('decision_commands')}; EmergencySignals on the lane: "
+                    f"{s.get('decision_commands')}; conservative mode: entries {s.get('conservative_entries')}, "
+                    f"steps {s.get('conservative_steps')}, skipped {s.get('decisions_skipped_conservative')}, "
+                    f"probes {probes}; EmergencySignals on the lane: "
                     f"{[(pb.EmergencyLevel.Name(x.level), x.reason) for x in signals]}; HIGH tamiyo_timeout events "
-                    f"{len(high)}")
+                    f"{len(high)}, HIGH conservative_mode_entered events {len(entered)}")
         return (not problems, evidence if not problems else f"{evidence}; PROBLEMS: {'; '.join(problems)}")
 
 
@@ -180,13 +209,19 @@ async def _metric(port: int, name: str) -> float:
 
 
 async def drill_tamiyo_crash() -> DrillResult:
-    with _fleet() as (fleet, _server):
+    with _fleet() as (fleet, server):
         fleet.start("urza", "esper.urza", "run")
         ports = [free_port(), free_port()]
         tamiyo = fleet.start("tamiyo-1", "esper.tamiyo", "run", ESPER_METRICS_PORT=str(ports[0]),
                              TAMIYO_METADATA_TIMEOUT_MS="500")
+        # In conservative mode the steps run at full speed, and the toy model's take ~2 ms: the rest of
+        # the run would be over before a new worker is up. The steps are therefore made as long as a
+        # small real model's (30 ms, a sleep: no CPU), and the breaker's reset is short so that the
+        # probes come while the run goes on.
         trainer = fleet.start("tolaria", "esper.tolaria", "run", TOLARIA_EPOCHS="40", TOLARIA_DECISION_MODE="sync",
-                              TAMIYO_STEP_TIMEOUT_MS="100", TOLARIA_EMERGENCY_ENABLED="false")
+                              TAMIYO_STEP_TIMEOUT_MS="100", TOLARIA_EMERGENCY_ENABLED="false",
+                              TOLARIA_DECISION_BREAKER_FAILURES="3", TOLARIA_DECISION_BREAKER_RESET_S="0.5",
+                              ESPER_ENABLE_FAULT_INJECTION="1", TOLARIA_FAULT_STEP_DELAY_MS="30")
         problems: list[str] = []
         deadline = time.monotonic() + WAIT_S
         first = 0.0
@@ -217,10 +252,22 @@ async def drill_tamiyo_crash() -> DrillResult:
             problems.append(f"trainer rc {rc}, epochs {s.get('epochs')} of 40: {fleet.tail('tolaria')}")
         if not s.get("timeouts", 0) > 0:
             problems.append("no timeout counted while no worker ran")
+        events = _events(server.url, "emergency", source="tolaria") + _events(server.url, "normal", source="tolaria")
+        entered = sum(e.get("event") == "conservative_mode_entered" for e in events)
+        cleared = sum(e.get("event") == "conservative_mode_cleared" for e in events)
+        if not (s.get("conservative_entries", 0) >= 1 and entered == s.get("conservative_entries")):
+            problems.append(f"conservative mode entered {s.get('conservative_entries')} times, {entered} events")
+        if not s.get("decisions_skipped_conservative", 0) > 0:
+            problems.append("no decision skipped in conservative mode (every step waited for a dead worker)")
+        if not (cleared >= 1 and s.get("conservative_probes", 0) >= 1):
+            problems.append(f"decisions did not resume through a probe: {cleared} conservative_mode_cleared events, "
+                            f"{s.get('conservative_probes')} probes")
         evidence = (f"worker 1: {first:g} decisions, then SIGKILL; trainer went on: rc {rc}, {s.get('epochs')} epochs, "
                     f"{s.get('steps')} steps; decisions {s.get('decisions')} (commands {s.get('decision_commands')}, "
-                    f"timeouts {s.get('timeouts')}, failures {s.get('failures_by_reason')}); restarted worker answered "
-                    f"{resumed:g} while the run went on")
+                    f"timeouts {s.get('timeouts')}, failures {s.get('failures_by_reason')}); conservative mode: "
+                    f"entries {s.get('conservative_entries')}, skipped {s.get('decisions_skipped_conservative')}, "
+                    f"probes {s.get('conservative_probes')} ({s.get('conservative_probe_failures')} failed), cleared "
+                    f"events {cleared}; restarted worker answered {resumed:g} while the run went on")
         return (not problems, evidence if not problems else f"{evidence}; PROBLEMS: {'; '.join(problems)}")
 
 

@@ -1,4 +1,4 @@
-"""Tolaria's Prometheus metrics (rollback, checkpoints, emergencies), on an injected registry.
+"""Tolaria's Prometheus metrics (rollback, checkpoints, conservative mode, emergencies), on an injected registry.
 
 Names follow ARCHITECTURE §8: base units, `_total` counters, bounded label values (tier, reason,
 level name). The step's *packet* metrics (loss EWMA, grad variance, ...) live in `esper.tolaria.metrics`.
@@ -41,6 +41,19 @@ class TolariaMetrics:
                                             buckets=_CHECKPOINT_BUCKETS_S, registry=r)
         self.checkpoint_errors = Counter("tolaria_checkpoint_errors_total", "Checkpoints refused or not written",
                                          ["reason"], registry=r)
+        # decisions: the decision breaker and conservative mode (conservative.py)
+        self.conservative_mode = Gauge("tolaria_conservative_mode",
+                                       "1 while in conservative mode (decision breaker not CLOSED)", registry=r)
+        self.decision_breaker_state = Gauge("tolaria_decision_breaker_state",
+                                            "Decision breaker state (CircuitBreakerState: 1 closed, 2 open, "
+                                            "3 half-open)", registry=r)
+        self.decision_breaker_state.set(pb.CIRCUIT_STATE_CLOSED)
+        self.conservative_entries = Counter("tolaria_conservative_entries_total",
+                                            "Times the decision breaker opened (conservative mode entered)",
+                                            registry=r)
+        self.decisions_skipped_conservative = Counter("tolaria_decisions_skipped_conservative_total",
+                                                      "Steps that did not ask Tamiyo (conservative mode)",
+                                                      registry=r)
         # emergencies
         self.emergency_level = Gauge("tolaria_emergency_level", "Current EmergencyLevel (0 none .. 4 HALT)",
                                      registry=r)

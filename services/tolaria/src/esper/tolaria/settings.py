@@ -36,7 +36,7 @@ OPTIMIZER_FAMILY_INDEX: dict[OptimizerName, int] = {"sgd": 0, "adam": 1, "adamw"
 
 def _t(name: str) -> AliasChoices:
     """Accept the prototype's TOLARIA_<NAME> env var (and the field name in code)."""
-    return AliasChoices(f"TOLARIA_{name.upper()}", name)
+    return AliasChoices(f"TOLARIA_{name.upper()}")
 
 
 def default_run_id() -> str:
@@ -64,8 +64,7 @@ class TolariaSettings(OonaSettings):
     # -- optimisation ------------------------------------------------------------------------------
     epochs: int = Field(20, ge=1, validation_alias=_t("epochs"), description="epochs to train")
     batch_size: int = Field(64, ge=1, validation_alias=_t("batch_size"), description="samples per step")
-    learning_rate: float = Field(1e-3, gt=0.0, validation_alias=AliasChoices("TOLARIA_LR", "TOLARIA_LEARNING_RATE",
-                                                                             "learning_rate"),
+    learning_rate: float = Field(1e-3, gt=0.0, validation_alias=AliasChoices("TOLARIA_LR", "TOLARIA_LEARNING_RATE"),
                                  description="base learning rate (TOLARIA_LR or TOLARIA_LEARNING_RATE)")
     optimizer: OptimizerName = Field("adam", validation_alias=_t("optimizer"), description="sgd, adam or adamw")
     momentum: float = Field(0.9, ge=0.0, lt=1.0, validation_alias=_t("momentum"), description="SGD momentum")
@@ -85,12 +84,18 @@ class TolariaSettings(OonaSettings):
     decision_mode: DecisionMode = Field("pipelined", validation_alias=_t("decision_mode"),
                                         description="pipelined: step k+1 starts at once, the reply is applied at "
                                                     "the next boundary; sync: wait up to the step timeout")
-    tamiyo_step_timeout_ms: float = Field(5.0, gt=0.0, validation_alias=AliasChoices("TAMIYO_STEP_TIMEOUT_MS",
-                                                                                     "tamiyo_step_timeout_ms"),
+    tamiyo_step_timeout_ms: float = Field(5.0, gt=0.0, validation_alias="TAMIYO_STEP_TIMEOUT_MS",
                                           description="decision deadline per state packet (Tamiyo's env name)")
     max_staleness_steps: int = Field(2, ge=0, validation_alias=_t("max_staleness_steps"),
                                      description="pipelined: a reply older than this many steps is discarded "
                                                  "(counted)")
+    decision_breaker_failures: int = Field(3, ge=1, validation_alias=_t("decision_breaker_failures"),
+                                           description="consecutive decision timeouts/errors that open the "
+                                                       "decision breaker: conservative mode, Tamiyo is not asked "
+                                                       "(prototype 3)")
+    decision_breaker_reset_s: float = Field(5.0, ge=0.0, validation_alias=_t("decision_breaker_reset_s"),
+                                            description="seconds in conservative mode before one step probes "
+                                                        "Tamiyo again (prototype 30; 0 = probe every step)")
     epoch_budget_ms: float = Field(250.0, gt=0.0, validation_alias=_t("epoch_budget_ms"),
                                    description="an epoch over this budget is an epoch failure (prototype 250 ms)")
     hook_budget_ms: float = Field(50.0, gt=0.0, validation_alias=_t("hook_budget_ms"),
@@ -130,8 +135,8 @@ class TolariaSettings(OonaSettings):
                                      description="signals kept on disk; past it the oldest are dropped (counted)")
 
     # -- kernels, step failures, faults ------------------------------------------------------------
-    artifact_dir: Path = Field(Path("./var/urza/artifacts"), validation_alias=AliasChoices(
-        "URZA_ARTIFACT_DIR", "artifact_dir"), description="Urza's artifact files (read-only here; shared volume)")
+    artifact_dir: Path = Field(Path("./var/urza/artifacts"), validation_alias="URZA_ARTIFACT_DIR",
+                               description="Urza's artifact files (read-only here; shared volume)")
     kernel_timeout_ms: float = Field(2000.0, gt=0.0, validation_alias=_t("kernel_timeout_ms"),
                                      description="budget of one kernel prefetch from Urza (off the step path)")
     loss_spike_factor: float = Field(4.0, gt=1.0, validation_alias=_t("loss_spike_factor"),
@@ -146,6 +151,9 @@ class TolariaSettings(OonaSettings):
     enable_fault_injection: bool = Field(False, description="allow the TOLARIA_FAULT_* knobs (drills only)")
     fault_nan_at_step: int = Field(0, ge=0, validation_alias=_t("fault_nan_at_step"),
                                    description="make the loss NaN at this global step (drills); 0 = never")
+    fault_step_delay_ms: float = Field(0.0, ge=0.0, le=10_000.0, validation_alias=_t("fault_step_delay_ms"),
+                                       description="sleep this long in every training step (drills: steps as long "
+                                                   "as a real model's); 0 = never")
 
     # -- profiler ----------------------------------------------------------------------------------
     profiler_dir: Path | None = Field(None, validation_alias=_t("profiler_dir"),
@@ -170,7 +178,7 @@ class TolariaSettings(OonaSettings):
 
     @model_validator(mode="after")
     def _faults_need_opt_in(self) -> TolariaSettings:
-        if self.fault_nan_at_step and not self.enable_fault_injection:
+        if (self.fault_nan_at_step or self.fault_step_delay_ms) and not self.enable_fault_injection:
             raise ConfigurationError("TOLARIA_FAULT_* knobs are set but ESPER_ENABLE_FAULT_INJECTION is not 1: "
                                      "refusing to start")
         return self

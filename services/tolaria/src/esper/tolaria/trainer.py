@@ -7,6 +7,10 @@ advance Kasmina (gates, alpha schedules, stage changes); snapshot; send this ste
 fetches and decision waits run on the bus thread, so the step never waits on anyone longer than the
 budget (`sync` mode waits at most the budget). Per epoch: validation, evidence for probationary
 seeds (loss with and without each), a checkpoint, telemetry.
+
+Conservative mode (`conservative.py`): after `TOLARIA_DECISION_BREAKER_FAILURES` consecutive decision
+timeouts/errors the decision breaker opens and steps stop asking Tamiyo (no packet, no wait, no
+command) until a probe after `TOLARIA_DECISION_BREAKER_RESET_S` is answered.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ except ImportError:  # not on Windows
     resource = None  # type: ignore[assignment]
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,13 +33,15 @@ import torch
 import torch.nn.functional as F
 from prometheus_client import CollectorRegistry
 
+from esper.core.breaker import CLOSED
 from esper.core.logging import get_logger
-from esper.core.telemetry import build_event, build_metric, build_telemetry_packet
+from esper.core.telemetry import PRIORITY_INDICATOR, build_event, build_metric, build_telemetry_packet
 from esper.kasmina import CommandRejected, Kasmina, KernelClient, SeedSlot
 from esper.leyline import pb
 from esper.tolaria.bus import BusThread
 from esper.tolaria.checkpoint import CheckpointError, CheckpointStore
 from esper.tolaria.commands import adjust_lr, current_lr, scheduled_lr, set_lr
+from esper.tolaria.conservative import ConservativeMode, ModeChange
 from esper.tolaria.data import Dataset, epoch_generator, iter_batches, load_dataset
 from esper.tolaria.decisions import Decision, DecisionClient
 from esper.tolaria.emergency import EmergencyController, EmergencyPublisher, epoch_failure_level
@@ -79,6 +85,7 @@ class RunStats:
     seeds_fossilized: int = 0
     seeds_culled: int = 0
     lr_changes: int = 0
+    commands_dropped_conservative: int = 0  # replies that landed while the breaker was OPEN: not applied
     val_accuracy: list[float] = field(default_factory=list)
     val_loss: list[float] = field(default_factory=list)
 
@@ -87,7 +94,9 @@ class Trainer:
     """One run. `bus=None` trains the host statically (no control plane): the benchmark's baseline."""
 
     def __init__(self, settings: TolariaSettings, *, bus: BusThread | None,
-                 registry: CollectorRegistry | None = None, dataset: Dataset | None = None) -> None:
+                 registry: CollectorRegistry | None = None, dataset: Dataset | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        """`clock` drives the decision breaker's reset timer (tests inject one)."""
         s = self.settings = settings
         self.device = s.torch_device()
         self.bus = bus
@@ -108,6 +117,8 @@ class Trainer:
                                optimizer=self.optimizer)
         self.kasmina.register_host(self.host)
         self.decisions = None if bus is None else DecisionClient(bus, budget_ms=s.tamiyo_step_timeout_ms)
+        self.conservative = ConservativeMode(failure_threshold=s.decision_breaker_failures,
+                                             reset_timeout_s=s.decision_breaker_reset_s, clock=clock)
         self.checkpoints = CheckpointStore(s.checkpoint_dir, keep=s.checkpoint_keep, run_id=s.run_id)
         self.rollback = RollbackManager.from_settings(s, checkpoints=self.checkpoints, metrics=self.metrics)
         publisher = None
@@ -181,9 +192,8 @@ class Trainer:
         t0 = time.perf_counter()
         self.step += 1
         if s.decision_mode == "pipelined":
-            apply_t = time.perf_counter()
-            self._take_decision(self.decisions.poll() if self.decisions is not None else None)
-            self._apply_ms = (time.perf_counter() - apply_t) * 1000.0
+            self._apply_ms = 0.0
+            self._poll_decision()
         self._apply_lr_policy()
         self.host.train()
         logits = self.host(xb)
@@ -201,6 +211,8 @@ class Trainer:
             self._step_failure(reason, loss_v)
             return
         self.optimizer.step()
+        if s.fault_step_delay_ms:  # drills: a step as long as a real model's (sleeps, so the bus thread runs)
+            time.sleep(s.fault_step_delay_ms / 1000.0)
         hook_t = time.perf_counter()
         self.kasmina.advance(self.step, epoch=self.epoch, loss=loss_v)
         self._start_kernel_fetches()
@@ -215,6 +227,19 @@ class Trainer:
         signals = self.signals.update(loss_v, grad)
         self.stats.steps += 1
         if self.decisions is not None:
+            # The previous request's outcome is known before anything else is sent: a finished one is
+            # taken here (`busy` only ever turns False, so nothing can finish unseen in between).
+            pending = self.decisions.busy
+            if not pending:
+                self._poll_decision()
+            if not self.conservative.should_ask():  # conservative mode: no packet, no wait, no command
+                self.metrics.decisions_skipped_conservative.inc()
+                self._report_mode_changes()
+                return
+            if pending:  # at most one request in flight: this boundary sends nothing (counted)
+                self.decisions.skip_pending()
+                self._report_mode_changes()
+                return
             metrics = training_metrics(
                 loss=loss_v, accuracy=batch_accuracy(logits.detach(), yb), gradient_norm=grad,
                 samples_per_s=len(yb) / max(step_ms / 1000.0, 1e-9), hook_latency_ms=hook_ms, signals=signals,
@@ -231,8 +256,18 @@ class Trainer:
                 apply_t = time.perf_counter()
                 self._take_decision(decision)
                 self._apply_ms = (time.perf_counter() - apply_t) * 1000.0
+        self._report_mode_changes()
 
     # -- decisions ---------------------------------------------------------------------------------
+
+    def _poll_decision(self) -> None:
+        """Take the decision that finished since the last look (non-blocking), if any."""
+        d = self.decisions.poll() if self.decisions is not None else None
+        if d is None:
+            return
+        apply_t = time.perf_counter()
+        self._take_decision(d)
+        self._apply_ms += (time.perf_counter() - apply_t) * 1000.0
 
     def _take_decision(self, d: Decision | None) -> None:
         if d is None:
@@ -243,8 +278,12 @@ class Trainer:
             self.stats.failure_reasons[d.detail.removeprefix("DECISION_FAILURE_REASON_").lower()[:60]] += 1
         if d.kind == "timeout":
             self._event("tamiyo_timeout", _WARNING, d.detail, step_index=d.step, packet_id=d.packet_id)
-            return
+        self.conservative.record(d.kind)  # timeouts and errors count against the decision breaker
+        self._report_mode_changes()
         if d.kind != "command" or d.command is None:
+            return
+        if self.conservative.active:  # a reply to a request sent before the breaker opened: not applied
+            self.stats.commands_dropped_conservative += 1
             return
         if self.step - d.step > self.settings.max_staleness_steps:
             self.stats.stale += 1
@@ -259,6 +298,31 @@ class Trainer:
         self.stats.commands[pb.CommandType.Name(d.command.command_type)] += 1
         if outcome.for_trainer is not None:
             self._trainer_command(outcome.for_trainer)
+
+    def _report_mode_changes(self) -> None:
+        """Telemetry and metrics for the conservative-mode transitions since the last call."""
+        for change in self.conservative.drain_changes():
+            self._mode_change(change)
+
+    def _mode_change(self, change: ModeChange) -> None:
+        mode, s = self.conservative, self.settings
+        self.metrics.decision_breaker_state.set(change.state)
+        self.metrics.conservative_mode.set(1 if change.kind != "cleared" else 0)
+        if change.kind == "entered":
+            self.metrics.conservative_entries.inc()
+            log.warning("conservative mode entered: not asking Tamiyo", step=self.step,
+                        failures=s.decision_breaker_failures, reset_s=s.decision_breaker_reset_s)
+            self._event("conservative_mode_entered", _WARNING,
+                        f"{s.decision_breaker_failures} consecutive decisions failed at step {self.step}: "
+                        f"training on without Tamiyo, probing again in {s.decision_breaker_reset_s:g} s",
+                        priority=pb.MESSAGE_PRIORITY_HIGH, step_index=self.step, failures=s.decision_breaker_failures,
+                        reset_s=s.decision_breaker_reset_s, entries=mode.entries)
+        elif change.kind == "cleared":
+            log.info("conservative mode cleared: Tamiyo answered the probe", step=self.step,
+                     conservative_steps=mode.steps, probes=mode.probes)
+            self._event("conservative_mode_cleared", _INFO, f"Tamiyo answered the probe at step {self.step}",
+                        step_index=self.step, conservative_steps=mode.steps, skipped=mode.skipped,
+                        probes=mode.probes)
 
     def _trainer_command(self, cmd: pb.AdaptationCommand) -> None:
         if cmd.command_type == pb.COMMAND_OPTIMIZER:
@@ -407,9 +471,13 @@ class Trainer:
         if self.bus is None:
             self._pending_events.clear()
             return
+        breaker_state = self.conservative.state  # read first: it may observe OPEN → HALF_OPEN ...
+        self._report_mode_changes()  # ... which the gauges then show too
         metrics = [build_metric("tolaria.training.validation_loss", loss),
                    build_metric("tolaria.training.accuracy", acc, unit="ratio"),
-                   build_metric("tolaria.epochs.total", float(self.epoch))]
+                   build_metric("tolaria.epochs.total", float(self.epoch)),
+                   build_metric("tolaria.mode.conservative", 0.0 if breaker_state == CLOSED else 1.0),
+                   build_metric("tolaria.decision_breaker.state", float(breaker_state))]
         events = [*self._pending_events, *self.emergency.events(self._new_escalations())]
         self._pending_events.clear()
         self.bus.publish_telemetry(build_telemetry_packet("tolaria", metrics=metrics, events=events))
@@ -421,12 +489,16 @@ class Trainer:
         self._escalations_seen = len(history)
         return new
 
-    def _event(self, name: str, level: int, description: str = "", **attributes: object) -> None:
-        """A trainer event; WARNING ones in the HIGH list (tamiyo_timeout, loss_spike) go out at once
-        on the emergency lane, the rest with the epoch's telemetry."""
+    def _event(self, name: str, level: int, description: str = "", *, priority: int | None = None,
+               **attributes: object) -> None:
+        """A trainer event; WARNING ones go out at once (those in core's HIGH list, such as
+        tamiyo_timeout and loss_spike, or given `priority` HIGH, on the emergency lane), the rest with
+        the epoch's telemetry."""
         event = build_event(name, level=level, description=description[:200], **attributes)
         if self.bus is not None and level >= _WARNING:
-            self.bus.publish_telemetry(build_telemetry_packet("tolaria", events=[event]))
+            indicators = None if priority is None else {
+                PRIORITY_INDICATOR: pb.MessagePriority.Name(pb.MessagePriority.ValueType(priority))}
+            self.bus.publish_telemetry(build_telemetry_packet("tolaria", events=[event], indicators=indicators))
         else:
             self._pending_events.append(event)
 
@@ -455,6 +527,12 @@ class Trainer:
             "seeds_culled": st.seeds_culled, "seeds_by_stage": dict(stages), "seed_parameters": seed_params,
             "host_parameters": sum(p.numel() for p in self.host.host_parameters()),
             "decisions_skipped_inflight": self.decisions.skipped_inflight if self.decisions else 0,
+            "conservative_mode": self.conservative.active, "conservative_entries": self.conservative.entries,
+            "conservative_steps": self.conservative.steps,
+            "decisions_skipped_conservative": self.conservative.skipped,
+            "conservative_probes": self.conservative.probes,
+            "conservative_probe_failures": self.conservative.probe_failures,
+            "commands_dropped_conservative": st.commands_dropped_conservative,
             "val_accuracy_by_epoch": list(st.val_accuracy), "clean_shutdown": clean_shutdown,
         }
 

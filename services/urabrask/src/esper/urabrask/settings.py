@@ -14,7 +14,7 @@ from esper.urza.settings import sqlite_path
 
 
 def _u(name: str) -> AliasChoices:
-    return AliasChoices(f"URABRASK_{name.upper()}", name)
+    return AliasChoices(f"URABRASK_{name.upper()}")
 
 
 class UrabraskSettings(OonaSettings):
@@ -22,10 +22,10 @@ class UrabraskSettings(OonaSettings):
                                       extra="ignore", populate_by_name=True)
 
     service_name: str = "urabrask"
-    database_url: str = Field("sqlite:///./var/urza/catalog.db", validation_alias=AliasChoices(
-        "URZA_DATABASE_URL", "database_url"), description="Urza's SQLite catalogue (shared with Urza)")
-    artifact_dir: Path = Field(Path("./var/urza/artifacts"), validation_alias=AliasChoices(
-        "URZA_ARTIFACT_DIR", "artifact_dir"), description="Urza's artifact files")
+    database_url: str = Field("sqlite:///./var/urza/catalog.db", validation_alias="URZA_DATABASE_URL",
+                              description="Urza's SQLite catalogue (shared with Urza)")
+    artifact_dir: Path = Field(Path("./var/urza/artifacts"), validation_alias="URZA_ARTIFACT_DIR",
+                              description="Urza's artifact files")
     producer_interval_s: float = Field(300.0, gt=0, validation_alias=_u("producer_interval_s"),
                                        description="how often kernels without a current BSDS are probed")
     topn_per_cycle: int = Field(0, ge=0, validation_alias=_u("topn_per_cycle"),

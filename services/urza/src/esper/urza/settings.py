@@ -20,7 +20,7 @@ SQLITE_PREFIX = "sqlite:///"
 
 def _u(name: str, *prototype: str) -> AliasChoices:
     """Accept URZA_<NAME>, the prototype's own name(s), and the field name in code."""
-    return AliasChoices(f"URZA_{name.upper()}", *prototype, name)
+    return AliasChoices(f"URZA_{name.upper()}", *prototype)
 
 
 def sqlite_path(url: str) -> Path:

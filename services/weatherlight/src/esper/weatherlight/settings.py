@@ -11,7 +11,7 @@ from esper.oona.settings import OonaSettings
 
 
 def _w(name: str) -> AliasChoices:
-    return AliasChoices(f"WEATHERLIGHT_{name.upper()}", name)
+    return AliasChoices(f"WEATHERLIGHT_{name.upper()}")
 
 
 class WeatherlightSettings(OonaSettings):
