@@ -53,11 +53,12 @@ WAIT_S = 120.0
 _LINE = re.compile(r"^(PASS|FAIL) (\S+): (.*) \[([\d.]+) s\]$")
 
 # A small, fast fleet: 16-wide slots, sync decisions (one per step), no emergency escalation from
-# timeouts (these drills are about the bus, not the trainer's emergency ladder).
+# timeouts (these drills are about the bus, not the trainer's emergency ladder), and a short decision
+# breaker reset: a run of a few seconds must see Tamiyo again after conservative mode (default 5 s).
 DRILL_ENV: dict[str, str] = {
     "ESPER_LOG_LEVEL": "WARNING", "URZA_SEED_SLOT": "v16", "TEZZERET_SLOTS": '["v16"]', "TOLARIA_HIDDEN_WIDTH": "16",
     "TOLARIA_DECISION_MODE": "sync", "TAMIYO_STEP_TIMEOUT_MS": "200", "TAMIYO_METADATA_TIMEOUT_MS": "500",
-    "TOLARIA_EMERGENCY_ENABLED": "false",
+    "TOLARIA_EMERGENCY_ENABLED": "false", "TOLARIA_DECISION_BREAKER_RESET_S": "0.5",
 }
 
 
@@ -316,7 +317,9 @@ async def drill_bad_input() -> DrillResult:
                 f"{len(want)} dead-lettered exactly once per live group, reasons {dict(reasons)}; other dead "
                 f"letters meanwhile {dict(others) or 'none'}; processes alive {all(alive.values())}, restarts "
                 f"{restarts or 'none'}; Tamiyo decisions {decisions_at_attack:g} at the attack, {decisions_end:g} at "
-                f"the end; trainer exit {sup.outcome.trainer_exit}, {s.get('epochs')} epochs")
+                f"the end; trainer exit {sup.outcome.trainer_exit}, {s.get('epochs')} epochs, decisions "
+                f"{s.get('decisions')} (timeouts {s.get('timeouts')}, conservative entries "
+                f"{s.get('conservative_entries')}, skipped {s.get('decisions_skipped_conservative')})")
     return (not problems, evidence if not problems else f"{evidence}; PROBLEMS: {'; '.join(problems)}")
 
 
