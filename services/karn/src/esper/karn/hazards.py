@@ -89,7 +89,8 @@ class NaNInjection(nn.Module):
 class InfiniteLoop(nn.Module):
     """A linear layer plus a busy loop of `iterations` matmul+tanh steps, cut off after `max_ms` per call.
 
-    The default 256 iterations cost ~200x the linear itself on a small CPU; the output is the linear's.
+    The default 1024 iterations cost ~1000x the linear itself on a small CPU; the output is the linear's.
+    (256 put the loop's share of a call at ~50 % on a loaded CI machine: right at Urabrask's stall limit.)
     """
 
     def __init__(self, channels: int, iterations: int, max_ms: float) -> None:
@@ -215,7 +216,7 @@ TEMPLATES: tuple[BlueprintTemplate, ...] = (
     _hazard("BP046", "infinite_loop",
             "Linear layer preceded by a bounded busy loop of repeated matmuls that inflates latency.",
             0.85, channelwise(lambda c, p: InfiniteLoop(c, int(p["iterations"]), p["max_ms"])),
-            {"iterations": ParamSpec(1, 4096, 256, integer=True), "max_ms": ParamSpec(1.0, 50.0, 20.0)}),
+            {"iterations": ParamSpec(1, 4096, 1024, integer=True), "max_ms": ParamSpec(1.0, 50.0, 20.0)}),
     _hazard("BP047", "memory_leak",
             "Linear layer that retains a copy of every output, so held memory grows with each call.",
             0.9, channelwise(lambda c, p: MemoryLeak(c, int(p["leak_kib"]), int(p["cap_mib"]))),

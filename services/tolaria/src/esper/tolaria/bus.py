@@ -20,11 +20,12 @@ from typing import Any, TypeVar
 
 import uvloop
 from google.protobuf.message import Message
+from prometheus_client import CollectorRegistry
 
 from esper.core.logging import get_logger
 from esper.core.telemetry import packet_priority
 from esper.leyline import pb
-from esper.oona import OonaClient, OonaSettings, PublishError
+from esper.oona import OonaClient, OonaMetrics, OonaSettings, PublishError
 
 log = get_logger("esper.tolaria.bus")
 
@@ -35,8 +36,12 @@ SWITCH_INTERVAL_S = 0.0005  # GIL hand-off period (CPython default 5 ms: a whole
 class BusThread:
     """Runs `client` on a private uvloop loop in a daemon thread; thread-safe submit/call."""
 
-    def __init__(self, settings: OonaSettings, *, sender: str = "tolaria") -> None:
-        self.client = OonaClient.from_settings(settings, sender=sender)
+    def __init__(self, settings: OonaSettings, *, sender: str = "tolaria",
+                 registry: CollectorRegistry | None = None) -> None:
+        # The trainer's registry, so its side of the decision request/reply (oona_request_seconds,
+        # timeouts, publish errors) is on the trainer's /metrics.
+        self.client = OonaClient.from_settings(settings, sender=sender,
+                                               metrics=OonaMetrics(registry) if registry is not None else None)
         self.loop = uvloop.new_event_loop()
         self._thread = threading.Thread(target=self._run, name="tolaria-bus", daemon=True)
         self._background: set[concurrent.futures.Future[Any]] = set()

@@ -29,7 +29,7 @@ def run_training(settings: TolariaSettings, *, static: bool = False) -> tuple[in
     """Train once; returns (exit code, summary). `static`: no control plane at all (baseline)."""
     configure_logging(level=settings.log_level, fmt=settings.log_format, service="tolaria")
     registry = CollectorRegistry()
-    bus = None if static else BusThread(settings)
+    bus = None if static else BusThread(settings, registry=registry)
     http: HealthServer | None = None
     if bus is not None:
         bus.start()

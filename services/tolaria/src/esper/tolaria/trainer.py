@@ -442,7 +442,8 @@ class Trainer:
             self.failed_epochs = 0
         if self.epoch % s.checkpoint_every_epochs == 0 or self.emergency.halted:
             try:
-                self.checkpoints.save_training(self.host, self.optimizer, epoch=self.epoch, step=self.step)
+                with self.metrics.checkpoint_seconds.time():
+                    self.checkpoints.save_training(self.host, self.optimizer, epoch=self.epoch, step=self.step)
                 self.metrics.checkpoints.inc()
             except CheckpointError as e:
                 self.metrics.checkpoint_errors.labels(e.reason).inc()
