@@ -5,8 +5,14 @@ Run: `.venv/bin/python bench/tolaria_bench.py --out bench/results/tolaria.json` 
 - overhead (`overhead_ratio`): step time of the Tolaria loop with the control plane on — pipelined
   decisions from a real Tamiyo *process*, Kasmina, per-step rollback snapshots, packets — divided by
   the step time of a plain PyTorch loop over the same model, data and steps, measured in the same run
-  (`plain_step_ms`, `control_step_ms`). Both exclude validation. Tamiyo, Urza and Redis share the
-  machine's cores with the trainer, as they would on a one-box deployment.
+  (`plain_step_ms`, `control_step_ms`). Both exclude validation. As ARCHITECTURE §11 states the
+  budget, with two or more cores the trainer process (training and bus threads) is pinned to one core
+  and the fleet (Tamiyo, Urza, Redis) to the others (`os.sched_setaffinity`; `pinned`,
+  `trainer_cores`, `fleet_cores` record what was done; `--no-pin` turns it off); the plain loop runs
+  in the trainer's process, so it is measured under the same pinning. "A decision every step": the
+  overhead run keeps the decision breaker closed (`TOLARIA_DECISION_BREAKER_FAILURES` very large),
+  otherwise a few timeouts would put it in conservative mode and the run would stop asking Tamiyo;
+  `pipelined_packets_sent` and `pipelined_conservative_steps` show what was asked.
 - rollback (`rollback_fast_*`, `rollback_checkpoint_*`): `RollbackManager.rollback` on the digits host
   from the in-memory ring and, with the ring empty, from the newest checkpoint on disk.
 - accuracy (`accuracy_grown`, `accuracy_static`): the same seeds and epochs, once with the host alone
@@ -18,6 +24,7 @@ Nothing is asserted; goals are recorded as flags (overhead ≤ 3%).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import json
 import os
@@ -90,10 +97,33 @@ def fleet_env(var: Path, url: str, secret: str) -> dict[str, str]:
             "TAMIYO_VAR_DIR": str(var / "tamiyo"), "TAMIYO_POLICY_DIR": str(var / "tamiyo/p")}
 
 
-def run_fleet(var: Path, url: str, secret: str, *, mode: str, budget_ms: float) -> dict[str, Any]:
+NEVER_OPEN = 10**9  # decision-breaker threshold that keeps it closed: a decision is asked for every step
+
+
+def pin_process(pid: int, cores: set[int]) -> None:
+    """Pin every thread of `pid` (a process already running) to `cores`."""
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        with contextlib.suppress(ProcessLookupError):  # a thread that ended meanwhile
+            os.sched_setaffinity(int(tid), cores)
+
+
+def plan_pinning(enabled: bool) -> tuple[set[int], set[int]] | None:
+    """(trainer cores, fleet cores): the first allowed core for the trainer, the rest for the fleet."""
+    if not enabled or not hasattr(os, "sched_setaffinity"):
+        return None
+    cores = sorted(os.sched_getaffinity(0))
+    if len(cores) < 2:
+        return None
+    return {cores[0]}, set(cores[1:])
+
+
+def run_fleet(var: Path, url: str, secret: str, *, mode: str, budget_ms: float,
+              breaker_failures: int | None = None) -> dict[str, Any]:
+    extra: dict[str, Any] = {} if breaker_failures is None else {"decision_breaker_failures": breaker_failures}
     s = TolariaSettings(redis_url=url, leyline_secret=secret, var_dir=var / f"tolaria-{mode}", epochs=EPOCHS,
                         hidden_width=WIDTH, decision_mode=mode, tamiyo_step_timeout_ms=budget_ms,
-                        artifact_dir=var / "urza/a", metrics_port=-1, run_id=f"bench-{mode}", emergency_enabled=False)
+                        artifact_dir=var / "urza/a", metrics_port=-1, run_id=f"bench-{mode}", emergency_enabled=False,
+                        **extra)
     bus = BusThread(s)
     bus.start()
     trainer = TimedTrainer(s, bus=bus)
@@ -104,6 +134,9 @@ def run_fleet(var: Path, url: str, secret: str, *, mode: str, budget_ms: float) 
         bus.stop()
     out = trainer.summary(clean_shutdown=True)
     out["step_ms"] = trainer.step_seconds * 1000.0 / max(1, trainer.stats.steps)
+    out["packets_sent"] = trainer.decisions.sent if trainer.decisions is not None else 0
+    out["snapshots"] = trainer.rollback.taken
+    out["snapshots_deferred"] = trainer.rollback.deferred
     return out
 
 
@@ -127,10 +160,17 @@ def rollback_latency(var: Path, n: int = 50) -> dict[str, float]:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--out", type=Path, default=Path("bench/results/tolaria.json"))
+    parser.add_argument("--no-pin", action="store_true", help="do not pin the trainer and the fleet to cores")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
+    pinning = plan_pinning(not args.no_pin)
     server = EmbeddedRedis()
     server.start()
+    if pinning is not None:
+        trainer_cores, fleet_cores = pinning
+        os.sched_setaffinity(0, trainer_cores)  # before the bus threads start: they inherit it
+        if server.pid is not None:
+            pin_process(server.pid, fleet_cores)
     secret = secrets.token_hex(16)
     result: dict[str, Any] = {"epochs": EPOCHS, "hidden_width": WIDTH}
     with tempfile.TemporaryDirectory(prefix="esper-bench-tolaria-") as tmp:
@@ -143,13 +183,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             for module in ("esper.urza", "esper.tamiyo"):
                 procs.append(subprocess.Popen([sys.executable, "-m", module], env=env, cwd=var,
                                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+                if pinning is not None:
+                    pin_process(procs[-1].pid, pinning[1])  # before it starts threads (torch import)
             time.sleep(5)  # worker start-up (torch import) and the first catalogue fetch
             static_settings = TolariaSettings(var_dir=var / "static", epochs=EPOCHS, hidden_width=WIDTH)
             plain_ms, steps = plain_loop(static_settings)
             static = Trainer(static_settings, bus=None)
             static.run()
             grown = run_fleet(var, server.url, secret, mode="sync", budget_ms=30.0)
-            pipelined = run_fleet(var, server.url, secret, mode="pipelined", budget_ms=5.0)
+            pipelined = run_fleet(var, server.url, secret, mode="pipelined", budget_ms=5.0,
+                                  breaker_failures=NEVER_OPEN)
             plain_ms_again, _ = plain_loop(static_settings)  # bracket the control-plane run
         finally:
             for p in procs:
@@ -165,6 +208,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             "pipelined_commands_applied": pipelined["commands_applied"],
             "pipelined_skipped_inflight": pipelined["decisions_skipped_inflight"],
             "pipelined_decision_p50_ms": pipelined["decision_p50_ms"],
+            "pipelined_packets_sent": pipelined["packets_sent"],
+            "pipelined_conservative_steps": pipelined["conservative_steps"],
+            "pipelined_snapshots": pipelined["snapshots"],
+            "pipelined_snapshots_deferred": pipelined["snapshots_deferred"],
+            "pinned": pinning is not None,
+            "trainer_cores": sorted(pinning[0]) if pinning else None,
+            "fleet_cores": sorted(pinning[1]) if pinning else None,
             "accuracy_static": static.summary(clean_shutdown=True)["final_val_accuracy"],
             "accuracy_grown": grown["final_val_accuracy"], "accuracy_pipelined": pipelined["final_val_accuracy"],
             "grown_seeds_fossilized": grown["seeds_fossilized"], "grown_seeds_culled": grown["seeds_culled"],

@@ -18,7 +18,7 @@ from esper.tolaria.rollback import (
     SnapshotRing,
 )
 from esper.tolaria.settings import TolariaSettings
-from esper.tolaria.state import capture_state
+from esper.tolaria.state import TrainingState, capture_state
 from tests.tolaria._helpers import assert_same, assert_state_equal, make_model, make_optimizer, train_steps
 
 BIG = 1 << 30
@@ -218,3 +218,46 @@ def test_both_tiers_restore_a_cuda_model_bit_identically(tmp_path: Path) -> None
     assert mgr.rollback(model, opt).tier == "checkpoint"
     assert_same(expected.optimizer, capture_state(model, opt).optimizer)
     assert next(model.parameters()).is_cuda
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.t = 0.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def test_snapshot_overhead_budget_defers_until_paid_for_and_bounds_age() -> None:
+    """A due snapshot waits until the time since the last one pays for its cost at the budget, never
+    past `snapshot_max_steps`, and never while the ring is empty (injected clock: no wall time)."""
+    clock = _Clock()
+    mgr = RollbackManager(fast_cap_bytes=BIG, clock=clock, snapshot_overhead=0.1, snapshot_max_steps=5)
+    mgr._last_cost = 0.0
+    assert mgr.due(1)  # empty ring: always due
+    mgr.ring.put(Snapshot(1, 0, TrainingState({}, {}, 0)))
+    mgr._last_step, mgr._last_end, mgr._last_cost = 1, 0.0, 0.01  # a 10 ms snapshot at t=0
+    clock.t = 0.05  # 50 ms trained: 10% of it is 5 ms < 10 ms
+    assert not mgr.due(2)
+    clock.t = 0.1  # 100 ms trained: 10 ms at 10% pays for it
+    assert mgr.due(3)
+    clock.t = 0.0
+    assert not mgr.due(5) and mgr.due(6)  # 5 steps since the last: due whatever the clock says
+    assert mgr.deferred == 2
+    mgr.ring.clear()
+    assert mgr.due(2)
+
+
+def test_snapshot_overhead_zero_keeps_every_n_steps() -> None:
+    mgr = RollbackManager(fast_cap_bytes=BIG, snapshot_every_steps=2)
+    model = torch.nn.Linear(2, 2)
+    assert [mgr.snapshot(model, None, step=s, epoch=0) for s in range(1, 6)] == [False, True, False, True, False]
+    assert mgr.taken == 2 and mgr.deferred == 0
+
+
+def test_snapshot_settings_reach_the_manager() -> None:
+    s = TolariaSettings(rollback_snapshot_overhead=0.05, rollback_snapshot_max_steps=7)
+    mgr = RollbackManager.from_settings(s, checkpoints=None)
+    assert (mgr.snapshot_overhead, mgr.snapshot_max_steps) == (0.05, 7)
+    with pytest.raises(ValueError):
+        RollbackManager(fast_cap_bytes=BIG, snapshot_overhead=1.0)

@@ -110,9 +110,13 @@ class TrainingSignals:
 
 def gradient_norm(parameters: Iterable[torch.Tensor]) -> float:
     """Global L2 norm of the gradients present (0.0 when none); one device sync."""
-    norms = [torch.linalg.vector_norm(p.grad.detach(), 2.0) for p in parameters if p.grad is not None]
-    if not norms:
+    grads = [p.grad.detach() for p in parameters if p.grad is not None]
+    if not grads:
         return 0.0
+    if len({(g.device, g.dtype) for g in grads}) == 1:  # one fused kernel per device/dtype (the usual case)
+        norms = list(torch._foreach_norm(grads, 2.0))
+    else:
+        norms = [torch.linalg.vector_norm(g, 2.0) for g in grads]
     return float(torch.linalg.vector_norm(torch.stack([n.to(norms[0].device) for n in norms]), 2.0).item())
 
 

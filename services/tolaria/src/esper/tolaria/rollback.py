@@ -3,7 +3,13 @@
 Fast tier: `SnapshotRing` keeps deep-copied CPU `TrainingState`s (model + optimizer) keyed by step,
 least recently used evicted first, capped by *bytes* (TOLARIA_ROLLBACK_FAST_CAP_MB). The trainer
 calls `RollbackManager.snapshot()` after each step; it copies every TOLARIA_ROLLBACK_SNAPSHOT_STEPS
-steps. A state bigger than the whole cap is not kept (counted): that run rolls back from checkpoints.
+steps, unless copying would cost more than TOLARIA_ROLLBACK_SNAPSHOT_OVERHEAD of the training time:
+a due copy is then deferred until the time trained since the last one is at least its cost divided
+by that fraction, but never past TOLARIA_ROLLBACK_SNAPSHOT_MAX_STEPS steps (and never while the ring
+is empty). Guarantee: the newest snapshot is at most max(SNAPSHOT_STEPS, SNAPSHOT_MAX_STEPS) steps
+behind the live state; a fast rollback loses at most that much progress. Overhead 0 restores the
+plain every-N-steps cadence. A state bigger than the whole cap is not kept (counted): that run rolls
+back from checkpoints.
 
 Checkpoint tier: when no snapshot qualifies (none at or before the target step, evicted, too large,
 or it no longer fits the model because its architecture changed) the newest retained checkpoint at
@@ -165,9 +171,23 @@ class RollbackManager:
 
     def __init__(self, *, fast_cap_bytes: int, snapshot_every_steps: int = 1, deadline_ms: float = 250.0,
                  checkpoints: CheckpointStore | None = None, clock: Callable[[], float] = time.perf_counter,
-                 metrics: TolariaMetrics | None = None) -> None:
+                 metrics: TolariaMetrics | None = None, snapshot_overhead: float = 0.0,
+                 snapshot_max_steps: int = 1) -> None:
+        """`snapshot_overhead` (fraction of training time, 0 = off) and `snapshot_max_steps` set the
+        adaptive cadence (module docstring); `clock` times both the deadline and the snapshot cost."""
         if snapshot_every_steps < 1:
             raise ValueError(f"snapshot_every_steps must be >= 1, got {snapshot_every_steps}")
+        if not 0.0 <= snapshot_overhead < 1.0:
+            raise ValueError(f"snapshot_overhead must be in [0, 1), got {snapshot_overhead}")
+        if snapshot_max_steps < 1:
+            raise ValueError(f"snapshot_max_steps must be >= 1, got {snapshot_max_steps}")
+        self.snapshot_overhead = snapshot_overhead
+        self.snapshot_max_steps = snapshot_max_steps
+        self._last_step: int | None = None  # step of the last snapshot taken (kept or not)
+        self._last_end = 0.0  # clock when it finished
+        self._last_cost = 0.0  # seconds it took
+        self.deferred = 0  # due snapshots deferred by the overhead budget
+        self.taken = 0  # snapshots copied (kept or rejected)
         if deadline_ms < 0:
             raise ValueError(f"deadline_ms must be >= 0, got {deadline_ms}")
         self.ring = SnapshotRing(fast_cap_bytes)
@@ -182,22 +202,38 @@ class RollbackManager:
                       metrics: TolariaMetrics | None = None) -> RollbackManager:
         return cls(fast_cap_bytes=settings.rollback_fast_cap_bytes,
                    snapshot_every_steps=settings.rollback_snapshot_steps, deadline_ms=settings.rollback_deadline_ms,
-                   checkpoints=checkpoints, metrics=metrics)
+                   checkpoints=checkpoints, metrics=metrics, snapshot_overhead=settings.rollback_snapshot_overhead,
+                   snapshot_max_steps=settings.rollback_snapshot_max_steps)
 
     # -- snapshots ---------------------------------------------------------------------------------
 
     def due(self, step: int) -> bool:
-        return step % self.snapshot_every_steps == 0
+        """Every `snapshot_every_steps` steps; with an overhead budget, only once the time since the last
+        snapshot pays for its cost (or `snapshot_max_steps` have passed, or the ring is empty)."""
+        if step % self.snapshot_every_steps != 0:
+            return False
+        if self.snapshot_overhead <= 0.0 or self._last_step is None or not len(self.ring):
+            return True
+        if step - self._last_step >= self.snapshot_max_steps or step < self._last_step:
+            return True
+        if self._last_cost <= self.snapshot_overhead * (self._clock() - self._last_end):
+            return True
+        self.deferred += 1
+        return False
 
     def snapshot(self, model: nn.Module, optimizer: torch.optim.Optimizer | None, *, step: int, epoch: int,
                  force: bool = False) -> bool:
         """Copy the state after `step` into the ring when due (or `force`); True when it was kept."""
         if not (force or self.due(step)):
             return False
+        t0 = self._clock()
         state = capture_state(model, optimizer)
         rejected_before = self.ring.rejected
         evicted = self.ring.put(Snapshot(step, epoch, state))
         kept = self.ring.rejected == rejected_before
+        self._last_step, self._last_end = step, self._clock()
+        self._last_cost = self._last_end - t0
+        self.taken += 1
         if self.metrics is not None:
             m = self.metrics
             if kept:

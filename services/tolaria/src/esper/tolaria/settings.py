@@ -109,7 +109,16 @@ class TolariaSettings(OonaSettings):
     rollback_deadline_ms: float = Field(250.0, ge=0.0, validation_alias=_t("rollback_deadline_ms"),
                                         description="deadline of one rollback, both tiers together")
     rollback_snapshot_steps: int = Field(1, ge=1, validation_alias=_t("rollback_snapshot_steps"),
-                                         description="take a fast snapshot every this many steps")
+                                         description="take a fast snapshot every this many steps (at most "
+                                                     "this often when TOLARIA_ROLLBACK_SNAPSHOT_OVERHEAD > 0)")
+    rollback_snapshot_overhead: float = Field(
+        0.01, ge=0.0, lt=1.0, validation_alias=_t("rollback_snapshot_overhead"),
+        description="fraction of training time fast snapshots may cost: a due snapshot waits until the time "
+                    "trained since the last one is its cost / this fraction (0: every SNAPSHOT_STEPS steps)")
+    rollback_snapshot_max_steps: int = Field(
+        50, ge=1, validation_alias=_t("rollback_snapshot_max_steps"),
+        description="the overhead budget never defers a snapshot past this many steps since the last one "
+                    "(a fast rollback loses at most this many steps)")
 
     # -- checkpoints -------------------------------------------------------------------------------
     var_dir: Path = Field(Path("./var/tolaria"), validation_alias=_t("var_dir"),

@@ -133,6 +133,7 @@ class Trainer:
         self.failed_epochs = 0
         self._epoch_failed = False
         self._structure: tuple[str, ...] = ()
+        self._quick_structure: tuple[int, ...] = ()
         self._stop = False
         self._pending_events: list[pb.TelemetryEvent] = []
         self._apply_ms = 0.0
@@ -410,12 +411,26 @@ class Trainer:
 
     def _snapshot(self) -> None:
         """Fast-tier snapshots must fit the model as it is: when a seed changed its structure, older
-        snapshots (other parameters) are dropped rather than kept to fail a later restore."""
+        snapshots (other parameters) are dropped rather than kept to fail a later restore.
+
+        Seeds change the structure by filling or emptying a slot, and the optimizer's by adding or
+        dropping parameter groups: a cheap key of those (object ids) is compared every step; the full
+        key (every state-dict name) is compared whenever a snapshot is due, before it is taken."""
+        slots = self.host.slots
+        quick = (*(id(m) for m in slots.values()), *(id(getattr(m, "seed", None)) for m in slots.values()),
+                 len(self.optimizer.param_groups))
+        if quick != self._quick_structure:
+            self._quick_structure = quick
+            self._check_structure()
+        if self.rollback.due(self.step):
+            self._check_structure()
+            self.rollback.snapshot(self.host, self.optimizer, step=self.step, epoch=self.epoch, force=True)
+
+    def _check_structure(self) -> None:
         structure = (*tuple(self.host.state_dict().keys()), str(len(self.optimizer.param_groups)))
         if structure != self._structure:
             self.rollback.ring.clear()
             self._structure = structure
-        self.rollback.snapshot(self.host, self.optimizer, step=self.step, epoch=self.epoch)
 
     # -- epochs ------------------------------------------------------------------------------------
 
