@@ -36,7 +36,7 @@ GAUGE_SOURCES: Final[Mapping[str, str]] = {
     "tolaria.epochs.total": "training_epoch",  # Tolaria sends the current epoch number under this name
     "tolaria.training.accuracy": "training_accuracy",
     "tolaria.training.validation_loss": "training_validation_loss",
-    "tolaria.training.loss": "training_loss",  # the prototype's name; today's Tolaria does not send it
+    "tolaria.training.loss": "training_loss",  # mean training loss of the epoch
     "tamiyo.gnn.feature_coverage": "feature_coverage",
 }
 """Telemetry metric name → gauge key (see :class:`esper.nissa.metrics.NissaMetrics`)."""

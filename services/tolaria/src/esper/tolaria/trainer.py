@@ -134,6 +134,7 @@ class Trainer:
         self._epoch_failed = False
         self._structure: tuple[str, ...] = ()
         self._quick_structure: tuple[int, ...] = ()
+        self._train_loss_sum, self._train_loss_steps = 0.0, 0  # applied steps of the current epoch
         self._stop = False
         self._pending_events: list[pb.TelemetryEvent] = []
         self._apply_ms = 0.0
@@ -151,6 +152,7 @@ class Trainer:
             for epoch in range(1, s.epochs + 1):
                 self.epoch = epoch
                 self._epoch_failed = False
+                self._train_loss_sum, self._train_loss_steps = 0.0, 0
                 gen = epoch_generator(s.seed, epoch)
                 t0 = time.perf_counter()
                 for xb, yb in iter_batches(self.data.x_train, self.data.y_train, s.batch_size, generator=gen):
@@ -212,6 +214,8 @@ class Trainer:
             self._step_failure(reason, loss_v)
             return
         self.optimizer.step()
+        self._train_loss_sum += loss_v
+        self._train_loss_steps += 1
         if s.fault_step_delay_ms:  # drills: a step as long as a real model's (sleeps, so the bus thread runs)
             time.sleep(s.fault_step_delay_ms / 1000.0)
         hook_t = time.perf_counter()
@@ -494,6 +498,8 @@ class Trainer:
                    build_metric("tolaria.epochs.total", float(self.epoch)),
                    build_metric("tolaria.mode.conservative", 0.0 if breaker_state == CLOSED else 1.0),
                    build_metric("tolaria.decision_breaker.state", float(breaker_state))]
+        if self._train_loss_steps:  # mean training loss of the epoch's applied steps (Nissa: esper_training_loss)
+            metrics.append(build_metric("tolaria.training.loss", self._train_loss_sum / self._train_loss_steps))
         events = [*self._pending_events, *self.emergency.events(self._new_escalations())]
         self._pending_events.clear()
         self.bus.publish_telemetry(build_telemetry_packet("tolaria", metrics=metrics, events=events))
