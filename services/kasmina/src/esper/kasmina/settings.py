@@ -3,8 +3,6 @@ no bus settings of its own: the trainer hands it its Oona client and signing key
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from pydantic import AliasChoices, Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -33,17 +31,16 @@ class KasminaSettings(BaseSettings):
                              description="commands older than this are rejected (stale_command)")
 
     # -- kernels --------------------------------------------------------------------------------------
-    artifact_dir: Path = Field(
-        Path("./var/urza/artifacts"),
-        validation_alias=AliasChoices("KASMINA_ARTIFACT_DIR", "URZA_ARTIFACT_DIR"),
-        description="Urza's artifact directory (read access)")
-    kernel_timeout_ms: float = Field(2000.0, gt=0, validation_alias=_k("kernel_timeout_ms"),
-                                     description="deadline of one kernel request to Urza (off the step path)")
+    # The artifact directory and the kernel request deadline are the trainer's (URZA_ARTIFACT_DIR,
+    # TOLARIA_KERNEL_TIMEOUT_MS): it is the process that reads the files and owns the bus client.
     kernel_cache_size: int = Field(32, ge=1, validation_alias=_k("kernel_cache_size"),
                                    description="verified artifacts kept in the LRU cache")
-    breaker_failures: int = Field(3, ge=1, validation_alias=_k("breaker_failures"))
-    breaker_successes: int = Field(2, ge=1, validation_alias=_k("breaker_successes"))
-    breaker_reset_s: float = Field(60.0, ge=0, validation_alias=_k("breaker_reset_s"))
+    breaker_failures: int = Field(3, ge=1, validation_alias=_k("breaker_failures"),
+                                  description="kernel-fetch failures that open Kasmina's breaker")
+    breaker_successes: int = Field(2, ge=1, validation_alias=_k("breaker_successes"),
+                                   description="half-open successes that close it again")
+    breaker_reset_s: float = Field(60.0, ge=0, validation_alias=_k("breaker_reset_s"),
+                                   description="seconds the open breaker fails fetches fast before a probe")
 
     # -- lifecycle windows (training steps in which the seed ran) --------------------------------------
     probe_steps: int = Field(1, ge=1, validation_alias=_k("probe_steps"), description="GERMINATED steps before G1")

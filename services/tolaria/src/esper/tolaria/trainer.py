@@ -33,10 +33,11 @@ import torch
 import torch.nn.functional as F
 from prometheus_client import CollectorRegistry
 
-from esper.core.breaker import CLOSED
+from esper.core.breaker import CLOSED, CircuitBreaker
 from esper.core.logging import get_logger
 from esper.core.telemetry import PRIORITY_INDICATOR, build_event, build_metric, build_telemetry_packet
 from esper.kasmina import CommandRejected, Kasmina, KernelClient, SeedSlot
+from esper.kasmina.settings import KasminaSettings
 from esper.leyline import pb
 from esper.tolaria.bus import BusThread
 from esper.tolaria.checkpoint import CheckpointError, CheckpointStore
@@ -111,9 +112,13 @@ class Trainer:
         self.base_lr = s.learning_rate
         self.lr_scale = 1.0  # OPTIMIZER commands scale the scheduled rate (TOLARIA_LR_POLICY != off)
         self.total_steps = s.epochs * math.ceil(self.data.meta.train_size / s.batch_size)
-        kernels = None if bus is None else KernelClient(bus.client, ArtifactStore(s.artifact_dir),
-                                                        timeout_ms=s.kernel_timeout_ms, training_run_id=s.run_id)
-        self.kasmina = Kasmina(keys=s.signing_keys() if bus is not None else None, kernels=kernels,
+        ks = KasminaSettings()  # KASMINA_*: command validation, lifecycle windows, kernel cache and breaker
+        kernels = None if bus is None else KernelClient(
+            bus.client, ArtifactStore(s.artifact_dir), timeout_ms=s.kernel_timeout_ms, cache_size=ks.kernel_cache_size,
+            training_run_id=s.run_id,
+            breaker=CircuitBreaker("kernel_fetch", failure_threshold=ks.breaker_failures,
+                                   success_threshold=ks.breaker_successes, reset_timeout_s=ks.breaker_reset_s))
+        self.kasmina = Kasmina(keys=s.signing_keys() if bus is not None else None, settings=ks, kernels=kernels,
                                optimizer=self.optimizer)
         self.kasmina.register_host(self.host)
         self.decisions = None if bus is None else DecisionClient(bus, budget_ms=s.tamiyo_step_timeout_ms)
