@@ -23,6 +23,11 @@ Drill = Callable[[], Awaitable[DrillResult]]
 LOG_LEVEL_ENV = "ESPER_DRILL_LOG_LEVEL"  # services log every expected failure; keep drill output readable
 
 
+def verdict(problems: list[str], evidence: str) -> DrillResult:
+    """PASS with the evidence when nothing went wrong, else FAIL with the evidence and every problem."""
+    return (not problems, evidence if not problems else f"{evidence}; PROBLEMS: {'; '.join(problems)}")
+
+
 async def _guarded(drill: Drill, timeout_s: float) -> DrillResult:
     try:
         async with asyncio.timeout(timeout_s):

@@ -28,7 +28,7 @@ from typing import Any
 
 from esper.core import drills as core_drills
 from esper.core.clock import now_ms
-from esper.core.drills import LOG_LEVEL_ENV, Drill, DrillResult
+from esper.core.drills import LOG_LEVEL_ENV, Drill, DrillResult, verdict
 from esper.core.redis_server import EmbeddedRedis
 from esper.leyline import (
     CHANNELS,
@@ -155,10 +155,6 @@ async def _until_async(cond: Callable[[], Awaitable[bool]], timeout_s: float = W
 def _expect(problems: list[str], cond: bool, what: str) -> None:
     if not cond:
         problems.append(what)
-
-
-def _verdict(problems: list[str], evidence: str) -> DrillResult:
-    return (not problems, evidence if not problems else f"{evidence}; PROBLEMS: {'; '.join(problems)}")
 
 
 def _packets(prefix: str, n: int, start: int = 0) -> list[pb.SystemStatePacket]:
@@ -400,7 +396,7 @@ async def drill_crash_reclaim() -> DrillResult:
     _expect(problems, pending == 0, f"{pending} entries still pending")
     _expect(problems, b_rc == 0 and b_stats.get("reclaimed", 0) >= held_by_a,
             f"B rc={b_rc} stats={b_stats} (expected reclaimed >= {held_by_a}); {tails}")
-    return _verdict(problems, (
+    return verdict(problems, (
         f"{n} msgs, 2 worker processes; A stalled in the handler on the marker (started={started}) holding "
         f"{held_by_a} pending entries, SIGKILLed (rc={a_rc}) at marker idle {idle_at_kill} ms; "
         f"B reclaimed {b_stats.get('reclaimed')} via XAUTOCLAIM (visibility {vis_ms} ms), all done "
@@ -455,7 +451,7 @@ async def drill_poison() -> DrillResult:
             f"deliveries {deliveries}, handler attempts {rec.attempts['poison']}, expected {max_deliveries}")
     handled_after = len(rec.order) - rec.first_failure_at
     _expect(problems, handled_after >= second, f"only {handled_after} handled after the first failure")
-    return _verdict(problems, (
+    return verdict(problems, (
         f"{first + second} msgs, 1 poison: handler called {rec.attempts['poison']}x, dead-lettered with "
         f"reason={reason} deliveries={deliveries} detail={detail[:90]!r}; other "
         f"{len(rec.completions)}/{first + second - 1} handled once each ({handled_after} after the first "
@@ -548,7 +544,7 @@ async def drill_bad_input() -> DrillResult:
     _expect(problems, event_reasons == reasons, f"telemetry reasons {_counts(event_reasons)}")
     _expect(problems, alive and valid_ok, "consumer dead or the valid message after the attack was not handled")
     _expect(problems, pending == 0, f"{pending} pending")
-    return _verdict(problems, (
+    return verdict(problems, (
         f"{len(cases)} injected entries -> {len(dls)} dead letters, reasons: {_counts(reasons)}; "
         f"telemetry events {len(dl_events)} (emergency lane {lanes['emergency']}, normal lane {lanes['normal']}); "
         f"replay original handled {rec.completions['replay-me']}x; consumer alive={alive}, valid message after "
@@ -588,7 +584,7 @@ async def drill_emergency_first() -> DrillResult:
     _expect(problems, rec.once_each(n + 1), "some message handled more than once")
     _expect(problems, pending == 0, f"{pending} pending")
     pos = next((i for i, (pid, _) in enumerate(rec.order) if pid == "emergency"), -1)
-    return _verdict(problems, (
+    return verdict(problems, (
         f"backlog {backlog} normal entries + 1 HIGH on {urgent.stream}; emergency handled at position {pos}, "
         f"then {len(normal)} normal in publish order; {len(rec.order)} handled in {seconds:.2f} s; "
         f"stats handled={consumer.stats.handled} duplicates={consumer.stats.duplicates}; pending={pending}"
@@ -647,7 +643,7 @@ async def drill_redis_restart() -> DrillResult:
     _expect(problems, rec.completions.total() == 3 * batch, "handler completions != messages")
     _expect(problems, stats.reconnects >= 1, "consumer never saw the outage (reconnects=0)")
     _expect(problems, alive, "consumer task died")
-    return _verdict(problems, (
+    return verdict(problems, (
         f"before restart: {batch} handled+acked (xlen, last-delivered, pending = {state_before}); "
         f"{batch} published just before restart ({inflight_at_restart} of them "
         f"handled when the restart returned); AOF redis restarted on port {server.port} in {restart_s:.2f} s, "
@@ -732,7 +728,7 @@ async def drill_request_reply() -> DrillResult:
     _expect(problems, slow_outcome.startswith("RequestTimeoutError"), f"slow request: {slow_outcome}")
     _expect(problems, slow_counted and late_after_slow == 1, f"late replies {late_after_slow} after the slow one")
     _expect(problems, timeouts == 2, f"request timeouts {timeouts}")
-    return _verdict(problems, (
+    return verdict(problems, (
         f"request answered in {rtt_ms:.1f} ms (deadline 2000 ms) with packet {answered}; request with a 300 ms "
         f"deadline and no responder -> {late_outcome.split('(')[0]}, responder started later dead-lettered it "
         f"(reason={dl.reason if dl else None}, packet {dl_packet}), handler calls for it "

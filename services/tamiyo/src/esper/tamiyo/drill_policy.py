@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from esper.core.clock import now_ms
-from esper.core.drills import DrillResult
+from esper.core.drills import DrillResult, verdict
 from esper.core.redis_server import EmbeddedRedis
 from esper.leyline import CHANNELS, decode_envelope, encode_envelope, pb, unpack_as
 from esper.oona import OonaClient
@@ -33,7 +33,6 @@ from esper.tamiyo.drills import (
     _label_values,
     _settings,
     _until_async,
-    _verdict,
     _worker,
 )
 from esper.tamiyo.gnn import TamiyoGNN
@@ -180,4 +179,4 @@ async def _run(worker: WorkerProcess, simic: OonaClient, trainer: Trainer) -> Dr
     evidence = (f"{len(during)} decisions during the drill ({_counts(_kinds(during))}), policy versions seen "
                 f"{_counts(Counter(versions_seen))}; applied {applied:g}; rejected {_counts(rejected)}; "
                 f"events: {', '.join(await _rejections(simic))}")
-    return _verdict(problems, evidence)
+    return verdict(problems, evidence)

@@ -38,7 +38,8 @@ from typing import Any
 from prometheus_client.parser import text_string_to_metric_families
 
 from esper.core import drills as core_drills
-from esper.core.drills import Drill, DrillResult
+from esper.core.drills import Drill, DrillResult, verdict
+from esper.core.probe import http_get
 from esper.core.redis_server import EmbeddedRedis, free_port
 from esper.leyline import (
     CHANNELS,
@@ -92,10 +93,6 @@ BREAKER_NAMES: dict[int, str] = {pb.CIRCUIT_STATE_CLOSED: "CLOSED", pb.CIRCUIT_S
 def _expect(problems: list[str], cond: bool, what: str) -> None:
     if not cond:
         problems.append(what)
-
-
-def _verdict(problems: list[str], evidence: str) -> DrillResult:
-    return (not problems, evidence if not problems else f"{evidence}; PROBLEMS: {'; '.join(problems)}")
 
 
 def _counts(c: Counter[str]) -> str:
@@ -212,20 +209,9 @@ class WorkerProcess:
             self.proc.wait()
 
     async def http_get(self, path: str, timeout_s: float = 5.0) -> tuple[int, str]:
-        """GET `path` from the worker's /metrics + /healthz server: (status, body)."""
-        async with asyncio.timeout(timeout_s):
-            reader, writer = await asyncio.open_connection("127.0.0.1", self.metrics_port)
-            try:
-                writer.write(f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n".encode())
-                await writer.drain()
-                raw = await reader.read()
-            finally:
-                writer.close()
-                with contextlib.suppress(OSError):
-                    await writer.wait_closed()
-        head, _, body = raw.partition(b"\r\n\r\n")
-        status = int(head.split(b" ", 2)[1]) if head.startswith(b"HTTP/") else 0
-        return status, body.decode(errors="replace")
+        """GET `path` from the worker's /metrics + /healthz server: (status, body); status 0 unreachable."""
+        answer = await http_get(self.metrics_port, path, timeout_s=timeout_s)
+        return (0, "") if answer is None else (answer[0], answer[1].decode(errors="replace"))
 
     async def metrics(self) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
         """Every sample of the worker's /metrics, keyed by (name, sorted labels)."""
@@ -463,11 +449,11 @@ class TimeoutRun:
             await self.no_late_command()
         except Fatal as e:
             self.problems.append(str(e))
-            return _verdict(self.problems, "; ".join(self.evidence))
+            return verdict(self.problems, "; ".join(self.evidence))
         rc = await self.worker.terminate()
         self.expect(rc == 0, f"worker exit code {rc} after SIGTERM")
         self.evidence.append(f"worker stopped with SIGTERM, rc={rc}")
-        return _verdict(self.problems, "; ".join(self.evidence))
+        return verdict(self.problems, "; ".join(self.evidence))
 
     def breaker_transitions(self) -> list[str]:
         """The inference breaker's transitions, from the worker's own (JSON) log."""

@@ -44,7 +44,8 @@ from pathlib import Path
 from typing import IO, Any
 
 from esper.core import drills as core_drills
-from esper.core.drills import Drill, DrillResult
+from esper.core.drills import Drill, DrillResult, verdict
+from esper.core.probe import scrape_total
 from esper.core.redis_server import EmbeddedRedis, free_port
 from esper.leyline import CHANNELS, decode_envelope, pb, unpack_as
 
@@ -187,25 +188,7 @@ async def drill_emergency() -> DrillResult:
                     f"probes {probes}; EmergencySignals on the lane: "
                     f"{[(pb.EmergencyLevel.Name(x.level), x.reason) for x in signals]}; HIGH tamiyo_timeout events "
                     f"{len(high)}, HIGH conservative_mode_entered events {len(entered)}")
-        return (not problems, evidence if not problems else f"{evidence}; PROBLEMS: {'; '.join(problems)}")
-
-
-async def _metric(port: int, name: str) -> float:
-    """One sample of a process's /metrics (sum over labels); NaN when unreachable."""
-    try:
-        async with asyncio.timeout(5):
-            reader, writer = await asyncio.open_connection("127.0.0.1", port)
-            writer.write(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-            await writer.drain()
-            body = (await reader.read()).decode(errors="replace")
-            writer.close()
-    except (OSError, TimeoutError):
-        return float("nan")
-    total = 0.0
-    for line in body.splitlines():
-        if line.startswith(name) and not line.startswith("#"):
-            total += float(line.rsplit(" ", 1)[1])
-    return total
+        return verdict(problems, evidence)
 
 
 async def drill_tamiyo_crash() -> DrillResult:
@@ -226,7 +209,7 @@ async def drill_tamiyo_crash() -> DrillResult:
         deadline = time.monotonic() + WAIT_S
         first = 0.0
         while time.monotonic() < deadline and trainer.poll() is None:
-            first = await _metric(ports[0], "tamiyo_decisions_total")
+            first = await scrape_total(ports[0], "tamiyo_decisions_total")
             if first >= 20:
                 break
             await asyncio.sleep(0.2)
@@ -240,7 +223,7 @@ async def drill_tamiyo_crash() -> DrillResult:
         resumed = 0.0
         deadline = time.monotonic() + WAIT_S
         while time.monotonic() < deadline and trainer.poll() is None:
-            resumed = await _metric(ports[1], "tamiyo_decisions_total")
+            resumed = await scrape_total(ports[1], "tamiyo_decisions_total")
             if resumed >= 5:
                 break
             await asyncio.sleep(0.2)
@@ -268,7 +251,7 @@ async def drill_tamiyo_crash() -> DrillResult:
                     f"entries {s.get('conservative_entries')}, skipped {s.get('decisions_skipped_conservative')}, "
                     f"probes {s.get('conservative_probes')} ({s.get('conservative_probe_failures')} failed), cleared "
                     f"events {cleared}; restarted worker answered {resumed:g} while the run went on")
-        return (not problems, evidence if not problems else f"{evidence}; PROBLEMS: {'; '.join(problems)}")
+        return verdict(problems, evidence)
 
 
 async def drill_fallback_rejection() -> DrillResult:
@@ -297,7 +280,7 @@ async def drill_fallback_rejection() -> DrillResult:
         evidence = (f"rc {rc}; {s.get('epochs')} epochs; commands {s.get('commands_by_type')}; germination_failed "
                     f"events {len(failed)} (reasons {reasons}); seeds culled {s.get('seeds_culled')}, seed parameters "
                     f"{s.get('seed_parameters')}, by stage {s.get('seeds_by_stage')}")
-        return (not problems, evidence if not problems else f"{evidence}; PROBLEMS: {'; '.join(problems)}")
+        return verdict(problems, evidence)
 
 
 DRILLS: dict[str, Drill] = {"emergency": drill_emergency, "tamiyo_crash": drill_tamiyo_crash,

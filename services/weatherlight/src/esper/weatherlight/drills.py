@@ -37,7 +37,8 @@ from typing import Any
 
 import redis
 
-from esper.core.drills import Drill, DrillResult, run_drill
+from esper.core.drills import Drill, DrillResult, run_drill, verdict
+from esper.core.probe import scrape_total
 from esper.leyline import CHANNELS, DEADLETTER_STREAM, EnvelopeError, decode_envelope, pb, unpack_as
 from esper.oona.client import decode_id
 from esper.weatherlight.fleet import resolve
@@ -143,18 +144,7 @@ async def _trainer_epoch(sup: Supervisor) -> int:
 
 async def _metric(sup: Supervisor, service: str, name: str) -> float:
     """Sum of a metric's samples on a child's /metrics (NaN when it does not answer)."""
-    child = sup.children[service]
-    try:
-        async with asyncio.timeout(5):
-            reader, writer = await asyncio.open_connection("127.0.0.1", child.port)
-            writer.write(b"GET /metrics HTTP/1.1\r\nHost: drill\r\nConnection: close\r\n\r\n")
-            await writer.drain()
-            body = (await reader.read()).decode(errors="replace")
-            writer.close()
-    except (OSError, TimeoutError):
-        return float("nan")
-    return sum(float(line.rsplit(" ", 1)[1]) for line in body.splitlines()
-               if line.startswith(name) and not line.startswith("#") and line[len(name)] in " {")
+    return await scrape_total(sup.children[service].port, name)
 
 
 def _summary(sup: Supervisor) -> dict[str, Any]:
@@ -213,7 +203,7 @@ async def drill_redis_restart() -> DrillResult:
                 f"{s.get('decisions')} (commands {s.get('decision_commands')}, timeouts {s.get('timeouts')}); "
                 f"field reports: {len(published)} published, {len(stored)} in Simic's store, {len(missing)} lost, "
                 f"{dropped:g} dropped; restarts {restarts or 'none'}")
-    return (not problems, evidence if not problems else f"{evidence}; PROBLEMS: {'; '.join(problems)}")
+    return verdict(problems, evidence)
 
 
 async def _flag(value: bool) -> bool:
@@ -320,7 +310,7 @@ async def drill_bad_input() -> DrillResult:
                 f"the end; trainer exit {sup.outcome.trainer_exit}, {s.get('epochs')} epochs, decisions "
                 f"{s.get('decisions')} (timeouts {s.get('timeouts')}, conservative entries "
                 f"{s.get('conservative_entries')}, skipped {s.get('decisions_skipped_conservative')})")
-    return (not problems, evidence if not problems else f"{evidence}; PROBLEMS: {'; '.join(problems)}")
+    return verdict(problems, evidence)
 
 
 def _dead_letter_key(fields: Mapping[bytes, bytes]) -> tuple[str, str, str, str]:
@@ -365,7 +355,7 @@ async def drill_up() -> DrillResult:
                 f"{summary.get('decisions')} (p50 {summary.get('decision_p50_ms')} ms), timeouts "
                 f"{summary.get('timeouts')}, dead letters {summary.get('dead_letters')}, clean shutdown "
                 f"{summary.get('clean_shutdown')}; processes left {left or 'none'}, redis left {redis_left}")
-    return (not problems, evidence if not problems else f"{evidence}; PROBLEMS: {'; '.join(problems)}")
+    return verdict(problems, evidence)
 
 
 def _pid_alive(pid: int) -> bool:

@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 from typing import IO, Any
 
+from esper.core.probe import http_get
 from esper.weatherlight.fleet import ServiceSpec
 
 _PR_SET_PDEATHSIG = 1
@@ -102,22 +103,14 @@ class Child:
 
     async def healthz(self, timeout_s: float = 2.0) -> tuple[int, dict[str, Any]] | None:
         """(HTTP status, JSON body) of the child's /healthz; None when it does not answer yet."""
-        try:
-            async with asyncio.timeout(timeout_s):
-                reader, writer = await asyncio.open_connection("127.0.0.1", self.port)
-                writer.write(b"GET /healthz HTTP/1.1\r\nHost: weatherlight\r\nConnection: close\r\n\r\n")
-                await writer.drain()
-                raw = await reader.read()
-                writer.close()
-        except (OSError, TimeoutError):
+        answer = await http_get(self.port, "/healthz", timeout_s=timeout_s)
+        if answer is None:
             return None
-        head, _, body = raw.partition(b"\r\n\r\n")
         try:
-            status = int(head.split(b" ", 2)[1])
-            data = json.loads(body) if body else {}
-        except (IndexError, ValueError):
+            data = json.loads(answer[1]) if answer[1] else {}
+        except ValueError:
             return None
-        return status, data if isinstance(data, dict) else {}
+        return answer[0], data if isinstance(data, dict) else {}
 
     async def ready(self) -> bool:
         answer = await self.healthz()
