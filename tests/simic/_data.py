@@ -21,6 +21,18 @@ def blueprints() -> list[BlueprintInfo]:
     return [blueprint_from_entry(e) for e in sample_catalog().entries]
 
 
+def two_blueprints() -> list[BlueprintInfo]:
+    """The sample blueprint and a second, different one (BP002: riskier, wider, GELU)."""
+    catalog = sample_catalog()
+    other = catalog.entries.add()
+    other.CopyFrom(catalog.entries[0])
+    other.descriptor.blueprint_id, other.descriptor.name, other.descriptor.risk = "BP002", "wide_mlp", 0.3
+    for layer in other.graph.layers:
+        layer.parameter_count = 65536.0
+    other.graph.activations[0].activation_type = "gelu"
+    return [blueprint_from_entry(e) for e in catalog.entries]
+
+
 def command(cid: str, kind: str) -> pb.AdaptationCommand:
     c = pb.AdaptationCommand(version=1, command_id=cid)
     if kind == "opt":

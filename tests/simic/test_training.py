@@ -2,19 +2,29 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
 from esper.leyline import pb
-from esper.simic.dataset import action_of, build_samples, split_by_run
+from esper.simic.dataset import Sample, action_of, build_samples, split_by_run
 from esper.simic.pipeline import run_round
 from esper.simic.settings import SimicSettings
-from esper.simic.training import collate, forward_batch, gate, policy_score, sample_weights, train_step
+from esper.simic.training import (
+    action_balance,
+    collate,
+    forward_batch,
+    gate,
+    policy_score,
+    sample_weights,
+    train_step,
+)
 from esper.tamiyo.checkpoint import decode_checkpoint
 from esper.tamiyo.gnn import TamiyoGNN
 from esper.tamiyo.policy import ACTION_GERMINATE, ACTION_OPTIMIZER, ACTION_PAUSE
 from esper.tamiyo.registry import RegistrySet
-from tests.simic._data import SMALL, blueprints, decision_report, runs
+from tests.simic._data import SMALL, blueprints, decision_report, runs, two_blueprints
 
 
 def _small(seed: int = 0) -> TamiyoGNN:
@@ -58,7 +68,7 @@ def test_batched_forward_matches_the_serving_forward() -> None:
     samples += build_samples(runs(n_runs=1, steps=3))  # graphs without blueprint nodes mixed in
     model = _small(3)
     out = forward_batch(model, collate(samples))
-    first = 0
+    first = first_bp = 0
     for i, s in enumerate(samples):
         g = s.graph
         alone = model(g.x, g.edge_index, g.edge_attr, g.counts)
@@ -67,7 +77,11 @@ def test_batched_forward_matches_the_serving_forward() -> None:
         torch.testing.assert_close(out.value[i], alone.value)
         torch.testing.assert_close(out.param_delta[i], alone.param_delta)
         torch.testing.assert_close(out.seed_scores[first:first + n], alone.seed_scores[:n])
+        n_bp = g.counts["blueprint"]
+        torch.testing.assert_close(out.blueprint_scores[first_bp:first_bp + n_bp], alone.blueprint_scores[:n_bp])
         first += n
+        first_bp += n_bp
+    assert first_bp == out.blueprint_scores.numel() > 0
 
 
 def test_a_training_step_decreases_the_loss_on_a_fixed_batch() -> None:
@@ -107,6 +121,58 @@ def test_gate_refuses_a_worse_policy_and_accepts_a_better_one() -> None:
     assert not gate(lowers_lr, lowers_lr, held).accepted  # equal is not better
     too_few = gate(lowers_lr, pauses, held[:5], min_holdout=20)
     assert not too_few.accepted and "held-out" in too_few.reason
+
+
+def test_actions_are_balanced_so_rare_germinations_count() -> None:
+    samples = build_samples(runs(n_runs=1, steps=24), blueprints=blueprints())
+    seeds = build_samples([decision_report("run7", i, "seed", 1.0, run_index=7) for i in (1, 2)],
+                          blueprints=blueprints())
+    balance = action_balance([*samples, *seeds], cap=50.0)
+    n = len(samples) + 2
+    assert balance[ACTION_GERMINATE] == pytest.approx(n / (3 * 2))
+    assert balance[ACTION_PAUSE] == pytest.approx(n / (3 * 12))
+    counts = {a: sum(1 for x in [*samples, *seeds] if x.action == a) for a in balance}
+    shares = {a: balance[a] * counts[a] for a in balance}
+    assert max(shares.values()) == pytest.approx(min(shares.values()))  # each action: the same total weight
+    assert action_balance([*samples, *seeds], cap=2.0)[ACTION_GERMINATE] == 2.0
+
+
+def _germinations(blueprint_ids: list[str], advantages: list[float]) -> list[Sample]:
+    """GERMINATE samples of seed-1 with the given blueprints and advantages (one DORMANT seed)."""
+    reports = []
+    for i, bp in enumerate(blueprint_ids):
+        r = decision_report(f"g{i}", 1, "seed", 1.0, run_index=i)
+        r.command.seed_operation.blueprint_id = bp
+        reports.append(r)
+    out = build_samples(reports, blueprints=two_blueprints())
+    return [replace(x, advantage=a) for x, a in zip(out, advantages, strict=True)]
+
+
+def test_the_blueprint_head_learns_the_blueprint_that_paid_and_the_gate_checks_it() -> None:
+    ids = list(_germinations(["BP001"], [0.0])[0].graph.blueprint_ids)
+    assert len(ids) == 2
+    good, bad = ids[1], ids[0]
+    samples = _germinations([good] * 4 + [bad] * 4, [1.0] * 4 + [-1.0] * 4)
+    model = TamiyoGNN(SMALL)
+    torch.manual_seed(0)
+    model.reset_parameters()
+    with torch.no_grad():  # always GERMINATE, so only the blueprint decides agreement
+        model.policy_head.weight.zero_()
+        model.policy_head.bias.fill_(-1.0)
+        model.policy_head.bias[ACTION_GERMINATE] = 1.0
+    before = policy_score(model, samples)
+    optimizer = torch.optim.Adam(model.parameters(), lr=5e-3)
+    weights = sample_weights(samples, phase="imitation", beta=1.0, max_weight=20.0, adv_scale=1.0)
+    for _ in range(40):
+        train_step(model, optimizer, samples, weights)
+    model.eval()
+    out = forward_batch(model, collate(samples[:1]))
+    assert ids[int(out.blueprint_scores.argmax())] == good
+    assert policy_score(model, samples) == pytest.approx(0.5)  # agrees with the 4 good, not the 4 bad
+    assert policy_score(model, samples) > before or before == pytest.approx(0.5)
+    # The same action with the bad blueprint is a disagreement: it scores against, not for.
+    flipped = [replace(x, advantage=-x.advantage) for x in samples]
+    assert policy_score(model, flipped) == pytest.approx(-0.5)
 
 
 def test_a_round_trains_a_candidate_that_passes_the_gate(tmp_path: object) -> None:

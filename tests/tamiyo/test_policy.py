@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import random
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
@@ -118,6 +119,27 @@ def test_action_0_germinates_best_real_seed_and_blueprint() -> None:
     # Unsigned: the service's signer owns command_id, issued_at and the signature.
     assert cmd.command_id == "" and not cmd.HasField("issued_at") and "signature" not in cmd.annotations
     assert cmd.version == 1 and cmd.issued_by == "tamiyo"
+
+
+def test_exploration_draws_germinate_blueprints_at_random_and_says_so() -> None:
+    counts = {**COUNTS, "blueprint": 6}
+    ids = _ids_for(counts)
+    out = _forced(0, counts)
+    best = ids.blueprint_ids[int(out.blueprint_scores[:6].argmax())]
+    assert decide(out, ids, explore=random.Random(0), explore_epsilon=0.0).blueprint_id == best
+    plain = decide(out, ids)
+    assert plain.blueprint_id == best and "explored" not in plain.command.annotations
+    picks = []
+    rng = random.Random(7)
+    for _ in range(60):
+        d = decide(out, ids, explore=rng, explore_epsilon=1.0)
+        assert d.command.annotations["explored"] == "blueprint"
+        assert d.command.seed_operation.blueprint_id == d.blueprint_id == d.command.annotations["selected_blueprint"]
+        picks.append(d.blueprint_id)
+    assert set(picks) == set(ids.blueprint_ids)  # every candidate gets tried, not just the best
+    # Only a GERMINATE explores: other actions are untouched.
+    pause = decide(_forced(2, counts), ids, explore=random.Random(0), explore_epsilon=1.0)
+    assert pause.command.command_type == pb.COMMAND_PAUSE and "explored" not in pause.command.annotations
 
 
 def test_alpha_never_negative() -> None:

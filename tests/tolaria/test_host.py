@@ -30,6 +30,34 @@ def test_slot_shapes_depths_and_names() -> None:
     assert wide(torch.randn(5, 8, 8)).shape == (5, 10)  # images are flattened
 
 
+def test_the_input_slot_comes_first_and_is_as_wide_as_the_features() -> None:
+    host = HostNetwork(64, 10, hidden=(4,), input_slot=True)
+    assert host.slot_names == ("input", "hidden1")
+    assert host.slot_shapes() == {"input": karn.SlotShape(64), "hidden1": karn.SlotShape(4)}
+    assert host.slot_depths() == {"input": 1, "hidden1": 2}
+    x = torch.randn(3, 8, 8, generator=torch.Generator().manual_seed(0))
+    before = host(x)
+    host.set_slot("input", AddOne())
+    after = host(x)
+    torch.testing.assert_close(after, host.head(torch.relu(host.layers[0](x.flatten(1) + 1.0))))
+    assert not torch.allclose(before, after)
+    with pytest.raises(SlotMismatchError):  # the input slot takes 64 features, not the hidden width
+        host.set_slot("input", nn.Linear(4, 4))
+    assert [n for n, _ in host.named_parameters()] == [
+        "layers.0.weight", "layers.0.bias", "head.weight", "head.bias"]  # AddOne has none: host only
+
+
+def test_settings_shape_the_trainer_host(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from esper.tolaria.settings import TolariaSettings
+    from esper.tolaria.trainer import Trainer
+
+    s = TolariaSettings(var_dir=tmp_path, epochs=1, hidden_width=4, hidden_layers=1, input_slot=True)
+    assert s.host_hidden() == (4,)
+    trainer = Trainer(s, bus=None)
+    assert trainer.host.slot_names == ("input", "hidden1") and trainer.host.hidden == (4,)
+    assert TolariaSettings(var_dir=tmp_path, hidden_width=8, hidden_layers=3).host_hidden() == (8, 8, 8)
+
+
 def test_setting_a_slot_changes_outputs_and_clearing_restores_them() -> None:
     host = make_model()
     x = torch.randn(4, 8, generator=torch.Generator().manual_seed(1))

@@ -35,7 +35,7 @@ def test_training_signals_deltas_and_reset() -> None:
     assert (first.loss_delta, first.loss_ewma, first.loss_volatility, first.grad_norm_ewma, first.grad_var) == (
         0.0, 2.0, 0.0, 1.0, 0.0)
     second = sig.update(loss=1.5, grad_norm=3.0)
-    assert second.loss_delta == -0.5 and second.loss_ewma == 1.75
+    assert second.loss_delta == -0.25 and second.loss_ewma == 1.75  # the smoothed loss's change, not 1.5 - 2.0
     assert second.loss_volatility == pytest.approx(math.sqrt(0.5 * 0.5 * 0.25))
     assert second.grad_norm_ewma == 2.0 and second.grad_var == 1.0
     with pytest.raises(NonFiniteMetricError, match="loss"):
@@ -43,6 +43,15 @@ def test_training_signals_deltas_and_reset() -> None:
     assert sig.last_loss == 1.5  # the NaN was not folded in
     sig.reset()
     assert sig.update(loss=9.0, grad_norm=0.0).loss_delta == 0.0
+
+
+def test_loss_delta_ignores_batch_noise_but_shows_a_spike() -> None:
+    """Alternating batch losses (noise) keep |loss_delta| under Tamiyo's 0.075 warning; a jump of 3
+    nats still crosses its 0.15 spike limit."""
+    sig = TrainingSignals()  # alpha 0.1, as the trainer
+    deltas = [sig.update(loss=0.5 + (0.3 if i % 2 else -0.3), grad_norm=1.0).loss_delta for i in range(200)]
+    assert max(abs(d) for d in deltas[50:]) < 0.075
+    assert sig.update(loss=3.5, grad_norm=1.0).loss_delta > 0.15
 
 
 def test_training_metrics_map_uses_the_reference_names_and_refuses_nan() -> None:

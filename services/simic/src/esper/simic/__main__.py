@@ -125,9 +125,13 @@ def train(current: Annotated[Path | None, typer.Option(help="the policy to beat 
 
 @app.command()
 def experiment(epochs: Annotated[int, typer.Option(min=1)] = 12, runs: Annotated[int, typer.Option(min=1)] = 2,
-               hidden_width: Annotated[int, typer.Option(min=1)] = 16,
-               lr: Annotated[float, typer.Option(help="host learning rate")] = 0.01,
+               hidden_width: Annotated[int, typer.Option(min=1, help="host hidden width")] = 4,
+               hidden_layers: Annotated[int, typer.Option(min=1, help="host hidden layers")] = 1,
+               input_slot: Annotated[bool, typer.Option(help="a seed slot on the host's input")] = True,
+               lr: Annotated[float, typer.Option(help="host learning rate")] = 0.03,
                explore: Annotated[bool, typer.Option(help="run the initial GNN first (closed loop)")] = True,
+               explore_epsilon: Annotated[float, typer.Option(
+                   min=0.0, max=1.0, help="explore arm: chance a GERMINATE takes a random blueprint")] = 1.0,
                json_path: Annotated[Path | None, typer.Option("--json", help="write the flat result here")] = None,
                png: Annotated[Path | None, typer.Option(help="write the accuracy plot here")] = None,
                workdir: Annotated[Path | None, typer.Option(help="keep logs, summaries, replay store here")] = None,
@@ -138,8 +142,9 @@ def experiment(epochs: Annotated[int, typer.Option(min=1)] = 12, runs: Annotated
 
     from esper.simic.experiment import ExperimentConfig, plot, print_table, run_experiment
 
-    cfg = ExperimentConfig(epochs=epochs, runs=runs, hidden_width=hidden_width, learning_rate=lr, explore=explore,
-                           workdir=workdir)
+    cfg = ExperimentConfig(epochs=epochs, runs=runs, hidden_width=hidden_width, hidden_layers=hidden_layers,
+                           input_slot=input_slot, learning_rate=lr, explore=explore,
+                           explore_epsilon=explore_epsilon, workdir=workdir)
     # SIGTERM unwinds like Ctrl-C, so the fleet and the private redis-server are stopped, never orphaned.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     result = run_experiment(cfg, log=lambda line: typer.echo(line, err=True))

@@ -45,6 +45,11 @@ class SimicSettings(OonaSettings):
                                   description="cap of one decision's AWR weight")
     value_weight: float = Field(0.5, ge=0, validation_alias=_s("value_weight"),
                                 description="weight of the value head's MSE on the return")
+    balance_actions: bool = Field(True, validation_alias=_s("balance_actions"),
+                                  description="each action carries an equal share of the action loss (rare "
+                                              "germinations are not drowned by pauses)")
+    max_balance: float = Field(50.0, ge=1, validation_alias=_s("max_balance"),
+                               description="cap of one action's balancing factor")
     train_seed: int = Field(0, validation_alias=_s("train_seed"), description="seeds shuffling and dropout")
     holdout_fraction: float = Field(0.25, gt=0, lt=1, validation_alias=_s("holdout_fraction"),
                                     description="share of training runs held out for the validation gate")

@@ -10,8 +10,14 @@ split:
    per batch, so better-than-baseline decisions are pulled up and worse ones fade out.
 
 Beside the action, each phase trains the value head on the return (``value_weight`` · MSE), the param
-head on the ``param_delta`` an OPTIMIZER / GERMINATE command carried, and the seed head (cross-entropy
-over the DORMANT seeds) on the seed a GERMINATE chose — all with the same sample weights.
+head on the ``param_delta`` an OPTIMIZER / GERMINATE command carried, the seed head (cross-entropy
+over the DORMANT seeds) on the seed a GERMINATE chose and the blueprint head (cross-entropy over the
+graph's blueprints) on the blueprint it used — all with the same sample weights.
+
+**Balanced actions** (``balance_actions``): germinations are a handful among hundreds of pauses, so an
+unweighted cross-entropy learns "always pause" whatever the advantages say. Each action's samples
+share 1/K of the action loss (K actions present, weights ``n / (K·n_a)``, capped at
+``max_balance``), as in class-balanced classification; the other heads keep the plain weights.
 
 Graphs are batched as one disjoint union: message passing is per edge, so the union embeds every
 graph exactly as alone; the heads then read each graph's global node and seed rows
@@ -20,8 +26,9 @@ graph exactly as alone; the heads then read each graph's global node and seed ro
 **Validation gate**: on held-out runs a policy's score is ``Σ A_i·[π(s_i) = a_i] / Σ |A_i|`` (in
 [-1, 1]): agreeing with decisions that beat the baseline counts for it, agreeing with ones that fell
 short counts against it. ``π(s)`` is what Tamiyo would do: the argmax action, a GERMINATE with no
-DORMANT seed is a PAUSE, every index past the action table is a PAUSE, and an OPTIMIZER only agrees
-when its ``lr_delta`` has the logged sign. A candidate is accepted only if it beats the current policy
+DORMANT seed is a PAUSE, every index past the action table is a PAUSE, an OPTIMIZER only agrees
+when its ``lr_delta`` has the logged sign, and a GERMINATE only when it picks the logged blueprint
+(which blueprint is grown matters as much as when). A candidate is accepted only if it beats the current policy
 by more than ``margin`` on at least ``min_holdout`` held-out decisions.
 """
 
@@ -69,6 +76,8 @@ class TrainConfig:
     max_weight: float = 20.0
     value_weight: float = 0.5
     grad_clip: float = 1.0
+    balance_actions: bool = True
+    max_balance: float = 50.0
     seed: int = 0
 
 
@@ -84,6 +93,7 @@ class Batch:
     seed_rows: Tensor  # [S] rows of every real seed (type "seed")
     seed_graph: Tensor  # [S] graph of each
     seed_germinable: Tensor  # [S] bool
+    blueprint_rows: Tensor  # [P] rows of every real blueprint (type "blueprint")
 
 
 def collate(samples: Sequence[Sample]) -> Batch:
@@ -95,9 +105,11 @@ def collate(samples: Sequence[Sample]) -> Batch:
     seed_rows: list[int] = []
     seed_graph: list[int] = []
     germinable: list[bool] = []
+    blueprint_rows: list[int] = []
     for b, s in enumerate(samples):
         g = s.graph
         global_rows.append(offset["global"])
+        blueprint_rows.extend(range(offset["blueprint"], offset["blueprint"] + g.counts["blueprint"]))
         n_seed = g.counts["seed"]
         seed_rows.extend(range(offset["seed"], offset["seed"] + n_seed))
         seed_graph.extend([b] * n_seed)
@@ -119,7 +131,8 @@ def collate(samples: Sequence[Sample]) -> Batch:
         edge_attr={r: torch.cat(v) if v else empty_ea for r, v in eas.items()},
         counts=dict(offset), global_rows=torch.tensor(global_rows, dtype=torch.long),
         seed_rows=torch.tensor(seed_rows, dtype=torch.long), seed_graph=torch.tensor(seed_graph, dtype=torch.long),
-        seed_germinable=torch.tensor(germinable, dtype=torch.bool))
+        seed_germinable=torch.tensor(germinable, dtype=torch.bool),
+        blueprint_rows=torch.tensor(blueprint_rows, dtype=torch.long))
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,6 +141,7 @@ class BatchOutputs:
     param_delta: Tensor  # [B]
     value: Tensor  # [B]
     seed_scores: Tensor  # [S]
+    blueprint_scores: Tensor  # [P]
 
 
 def forward_batch(model: TamiyoGNN, batch: Batch) -> BatchOutputs:
@@ -136,9 +150,11 @@ def forward_batch(model: TamiyoGNN, batch: Batch) -> BatchOutputs:
     h = model.embed(g)
     emb = h[_T["global"]].index_select(0, batch.global_rows)
     seeds = h[_T["seed"]].index_select(0, batch.seed_rows)
+    blueprints = h[_T["blueprint"]].index_select(0, batch.blueprint_rows)
     return BatchOutputs(
         policy_logits=model.policy_head(emb), param_delta=torch.tanh(model.param_head(emb))[:, 0],
-        value=model.value_head(emb).squeeze(-1), seed_scores=model.seed_score_head(seeds).squeeze(-1))
+        value=model.value_head(emb).squeeze(-1), seed_scores=model.seed_score_head(seeds).squeeze(-1),
+        blueprint_scores=model.blueprint_score_head(blueprints).squeeze(-1))
 
 
 def sample_weights(samples: Sequence[Sample], *, phase: str, beta: float, max_weight: float,
@@ -151,11 +167,23 @@ def sample_weights(samples: Sequence[Sample], *, phase: str, beta: float, max_we
     return w / w.mean().clamp_min(1e-12)
 
 
-def _loss(model: TamiyoGNN, samples: Sequence[Sample], weights: Tensor, value_weight: float) -> Tensor:
+def action_balance(samples: Sequence[Sample], *, cap: float) -> dict[int, float]:
+    """Per-action factor ``n / (K·n_a)`` (K actions present), capped at `cap`: each action's samples
+    carry the same share of the action loss, however rare the action."""
+    counts: dict[int, int] = {}
+    for s in samples:
+        counts[s.action] = counts.get(s.action, 0) + 1
+    n, k = len(samples), len(counts)
+    return {a: min(cap, n / (k * c)) for a, c in counts.items()}
+
+
+def _loss(model: TamiyoGNN, samples: Sequence[Sample], weights: Tensor, value_weight: float,
+          balance: dict[int, float] | None = None) -> Tensor:
     out = forward_batch(model, collate(samples))
     actions = torch.tensor([s.action for s in samples], dtype=torch.long)
-    norm = weights.sum().clamp_min(1e-12)
-    loss = (F.cross_entropy(out.policy_logits, actions, reduction="none") * weights).sum() / norm
+    action_w = weights if balance is None else weights * torch.tensor([balance.get(s.action, 1.0) for s in samples])
+    loss = (F.cross_entropy(out.policy_logits, actions, reduction="none") * action_w).sum() \
+        / action_w.sum().clamp_min(1e-12)
     returns = torch.tensor([s.ret for s in samples], dtype=torch.float32)
     loss = loss + value_weight * F.mse_loss(out.value, returns)
     with_param = [i for i, s in enumerate(samples) if s.param_target is not None]
@@ -165,7 +193,22 @@ def _loss(model: TamiyoGNN, samples: Sequence[Sample], weights: Tensor, value_we
         w = weights.index_select(0, idx)
         err = (out.param_delta.index_select(0, idx) - target) ** 2
         loss = loss + (err * w).sum() / w.sum().clamp_min(1e-12)
-    return loss + _seed_loss(samples, out, weights)
+    return loss + _seed_loss(samples, out, weights) + _blueprint_loss(samples, out, weights)
+
+
+def _blueprint_loss(samples: Sequence[Sample], out: BatchOutputs, weights: Tensor) -> Tensor:
+    """Cross-entropy over each GERMINATE graph's blueprints toward the one it used, sample-weighted."""
+    terms: list[Tensor] = []
+    first = 0
+    for b, s in enumerate(samples):
+        n = s.graph.counts["blueprint"]
+        if s.action == ACTION_GERMINATE and s.blueprint_target is not None and n > 1 and weights[b] > 0:
+            logp = torch.log_softmax(out.blueprint_scores[first:first + n], dim=0)
+            terms.append(-logp[s.blueprint_target] * weights[b])
+        first += n
+    if not terms:
+        return out.blueprint_scores.sum() * 0.0
+    return torch.stack(terms).sum() / weights.sum().clamp_min(1e-12)
 
 
 def _seed_loss(samples: Sequence[Sample], out: BatchOutputs, weights: Tensor) -> Tensor:
@@ -186,11 +229,11 @@ def _seed_loss(samples: Sequence[Sample], out: BatchOutputs, weights: Tensor) ->
 
 
 def train_step(model: TamiyoGNN, optimizer: torch.optim.Optimizer, samples: Sequence[Sample], weights: Tensor, *,
-               value_weight: float = 0.5, grad_clip: float = 1.0) -> float:
+               value_weight: float = 0.5, grad_clip: float = 1.0, balance: dict[int, float] | None = None) -> float:
     """One optimizer step on `samples`; returns the loss before the step."""
     model.train()
     optimizer.zero_grad(set_to_none=True)
-    loss = _loss(model, samples, weights, value_weight)
+    loss = _loss(model, samples, weights, value_weight, balance)
     loss.backward()  # type: ignore[no-untyped-call]
     torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
     optimizer.step()
@@ -217,6 +260,7 @@ def train_policy(model: TamiyoGNN, samples: Sequence[Sample], config: TrainConfi
     scale = float(adv.std()) if len(samples) > 1 and float(adv.std()) > 0 else 1.0
     losses: list[float] = []
     order = list(samples)
+    balance = action_balance(samples, cap=cfg.max_balance) if cfg.balance_actions else None
     for phase, epochs in (("imitation", cfg.imitation_epochs), ("awr", cfg.awr_epochs)):
         for _ in range(epochs):
             rng.shuffle(order)
@@ -227,25 +271,30 @@ def train_policy(model: TamiyoGNN, samples: Sequence[Sample], config: TrainConfi
                 if float(w.sum()) <= 0:
                     continue
                 losses.append(train_step(model, optimizer, chunk, w, value_weight=cfg.value_weight,
-                                         grad_clip=cfg.grad_clip))
+                                         grad_clip=cfg.grad_clip, balance=balance))
     model.eval()
     return TrainReport(len(losses), losses[0] if losses else math.nan, losses[-1] if losses else math.nan,
                        len(samples))
 
 
 @torch.no_grad()
-def effective_actions(model: TamiyoGNN, samples: Sequence[Sample], *, batch_size: int = 256) -> list[tuple[int, float]]:
-    """(action, param_delta) Tamiyo would take on each sample's graph (see the module docstring)."""
+def effective_actions(model: TamiyoGNN, samples: Sequence[Sample], *,
+                      batch_size: int = 256) -> list[tuple[int, float, int | None]]:
+    """(action, param_delta, blueprint row) Tamiyo would take on each sample's graph (module docstring)."""
     model.eval()
-    out: list[tuple[int, float]] = []
+    out: list[tuple[int, float, int | None]] = []
     for i in range(0, len(samples), batch_size):
         chunk = samples[i:i + batch_size]
         res = forward_batch(model, collate(chunk))
+        first = 0
         for s, a, p in zip(chunk, res.policy_logits.argmax(-1).tolist(), res.param_delta.tolist(), strict=True):
             act = int(a)
+            n_bp = s.graph.counts["blueprint"]
+            bp = int(res.blueprint_scores[first:first + n_bp].argmax()) if n_bp else None
+            first += n_bp
             if act > ACTION_BREAKER_CLOSE or (act == ACTION_GERMINATE and not any(s.germinable)):
                 act = ACTION_PAUSE
-            out.append((act, float(p)))
+            out.append((act, float(p), bp))
     return out
 
 
@@ -255,10 +304,12 @@ def policy_score(model: TamiyoGNN, samples: Sequence[Sample]) -> float:
     if not samples or total <= 0:
         return 0.0
     agree = 0.0
-    for s, (act, delta) in zip(samples, effective_actions(model, samples), strict=True):
+    for s, (act, delta, bp) in zip(samples, effective_actions(model, samples), strict=True):
         same = act == s.action
         if same and act == ACTION_OPTIMIZER and s.param_target is not None:
             same = (delta >= 0) == (s.param_target >= 0)
+        if same and act == ACTION_GERMINATE and s.blueprint_target is not None:
+            same = bp == s.blueprint_target
         agree += s.advantage if same else 0.0
     return agree / total
 

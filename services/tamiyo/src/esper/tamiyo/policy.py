@@ -12,6 +12,7 @@ made up.
 from __future__ import annotations
 
 import json
+import random
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Final, Protocol
@@ -139,6 +140,8 @@ def decide(
     policy_version: str = POLICY_VERSION,
     blend_methods: Sequence[str] = BLEND_METHODS,
     germinable: Collection[str] | None = None,
+    explore: random.Random | None = None,
+    explore_epsilon: float = 0.0,
 ) -> PolicyDecision:
     """Map one forward's outputs to a command.
 
@@ -151,6 +154,9 @@ def decide(
     :param blend: blend-mode knobs (defaults: CONVEX, the prototype's gate and alpha defaults).
     :param channel_count: output channels of the selected blueprint, when its metadata says; CHANNEL
         needs it (≤ ``blend.alpha_vec_max``) or falls back to CONVEX with a ``blend_mode_fallback`` reason.
+    :param explore: with probability ``explore_epsilon`` a GERMINATE's blueprint is drawn uniformly from
+        the graph's real blueprints instead of the best-scoring one (``TAMIYO_EXPLORE_EPSILON``), and
+        annotated ``explored=blueprint``: Simic learns which blueprints pay only from data that tried them.
     :raises DependencyViolationError: action 0 without a real seed or blueprint, ids that do not match
         the real rows, or non-finite outputs.
     """
@@ -174,6 +180,10 @@ def decide(
     if no_dormant:
         action = ACTION_PAUSE
     blueprint = _select(out.blueprint_scores, out.blueprint_mask, graph_ids.blueprint_ids, "blueprint")
+    explored = False
+    if (explore is not None and action == ACTION_GERMINATE and len(graph_ids.blueprint_ids) > 1
+            and explore.random() < explore_epsilon):
+        blueprint, explored = explore.choice(list(graph_ids.blueprint_ids)), True
     breaker = torch.sigmoid(out.breaker_logits.reshape(-1)).tolist()
     decision = PolicyDecision(
         command=pb.AdaptationCommand(version=COMMAND_VERSION, issued_by=ISSUED_BY),
@@ -196,6 +206,8 @@ def decide(
     )
     _fill_payload(decision)
     _annotate(decision)
+    if explored:
+        decision.command.annotations["explored"] = "blueprint"
     if blend_mode_annotations and action == ACTION_GERMINATE:
         _annotate_blend_mode(decision, blend or BlendModeSettings(), channel_count,
                              policy_logits=out.policy_logits.reshape(-1).tolist())

@@ -59,6 +59,13 @@ class TamiyoSettings(OonaSettings):
     conservative_timeouts: int = Field(3, validation_alias=_t("conservative_timeouts"),
                                        description="consecutive timeouts that enter conservative mode")
 
+    explore_epsilon: float = Field(0.0, ge=0.0, le=1.0, validation_alias=_t("explore_epsilon"),
+                                   description="probability that a GNN GERMINATE takes a uniformly random candidate "
+                                               "blueprint instead of the best-scoring one (exploration for Simic's "
+                                               "data; 0 = always the best)")
+    explore_seed: int = Field(0, ge=0, validation_alias=_t("explore_seed"),
+                              description="seeds the exploration draws (reproducible runs)")
+
     enable_blend_mode_ann: bool = Field(False, validation_alias=_t("enable_blend_mode_ann"),
                                         description="add blend-mode annotations to SEED commands")
     blend_mode_default: Literal["CONVEX", "RESIDUAL", "CHANNEL", "CONFIDENCE"] = Field(

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import functools
+import random
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -136,6 +137,7 @@ class TamiyoWorker:
         self.keys = keys
         self.builder = builder
         self.heuristic = HeuristicPolicy() if settings.policy == "heuristic" else None
+        self.explore = random.Random(settings.explore_seed) if settings.explore_epsilon > 0 else None
         # Swapped whole by policy updates (one reference assignment); a decision reads it once.
         self.live = LivePolicy(policy, policy_version)
         self.catalog = catalog
@@ -290,7 +292,8 @@ class TamiyoWorker:
              germinable: frozenset[str]) -> PolicyDecision:
         try:
             return decide(outputs, graph, blend_mode_annotations=self.settings.enable_blend_mode_ann,
-                          blend=self.blend, policy_version=policy_version, germinable=germinable)
+                          blend=self.blend, policy_version=policy_version, germinable=germinable,
+                          explore=self.explore, explore_epsilon=self.settings.explore_epsilon)
         except DependencyViolationError as e:
             raise DecisionFailed(pb.DECISION_FAILURE_REASON_DEPENDENCY_VIOLATION, str(e),
                                  event="dependency_violation", level=pb.TELEMETRY_LEVEL_ERROR) from e

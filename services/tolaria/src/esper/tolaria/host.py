@@ -1,12 +1,18 @@
 """The host network: a deliberately small MLP with named seed slots after its hidden layers.
 
 Each hidden layer's activations pass through `self.slots[name]`, an `nn.Identity()` until the trainer
-(through Kasmina) puts a module there with `set_slot`. No hooks: the slot is an ordinary submodule
+(through Kasmina) puts a module there with `set_slot`. With `input_slot`, the flattened input passes
+through one more slot, `input`, before the first layer. No hooks: the slot is an ordinary submodule
 call in `forward`, so its parameters show up in `state_dict()` (`slots.<name>.*`), move with `.to()`
 and are saved by checkpoints. A slot module must map (N, width) to (N, width); `set_slot` checks that
 on a two-sample probe before accepting it.
 
 The default widths (64 → 32 → 32 → 10 for digits) are small on purpose: growth should have room to help.
+On digits that is not small enough (the default host reaches ~0.96 by itself, and a seed at a hidden
+slot works at that slot's width, so it adds depth, never width). The *bottleneck* host,
+`hidden=(4,)` with `input_slot=True`, is where growth earns its keep: the 4-wide layer caps the host
+at ~0.88, and a seed in the 64-wide input slot gives it the nonlinear features it lacks
+(docs/tolaria.md, "A host where growth pays").
 """
 
 from __future__ import annotations
@@ -21,9 +27,10 @@ from torch import nn
 from esper.karn.template import SlotMismatchError, SlotShape
 from esper.tolaria.data import DatasetMeta
 
-__all__ = ["DEFAULT_HIDDEN", "HostNetwork", "SlotMismatchError", "build_host", "slot_name"]
+__all__ = ["DEFAULT_HIDDEN", "INPUT_SLOT", "HostNetwork", "SlotMismatchError", "build_host", "slot_name"]
 
 DEFAULT_HIDDEN: Final[tuple[int, ...]] = (32, 32)
+INPUT_SLOT: Final[str] = "input"
 
 
 def slot_name(depth: int) -> str:
@@ -32,9 +39,10 @@ def slot_name(depth: int) -> str:
 
 
 class HostNetwork(nn.Module):
-    """Flatten → [Linear → ReLU → slot] per hidden width → Linear head (logits)."""
+    """Flatten → [input slot] → [Linear → ReLU → slot] per hidden width → Linear head (logits)."""
 
-    def __init__(self, num_features: int, num_classes: int, *, hidden: Sequence[int] = DEFAULT_HIDDEN) -> None:
+    def __init__(self, num_features: int, num_classes: int, *, hidden: Sequence[int] = DEFAULT_HIDDEN,
+                 input_slot: bool = False) -> None:
         super().__init__()
         if num_features <= 0 or num_classes < 2 or not hidden or min(hidden) <= 0:
             raise ValueError(f"bad host shape: features={num_features}, classes={num_classes}, hidden={hidden}")
@@ -43,13 +51,18 @@ class HostNetwork(nn.Module):
         self.hidden: tuple[int, ...] = tuple(int(h) for h in hidden)
         widths = (num_features, *self.hidden)
         self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in itertools.pairwise(widths))
-        self.slots = nn.ModuleDict({slot_name(i + 1): nn.Identity() for i in range(len(self.hidden))})
+        self.input_slot = input_slot
+        names = ([INPUT_SLOT] if input_slot else []) + [slot_name(i + 1) for i in range(len(self.hidden))]
+        self.slots = nn.ModuleDict({name: nn.Identity() for name in names})  # forward order: depth = position
         self.head = nn.Linear(self.hidden[-1], num_classes)
         self._slot_names: tuple[str, ...] = tuple(self.slots.keys())
+        self._layer_slots: tuple[str, ...] = self._slot_names[1:] if input_slot else self._slot_names
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = x.flatten(1)
-        for layer, name in zip(self.layers, self._slot_names, strict=True):
+        if self.input_slot:
+            h = self.slots[INPUT_SLOT](h)
+        for layer, name in zip(self.layers, self._layer_slots, strict=True):
             h = self.slots[name](torch.relu(layer(h)))
         out: torch.Tensor = self.head(h)
         return out
@@ -62,8 +75,9 @@ class HostNetwork(nn.Module):
         return self._slot_names
 
     def slot_shapes(self) -> dict[str, SlotShape]:
-        """Activations at each slot: a vector slot of `width` channels."""
-        return {name: SlotShape(width) for name, width in zip(self._slot_names, self.hidden, strict=True)}
+        """Activations at each slot: a vector slot of `width` channels (the input slot: the features)."""
+        widths = ((self.num_features,) if self.input_slot else ()) + self.hidden
+        return {name: SlotShape(width) for name, width in zip(self._slot_names, widths, strict=True)}
 
     def slot_depths(self) -> dict[str, int]:
         """1-based depth of each slot (`SeedState.layer_depth`)."""
@@ -125,10 +139,11 @@ class HostNetwork(nn.Module):
             raise SlotMismatchError(f"slot {name} expects {tuple(probe.shape)} out, module gave {got}")
 
 
-def build_host(meta: DatasetMeta, *, hidden: Sequence[int] = DEFAULT_HIDDEN, seed: int | None = None) -> HostNetwork:
+def build_host(meta: DatasetMeta, *, hidden: Sequence[int] = DEFAULT_HIDDEN, input_slot: bool = False,
+               seed: int | None = None) -> HostNetwork:
     """A host sized for `meta`; with `seed`, initial weights depend on it only (the global RNG is untouched)."""
     if seed is None:
-        return HostNetwork(meta.num_features, meta.num_classes, hidden=hidden)
+        return HostNetwork(meta.num_features, meta.num_classes, hidden=hidden, input_slot=input_slot)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return HostNetwork(meta.num_features, meta.num_classes, hidden=hidden)
+        return HostNetwork(meta.num_features, meta.num_classes, hidden=hidden, input_slot=input_slot)

@@ -59,7 +59,13 @@ class TolariaSettings(OonaSettings):
     seed: int = Field(0, ge=0, validation_alias=_t("seed"),
                       description="seeds the split, the host's initial weights and the batch order")
     hidden_width: int = Field(32, ge=1, le=4096, validation_alias=_t("hidden_width"),
-                              description="width of the host's two hidden layers (small, so growth can help)")
+                              description="width of the host's hidden layers (small, so growth can help)")
+    hidden_layers: int = Field(2, ge=1, le=16, validation_alias=_t("hidden_layers"),
+                               description="hidden layers of the host, each followed by a seed slot")
+    input_slot: bool = Field(False, validation_alias=_t("input_slot"),
+                             description="a seed slot on the flattened input too (slot `input`, as wide as the "
+                                         "features); the bottleneck host (width 4, 1 layer, input slot) is where "
+                                         "growth pays on digits")
 
     # -- optimisation ------------------------------------------------------------------------------
     epochs: int = Field(20, ge=1, validation_alias=_t("epochs"), description="epochs to train")
@@ -231,6 +237,10 @@ class TolariaSettings(OonaSettings):
     @property
     def optimizer_family_index(self) -> int:
         return OPTIMIZER_FAMILY_INDEX[self.optimizer]
+
+    def host_hidden(self) -> tuple[int, ...]:
+        """The host's hidden widths: `hidden_layers` layers of `hidden_width`."""
+        return (self.hidden_width,) * self.hidden_layers
 
     def torch_device(self) -> torch.device:
         """The device to train on; ConfigurationError when CUDA is asked for and absent."""

@@ -104,7 +104,8 @@ class Trainer:
         self.metrics = TolariaMetrics(registry)
         torch.manual_seed(s.seed)
         self.data = (dataset or load_dataset(s.dataset_path, seed=s.seed, val_fraction=s.val_fraction)).to(self.device)
-        self.host: HostNetwork = build_host(self.data.meta, hidden=(s.hidden_width,) * 2, seed=s.seed).to(self.device)
+        self.host: HostNetwork = build_host(self.data.meta, hidden=s.host_hidden(),
+                                                input_slot=s.input_slot, seed=s.seed).to(self.device)
         if bus is not None:
             for name, shape in self.host.slot_shapes().items():
                 self.host.set_slot(name, SeedSlot(name, shape).to(self.device))
