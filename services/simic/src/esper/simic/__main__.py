@@ -124,7 +124,7 @@ def train(current: Annotated[Path | None, typer.Option(help="the policy to beat 
 
 
 @app.command()
-def experiment(epochs: Annotated[int, typer.Option(min=1)] = 12, runs: Annotated[int, typer.Option(min=1)] = 2,
+def experiment(epochs: Annotated[int, typer.Option(min=1)] = 16, runs: Annotated[int, typer.Option(min=1)] = 2,
                hidden_width: Annotated[int, typer.Option(min=1, help="host hidden width")] = 4,
                hidden_layers: Annotated[int, typer.Option(min=1, help="host hidden layers")] = 1,
                input_slot: Annotated[bool, typer.Option(help="a seed slot on the host's input")] = True,

@@ -65,7 +65,7 @@ DIGITS_FEATURES = 64  # the input slot's width on digits (8x8 pixels)
 
 @dataclass(frozen=True, slots=True)
 class ExperimentConfig:
-    epochs: int = 12
+    epochs: int = 16
     runs: int = 2
     # The bottleneck host (docs/tolaria.md): a 4-wide layer caps digits at ~0.88 and a seed in the
     # 64-wide input slot can lift it; on the default 32x2 host growth has nothing to add.

@@ -102,7 +102,7 @@ class TrainingSignals:
         """`loss_delta` is the step's change of the *smoothed* loss (EWMA), not of the raw batch loss:
         batch-to-batch differences are mostly sampling noise (±0.3 at batch 64 on digits), and Tamiyo's
         risk engine reads `loss_delta` > 0.15 as a loss spike that enters conservative mode; on raw
-        differences that paused ~85 % of all commands (measured). A real jump of Δ still moves it by alpha·Δ,
+        differences that paused 93-95 % of all commands (measured). A real jump of Δ still moves it by alpha·Δ,
         and the trainer refuses a spiking step itself (`TOLARIA_LOSS_SPIKE_*`)."""
         loss_v, grad_v = _finite("loss", loss), _finite("gradient_norm", grad_norm)
         before = self.loss.mean if self.loss.count else None
