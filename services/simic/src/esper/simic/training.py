@@ -38,6 +38,7 @@ import math
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -193,38 +194,31 @@ def _loss(model: TamiyoGNN, samples: Sequence[Sample], weights: Tensor, value_we
         w = weights.index_select(0, idx)
         err = (out.param_delta.index_select(0, idx) - target) ** 2
         loss = loss + (err * w).sum() / w.sum().clamp_min(1e-12)
-    return loss + _seed_loss(samples, out, weights) + _blueprint_loss(samples, out, weights)
+    return (loss + _choice_loss(samples, out.seed_scores, weights, "seed")
+            + _choice_loss(samples, out.blueprint_scores, weights, "blueprint"))
 
 
-def _blueprint_loss(samples: Sequence[Sample], out: BatchOutputs, weights: Tensor) -> Tensor:
-    """Cross-entropy over each GERMINATE graph's blueprints toward the one it used, sample-weighted."""
+def _choice_loss(samples: Sequence[Sample], scores: Tensor, weights: Tensor,
+                 node_type: Literal["seed", "blueprint"]) -> Tensor:
+    """Cross-entropy over each GERMINATE graph's real `node_type` rows toward the row it used,
+    sample-weighted. Only DORMANT seeds compete (a target that was not DORMANT teaches nothing)."""
     terms: list[Tensor] = []
     first = 0
     for b, s in enumerate(samples):
-        n = s.graph.counts["blueprint"]
-        if s.action == ACTION_GERMINATE and s.blueprint_target is not None and n > 1 and weights[b] > 0:
-            logp = torch.log_softmax(out.blueprint_scores[first:first + n], dim=0)
-            terms.append(-logp[s.blueprint_target] * weights[b])
+        n = s.graph.counts[node_type]
+        target = s.seed_target if node_type == "seed" else s.blueprint_target
+        rows = scores[first:first + n]
         first += n
-    if not terms:
-        return out.blueprint_scores.sum() * 0.0
-    return torch.stack(terms).sum() / weights.sum().clamp_min(1e-12)
-
-
-def _seed_loss(samples: Sequence[Sample], out: BatchOutputs, weights: Tensor) -> Tensor:
-    terms: list[Tensor] = []
-    first = 0
-    for b, s in enumerate(samples):
-        n = s.graph.counts["seed"]
-        if s.action == ACTION_GERMINATE and s.seed_target is not None and weights[b] > 0:
-            scores = out.seed_scores[first:first + n]
+        if s.action != ACTION_GERMINATE or target is None or not weights[b] > 0:
+            continue
+        if node_type == "seed":
             mask = torch.tensor(s.germinable[:n], dtype=torch.bool)
-            if bool(mask[s.seed_target]):
-                logp = torch.log_softmax(scores.masked_fill(~mask, -1e9), dim=0)
-                terms.append(-logp[s.seed_target] * weights[b])
-        first += n
+            if not bool(mask[target]):
+                continue
+            rows = rows.masked_fill(~mask, -1e9)
+        terms.append(-torch.log_softmax(rows, dim=0)[target] * weights[b])
     if not terms:
-        return out.seed_scores.sum() * 0.0
+        return scores.sum() * 0.0
     return torch.stack(terms).sum() / weights.sum().clamp_min(1e-12)
 
 
