@@ -56,6 +56,20 @@ def test_samples_carry_action_targets_and_advantages() -> None:
     assert action_of(pb.AdaptationCommand(command_type=pb.COMMAND_ROLLBACK)) is None
 
 
+def test_risk_engine_replacements_are_not_learned_as_the_policys_choice() -> None:
+    """A GERMINATE the risk engine turned into OPTIMIZER ran as OPTIMIZER, but the policy did not
+    choose it: it is no sample (and the loss it spanned still reaches the decision before it)."""
+    reports = runs(n_runs=1, steps=6)
+    downgraded = reports[2]  # step 3: an OPTIMIZER in the data
+    downgraded.command.annotations["policy_command"] = "COMMAND_SEED"
+    samples = build_samples(reports, blueprints=blueprints())
+    assert [s.step for s in samples] == [1, 2, 4, 5, 6]
+    kept = build_samples(runs(n_runs=1, steps=6), blueprints=blueprints())
+    by_step = {s.step: s for s in kept}
+    step2 = next(s for s in samples if s.step == 2)
+    assert step2.reward == pytest.approx(by_step[2].reward + by_step[3].reward, abs=1e-6)
+
+
 def test_split_holds_out_whole_newest_runs() -> None:
     samples = build_samples(runs(n_runs=4, steps=6), blueprints=blueprints())
     train, held = split_by_run(samples, 0.25)
@@ -121,6 +135,23 @@ def test_gate_refuses_a_worse_policy_and_accepts_a_better_one() -> None:
     assert not gate(lowers_lr, lowers_lr, held).accepted  # equal is not better
     too_few = gate(lowers_lr, pauses, held[:5], min_holdout=20)
     assert not too_few.accepted and "held-out" in too_few.reason
+
+
+def test_gate_judges_on_the_decisions_that_tell_the_policies_apart() -> None:
+    """Hundreds of decisions both policies get wrong (or right) must not drown the few where they
+    differ: two OPTIMIZER policies differ only on the lr_delta sign, worth 0.01 a decision here."""
+    held = build_samples(runs(n_runs=2, steps=24), blueprints=blueprints())
+    held = [replace(s, advantage=0.01 if s.action == ACTION_OPTIMIZER else (5.0 if s.step % 4 else -5.0))
+            for s in held]
+    lowers_lr, raises_lr = _fixed_policy(ACTION_OPTIMIZER, -1.0), _fixed_policy(ACTION_OPTIMIZER, 1.0)
+    assert policy_score(lowers_lr, held) < 0.01  # over all decisions: below the margin
+    result = gate(lowers_lr, raises_lr, held, margin=0.01)
+    n_opt = sum(s.action == ACTION_OPTIMIZER for s in held)
+    assert result.accepted and result.decisive == n_opt
+    assert (result.candidate_score, result.current_score) == (pytest.approx(1.0), pytest.approx(0.0))
+    assert not gate(raises_lr, lowers_lr, held, margin=0.01).accepted
+    same = gate(lowers_lr, lowers_lr, held)
+    assert not same.accepted and same.decisive == 0 and "apart" in same.reason
 
 
 def test_actions_are_balanced_so_rare_germinations_count() -> None:

@@ -235,6 +235,21 @@ def test_untrained_policy_prefers_class_zero() -> None:
     assert out.policy_logits[0] == 0.5 and torch.all(out.policy_logits[1:] == -0.5)
 
 
+def test_untrained_param_head_asks_for_no_change_and_still_learns() -> None:
+    """param_delta is an OPTIMIZER's lr_delta: an untrained policy must not move the learning rate
+    (an initial GNN once doubled it step after step), yet the head must be trainable."""
+    model = _model()
+    for counts in COUNT_CASES:
+        assert _model()(*random_graph(counts)).param_delta == 0.0
+    graph = random_graph()
+    opt = torch.optim.SGD(model.param_head.parameters(), lr=0.5)
+    for _ in range(5):
+        opt.zero_grad()
+        ((model(*graph).param_delta - 0.5) ** 2).backward()
+        opt.step()
+    assert float(model(*graph).param_delta.detach()) > 0.1
+
+
 def test_deterministic_under_manual_seed() -> None:
     graph = random_graph()
     a, b = _model(seed=7), _model(seed=7)

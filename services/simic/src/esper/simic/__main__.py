@@ -132,6 +132,9 @@ def experiment(epochs: Annotated[int, typer.Option(min=1)] = 16, runs: Annotated
                explore: Annotated[bool, typer.Option(help="run the initial GNN first (closed loop)")] = True,
                explore_epsilon: Annotated[float, typer.Option(
                    min=0.0, max=1.0, help="explore arm: chance a GERMINATE takes a random blueprint")] = 1.0,
+               explore_runs: Annotated[int, typer.Option(min=1, help="explore arm's runs (Simic's data)")] = 6,
+               gamma: Annotated[float, typer.Option(min=0.0, max=1.0, help="Simic's reward discount")] = 1.0,
+               gae_lambda: Annotated[float, typer.Option(min=0.0, max=1.0, help="Simic's GAE lambda")] = 1.0,
                json_path: Annotated[Path | None, typer.Option("--json", help="write the flat result here")] = None,
                png: Annotated[Path | None, typer.Option(help="write the accuracy plot here")] = None,
                workdir: Annotated[Path | None, typer.Option(help="keep logs, summaries, replay store here")] = None,
@@ -144,7 +147,8 @@ def experiment(epochs: Annotated[int, typer.Option(min=1)] = 16, runs: Annotated
 
     cfg = ExperimentConfig(epochs=epochs, runs=runs, hidden_width=hidden_width, hidden_layers=hidden_layers,
                            input_slot=input_slot, learning_rate=lr, explore=explore,
-                           explore_epsilon=explore_epsilon, workdir=workdir)
+                           explore_epsilon=explore_epsilon, explore_runs=explore_runs, simic_gamma=gamma,
+                           simic_gae_lambda=gae_lambda, workdir=workdir)
     # SIGTERM unwinds like Ctrl-C, so the fleet and the private redis-server are stopped, never orphaned.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     result = run_experiment(cfg, log=lambda line: typer.echo(line, err=True))

@@ -4,7 +4,10 @@ A decision report (`fr-<command_id>`) carries the `SystemStatePacket` Tamiyo dec
 (`observation`) and the command it sent (`command`, after the risk engine: what really ran). The graph
 is rebuilt with Tamiyo's own `GraphBuilder` (same features, same registries; packets are replayed in
 the order they were issued, so the EWMA normaliser sees what Tamiyo's saw). Reports without an
-observation (synthesised observation windows, old reports) are evidence, not samples.
+observation (synthesised observation windows, old reports) are evidence, not samples; so are commands
+the risk engine put in place of the policy's (annotated `policy_command`: a PAUSE in conservative mode,
+a GERMINATE turned OPTIMIZER under a loss warning): the policy did not choose them, and learning them
+as its own taught an earlier GNN to ask for OPTIMIZER whenever the loss was noisy.
 
 Rewards (REFERENCE §11: "-loss_delta or ±1 by outcome"), per decision t of one training run, ordered by
 step, with t+1 the run's next decision:
@@ -39,6 +42,7 @@ from esper.tamiyo.policy import (
     ACTION_OPTIMIZER,
     ACTION_PAUSE,
     GERMINATE_BASE_ALPHA,
+    POLICY_COMMAND_ANNOTATION,
 )
 from esper.tamiyo.registry import RegistrySet
 
@@ -132,9 +136,11 @@ def build_samples(reports: Iterable[pb.FieldReport], *, blueprints: Sequence[Blu
         if action is None or not packet.training_run_id:
             continue
         try:
-            graph = builder.build(packet, blueprints)
+            graph = builder.build(packet, blueprints)  # every packet, so the normaliser sees what Tamiyo's saw
         except DependencyViolationError:
             continue  # Tamiyo refused this packet too: no decision to learn from
+        if POLICY_COMMAND_ANNOTATION in command.annotations:
+            continue  # the risk engine's replacement of the policy's command: not the policy's decision
         dormant = {s.seed_id for s in packet.seed_states if s.stage == pb.SEED_STAGE_DORMANT}
         seed_target = _row(graph.seed_ids, command.target_seed_id) if action == ACTION_GERMINATE else None
         bp_target = (_row(graph.blueprint_ids, command.seed_operation.blueprint_id)

@@ -76,6 +76,11 @@ class ExperimentConfig:
     step_timeout_ms: float = 200.0
     explore: bool = True
     explore_epsilon: float = 1.0  # the explore arm's GERMINATEs take a random candidate blueprint
+    explore_runs: int = 6  # data for Simic: each run tries a few random blueprints (seeds 0 .. n-1)
+    # Monte Carlo returns: a seed pays (or costs) epochs after its GERMINATE, past the ~17-decision
+    # horizon of the prototype's gamma 0.99 / lambda 0.95 at one decision per step.
+    simic_gamma: float = 1.0
+    simic_gae_lambda: float = 1.0
     workdir: Path | None = None  # kept when given; a temp dir otherwise
 
 
@@ -234,10 +239,10 @@ def _train_run(procs: _Processes, root: Path, arm: str, seed: int, *extra: str) 
     return out
 
 
-async def _train_and_publish(env: dict[str, str], root: Path, gnn_var: Path) -> dict[str, Any]:
+async def _train_and_publish(env: dict[str, str], root: Path, gnn_var: Path, cfg: ExperimentConfig) -> dict[str, Any]:
     settings = SimicSettings(redis_url=env["ESPER_REDIS_URL"], leyline_secret=env["ESPER_LEYLINE_SECRET"],
                              replay_path=root / "simic/replay.db", policy_dir=root / "simic/policies",
-                             metrics_port=-1)
+                             metrics_port=-1, gamma=cfg.simic_gamma, gae_lambda=cfg.simic_gae_lambda)
     with ReplayStore(settings.replay_path) as store:
         reports = store.reports(limit=1_000_000)
     client = OonaClient.from_settings(settings, sender="simic", metrics=OonaMetrics(CollectorRegistry()))
@@ -312,14 +317,14 @@ def _run_arms(procs: _Processes, root: Path, env: dict[str, str], url: str, cfg:
     if cfg.explore:
         _start_tamiyo(procs, url, "tamiyo-explore", "gnn", root / "tamiyo-explore",
                       TAMIYO_EXPLORE_EPSILON=repr(cfg.explore_epsilon))
-        for seed in seeds:
+        for seed in range(cfg.explore_runs):
             arms["explore"].summaries.append(_train_run(procs, root, "explore", seed))
             log(f"explore (initial GNN) seed {seed}: {arms['explore'].summaries[-1]['final_val_accuracy']:.4f}")
         _wait_reports_stored(url, root / "tamiyo-explore")
         procs.stop("tamiyo-explore")
     gnn_var = root / "tamiyo-gnn"
     _start_tamiyo(procs, url, "tamiyo-gnn", "gnn", gnn_var)  # the initial GNN, no exploration: Simic updates it
-    training = asyncio.run(_train_and_publish(env, root, gnn_var))
+    training = asyncio.run(_train_and_publish(env, root, gnn_var, cfg))
     log(f"simic: {training['samples']} decisions, gate {'accepted' if training['gate_accepted'] else 'refused'} "
         f"({training['gate_reason']}), applied {training['applied']}")
     for seed in seeds:
@@ -333,7 +338,9 @@ def results(cfg: ExperimentConfig, arms: dict[str, ArmResult], training: dict[st
     out: dict[str, Any] = {"epochs": cfg.epochs, "runs": cfg.runs, "hidden_width": cfg.hidden_width,
                            "hidden_layers": cfg.hidden_layers, "input_slot": cfg.input_slot,
                            "learning_rate": cfg.learning_rate, "explore": cfg.explore,
-                           "explore_epsilon": cfg.explore_epsilon, "wall_s": round(wall_s, 1)}
+                           "explore_epsilon": cfg.explore_epsilon, "explore_runs": cfg.explore_runs,
+                           "simic_gamma": cfg.simic_gamma, "simic_gae_lambda": cfg.simic_gae_lambda,
+                           "wall_s": round(wall_s, 1)}
     for name, arm in arms.items():
         if not arm.summaries:
             continue

@@ -28,8 +28,10 @@ graph exactly as alone; the heads then read each graph's global node and seed ro
 short counts against it. ``π(s)`` is what Tamiyo would do: the argmax action, a GERMINATE with no
 DORMANT seed is a PAUSE, every index past the action table is a PAUSE, an OPTIMIZER only agrees
 when its ``lr_delta`` has the logged sign, and a GERMINATE only when it picks the logged blueprint
-(which blueprint is grown matters as much as when). A candidate is accepted only if it beats the current policy
-by more than ``margin`` on at least ``min_holdout`` held-out decisions.
+(which blueprint is grown matters as much as when). The gate computes both policies' scores over the
+*decisive* held-out decisions, those where exactly one of them agrees with the log (elsewhere the two
+scores move together); a candidate is accepted only if it beats the current policy there by more
+than ``margin``, with at least ``min_holdout`` held-out decisions.
 """
 
 from __future__ import annotations
@@ -54,6 +56,7 @@ __all__ = [
     "GateResult",
     "TrainConfig",
     "TrainReport",
+    "agreements",
     "collate",
     "effective_actions",
     "forward_batch",
@@ -292,20 +295,29 @@ def effective_actions(model: TamiyoGNN, samples: Sequence[Sample], *,
     return out
 
 
-def policy_score(model: TamiyoGNN, samples: Sequence[Sample]) -> float:
-    """``Σ A_i·[π(s_i) = a_i] / Σ |A_i|`` over `samples` (module docstring); 0.0 when there are none."""
-    total = sum(abs(s.advantage) for s in samples)
-    if not samples or total <= 0:
-        return 0.0
-    agree = 0.0
+def agreements(model: TamiyoGNN, samples: Sequence[Sample]) -> list[bool]:
+    """Per sample: would `model` take the logged action (module docstring's ``π(s_i) = a_i``)?"""
+    out = []
     for s, (act, delta, bp) in zip(samples, effective_actions(model, samples), strict=True):
         same = act == s.action
         if same and act == ACTION_OPTIMIZER and s.param_target is not None:
             same = (delta >= 0) == (s.param_target >= 0)
         if same and act == ACTION_GERMINATE and s.blueprint_target is not None:
             same = bp == s.blueprint_target
-        agree += s.advantage if same else 0.0
-    return agree / total
+        out.append(same)
+    return out
+
+
+def policy_score(model: TamiyoGNN, samples: Sequence[Sample]) -> float:
+    """``Σ A_i·[π(s_i) = a_i] / Σ |A_i|`` over `samples` (module docstring); 0.0 when there are none."""
+    return _score(samples, agreements(model, samples))
+
+
+def _score(samples: Sequence[Sample], agree: Sequence[bool]) -> float:
+    total = sum(abs(s.advantage) for s in samples)
+    if not samples or total <= 0:
+        return 0.0
+    return sum(s.advantage for s, same in zip(samples, agree, strict=True) if same) / total
 
 
 @dataclass(frozen=True, slots=True)
@@ -315,16 +327,29 @@ class GateResult:
     current_score: float
     holdout: int
     reason: str
+    decisive: int = 0  # held-out decisions on which exactly one of the two policies agrees with the log
 
 
 def gate(candidate: TamiyoGNN, current: TamiyoGNN, holdout: Sequence[Sample], *, margin: float = 0.0,
          min_holdout: int = 20) -> GateResult:
-    """Accept `candidate` only if it beats `current` on the held-out decisions (module docstring)."""
+    """Accept `candidate` only if it beats `current` on the held-out decisions (module docstring).
+
+    Both are scored on the *decisive* decisions, where one agrees with the log and the other does
+    not: where both agree or both differ the two scores move together, and normalising over them
+    (hundreds of shared pauses) would shrink a real difference on a few germinations below any margin."""
     if len(holdout) < min_holdout:
         return GateResult(False, math.nan, math.nan, len(holdout),
                           f"only {len(holdout)} held-out decisions (need {min_holdout})")
-    cand, cur = policy_score(candidate, holdout), policy_score(current, holdout)
+    cand_agree, cur_agree = agreements(candidate, holdout), agreements(current, holdout)
+    idx = [i for i, (a, b) in enumerate(zip(cand_agree, cur_agree, strict=True)) if a != b]
+    if not idx:
+        return GateResult(False, 0.0, 0.0, len(holdout), "no held-out decision tells the two policies apart")
+    decisive = [holdout[i] for i in idx]
+    cand = _score(decisive, [cand_agree[i] for i in idx])
+    cur = _score(decisive, [cur_agree[i] for i in idx])
+    where = f"on {len(idx)} decisive of {len(holdout)} held-out decisions"
     if cand > cur + margin:
-        return GateResult(True, cand, cur, len(holdout), f"candidate {cand:.4f} > current {cur:.4f} + {margin:g}")
+        return GateResult(True, cand, cur, len(holdout), f"candidate {cand:.4f} > current {cur:.4f} + {margin:g} "
+                                                         f"{where}", len(idx))
     return GateResult(False, cand, cur, len(holdout), f"candidate {cand:.4f} does not beat current {cur:.4f} "
-                                                      f"+ {margin:g}")
+                                                      f"+ {margin:g} {where}", len(idx))

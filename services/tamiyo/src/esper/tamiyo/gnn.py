@@ -374,10 +374,16 @@ class TamiyoGNN(nn.Module):
                 if isinstance(m, nn.Linear):
                     m.reset_parameters()
         # An untrained policy must not pick actions at random: all weight on the bias, class 0 ahead.
+        # Nor may it move the learning rate: its param_delta (an OPTIMIZER's lr_delta, also what a
+        # risk downgrade of a GERMINATE carries) starts at tanh(0) = 0 until Simic trains the head.
         with torch.no_grad():
             self.policy_head.weight.zero_()
             self.policy_head.bias.fill_(-0.5)
             self.policy_head.bias[0] = 0.5
+            last = self.param_head[-1]
+            assert isinstance(last, nn.Linear)
+            last.weight.zero_()
+            last.bias.zero_()
 
     def pack(
         self,

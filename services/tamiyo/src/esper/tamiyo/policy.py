@@ -32,6 +32,7 @@ __all__ = [
     "ACTION_OPTIMIZER",
     "ACTION_PAUSE",
     "BLEND_MODES",
+    "POLICY_COMMAND_ANNOTATION",
     "BlendModeSettings",
     "GraphIds",
     "PolicyDecision",
@@ -55,6 +56,9 @@ RATIONALE: Final[str] = "policy_action"
 SCHEDULE_UNITS: Final[str] = "fraction_0_1"  # schedule start/end are fractions of Kasmina's blend window
 COMMAND_VERSION: Final[int] = 1
 ISSUED_BY: Final[str] = "tamiyo"
+# Set by the risk engine when it replaced the policy's command (PAUSE, or a SEED turned OPTIMIZER):
+# the name of the command the policy proposed. Such a command is the risk engine's choice, not the policy's.
+POLICY_COMMAND_ANNOTATION: Final[str] = "policy_command"
 
 
 class GraphIds(Protocol):

@@ -37,7 +37,7 @@ from esper.tamiyo.gnn import PolicyOutputs
 from esper.tamiyo.graph import GraphBuilder, GraphInputs
 from esper.tamiyo.heuristic import HeuristicPolicy
 from esper.tamiyo.metadata import BlueprintInfo
-from esper.tamiyo.policy import BlendModeSettings, PolicyDecision, decide
+from esper.tamiyo.policy import POLICY_COMMAND_ANNOTATION, BlendModeSettings, PolicyDecision, decide
 from esper.tamiyo.risk import RiskInputs, RiskVerdict, evaluate
 from esper.tamiyo.schema import POLICY_VERSION
 from esper.tamiyo.settings import TamiyoSettings
@@ -417,7 +417,7 @@ def _apply_verdict(decision: PolicyDecision, verdict: RiskVerdict) -> pb.Adaptat
     out = pb.AdaptationCommand(target_seed_id=proposed.target_seed_id)
     out.command_type = verdict.command_type  # type: ignore[assignment]  # the risk engine returns pb values
     out.annotations.update(proposed.annotations)
-    out.annotations["policy_command"] = pb.CommandType.Name(proposed.command_type)
+    out.annotations[POLICY_COMMAND_ANNOTATION] = pb.CommandType.Name(proposed.command_type)
     if verdict.command_type == pb.COMMAND_OPTIMIZER:
         out.optimizer_adjustment.optimizer_id = "sgd"
         out.optimizer_adjustment.hyperparameters["lr_delta"] = decision.param_delta
