@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from esper.leyline import pb
-from esper.simic.dataset import Sample, action_of, build_samples, split_by_run
+from esper.simic.dataset import RewardConfig, Sample, action_of, build_samples, split_by_run
 from esper.simic.pipeline import run_round
 from esper.simic.settings import SimicSettings
 from esper.simic.training import (
@@ -54,6 +54,25 @@ def test_samples_carry_action_targets_and_advantages() -> None:
     assert mean([s.advantage for s in run0 if s.action == ACTION_OPTIMIZER]) > \
         mean([s.advantage for s in run0 if s.action == ACTION_PAUSE])
     assert action_of(pb.AdaptationCommand(command_type=pb.COMMAND_ROLLBACK)) is None
+
+
+@pytest.mark.parametrize(("stage", "fate"), [(pb.SEED_STAGE_FOSSILIZED, 1.0), (pb.SEED_STAGE_CULLED, -1.0),
+                                             (pb.SEED_STAGE_EMBARGOED, -1.0), (pb.SEED_STAGE_BLENDING, 0.0)])
+def test_a_germination_is_credited_with_its_seeds_fate(stage: int, fate: float) -> None:
+    """Kasmina's verdict on the seed (read from the run's later packets) is the GERMINATE's reward:
+    fossilised = measured benefit, culled = none; a seed still in flight when the run ends counts 0."""
+    reports = [decision_report("r", 1, "seed", 1.0), decision_report("r", 2, "pause", 1.0),
+               decision_report("r", 3, "pause", 1.0)]
+    for later in reports[1:]:
+        target = next(s for s in later.observation.seed_states if s.seed_id == "seed-1")
+        target.stage = stage  # type: ignore[assignment]
+    other = next(s for s in reports[1].observation.seed_states if s.seed_id == "seed-0")
+    other.stage = pb.SEED_STAGE_CULLED  # another seed's fate is not this germination's
+    samples = {s.step: s for s in build_samples(reports, blueprints=blueprints())}
+    assert samples[1].reward == pytest.approx(fate, abs=1e-6)
+    assert samples[2].reward == pytest.approx(0.0, abs=1e-6)  # pauses get no fate
+    unweighted = build_samples(reports, blueprints=blueprints(), rewards=RewardConfig(fate_reward=0.0))
+    assert unweighted[0].reward == pytest.approx(0.0, abs=1e-6)
 
 
 def test_risk_engine_replacements_are_not_learned_as_the_policys_choice() -> None:

@@ -16,7 +16,11 @@ step, with t+1 the run's next decision:
   the step loss): what happened to the loss after the decision;
 - ``-(val_{t+1} - val_t)`` when a validation finished in between (the goal is validation, not fit);
 - ``± outcome_reward`` by outcome: the decision report's REGRESSION (risk engine: loss spike,
-  quarantine...) and the SEED command's observation-window report (SUCCESS +, REGRESSION -).
+  quarantine...) and the SEED command's observation-window report (SUCCESS +, REGRESSION -);
+- ``± fate_reward`` for a GERMINATE by what became of its seed, read from the run's later packets:
+  FOSSILIZED (Kasmina measured a benefit: the validation loss rises when the seed is ablated) +,
+  CULLED or EMBARGOED -. It is the one per-seed measurement of benefit: the loss changes around a
+  germination mix the seed's effect with everything else the run does meanwhile.
 
 Returns are discounted (gamma) to the run's end; the baseline V is the mean return of all decisions at the
 same epoch (model-free, so the validation gate judges every policy on the same numbers); advantages
@@ -56,6 +60,7 @@ class RewardConfig:
     gamma: float = 0.99
     gae_lambda: float = 0.95
     outcome_reward: float = 0.1
+    fate_reward: float = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -163,6 +168,9 @@ def _rewards(run: list[Sample], packets: dict[str, pb.SystemStatePacket], report
         if s.outcome == pb.FIELD_REPORT_OUTCOME_REGRESSION:
             r -= cfg.outcome_reward
         r += cfg.outcome_reward * _OUTCOME_SIGN.get(window_outcome.get(report.command_id, 0), 0.0)
+        if s.action == ACTION_GERMINATE and cfg.fate_reward:
+            target = report.command.target_seed_id
+            r += cfg.fate_reward * _seed_fate(target, (packets[later.report_id] for later in run[i + 1:]))
         if i + 1 < len(run):
             now, nxt = packets[s.report_id], packets[run[i + 1].report_id]
             a, b = _loss(now), _loss(nxt)
@@ -172,6 +180,18 @@ def _rewards(run: list[Sample], packets: dict[str, pb.SystemStatePacket], report
                 r -= float(nxt.validation_loss - now.validation_loss)
         out.append(r)
     return out
+
+
+_FATE: dict[int, float] = {pb.SEED_STAGE_FOSSILIZED: 1.0, pb.SEED_STAGE_CULLED: -1.0, pb.SEED_STAGE_EMBARGOED: -1.0}
+
+
+def _seed_fate(seed_id: str, later: Iterable[pb.SystemStatePacket]) -> float:
+    """+1 if the seed is next seen FOSSILIZED, -1 if CULLED / EMBARGOED, 0 if the run ended first."""
+    for packet in later:
+        for st in packet.seed_states:
+            if st.seed_id == seed_id and st.stage in _FATE:
+                return _FATE[st.stage]
+    return 0.0
 
 
 def _with_advantages(samples: list[Sample], packets: dict[str, pb.SystemStatePacket],

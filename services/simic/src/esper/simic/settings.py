@@ -34,6 +34,8 @@ class SimicSettings(OonaSettings):
     gae_lambda: float = Field(0.95, ge=0, le=1, validation_alias=_s("gae_lambda"), description="GAE lambda")
     outcome_reward: float = Field(0.1, ge=0, validation_alias=_s("outcome_reward"),
                                   description="reward ± for a SUCCESS / REGRESSION outcome")
+    fate_reward: float = Field(1.0, ge=0, validation_alias=_s("fate_reward"),
+                               description="reward ± for a GERMINATE whose seed is later FOSSILIZED / CULLED")
     imitation_epochs: int = Field(2, ge=0, validation_alias=_s("imitation_epochs"),
                                   description="passes of imitation of positive-advantage decisions")
     awr_epochs: int = Field(4, ge=0, validation_alias=_s("awr_epochs"),
