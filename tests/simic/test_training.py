@@ -187,15 +187,17 @@ def test_actions_are_balanced_so_rare_germinations_count() -> None:
     assert action_balance([*samples, *seeds], cap=2.0)[ACTION_GERMINATE] == 2.0
 
 
-def _germinations(blueprint_ids: list[str], advantages: list[float]) -> list[Sample]:
-    """GERMINATE samples of seed-1 with the given blueprints and advantages (one DORMANT seed)."""
+def _germinations(blueprint_ids: list[str], advantages: list[float], fates: list[float] | None = None) -> list[Sample]:
+    """GERMINATE samples of seed-1 with the given blueprints, advantages and seed fates (default: the
+    advantage's sign) (one DORMANT seed)."""
     reports = []
     for i, bp in enumerate(blueprint_ids):
         r = decision_report(f"g{i}", 1, "seed", 1.0, run_index=i)
         r.command.seed_operation.blueprint_id = bp
         reports.append(r)
     out = build_samples(reports, blueprints=two_blueprints())
-    return [replace(x, advantage=a) for x, a in zip(out, advantages, strict=True)]
+    fates = fates if fates is not None else [1.0 if a > 0 else -1.0 for a in advantages]
+    return [replace(x, advantage=a, fate=f) for x, a, f in zip(out, advantages, fates, strict=True)]
 
 
 def test_the_blueprint_head_learns_the_blueprint_that_paid_and_the_gate_checks_it() -> None:
@@ -223,6 +225,26 @@ def test_the_blueprint_head_learns_the_blueprint_that_paid_and_the_gate_checks_i
     # The same action with the bad blueprint is a disagreement: it scores against, not for.
     flipped = [replace(x, advantage=-x.advantage) for x in samples]
     assert policy_score(model, flipped) == pytest.approx(-0.5)
+
+
+def test_the_blueprint_is_learned_from_fossilised_seeds_not_from_the_runs_return() -> None:
+    """A design whose seeds were culled, grown in runs that went well anyway (higher advantage), must
+    not be learned over one whose seeds Kasmina fossilised."""
+    ids = list(_germinations(["BP001"], [0.0])[0].graph.blueprint_ids)
+    culled_in_good_runs, fossilised = ids[0], ids[1]
+    samples = _germinations([culled_in_good_runs] * 4 + [fossilised] * 4, [1.0] * 4 + [0.5] * 4,
+                            fates=[-1.0] * 4 + [1.0] * 4)
+    model = TamiyoGNN(SMALL)
+    torch.manual_seed(0)
+    model.reset_parameters()
+    optimizer = torch.optim.Adam(model.parameters(), lr=5e-3)
+    weights = sample_weights(samples, phase="awr", beta=0.2, max_weight=20.0, adv_scale=1.0)  # favours the culled
+    for _ in range(40):
+        train_step(model, optimizer, samples, weights)
+    model.eval()
+    for x in (samples[0], samples[-1]):
+        out = forward_batch(model, collate([x]))
+        assert ids[int(out.blueprint_scores.argmax())] == fossilised
 
 
 def test_a_round_trains_a_candidate_that_passes_the_gate(tmp_path: object) -> None:

@@ -81,6 +81,7 @@ class Sample:
     ret: float = 0.0  # discounted return
     advantage: float = 0.0
     outcome: int = pb.FIELD_REPORT_OUTCOME_UNSPECIFIED
+    fate: float = 0.0  # GERMINATE: +1 its seed was later FOSSILIZED, -1 CULLED / EMBARGOED, 0 not known
 
 
 def action_of(command: pb.AdaptationCommand) -> int | None:
@@ -168,9 +169,7 @@ def _rewards(run: list[Sample], packets: dict[str, pb.SystemStatePacket], report
         if s.outcome == pb.FIELD_REPORT_OUTCOME_REGRESSION:
             r -= cfg.outcome_reward
         r += cfg.outcome_reward * _OUTCOME_SIGN.get(window_outcome.get(report.command_id, 0), 0.0)
-        if s.action == ACTION_GERMINATE and cfg.fate_reward:
-            target = report.command.target_seed_id
-            r += cfg.fate_reward * _seed_fate(target, (packets[later.report_id] for later in run[i + 1:]))
+        r += cfg.fate_reward * s.fate
         if i + 1 < len(run):
             now, nxt = packets[s.report_id], packets[run[i + 1].report_id]
             a, b = _loss(now), _loss(nxt)
@@ -204,6 +203,9 @@ def _with_advantages(samples: list[Sample], packets: dict[str, pb.SystemStatePac
     by_epoch: dict[int, list[float]] = defaultdict(list)
     for run in runs.values():
         run.sort(key=lambda s: s.step)
+        run[:] = [replace(s, fate=_seed_fate(reports[s.report_id].command.target_seed_id,
+                                             (packets[later.report_id] for later in run[i + 1:])))
+                  if s.action == ACTION_GERMINATE else s for i, s in enumerate(run)]
         rewards = _rewards(run, packets, reports, window_outcome, cfg)
         returns = [0.0] * len(run)
         acc = 0.0

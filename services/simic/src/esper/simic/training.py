@@ -197,15 +197,21 @@ def _loss(model: TamiyoGNN, samples: Sequence[Sample], weights: Tensor, value_we
         w = weights.index_select(0, idx)
         err = (out.param_delta.index_select(0, idx) - target) ** 2
         loss = loss + (err * w).sum() / w.sum().clamp_min(1e-12)
-    return (loss + _choice_loss(samples, out.seed_scores, weights, "seed")
-            + _choice_loss(samples, out.blueprint_scores, weights, "blueprint"))
+    # Which seed and which blueprint are learned from germinations whose seed Kasmina fossilised (its
+    # measured benefit), not from the run's return, which credits a bad design in a run that went well.
+    fossilised = weights * torch.tensor([float(s.fate > 0) for s in samples])
+    return (loss + _choice_loss(samples, out.seed_scores, fossilised, "seed")
+            + _choice_loss(samples, out.blueprint_scores, fossilised, "blueprint"))
 
 
 def _choice_loss(samples: Sequence[Sample], scores: Tensor, weights: Tensor,
                  node_type: Literal["seed", "blueprint"]) -> Tensor:
     """Cross-entropy over each GERMINATE graph's real `node_type` rows toward the row it used,
-    sample-weighted. Only DORMANT seeds compete (a target that was not DORMANT teaches nothing)."""
+    sample-weighted, averaged over the germinations that count (over the whole batch, a handful of
+    germinations among pauses barely moved the head). Only DORMANT seeds compete (a target that was
+    not DORMANT teaches nothing)."""
     terms: list[Tensor] = []
+    used: list[Tensor] = []
     first = 0
     for b, s in enumerate(samples):
         n = s.graph.counts[node_type]
@@ -220,9 +226,10 @@ def _choice_loss(samples: Sequence[Sample], scores: Tensor, weights: Tensor,
                 continue
             rows = rows.masked_fill(~mask, -1e9)
         terms.append(-torch.log_softmax(rows, dim=0)[target] * weights[b])
+        used.append(weights[b])
     if not terms:
         return scores.sum() * 0.0
-    return torch.stack(terms).sum() / weights.sum().clamp_min(1e-12)
+    return torch.stack(terms).sum() / torch.stack(used).sum().clamp_min(1e-12)
 
 
 def train_step(model: TamiyoGNN, optimizer: torch.optim.Optimizer, samples: Sequence[Sample], weights: Tensor, *,
