@@ -13,10 +13,18 @@ Run: `.venv/bin/python bench/tolaria_bench.py --out bench/results/tolaria.json` 
   overhead run keeps the decision breaker closed (`TOLARIA_DECISION_BREAKER_FAILURES` very large),
   otherwise a few timeouts would put it in conservative mode and the run would stop asking Tamiyo;
   `pipelined_packets_sent` and `pipelined_conservative_steps` show what was asked.
+- transports: `overhead_ratio` is the default (`TOLARIA_DECISION_TRANSPORT=process`: requests in the
+  sidecar process, pinned to the fleet's cores), `overhead_ratio_thread` the same run with requests on
+  the trainer's bus thread (`thread_*` keys); `static_trainer_step_ms` is the trainer with no control
+  plane at all (grad norm, signals, rollback snapshots), which splits the overhead into the trainer's
+  own work and the bus's.
 - rollback (`rollback_fast_*`, `rollback_checkpoint_*`): `RollbackManager.rollback` on the digits host
   from the in-memory ring and, with the ring empty, from the newest checkpoint on disk.
 - accuracy (`accuracy_grown`, `accuracy_static`): the same seeds and epochs, once with the host alone
-  and once with the fleet deciding every step (sync mode, so every decision is applied at its step).
+  and once with the fleet deciding every step (sync mode, so every decision is applied at its step),
+  on the bottleneck host of `make experiment` (`GROWTH_HOST`: 4 wide, 1 layer, a seed slot on the
+  input, lr 0.03; docs/tolaria.md), where a seed can pay: on the 32x2 host growth has nothing to add.
+  Tamiyo serves its initial (untrained) GNN; `make experiment` compares trained and rule-based policies.
 
 Nothing is asserted; goals are recorded as flags (overhead ≤ 3%).
 """
@@ -56,6 +64,9 @@ except ImportError:  # run as a script: bench/ is on sys.path
 
 EPOCHS = 8
 WIDTH = 32
+GROWTH_EPOCHS = 16
+GROWTH_HOST: dict[str, Any] = {"hidden_width": 4, "hidden_layers": 1, "input_slot": True, "learning_rate": 0.03}
+DIGITS_FEATURES = 64  # the input slot's width
 
 
 def plain_loop(settings: TolariaSettings) -> tuple[float, int]:
@@ -93,7 +104,8 @@ def fleet_env(var: Path, url: str, secret: str) -> dict[str, str]:
     base = {k: v for k, v in os.environ.items() if not k.startswith(("ESPER_", "TAMIYO_", "TOLARIA_", "URZA_"))}
     return {**base, "ESPER_REDIS_URL": url, "ESPER_LEYLINE_SECRET": secret, "ESPER_LOG_LEVEL": "WARNING",
             "ESPER_METRICS_PORT": "-1", "URZA_DATABASE_URL": f"sqlite:///{var}/urza/catalog.db",
-            "URZA_ARTIFACT_DIR": str(var / "urza/a"), "URZA_SEED_SLOT": f"v{WIDTH}", "TEZZERET_SLOTS": f'["v{WIDTH}"]',
+            "URZA_ARTIFACT_DIR": str(var / "urza/a"), "URZA_SEED_SLOT": f"v{DIGITS_FEATURES}",
+            "TEZZERET_SLOTS": json.dumps([f"v{w}" for w in (DIGITS_FEATURES, WIDTH, GROWTH_HOST["hidden_width"])]),
             "TAMIYO_VAR_DIR": str(var / "tamiyo"), "TAMIYO_POLICY_DIR": str(var / "tamiyo/p")}
 
 
@@ -118,10 +130,16 @@ def plan_pinning(enabled: bool) -> tuple[set[int], set[int]] | None:
 
 
 def run_fleet(var: Path, url: str, secret: str, *, mode: str, budget_ms: float,
-              breaker_failures: int | None = None) -> dict[str, Any]:
+              breaker_failures: int | None = None, host: dict[str, Any] | None = None,
+              epochs: int = EPOCHS, transport: str = "process", sidecar_cores: set[int] | None = None,
+              ) -> dict[str, Any]:
     extra: dict[str, Any] = {} if breaker_failures is None else {"decision_breaker_failures": breaker_failures}
-    s = TolariaSettings(redis_url=url, leyline_secret=secret, var_dir=var / f"tolaria-{mode}", epochs=EPOCHS,
-                        hidden_width=WIDTH, decision_mode=mode, tamiyo_step_timeout_ms=budget_ms,
+    extra.update(host or {"hidden_width": WIDTH})
+    extra.update(decision_transport=transport,
+                 decision_sidecar_cores=sorted(sidecar_cores) if sidecar_cores and transport == "process" else None)
+    s = TolariaSettings(redis_url=url, leyline_secret=secret, var_dir=var / f"tolaria-{mode}-{transport}",
+                        epochs=epochs,
+                        decision_mode=mode, tamiyo_step_timeout_ms=budget_ms,
                         artifact_dir=var / "urza/a", metrics_port=-1, run_id=f"bench-{mode}", emergency_enabled=False,
                         **extra)
     bus = BusThread(s)
@@ -172,7 +190,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if server.pid is not None:
             pin_process(server.pid, fleet_cores)
     secret = secrets.token_hex(16)
-    result: dict[str, Any] = {"epochs": EPOCHS, "hidden_width": WIDTH}
+    result: dict[str, Any] = {"epochs": EPOCHS, "hidden_width": WIDTH, "accuracy_epochs": GROWTH_EPOCHS,
+                              "accuracy_host": GROWTH_HOST}
     with tempfile.TemporaryDirectory(prefix="esper-bench-tolaria-") as tmp:
         var = Path(tmp)
         env = fleet_env(var, server.url, secret)
@@ -188,11 +207,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             time.sleep(5)  # worker start-up (torch import) and the first catalogue fetch
             static_settings = TolariaSettings(var_dir=var / "static", epochs=EPOCHS, hidden_width=WIDTH)
             plain_ms, steps = plain_loop(static_settings)
-            static = Trainer(static_settings, bus=None)
+            bare = TimedTrainer(static_settings, bus=None)  # the trainer's own work, no control plane
+            bare.run()
+            static = Trainer(TolariaSettings(var_dir=var / "static-growth-host", epochs=GROWTH_EPOCHS, **GROWTH_HOST),
+                             bus=None)
             static.run()
-            grown = run_fleet(var, server.url, secret, mode="sync", budget_ms=30.0)
+            grown = run_fleet(var, server.url, secret, mode="sync", budget_ms=30.0, host=GROWTH_HOST,
+                              epochs=GROWTH_EPOCHS)
             pipelined = run_fleet(var, server.url, secret, mode="pipelined", budget_ms=5.0,
-                                  breaker_failures=NEVER_OPEN)
+                                  breaker_failures=NEVER_OPEN,
+                                  sidecar_cores=pinning[1] if pinning is not None else None)
+            threaded = run_fleet(var, server.url, secret, mode="pipelined", budget_ms=5.0,
+                                 breaker_failures=NEVER_OPEN, transport="thread")
             plain_ms_again, _ = plain_loop(static_settings)  # bracket the control-plane run
         finally:
             for p in procs:
@@ -212,6 +238,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             "pipelined_conservative_steps": pipelined["conservative_steps"],
             "pipelined_snapshots": pipelined["snapshots"],
             "pipelined_snapshots_deferred": pipelined["snapshots_deferred"],
+            "static_trainer_step_ms": bare.step_seconds * 1000.0 / max(1, bare.stats.steps),
+            "control_step_ms_thread": threaded["step_ms"], "overhead_ratio_thread": threaded["step_ms"] / plain,
+            "thread_packets_sent": threaded["packets_sent"], "thread_decisions": threaded["decisions"],
+            "thread_timeouts": threaded["timeouts"], "thread_commands_applied": threaded["commands_applied"],
+            "thread_skipped_inflight": threaded["decisions_skipped_inflight"],
+            "thread_decision_p50_ms": threaded["decision_p50_ms"],
             "pinned": pinning is not None,
             "trainer_cores": sorted(pinning[0]) if pinning else None,
             "fleet_cores": sorted(pinning[1]) if pinning else None,
@@ -231,7 +263,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     server.stop()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
-    for k in ("overhead_ratio", "plain_step_ms", "control_step_ms", "rollback_fast_p95_ms",
+    for k in ("overhead_ratio", "overhead_ratio_thread", "plain_step_ms", "control_step_ms",
+              "control_step_ms_thread", "static_trainer_step_ms", "rollback_fast_p95_ms",
               "rollback_checkpoint_p95_ms", "accuracy_static", "accuracy_grown", "grown_seeds_fossilized"):
         print(f"{k:28s} {result[k]}")
     return 0

@@ -86,10 +86,12 @@ def _germinate(keys: object, seed_id: str, blueprint: str, command_id: str) -> p
     return sign_command(cmd, keys)  # type: ignore[arg-type]
 
 
+@pytest.mark.parametrize("transport", ["thread", "process"])
 async def test_loop_against_real_tamiyo_and_urza(make_client: ClientFactory, settings: OonaSettings,
-                                                 tmp_path: Path) -> None:
-    """Sync decisions from a real Tamiyo every step; a signed germinate fetches a real kernel from Urza
-    over the bus, and the seed joins the model and its optimizer."""
+                                                 tmp_path: Path, transport: str) -> None:
+    """Sync decisions from a real Tamiyo every step (on the bus thread, or through the sidecar process);
+    a signed germinate fetches a real kernel from Urza over the bus, and the seed joins the model and
+    its optimizer."""
     us = urza_settings(settings, tmp_path / "urza", seed_karn=True, seed_slot="v16")
     with UrzaLibrary(us.db_path, us.artifact_dir) as lib:
         forge_once(lib, [SlotShape(16)], device=torch.device("cpu"), compile_enabled=False, seed=0,
@@ -97,7 +99,7 @@ async def test_loop_against_real_tamiyo_and_urza(make_client: ClientFactory, set
     observer = await make_client("observer")
     ts = _settings(tmp_path, redis_url=settings.redis_url, leyline_secret=settings.leyline_secret, epochs=1,
                    decision_mode="sync", tamiyo_step_timeout_ms=500.0, artifact_dir=us.artifact_dir,
-                   run_id="run-loop")
+                   run_id="run-loop", decision_transport=transport)
     async with running_urza(us), running_tamiyo(tamiyo_settings(settings, tmp_path / "tamiyo")):
         bus = BusThread(ts)
         bus.start()

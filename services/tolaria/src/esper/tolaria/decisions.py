@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from esper.leyline import pb
-from esper.oona import OonaError
+from esper.oona import OonaClient, OonaError
 from esper.oona.errors import RequestTimeoutError
 from esper.tolaria.bus import BusThread
 
@@ -93,20 +93,25 @@ class DecisionClient:
         return result
 
     async def _ask(self, packet: pb.SystemStatePacket, step: int) -> Decision:
-        t0 = time.perf_counter()
-        try:
-            reply = await self.bus.client.request("state", packet, timeout_ms=self.budget_ms)
-        except RequestTimeoutError as e:
-            return Decision(step, packet.packet_id, "timeout", _ms(t0), detail=str(e))
-        except OonaError as e:
-            return Decision(step, packet.packet_id, "error", _ms(t0), detail=f"{type(e).__name__}: {e}")
-        msg = reply.message()
-        if isinstance(msg, pb.AdaptationCommand):
-            return Decision(step, packet.packet_id, "command", _ms(t0), command=msg)
-        if isinstance(msg, pb.DecisionFailure):
-            return Decision(step, packet.packet_id, "failure", _ms(t0), failure=msg,
-                            detail=pb.DecisionFailureReason.Name(msg.reason))
-        return Decision(step, packet.packet_id, "error", _ms(t0), detail=f"unexpected reply {type(msg).__name__}")
+        return await ask(self.bus.client, packet, step, self.budget_ms)
+
+
+async def ask(client: OonaClient, packet: pb.SystemStatePacket, step: int, budget_ms: float) -> Decision:
+    """One request on `state`; every outcome is a `Decision` (a timeout or a bus error included)."""
+    t0 = time.perf_counter()
+    try:
+        reply = await client.request("state", packet, timeout_ms=budget_ms)
+    except RequestTimeoutError as e:
+        return Decision(step, packet.packet_id, "timeout", _ms(t0), detail=str(e))
+    except OonaError as e:
+        return Decision(step, packet.packet_id, "error", _ms(t0), detail=f"{type(e).__name__}: {e}")
+    msg = reply.message()
+    if isinstance(msg, pb.AdaptationCommand):
+        return Decision(step, packet.packet_id, "command", _ms(t0), command=msg)
+    if isinstance(msg, pb.DecisionFailure):
+        return Decision(step, packet.packet_id, "failure", _ms(t0), failure=msg,
+                        detail=pb.DecisionFailureReason.Name(msg.reason))
+    return Decision(step, packet.packet_id, "error", _ms(t0), detail=f"unexpected reply {type(msg).__name__}")
 
 
 def _ms(t0: float) -> float:

@@ -90,6 +90,13 @@ class TolariaSettings(OonaSettings):
     decision_mode: DecisionMode = Field("pipelined", validation_alias=_t("decision_mode"),
                                         description="pipelined: step k+1 starts at once, the reply is applied at "
                                                     "the next boundary; sync: wait up to the step timeout")
+    decision_transport: Literal["thread", "process"] = Field(
+        "process", validation_alias=_t("decision_transport"),
+        description="thread: requests run on the trainer's bus thread; process: in a sidecar process, so their "
+                    "Python work does not take the GIL from training (sidecar.py)")
+    decision_sidecar_cores: list[int] | None = Field(
+        None, validation_alias=_t("decision_sidecar_cores"),
+        description="process transport: pin the sidecar to these cores (JSON list; unset: inherit)")
     tamiyo_step_timeout_ms: float = Field(5.0, gt=0.0, validation_alias="TAMIYO_STEP_TIMEOUT_MS",
                                           description="decision deadline per state packet (Tamiyo's env name)")
     max_staleness_steps: int = Field(2, ge=0, validation_alias=_t("max_staleness_steps"),

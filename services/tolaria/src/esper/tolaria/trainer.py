@@ -52,6 +52,7 @@ from esper.tolaria.metrics import TrainingSignals, batch_accuracy, gradient_norm
 from esper.tolaria.packet import build_packet
 from esper.tolaria.rollback import RollbackDeadlineExceeded, RollbackError, RollbackManager
 from esper.tolaria.settings import TolariaSettings
+from esper.tolaria.sidecar import SidecarDecisionClient
 from esper.urza.store import ArtifactStore
 
 log = get_logger("esper.tolaria.trainer")
@@ -122,7 +123,14 @@ class Trainer:
         self.kasmina = Kasmina(keys=s.signing_keys() if bus is not None else None, settings=ks, kernels=kernels,
                                optimizer=self.optimizer)
         self.kasmina.register_host(self.host)
-        self.decisions = None if bus is None else DecisionClient(bus, budget_ms=s.tamiyo_step_timeout_ms)
+        self.decisions: DecisionClient | SidecarDecisionClient | None = None
+        if bus is not None and s.decision_transport == "process":
+            cores = set(s.decision_sidecar_cores) if s.decision_sidecar_cores else None
+            self.decisions = SidecarDecisionClient(s, budget_ms=s.tamiyo_step_timeout_ms, cores=cores,
+                                                   metrics=bus.client.metrics)
+            self.decisions.start()
+        elif bus is not None:
+            self.decisions = DecisionClient(bus, budget_ms=s.tamiyo_step_timeout_ms)
         self.conservative = ConservativeMode(failure_threshold=s.decision_breaker_failures,
                                              reset_timeout_s=s.decision_breaker_reset_s, clock=clock)
         self.checkpoints = CheckpointStore(s.checkpoint_dir, keep=s.checkpoint_keep, run_id=s.run_id)
@@ -565,6 +573,8 @@ class Trainer:
         }
 
     def close(self, timeout_s: float = 5.0) -> None:
+        if isinstance(self.decisions, SidecarDecisionClient):
+            self.decisions.close()
         publisher = self.emergency.publisher
         if publisher is not None:
             publisher.flush(timeout_s)

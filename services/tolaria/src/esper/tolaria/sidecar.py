@@ -1,0 +1,211 @@
+"""Decisions through a sidecar process (`TOLARIA_DECISION_TRANSPORT=process`).
+
+Why a process: with the bus thread (`bus.py`) every request and reply is Python work (protobuf,
+signing, redis-py, the event loop) that takes the GIL from the training thread; on a sub-millisecond
+step that alone costs as much as the step (bench: ~0.8 ms per round trip). Here the request runs in
+a child process with its own Oona client (pinned, on a multi-core machine, away from the trainer:
+ARCHITECTURE §11 puts the fleet on the other core), and the trainer only pickles the packet into a
+pipe and polls the pipe at step boundaries (`multiprocessing.connection`: no library does
+"request/reply off-process, polled without blocking" more simply).
+
+The interface is `DecisionClient`'s, so the trainer does not know which transport it has. A child
+that dies is an explicit failure: the request in flight comes back as an `error` decision (counted,
+it feeds the decision breaker) and the next submit starts a new child.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import multiprocessing.connection
+import os
+import socket
+import subprocess
+import sys
+from typing import Any
+
+from esper.core.logging import get_logger
+from esper.leyline import pb
+from esper.oona import OonaClient, OonaMetrics, OonaSettings
+from esper.tolaria.decisions import Decision, ask
+
+log = get_logger("esper.tolaria.sidecar")
+
+_START_TIMEOUT_S = 30.0
+
+
+def _serve(conn: multiprocessing.connection.Connection) -> None:
+    """The child: read its settings, connect, then answer one `(step, packet)` at a time until the
+    pipe closes."""
+    import uvloop
+
+    settings, budget_ms, cores = conn.recv()
+    if cores and hasattr(os, "sched_setaffinity"):
+        os.sched_setaffinity(0, cores)
+
+    async def main() -> None:
+        client = OonaClient.from_settings(settings, sender="tolaria")
+        await client.connect()
+        conn.send("ready")
+        loop = asyncio.get_running_loop()
+        inbox: asyncio.Queue[Any] = asyncio.Queue()
+        loop.add_reader(conn.fileno(), lambda: inbox.put_nowait(_recv(conn)))
+        try:
+            while (item := await inbox.get()) is not None:
+                step, raw = item
+                conn.send(_encode(await ask(client, pb.SystemStatePacket.FromString(raw), step, budget_ms)))
+        finally:
+            loop.remove_reader(conn.fileno())
+            await client.close()
+
+    with contextlib.suppress(KeyboardInterrupt, BrokenPipeError, EOFError):
+        uvloop.run(main())
+
+
+# Generated protobuf classes do not pickle (their module is imported under another name): messages
+# cross the pipe as bytes.
+_Wire = tuple[int, str, str, float, bytes | None, bytes | None, str]
+
+
+def _encode(d: Decision) -> _Wire:
+    return (d.step, d.packet_id, d.kind, d.latency_ms, d.command.SerializeToString() if d.command else None,
+            d.failure.SerializeToString() if d.failure else None, d.detail)
+
+
+def _decode(w: _Wire) -> Decision:
+    step, packet_id, kind, latency_ms, command, failure, detail = w
+    return Decision(step, packet_id, kind, latency_ms,  # type: ignore[arg-type]  # kind came from a Decision
+                    command=pb.AdaptationCommand.FromString(command) if command is not None else None,
+                    failure=pb.DecisionFailure.FromString(failure) if failure is not None else None, detail=detail)
+
+
+def _recv(conn: multiprocessing.connection.Connection) -> Any:
+    try:
+        return conn.recv()
+    except (EOFError, OSError):
+        return None  # the trainer went away: stop
+
+
+class SidecarDecisionClient:
+    """`DecisionClient` over a child process: `submit` pickles into a pipe, `poll` looks at it."""
+
+    def __init__(self, settings: OonaSettings, *, budget_ms: float, cores: set[int] | None = None,
+                 metrics: OonaMetrics | None = None) -> None:
+        """`metrics`: the trainer's Oona metrics, where the child's round trips and timeouts on `state`
+        are recorded as the bus thread's would be (the child's own registry is not scraped)."""
+        self.settings = settings
+        self.budget_ms = budget_ms
+        self.cores = cores
+        self.metrics = metrics
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._conn: multiprocessing.connection.Connection | None = None
+        self._inflight: tuple[int, str] | None = None  # (step, packet_id) of the request in flight
+        self.sent = 0
+        self.skipped_inflight = 0
+        self.restarts = 0
+
+    def start(self) -> None:
+        """A fresh interpreter (`python -m esper.tolaria.sidecar FD`), not `multiprocessing`'s spawn,
+        which re-imports the parent's `__main__` (a script without a main guard would run again) and
+        not fork, which is unsafe once torch has started its threads."""
+        ours, theirs = socket.socketpair()
+        proc = subprocess.Popen([sys.executable, "-m", "esper.tolaria.sidecar", str(theirs.fileno())],
+                                pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL)
+        theirs.close()
+        parent = multiprocessing.connection.Connection(ours.detach())
+        try:
+            parent.send((self.settings, self.budget_ms, self.cores))
+            ready = parent.poll(_START_TIMEOUT_S) and parent.recv() == "ready"
+        except (OSError, EOFError):
+            ready = False
+        if not ready:
+            proc.kill()
+            proc.wait()
+            parent.close()
+            raise RuntimeError(f"decision sidecar did not connect within {_START_TIMEOUT_S:g} s")
+        self._proc, self._conn = proc, parent
+
+    def close(self) -> None:
+        conn, proc = self._conn, self._proc
+        self._conn = self._proc = None
+        if conn is not None:
+            with contextlib.suppress(OSError):
+                conn.send(None)
+            conn.close()
+        if proc is not None:
+            try:
+                proc.wait(5.0)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(5.0)
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc is not None else None
+
+    @property
+    def busy(self) -> bool:
+        return self._inflight is not None and not self._ready()
+
+    def _ready(self) -> bool:
+        try:
+            return self._conn is None or self._conn.poll(0)
+        except (OSError, EOFError):
+            return True  # a dead child: the next poll turns the request into an error decision
+
+    def skip_pending(self) -> None:
+        self.skipped_inflight += 1
+
+    def submit(self, packet: pb.SystemStatePacket, step: int) -> bool:
+        if self.busy:
+            self.skipped_inflight += 1
+            return False
+        if self._conn is None or self._proc is None or self._proc.poll() is not None:
+            self.close()
+            self.restarts += 1
+            log.warning("decision sidecar (re)starting", restarts=self.restarts)
+            self.start()
+        try:
+            if self._conn is not None:
+                self._conn.send((step, packet.SerializeToString()))
+        except OSError:
+            self.close()  # the poll that follows turns this request into an error decision
+        self._inflight = (step, packet.packet_id)
+        self.sent += 1
+        return True
+
+    def poll(self) -> Decision | None:
+        if self._inflight is None or not self._ready():
+            return None
+        return self._take()
+
+    def wait(self) -> Decision | None:
+        if self._inflight is None:
+            return None
+        try:
+            arrived = self._conn is None or self._conn.poll(self.budget_ms / 1000.0 + 1.0)
+        except (OSError, EOFError):
+            arrived = True
+        return self._take() if arrived else None
+
+    def _take(self) -> Decision:
+        assert self._inflight is not None
+        step, packet_id = self._inflight
+        self._inflight = None
+        try:
+            if self._conn is None:
+                raise EOFError("no sidecar")
+            decision = _decode(self._conn.recv())
+        except (OSError, EOFError) as e:
+            self.close()  # the next submit starts a new child
+            return Decision(step, packet_id, "error", 0.0, detail=f"decision sidecar died: {type(e).__name__}")
+        if self.metrics is not None:
+            if decision.kind == "timeout":
+                self.metrics.request_timeouts.labels("state").inc()
+            elif decision.kind in ("command", "failure"):
+                self.metrics.request_latency.labels("state").observe(decision.latency_ms / 1000.0)
+        return decision
+
+
+if __name__ == "__main__":
+    _serve(multiprocessing.connection.Connection(int(sys.argv[1])))

@@ -1,0 +1,58 @@
+"""The sidecar decision transport: real requests from a child process, and a child that dies."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+from pathlib import Path
+
+from prometheus_client import CollectorRegistry
+
+from esper.oona import OonaMetrics, OonaSettings
+from esper.tamiyo.standin import sample_packet
+from esper.tolaria.settings import TolariaSettings
+from esper.tolaria.sidecar import SidecarDecisionClient
+from tests.tamiyo._fleet import running_tamiyo, tamiyo_settings
+
+
+def _settings(settings: OonaSettings, tmp_path: Path) -> TolariaSettings:
+    return TolariaSettings(var_dir=tmp_path / "tolaria", redis_url=settings.redis_url,
+                           leyline_secret=settings.leyline_secret, metrics_port=-1)
+
+
+async def test_decisions_come_back_through_the_sidecar(settings: OonaSettings, tmp_path: Path) -> None:
+    registry = CollectorRegistry()
+    client = SidecarDecisionClient(_settings(settings, tmp_path), budget_ms=2000.0, metrics=OonaMetrics(registry))
+    async with running_tamiyo(tamiyo_settings(settings, tmp_path / "tamiyo")):
+        await asyncio.to_thread(client.start)
+        try:
+            assert client.submit(sample_packet("sc-1", 1, run="sc"), 1)
+            assert not client.submit(sample_packet("sc-2", 2, run="sc"), 2) or not client.busy  # one in flight
+            decision = await asyncio.to_thread(client.wait)
+            assert decision is not None and decision.step == 1 and decision.packet_id == "sc-1"
+            assert decision.kind in ("command", "failure"), decision
+            assert (decision.command or decision.failure) is not None
+            # The child's round trip is on the trainer's /metrics, as the bus thread's would be.
+            assert registry.get_sample_value("oona_request_seconds_count", {"channel": "state"}) == 1.0
+        finally:
+            await asyncio.to_thread(client.close)
+
+
+async def test_a_dead_sidecar_is_an_error_decision_and_is_restarted(settings: OonaSettings, tmp_path: Path) -> None:
+    """No Tamiyo answers, so the request stays in flight; the child is killed under it."""
+    client = SidecarDecisionClient(_settings(settings, tmp_path), budget_ms=5000.0)
+    await asyncio.to_thread(client.start)
+    try:
+        first = client.pid
+        assert first is not None and client.submit(sample_packet("sc-1", 1, run="sc"), 1)
+        await asyncio.sleep(0.2)
+        assert client.busy and client.poll() is None
+        os.kill(first, signal.SIGKILL)
+        decision = await asyncio.to_thread(client.wait)  # the dead child's pipe reads EOF at once
+        assert decision is not None and decision.kind == "error" and "sidecar died" in decision.detail
+        assert decision.step == 1 and not client.busy
+        assert await asyncio.to_thread(client.submit, sample_packet("sc-2", 2, run="sc"), 2)
+        assert client.restarts == 1 and client.pid not in (None, first)
+    finally:
+        await asyncio.to_thread(client.close)
