@@ -43,6 +43,22 @@ def test_static_run_learns_and_reports(tmp_path: Path) -> None:
     assert len(trainer.checkpoints.history()) == 2  # one per epoch
 
 
+def test_train_mode_is_set_after_validation_and_for_a_module_that_joins(tmp_path: Path) -> None:
+    """The step sets train mode only when it is off (it costs ~20 us a step); a module grafted in
+    eval mode is brought to train mode at the next step boundary (Kasmina attaches kernels at a
+    boundary, just before the structure check, so a seed never trains in eval mode)."""
+    trainer = Trainer(_settings(tmp_path, epochs=1), bus=None)
+    xb, yb = trainer.data.x_train[:32], trainer.data.y_train[:32]
+    trainer.evaluate()
+    assert not trainer.host.training
+    trainer.train_step(xb, yb)
+    assert trainer.host.training
+    joined = torch.nn.Sequential(torch.nn.Dropout(0.5)).eval()
+    trainer.host.set_slot(trainer.host.slot_names[0], joined)
+    trainer.train_step(xb, yb)
+    assert joined.training and all(m.training for m in trainer.host.modules())
+
+
 def test_nan_step_is_rolled_back_and_escalated(tmp_path: Path) -> None:
     s = _settings(tmp_path, enable_fault_injection=True, fault_nan_at_step=5, epochs=1)
     trainer = Trainer(s, bus=None)

@@ -212,7 +212,8 @@ class Trainer:
             self._apply_ms = 0.0
             self._poll_decision()
         self._apply_lr_policy()
-        self.host.train()
+        if not self.host.training:  # after validation; `_snapshot` re-applies it when a seed joins
+            self.host.train()
         logits = self.host(xb)
         loss = F.cross_entropy(logits, yb)
         if s.fault_nan_at_step and self.step == s.fault_nan_at_step:
@@ -440,6 +441,7 @@ class Trainer:
         if quick != self._quick_structure:
             self._quick_structure = quick
             self._check_structure()
+            self.host.train(self.host.training)  # a module that just joined follows the host's mode
         if self.rollback.due(self.step):
             self._check_structure()
             self.rollback.snapshot(self.host, self.optimizer, step=self.step, epoch=self.epoch, force=True)
