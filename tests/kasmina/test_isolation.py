@@ -115,3 +115,33 @@ def test_detach_and_bypass() -> None:
     assert slot.detach_seed() is not None
     assert slot.seed is None and slot.hooks == 0 and slot.mode == "host"
     assert torch.equal(plain(x), seeded(x))
+
+
+@pytest.mark.parametrize("mode", ["CONVEX", "RESIDUAL"])
+def test_local_objective_makes_the_blend_start_at_the_host(mode: str) -> None:
+    """Isolated training drives the seed toward what leaves its blend equal to the host: s ≈ h for
+    CONVEX (y = a·s + (1-a)·h), s ≈ 0 for RESIDUAL (y = h + a·s; reproducing h would double it)."""
+    _, seeded = _pair()
+    seeded.slot.attach(_seed(), BlendSpec(mode=mode))  # type: ignore[arg-type]
+    x, _ = data()
+    h = seeded.act(seeded.fc1(x)).detach()
+    target = torch.zeros_like(h) if mode == "RESIDUAL" else h
+    seed = seeded.slot.seed
+    assert seed is not None
+    before = F.mse_loss(seed(h), target).item()
+    opt = torch.optim.Adam(seed.parameters(), lr=0.02)
+    for _ in range(150):
+        opt.zero_grad(set_to_none=True)
+        seeded(x)
+        aux = seeded.slot.pop_auxiliary_loss()
+        assert aux is not None
+        aux.backward()
+        opt.step()
+    after = F.mse_loss(seed(h), target).item()
+    assert after < 0.1 * before
+    blended = F.mse_loss(_blend_at_one(mode, h, seed(h)), h).item()
+    assert blended < 0.1 * before  # at alpha = 1 the blend is (nearly) the host
+
+
+def _blend_at_one(mode: str, h: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    return h + s if mode == "RESIDUAL" else s

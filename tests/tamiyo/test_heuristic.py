@@ -62,3 +62,24 @@ async def test_service_serves_the_heuristic(make_client: ClientFactory, settings
     cmd = reply.message_as(pb.AdaptationCommand)
     verify_command(cmd, trainer.keys)
     assert cmd.annotations["policy_version"] == HEURISTIC_VERSION and cmd.annotations["rule"] == "improving"
+
+
+async def test_the_heuristic_annotates_the_configured_blend_mode(make_client: ClientFactory, settings: OonaSettings,
+                                                                 tmp_path: Path) -> None:
+    """With TAMIYO_ENABLE_BLEND_MODE_ANN both policies tell Kasmina how to blend (the experiment compares
+    them on equal terms); CONFIDENCE needs policy logits, which rules do not have: CONVEX, said so."""
+    trainer, urza = await make_client("tolaria"), await make_client("urza")
+    for mode, expected in (("RESIDUAL", "RESIDUAL"), ("CONFIDENCE", "CONVEX")):
+        tamiyo = tamiyo_settings(settings, tmp_path / mode, policy="heuristic", enable_blend_mode_ann=True,
+                                 blend_mode_default=mode)
+        async with urza_stand_in(urza), running_tamiyo(tamiyo) as t:
+            async def fetched() -> bool:
+                return bool(t.catalog.view().blueprints)
+
+            await wait_until(fetched, what="catalogue fetched")
+            for epoch in (1, 2, 3):  # the same loss three epochs running: a plateau at the third
+                reply = await trainer.request("state", _packet(epoch, 0.9, run=f"run-{mode}"), timeout_ms=2000)
+        cmd = reply.message_as(pb.AdaptationCommand)
+        assert cmd.command_type == pb.COMMAND_SEED and cmd.annotations["rule"] == "plateau"
+        assert cmd.annotations["blend_mode"] == expected
+        assert (cmd.annotations.get("blend_mode_fallback") == "no_policy_logits") == (mode == "CONFIDENCE")

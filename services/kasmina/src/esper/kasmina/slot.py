@@ -136,7 +136,10 @@ class SeedSlot(nn.Module):
         self._latencies.append((time.perf_counter() - t0) * 1000.0)
         self._trained = self._trained or grad_on
         if self.mode == "train":
-            local = F.mse_loss(out, x.detach())
+            # Learn what makes the blend start where the host is: y = a·s + (1-a)·h wants s ≈ h;
+            # RESIDUAL's y = h + a·s wants s ≈ 0 (a seed that reproduced h would double it).
+            target = torch.zeros_like(out) if self.spec.mode == "RESIDUAL" else x.detach()
+            local = F.mse_loss(out, target)
             self._aux = local if self._aux is None else self._aux + local
             self._local.append(local.detach())
             return host

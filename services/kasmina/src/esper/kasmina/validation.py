@@ -11,7 +11,7 @@ Security checks, in the prototype's order (REFERENCE_PROTOTYPE §4), each with i
 7. ``stale_command`` — ``issued_at`` more than 60 s old;
 8. ``missing_timestamp`` — no ``issued_at``.
 
-Then, for SEED/GERMINATE, the annotations Tamiyo attaches (``policy._annotate_blend_mode``):
+Then, for SEED/GERMINATE, the annotations Tamiyo attaches (``policy.annotate_blend_mode``):
 ``blend_mode`` (CONVEX when absent), ``blending_method`` (linear / cosine / warmup_hold; the
 prototype's tanh curve when absent), CONFIDENCE needs ``confidence_logits`` (a JSON list of at least
 two finite numbers: Tamiyo's logits, from which the gate is computed) and takes ``gate_k``,

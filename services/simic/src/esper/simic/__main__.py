@@ -135,6 +135,7 @@ def experiment(epochs: Annotated[int, typer.Option(min=1)] = 16, runs: Annotated
                explore_runs: Annotated[int, typer.Option(min=1, help="explore arm's runs (Simic's data)")] = 6,
                gamma: Annotated[float, typer.Option(min=0.0, max=1.0, help="Simic's reward discount")] = 1.0,
                gae_lambda: Annotated[float, typer.Option(min=0.0, max=1.0, help="Simic's GAE lambda")] = 1.0,
+               blend_mode: Annotated[str, typer.Option(help="how seeds blend in (CONVEX, RESIDUAL, ...)")] = "CONVEX",
                json_path: Annotated[Path | None, typer.Option("--json", help="write the flat result here")] = None,
                png: Annotated[Path | None, typer.Option(help="write the accuracy plot here")] = None,
                workdir: Annotated[Path | None, typer.Option(help="keep logs, summaries, replay store here")] = None,
@@ -148,7 +149,7 @@ def experiment(epochs: Annotated[int, typer.Option(min=1)] = 16, runs: Annotated
     cfg = ExperimentConfig(epochs=epochs, runs=runs, hidden_width=hidden_width, hidden_layers=hidden_layers,
                            input_slot=input_slot, learning_rate=lr, explore=explore,
                            explore_epsilon=explore_epsilon, explore_runs=explore_runs, simic_gamma=gamma,
-                           simic_gae_lambda=gae_lambda, workdir=workdir)
+                           simic_gae_lambda=gae_lambda, blend_mode=blend_mode, workdir=workdir)
     # SIGTERM unwinds like Ctrl-C, so the fleet and the private redis-server are stopped, never orphaned.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     result = run_experiment(cfg, log=lambda line: typer.echo(line, err=True))

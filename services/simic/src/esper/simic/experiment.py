@@ -81,6 +81,9 @@ class ExperimentConfig:
     # horizon of the prototype's gamma 0.99 / lambda 0.95 at one decision per step.
     simic_gamma: float = 1.0
     simic_gae_lambda: float = 1.0
+    # How both policies' seeds blend in (TAMIYO_BLEND_MODE_DEFAULT). Under CONVEX an input-slot seed must
+    # reproduce all 64 features and G4 culls most; RESIDUAL keeps more of them but measured worse (docs).
+    blend_mode: str = "CONVEX"
     workdir: Path | None = None  # kept when given; a temp dir otherwise
 
 
@@ -173,7 +176,8 @@ def _base_env(root: Path, redis_url: str, cfg: ExperimentConfig) -> dict[str, st
             "TOLARIA_HIDDEN_LAYERS": str(cfg.hidden_layers), "TOLARIA_INPUT_SLOT": str(cfg.input_slot).lower(),
             "TOLARIA_LR": repr(cfg.learning_rate), "TOLARIA_EPOCHS": str(cfg.epochs),
             "TOLARIA_DECISION_MODE": "sync", "TAMIYO_STEP_TIMEOUT_MS": repr(cfg.step_timeout_ms),
-            "TOLARIA_EMERGENCY_ENABLED": "false", "TAMIYO_METADATA_TIMEOUT_MS": "500"}
+            "TOLARIA_EMERGENCY_ENABLED": "false", "TAMIYO_METADATA_TIMEOUT_MS": "500",
+            "TAMIYO_ENABLE_BLEND_MODE_ANN": "true", "TAMIYO_BLEND_MODE_DEFAULT": cfg.blend_mode}
 
 
 def _redis_until(url: str, what: str, check: Any, timeout_s: float = READY_S) -> None:
@@ -340,6 +344,7 @@ def results(cfg: ExperimentConfig, arms: dict[str, ArmResult], training: dict[st
                            "learning_rate": cfg.learning_rate, "explore": cfg.explore,
                            "explore_epsilon": cfg.explore_epsilon, "explore_runs": cfg.explore_runs,
                            "simic_gamma": cfg.simic_gamma, "simic_gae_lambda": cfg.simic_gae_lambda,
+                           "blend_mode": cfg.blend_mode,
                            "wall_s": round(wall_s, 1)}
     for name, arm in arms.items():
         if not arm.summaries:

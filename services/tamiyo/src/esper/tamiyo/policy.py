@@ -36,6 +36,7 @@ __all__ = [
     "BlendModeSettings",
     "GraphIds",
     "PolicyDecision",
+    "annotate_blend_mode",
     "coverage_fraction",
     "decide",
     "finish_decision",
@@ -213,8 +214,8 @@ def decide(
     if explored:
         decision.command.annotations["explored"] = "blueprint"
     if blend_mode_annotations and action == ACTION_GERMINATE:
-        _annotate_blend_mode(decision, blend or BlendModeSettings(), channel_count,
-                             policy_logits=out.policy_logits.reshape(-1).tolist())
+        annotate_blend_mode(decision, blend or BlendModeSettings(), channel_count,
+                            policy_logits=out.policy_logits.reshape(-1).tolist())
     return decision
 
 
@@ -339,13 +340,16 @@ def _annotate(d: PolicyDecision) -> None:
     ann["blending_schedule_end"] = _f(d.schedule_end, 4)
 
 
-def _annotate_blend_mode(d: PolicyDecision, blend: BlendModeSettings, channel_count: int | None, *,
-                         policy_logits: list[float]) -> None:
+def annotate_blend_mode(d: PolicyDecision, blend: BlendModeSettings, channel_count: int | None, *,
+                        policy_logits: list[float]) -> None:
     """P8: tell Kasmina how to blend. CHANNEL needs a known, small channel count; without one it falls
     back to CONVEX and says why, rather than sending a vector nobody computed. CONFIDENCE carries the
-    policy's action logits: Kasmina gates alpha on their top-1/top-2 margin (how sure the policy was)."""
+    policy's action logits: Kasmina gates alpha on their top-1/top-2 margin (how sure the policy was);
+    a policy without logits (the rule-based one) falls back to CONVEX."""
     ann = d.command.annotations
     mode = blend.mode
+    if mode == "CONFIDENCE" and not policy_logits:
+        mode, ann["blend_mode_fallback"] = "CONVEX", "no_policy_logits"
     if mode == "CHANNEL":
         if channel_count is None or channel_count < 1:
             mode, ann["blend_mode_fallback"] = "CONVEX", "channel_count_unknown"

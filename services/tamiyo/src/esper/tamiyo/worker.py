@@ -37,7 +37,14 @@ from esper.tamiyo.gnn import PolicyOutputs
 from esper.tamiyo.graph import GraphBuilder, GraphInputs
 from esper.tamiyo.heuristic import HeuristicPolicy
 from esper.tamiyo.metadata import BlueprintInfo
-from esper.tamiyo.policy import POLICY_COMMAND_ANNOTATION, BlendModeSettings, PolicyDecision, decide
+from esper.tamiyo.policy import (
+    ACTION_GERMINATE,
+    POLICY_COMMAND_ANNOTATION,
+    BlendModeSettings,
+    PolicyDecision,
+    annotate_blend_mode,
+    decide,
+)
 from esper.tamiyo.risk import RiskInputs, RiskVerdict, evaluate
 from esper.tamiyo.schema import POLICY_VERSION
 from esper.tamiyo.settings import TamiyoSettings
@@ -205,6 +212,8 @@ class TamiyoWorker:
             if self.heuristic is not None:
                 decision = self.heuristic.decide(packet, seed_ids=graph.seed_ids, blueprint_ids=graph.blueprint_ids,
                                                  feature_coverage=graph.feature_coverage)
+                if self.settings.enable_blend_mode_ann and decision.action == ACTION_GERMINATE:
+                    annotate_blend_mode(decision, self.blend, None, policy_logits=[])  # as the GNN's
             else:
                 outputs = await self._infer(graph, deadline, timings, live.policy)
                 decision = self._map(outputs, graph, live.version, _germinable(packet))
