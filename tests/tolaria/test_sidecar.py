@@ -52,7 +52,15 @@ async def test_a_dead_sidecar_is_an_error_decision_and_is_restarted(settings: Oo
         decision = await asyncio.to_thread(client.wait)  # the dead child's pipe reads EOF at once
         assert decision is not None and decision.kind == "error" and "sidecar died" in decision.detail
         assert decision.step == 1 and not client.busy
-        assert await asyncio.to_thread(client.submit, sample_packet("sc-2", 2, run="sc"), 2)
+        # The next boundary starts a new child without waiting for it: nothing is sent (counted) until
+        # it has connected, and training never stalls on the restart.
+        assert not client.submit(sample_packet("sc-2", 2, run="sc"), 2)  # a blocking restart would have sent
+        assert client.skipped_starting == 1
         assert client.restarts == 1 and client.pid not in (None, first)
+        for step in range(3, 400):
+            if client.submit(sample_packet(f"sc-{step}", step, run="sc"), step):
+                break
+            await asyncio.sleep(0.05)
+        assert client.sent == 2 and client.skipped_starting >= 1
     finally:
         await asyncio.to_thread(client.close)

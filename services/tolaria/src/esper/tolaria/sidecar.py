@@ -10,7 +10,8 @@ pipe and polls the pipe at step boundaries (`multiprocessing.connection`: no lib
 
 The interface is `DecisionClient`'s, so the trainer does not know which transport it has. A child
 that dies is an explicit failure: the request in flight comes back as an `error` decision (counted,
-it feeds the decision breaker) and the next submit starts a new child.
+it feeds the decision breaker) and the next submit starts a new child without waiting for it (the
+boundaries until it has connected send nothing, counted): training never stalls on a restart.
 """
 
 from __future__ import annotations
@@ -99,35 +100,51 @@ class SidecarDecisionClient:
         self.metrics = metrics
         self._proc: subprocess.Popen[bytes] | None = None
         self._conn: multiprocessing.connection.Connection | None = None
+        self._ready_child = False  # the child said "ready" (connected to Redis)
         self._inflight: tuple[int, str] | None = None  # (step, packet_id) of the request in flight
+        self._unpolled: Decision | None = None  # finished before the boundary that would have polled it
         self.sent = 0
         self.skipped_inflight = 0
+        self.skipped_starting = 0  # boundaries that found a restarted child still connecting
         self.restarts = 0
 
-    def start(self) -> None:
+    def start(self, timeout_s: float = _START_TIMEOUT_S) -> None:
+        """Start the child and wait until it is connected (the trainer's start-up, not a step)."""
+        self._launch()
+        assert self._conn is not None
+        try:
+            arrived = self._conn.poll(timeout_s)
+        except (OSError, EOFError):
+            arrived = False
+        if not (arrived and self._child_ready()):
+            self.close()
+            raise RuntimeError(f"decision sidecar did not connect within {timeout_s:g} s")
+
+    def _launch(self) -> None:
         """A fresh interpreter (`python -m esper.tolaria.sidecar FD`), not `multiprocessing`'s spawn,
         which re-imports the parent's `__main__` (a script without a main guard would run again) and
-        not fork, which is unsafe once torch has started its threads."""
+        not fork, which is unsafe once torch has started its threads. Does not wait for it."""
         ours, theirs = socket.socketpair()
-        proc = subprocess.Popen([sys.executable, "-m", "esper.tolaria.sidecar", str(theirs.fileno())],
-                                pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL)
+        self._proc = subprocess.Popen([sys.executable, "-m", "esper.tolaria.sidecar", str(theirs.fileno())],
+                                      pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL)
         theirs.close()
-        parent = multiprocessing.connection.Connection(ours.detach())
-        try:
-            parent.send((self.settings, self.budget_ms, self.cores))
-            ready = parent.poll(_START_TIMEOUT_S) and parent.recv() == "ready"
-        except (OSError, EOFError):
-            ready = False
-        if not ready:
-            proc.kill()
-            proc.wait()
-            parent.close()
-            raise RuntimeError(f"decision sidecar did not connect within {_START_TIMEOUT_S:g} s")
-        self._proc, self._conn = proc, parent
+        self._conn = multiprocessing.connection.Connection(ours.detach())
+        self._ready_child = False
+        self._conn.send((self.settings, self.budget_ms, self.cores))
+
+    def _child_ready(self) -> bool:
+        """Non-blocking: has the child said "ready"?"""
+        if not self._ready_child and self._conn is not None:
+            try:
+                self._ready_child = self._conn.poll(0) and self._conn.recv() == "ready"
+            except (OSError, EOFError):
+                self._ready_child = False
+        return self._ready_child
 
     def close(self) -> None:
         conn, proc = self._conn, self._proc
         self._conn = self._proc = None
+        self._ready_child = False
         if conn is not None:
             with contextlib.suppress(OSError):
                 conn.send(None)
@@ -145,9 +162,9 @@ class SidecarDecisionClient:
 
     @property
     def busy(self) -> bool:
-        return self._inflight is not None and not self._ready()
+        return self._inflight is not None and not self._reply_waiting()
 
-    def _ready(self) -> bool:
+    def _reply_waiting(self) -> bool:
         try:
             return self._conn is None or self._conn.poll(0)
         except (OSError, EOFError):
@@ -157,14 +174,21 @@ class SidecarDecisionClient:
         self.skipped_inflight += 1
 
     def submit(self, packet: pb.SystemStatePacket, step: int) -> bool:
+        """Send unless a request is in flight or a restarted child is still connecting (both counted):
+        a dead child is replaced without waiting, so training never stalls on it."""
         if self.busy:
             self.skipped_inflight += 1
             return False
+        if self._inflight is not None:  # done but not polled yet: keep it for the next poll
+            self._unpolled = self._take()
         if self._conn is None or self._proc is None or self._proc.poll() is not None:
             self.close()
             self.restarts += 1
-            log.warning("decision sidecar (re)starting", restarts=self.restarts)
-            self.start()
+            log.warning("decision sidecar restarting", restarts=self.restarts)
+            self._launch()
+        if not self._child_ready():
+            self.skipped_starting += 1
+            return False
         try:
             if self._conn is not None:
                 self._conn.send((step, packet.SerializeToString()))
@@ -175,11 +199,17 @@ class SidecarDecisionClient:
         return True
 
     def poll(self) -> Decision | None:
-        if self._inflight is None or not self._ready():
+        if self._unpolled is not None:
+            ready, self._unpolled = self._unpolled, None
+            return ready
+        if self._inflight is None or not self._reply_waiting():
             return None
         return self._take()
 
     def wait(self) -> Decision | None:
+        if self._unpolled is not None:
+            ready, self._unpolled = self._unpolled, None
+            return ready
         if self._inflight is None:
             return None
         try:
@@ -205,7 +235,6 @@ class SidecarDecisionClient:
             elif decision.kind in ("command", "failure"):
                 self.metrics.request_latency.labels("state").observe(decision.latency_ms / 1000.0)
         return decision
-
 
 if __name__ == "__main__":
     _serve(multiprocessing.connection.Connection(int(sys.argv[1])))

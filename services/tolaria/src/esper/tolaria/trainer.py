@@ -565,6 +565,8 @@ class Trainer:
             "seeds_culled": st.seeds_culled, "seeds_by_stage": dict(stages), "seed_parameters": seed_params,
             "host_parameters": sum(p.numel() for p in self.host.host_parameters()),
             "decisions_skipped_inflight": self.decisions.skipped_inflight if self.decisions else 0,
+            "decision_sidecar_restarts": getattr(self.decisions, "restarts", 0),
+            "decisions_skipped_sidecar_starting": getattr(self.decisions, "skipped_starting", 0),
             "conservative_mode": self.conservative.active, "conservative_entries": self.conservative.entries,
             "conservative_steps": self.conservative.steps,
             "decisions_skipped_conservative": self.conservative.skipped,
