@@ -73,7 +73,7 @@ def plain_loop(settings: TolariaSettings) -> tuple[float, int]:
     """The baseline: the same host, data order and optimizer, nothing else. (ms per step, steps)."""
     torch.manual_seed(settings.seed)
     data = load_dataset(None, seed=settings.seed)
-    host = build_host(data.meta, hidden=(WIDTH, WIDTH), seed=settings.seed)
+    host = build_host(data.meta, hidden=settings.host_hidden(), seed=settings.seed)
     opt = make_optimizer(settings, host.parameters())
     steps, spent = 0, 0.0
     for epoch in range(1, settings.epochs + 1):
