@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import time
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Literal
 
@@ -36,20 +37,36 @@ class Decision:
     detail: str = ""
 
 
-class DecisionClient:
-    """Submits packets from the training thread; the bus thread does the waiting."""
+class OneInFlight(ABC):
+    """The request discipline both transports share: at most one request in flight; a boundary that
+    finds it pending sends nothing (counted); a reply that finished before the boundary that would
+    have polled it is kept for the next poll, so no outcome is lost. Subclasses move the bytes."""
 
-    def __init__(self, bus: BusThread, *, budget_ms: float) -> None:
-        self.bus = bus
+    def __init__(self, *, budget_ms: float) -> None:
         self.budget_ms = budget_ms
-        self._inflight: concurrent.futures.Future[Decision] | None = None
-        self._ready: Decision | None = None  # finished before the boundary that would have polled it
+        self._unpolled: Decision | None = None
         self.sent = 0
         self.skipped_inflight = 0
 
+    @abstractmethod
+    def _pending(self) -> bool:
+        """A request was sent and its decision not taken yet."""
+
+    @abstractmethod
+    def _arrived(self, timeout_s: float = 0.0) -> bool:
+        """The pending request's outcome can be taken (waits up to `timeout_s`)."""
+
+    @abstractmethod
+    def _take(self) -> Decision:
+        """The pending request's outcome (call only when `_arrived`); it is no longer pending."""
+
+    @abstractmethod
+    def _send(self, packet: pb.SystemStatePacket, step: int) -> bool:
+        """Start the request; False when nothing could be sent this boundary."""
+
     @property
     def busy(self) -> bool:
-        return self._inflight is not None and not self._inflight.done()
+        return self._pending() and not self._arrived()
 
     def skip_pending(self) -> None:
         """The caller saw a request still in flight and sends nothing this boundary (counted)."""
@@ -60,37 +77,61 @@ class DecisionClient:
         if self.busy:
             self.skipped_inflight += 1
             return False
-        if self._inflight is not None:  # done but not polled yet: keep it for the next poll
-            self._ready = self._inflight.result()
-        self._inflight = self.bus.submit(self._ask(packet, step))
+        if self._pending():  # done but not polled yet: keep it for the next poll
+            self._unpolled = self._take()
+        if not self._send(packet, step):
+            return False
         self.sent += 1
         return True
 
     def poll(self) -> Decision | None:
         """The finished decision, if any (non-blocking); the oldest unpolled one first."""
-        if self._ready is not None:
-            ready, self._ready = self._ready, None
+        if self._unpolled is not None:
+            ready, self._unpolled = self._unpolled, None
             return ready
-        fut = self._inflight
-        if fut is None or not fut.done():
+        if not self._pending() or not self._arrived():
             return None
-        self._inflight = None
-        return fut.result()
+        return self._take()
 
     def wait(self) -> Decision | None:
         """Sync mode: block up to the budget (plus a scheduling margin; the request enforces the budget)."""
-        if self._ready is not None:
-            ready, self._ready = self._ready, None
+        if self._unpolled is not None:
+            ready, self._unpolled = self._unpolled, None
             return ready
+        if not self._pending() or not self._arrived(self.budget_ms / 1000.0 + 1.0):
+            return None
+        return self._take()
+
+
+class DecisionClient(OneInFlight):
+    """Submits packets from the training thread; the bus thread does the waiting."""
+
+    def __init__(self, bus: BusThread, *, budget_ms: float) -> None:
+        super().__init__(budget_ms=budget_ms)
+        self.bus = bus
+        self._inflight: concurrent.futures.Future[Decision] | None = None
+
+    def _pending(self) -> bool:
+        return self._inflight is not None
+
+    def _arrived(self, timeout_s: float = 0.0) -> bool:
         fut = self._inflight
-        if fut is None:
-            return None
+        if fut is None or timeout_s <= 0:
+            return fut is None or fut.done()
         try:
-            result = fut.result(self.budget_ms / 1000.0 + 1.0)
+            fut.result(timeout_s)
         except concurrent.futures.TimeoutError:
-            return None
-        self._inflight = None
-        return result
+            return False
+        return True
+
+    def _take(self) -> Decision:
+        assert self._inflight is not None
+        fut, self._inflight = self._inflight, None
+        return fut.result()
+
+    def _send(self, packet: pb.SystemStatePacket, step: int) -> bool:
+        self._inflight = self.bus.submit(self._ask(packet, step))
+        return True
 
     async def _ask(self, packet: pb.SystemStatePacket, step: int) -> Decision:
         return await ask(self.bus.client, packet, step, self.budget_ms)

@@ -28,7 +28,7 @@ from typing import Any
 from esper.core.logging import get_logger
 from esper.leyline import pb
 from esper.oona import OonaClient, OonaMetrics, OonaSettings
-from esper.tolaria.decisions import Decision, ask
+from esper.tolaria.decisions import Decision, OneInFlight, ask
 
 log = get_logger("esper.tolaria.sidecar")
 
@@ -87,24 +87,21 @@ def _recv(conn: multiprocessing.connection.Connection) -> Any:
         return None  # the trainer went away: stop
 
 
-class SidecarDecisionClient:
-    """`DecisionClient` over a child process: `submit` pickles into a pipe, `poll` looks at it."""
+class SidecarDecisionClient(OneInFlight):
+    """`DecisionClient`'s discipline over a child process: `submit` pickles into a pipe, `poll` looks at it."""
 
     def __init__(self, settings: OonaSettings, *, budget_ms: float, cores: set[int] | None = None,
                  metrics: OonaMetrics | None = None) -> None:
         """`metrics`: the trainer's Oona metrics, where the child's round trips and timeouts on `state`
         are recorded as the bus thread's would be (the child's own registry is not scraped)."""
+        super().__init__(budget_ms=budget_ms)
         self.settings = settings
-        self.budget_ms = budget_ms
         self.cores = cores
         self.metrics = metrics
         self._proc: subprocess.Popen[bytes] | None = None
         self._conn: multiprocessing.connection.Connection | None = None
         self._ready_child = False  # the child said "ready" (connected to Redis)
         self._inflight: tuple[int, str] | None = None  # (step, packet_id) of the request in flight
-        self._unpolled: Decision | None = None  # finished before the boundary that would have polled it
-        self.sent = 0
-        self.skipped_inflight = 0
         self.skipped_starting = 0  # boundaries that found a restarted child still connecting
         self.restarts = 0
 
@@ -160,27 +157,18 @@ class SidecarDecisionClient:
     def pid(self) -> int | None:
         return self._proc.pid if self._proc is not None else None
 
-    @property
-    def busy(self) -> bool:
-        return self._inflight is not None and not self._reply_waiting()
+    def _pending(self) -> bool:
+        return self._inflight is not None
 
-    def _reply_waiting(self) -> bool:
+    def _arrived(self, timeout_s: float = 0.0) -> bool:
         try:
-            return self._conn is None or self._conn.poll(0)
+            return self._conn is None or self._conn.poll(timeout_s)
         except (OSError, EOFError):
-            return True  # a dead child: the next poll turns the request into an error decision
+            return True  # a dead child: taking the request turns it into an error decision
 
-    def skip_pending(self) -> None:
-        self.skipped_inflight += 1
-
-    def submit(self, packet: pb.SystemStatePacket, step: int) -> bool:
-        """Send unless a request is in flight or a restarted child is still connecting (both counted):
-        a dead child is replaced without waiting, so training never stalls on it."""
-        if self.busy:
-            self.skipped_inflight += 1
-            return False
-        if self._inflight is not None:  # done but not polled yet: keep it for the next poll
-            self._unpolled = self._take()
+    def _send(self, packet: pb.SystemStatePacket, step: int) -> bool:
+        """A dead child is replaced without waiting (training never stalls on it); boundaries send
+        nothing (counted) until the new one has connected."""
         if self._conn is None or self._proc is None or self._proc.poll() is not None:
             self.close()
             self.restarts += 1
@@ -193,30 +181,9 @@ class SidecarDecisionClient:
             if self._conn is not None:
                 self._conn.send((step, packet.SerializeToString()))
         except OSError:
-            self.close()  # the poll that follows turns this request into an error decision
+            self.close()  # taking this request turns it into an error decision
         self._inflight = (step, packet.packet_id)
-        self.sent += 1
         return True
-
-    def poll(self) -> Decision | None:
-        if self._unpolled is not None:
-            ready, self._unpolled = self._unpolled, None
-            return ready
-        if self._inflight is None or not self._reply_waiting():
-            return None
-        return self._take()
-
-    def wait(self) -> Decision | None:
-        if self._unpolled is not None:
-            ready, self._unpolled = self._unpolled, None
-            return ready
-        if self._inflight is None:
-            return None
-        try:
-            arrived = self._conn is None or self._conn.poll(self.budget_ms / 1000.0 + 1.0)
-        except (OSError, EOFError):
-            arrived = True
-        return self._take() if arrived else None
 
     def _take(self) -> Decision:
         assert self._inflight is not None

@@ -44,7 +44,7 @@ from esper.tolaria.checkpoint import CheckpointError, CheckpointStore
 from esper.tolaria.commands import adjust_lr, current_lr, scheduled_lr, set_lr
 from esper.tolaria.conservative import ConservativeMode, ModeChange
 from esper.tolaria.data import Dataset, epoch_generator, iter_batches, load_dataset
-from esper.tolaria.decisions import Decision, DecisionClient
+from esper.tolaria.decisions import Decision, DecisionClient, OneInFlight
 from esper.tolaria.emergency import EmergencyController, EmergencyPublisher, epoch_failure_level
 from esper.tolaria.host import HostNetwork, build_host
 from esper.tolaria.instruments import TolariaMetrics
@@ -123,7 +123,7 @@ class Trainer:
         self.kasmina = Kasmina(keys=s.signing_keys() if bus is not None else None, settings=ks, kernels=kernels,
                                optimizer=self.optimizer)
         self.kasmina.register_host(self.host)
-        self.decisions: DecisionClient | SidecarDecisionClient | None = None
+        self.decisions: OneInFlight | None = None
         if bus is not None and s.decision_transport == "process":
             cores = set(s.decision_sidecar_cores) if s.decision_sidecar_cores else None
             self.decisions = SidecarDecisionClient(s, budget_ms=s.tamiyo_step_timeout_ms, cores=cores,
