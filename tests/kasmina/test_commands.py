@@ -248,7 +248,7 @@ def _tamiyo_command(mode: str) -> pb.AdaptationCommand:
         blending_logits=torch.tensor([0.0, 3.0, 0.0]), schedule=torch.tensor([-0.5, 0.6]),
         risk_logits=torch.tensor([3.0, 0.0, 0.0, 0.0, 0.0]), value=torch.tensor(0.1),
         breaker_logits=torch.tensor([0.0, 0.0]), seed_scores=torch.tensor([1.0]),
-        seed_mask=torch.tensor([True]), blueprint_scores=torch.tensor([1.0]), blueprint_mask=torch.tensor([True]),
+        seed_mask=torch.tensor([True]), blueprint_scores=torch.tensor([[1.0]]), blueprint_mask=torch.tensor([True]),
         graph_embedding=torch.zeros(4))
     decision = decide(outputs, _Ids(), blend_mode_annotations=True, blend=BlendModeSettings(mode=mode),
                       channel_count=8)

@@ -14,6 +14,7 @@ from esper.simic.settings import SimicSettings
 from esper.simic.training import (
     action_balance,
     collate,
+    effective_actions,
     forward_batch,
     gate,
     policy_score,
@@ -111,10 +112,11 @@ def test_batched_forward_matches_the_serving_forward() -> None:
         torch.testing.assert_close(out.param_delta[i], alone.param_delta)
         torch.testing.assert_close(out.seed_scores[first:first + n], alone.seed_scores[:n])
         n_bp = g.counts["blueprint"]
-        torch.testing.assert_close(out.blueprint_scores[first_bp:first_bp + n_bp], alone.blueprint_scores[:n_bp])
+        torch.testing.assert_close(out.blueprint_scores[first:first + n, first_bp:first_bp + n_bp],
+                                   alone.blueprint_scores[:n, :n_bp])
         first += n
         first_bp += n_bp
-    assert first_bp == out.blueprint_scores.numel() > 0
+    assert (first, first_bp) == tuple(out.blueprint_scores.shape) and first_bp > 0
 
 
 def test_a_training_step_decreases_the_loss_on_a_fixed_batch() -> None:
@@ -189,7 +191,7 @@ def test_actions_are_balanced_so_rare_germinations_count() -> None:
 
 def _germinations(blueprint_ids: list[str], advantages: list[float], fates: list[float] | None = None) -> list[Sample]:
     """GERMINATE samples of seed-1 with the given blueprints, advantages and seed fates (default: the
-    advantage's sign) (one DORMANT seed)."""
+    advantage's sign) (three DORMANT seeds)."""
     reports = []
     for i, bp in enumerate(blueprint_ids):
         r = decision_report(f"g{i}", 1, "seed", 1.0, run_index=i)
@@ -218,8 +220,8 @@ def test_the_blueprint_head_learns_the_blueprint_that_paid_and_the_gate_checks_i
     for _ in range(40):
         train_step(model, optimizer, samples, weights)
     model.eval()
-    out = forward_batch(model, collate(samples[:1]))
-    assert ids[int(out.blueprint_scores.argmax())] == good
+    pair = effective_actions(model, samples[:1])[0].pair
+    assert pair is not None and ids[pair[1]] == good
     assert policy_score(model, samples) == pytest.approx(0.5)  # agrees with the 4 good, not the 4 bad
     assert policy_score(model, samples) > before or before == pytest.approx(0.5)
     # The same action with the bad blueprint is a disagreement: it scores against, not for.
@@ -243,8 +245,32 @@ def test_the_blueprint_is_learned_from_fossilised_seeds_not_from_the_runs_return
         train_step(model, optimizer, samples, weights)
     model.eval()
     for x in (samples[0], samples[-1]):
-        out = forward_batch(model, collate([x]))
-        assert ids[int(out.blueprint_scores.argmax())] == fossilised
+        pair = effective_actions(model, [x])[0].pair
+        assert pair is not None and ids[pair[1]] == fossilised
+
+
+def test_the_blueprint_is_learned_per_seed() -> None:
+    """One state, three DORMANT seeds: BP001 fossilised in seed-0 and was culled in seed-2, BP002 the
+    reverse. A blueprint score that ignored the seed (architecture v1) could not learn both."""
+    base = _germinations(["BP001"], [1.0])[0]
+    seed_ids, ids = list(base.graph.seed_ids), list(base.graph.blueprint_ids)
+    plan = [("seed-0", 0, 1.0), ("seed-0", 1, -1.0), ("seed-2", 1, 1.0), ("seed-2", 0, -1.0)] * 3
+    samples = [replace(base, seed_target=seed_ids.index(sid), blueprint_target=bp, advantage=fate, fate=fate)
+               for sid, bp, fate in plan]
+    model = TamiyoGNN(SMALL)
+    torch.manual_seed(0)
+    model.reset_parameters()
+    optimizer = torch.optim.Adam(model.parameters(), lr=5e-3)
+    weights = sample_weights(samples, phase="imitation", beta=1.0, max_weight=20.0, adv_scale=1.0)
+    for _ in range(60):
+        train_step(model, optimizer, samples, weights)
+    model.eval()
+    scores = forward_batch(model, collate(samples[:1])).blueprint_scores
+    assert ids[int(scores[seed_ids.index("seed-0")].argmax())] == ids[0]
+    assert ids[int(scores[seed_ids.index("seed-2")].argmax())] == ids[1]
+    # What Tamiyo grows is one of the two fossilised pairs, never a culled one.
+    pair = effective_actions(model, samples[:1])[0].pair
+    assert pair is not None and (seed_ids[pair[0]], ids[pair[1]]) in {("seed-0", ids[0]), ("seed-2", ids[1])}
 
 
 def test_a_round_trains_a_candidate_that_passes_the_gate(tmp_path: object) -> None:

@@ -112,7 +112,8 @@ def test_output_shapes(counts: dict[NodeType, int], config: GNNConfig) -> None:
     assert out.value.shape == () and out.breaker_logits.shape == (2,)
     assert out.graph_embedding.shape == (config.out_dim,)
     assert out.seed_scores.shape == out.seed_mask.shape == (max(counts["seed"], 1),)
-    assert out.blueprint_scores.shape == out.blueprint_mask.shape == (max(counts["blueprint"], 1),)
+    assert out.blueprint_mask.shape == (max(counts["blueprint"], 1),)
+    assert out.blueprint_scores.shape == (max(counts["seed"], 1), max(counts["blueprint"], 1))  # per seed
     assert int(out.seed_mask.sum()) == counts["seed"] and int(out.blueprint_mask.sum()) == counts["blueprint"]
     for name in ("policy_logits", "policy_params", "blending_logits", "schedule", "risk_logits", "graph_embedding"):
         assert torch.isfinite(getattr(out, name)).all(), name
@@ -129,7 +130,7 @@ def test_placeholder_rows_score_minus_inf_and_do_not_enter_the_embedding() -> No
     counts = {"global": 1, "seed": 0, "blueprint": 0, "layer": 2, "activation": 1, "parameter": 1}
     out = _model()(*random_graph(counts))
     assert out.seed_mask.tolist() == [False] and out.blueprint_mask.tolist() == [False]
-    assert out.seed_scores.tolist() == [-math.inf] and out.blueprint_scores.tolist() == [-math.inf]
+    assert out.seed_scores.tolist() == [-math.inf] and out.blueprint_scores.tolist() == [[-math.inf]]
 
     counts = {"global": 1, "seed": 2, "blueprint": 1, "layer": 2, "activation": 1, "parameter": 1}
     x, ei, ea, c = random_graph(counts)

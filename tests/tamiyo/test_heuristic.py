@@ -50,6 +50,46 @@ def test_plateau_germinate_targets_the_shallowest_dormant_seed_and_best_blueprin
     assert none_left.annotations["rule"] == "no_dormant_seed"
 
 
+def _observe(policy: HeuristicPolicy, epoch: int, stages: tuple[int, int], run: str = "r") -> None:
+    """A packet inside the cooldown: it shows the seeds' stages and must not germinate."""
+    assert _decide(policy, _packet(epoch, 0.5, stages=stages, run=run)).annotations["rule"] == "cooldown"
+
+
+def test_a_blueprint_culled_in_a_seed_is_not_grown_there_again() -> None:
+    policy = HeuristicPolicy(patience=1, min_improvement=0.01, cooldown_epochs=2)
+    culled = (pb.SEED_STAGE_EMBARGOED, pb.SEED_STAGE_DORMANT)
+    _decide(policy, _packet(1, 0.5))
+    first = _decide(policy, _packet(2, 0.5))
+    assert (first.target_seed_id, first.seed_operation.blueprint_id) == ("seed-hidden1", "BP005")
+    _observe(policy, 3, culled)  # Kasmina culled it: its seed is embargoed
+    second = _decide(policy, _packet(4, 0.5))
+    assert (second.target_seed_id, second.seed_operation.blueprint_id) == ("seed-hidden1", "BP002")
+    _observe(policy, 5, culled)
+    third = _decide(policy, _packet(6, 0.5))  # both designs failed in seed-hidden1: the next seed
+    assert (third.target_seed_id, third.seed_operation.blueprint_id) == ("seed-hidden2", "BP005")
+    assert third.annotations["rule"] == "plateau"
+    # A fossilised seed is no failure: its design stays the first choice for the next seed.
+    other = HeuristicPolicy(patience=1, min_improvement=0.01, cooldown_epochs=2)
+    _decide(other, _packet(1, 0.5, run="r2"))
+    assert _decide(other, _packet(2, 0.5, run="r2")).seed_operation.blueprint_id == "BP005"
+    _observe(other, 3, (pb.SEED_STAGE_FOSSILIZED, pb.SEED_STAGE_DORMANT), run="r2")
+    nxt = _decide(other, _packet(4, 0.5, run="r2", stages=(pb.SEED_STAGE_FOSSILIZED, pb.SEED_STAGE_DORMANT)))
+    assert (nxt.target_seed_id, nxt.seed_operation.blueprint_id) == ("seed-hidden2", "BP005")
+
+
+def test_every_design_culled_everywhere_pauses_and_says_so() -> None:
+    policy = HeuristicPolicy(patience=1, min_improvement=0.01, cooldown_epochs=2)
+    _decide(policy, _packet(1, 0.5))
+    epoch = 2
+    for stages in [(pb.SEED_STAGE_CULLED, pb.SEED_STAGE_DORMANT)] * 2 + [(pb.SEED_STAGE_DORMANT,
+                                                                          pb.SEED_STAGE_RESETTING)] * 2:
+        assert _decide(policy, _packet(epoch, 0.5)).command_type == pb.COMMAND_SEED
+        _observe(policy, epoch + 1, stages)
+        epoch += 2
+    last = _decide(policy, _packet(epoch, 0.5))
+    assert last.command_type == pb.COMMAND_PAUSE and last.annotations["rule"] == "all_culled"
+
+
 async def test_service_serves_the_heuristic(make_client: ClientFactory, settings: OonaSettings,
                                             tmp_path: Path) -> None:
     trainer, urza = await make_client("tolaria"), await make_client("urza")

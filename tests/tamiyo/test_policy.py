@@ -102,13 +102,14 @@ def test_graph_inputs_shape_satisfies_protocol() -> None:
 
 def test_action_0_germinates_best_real_seed_and_blueprint() -> None:
     out = _forced(0, param_head=[0.2, 0.0, 0.0, 0.0], schedule_head=[0.5, -0.5], blending_head=[0.0, 3.0, 0.0])
-    scores = out.seed_scores.clone()
+    pairs = out.seed_scores[:3].unsqueeze(1) + out.blueprint_scores[:3, :2]  # seed score + blueprint's for it
+    seed_row, bp_row = divmod(int(pairs.argmax()), 2)
     d = decide(out, Ids())
     cmd = d.command
     assert d.action == 0 and cmd.command_type == pb.COMMAND_SEED
     assert cmd.seed_operation.operation == pb.SEED_OP_GERMINATE
-    assert cmd.target_seed_id == ["seed-a", "seed-b", "seed-c"][int(scores.argmax())]
-    assert cmd.seed_operation.blueprint_id == ["BP001", "BP002"][int(out.blueprint_scores.argmax())]
+    assert cmd.target_seed_id == ["seed-a", "seed-b", "seed-c"][seed_row]
+    assert cmd.seed_operation.blueprint_id == ["BP001", "BP002"][bp_row]
     params = cmd.seed_operation.parameters
     assert params["alpha"] == pytest.approx(0.1 + math.tanh(0.2), abs=1e-6)
     assert params["blending_method_index"] == 1.0 and d.blending_method == BLEND_METHODS[1]
@@ -125,7 +126,8 @@ def test_exploration_draws_germinate_blueprints_at_random_and_says_so() -> None:
     counts = {**COUNTS, "blueprint": 6}
     ids = _ids_for(counts)
     out = _forced(0, counts)
-    best = ids.blueprint_ids[int(out.blueprint_scores[:6].argmax())]
+    seed_row = list(ids.seed_ids).index(decide(out, ids).seed_id)
+    best = ids.blueprint_ids[int(out.blueprint_scores[seed_row, :6].argmax())]
     assert decide(out, ids, explore=random.Random(0), explore_epsilon=0.0).blueprint_id == best
     plain = decide(out, ids)
     assert plain.blueprint_id == best and "explored" not in plain.command.annotations
@@ -176,7 +178,7 @@ def test_annotations_always_present(action: int) -> None:
     d = decide(_forced(action), Ids(), policy_version=POLICY_VERSION)
     ann = d.command.annotations
     assert all(k in ann for k in ALWAYS), [k for k in ALWAYS if k not in ann]
-    assert ann["policy_version"] == POLICY_VERSION == "tamiyo_gnn_v1"
+    assert ann["policy_version"] == POLICY_VERSION == "tamiyo_gnn_v2"
     assert ann["blending_method"] in BLEND_METHODS
     assert ann["blending_method"] == BLEND_METHODS[int(ann["blending_method_index"])]
     assert ann["blending_schedule_units"] == "fraction_0_1"
@@ -196,12 +198,24 @@ def test_selection_ignores_placeholder_rows() -> None:
         out,
         seed_scores=torch.tensor([0.1, 0.9, 0.3, 99.0]),
         seed_mask=torch.tensor([True, True, True, False]),
-        blueprint_scores=torch.tensor([0.2, 99.0]),
+        blueprint_scores=torch.tensor([[0.2, 99.0]] * 4),
         blueprint_mask=torch.tensor([True, False]),
     )
     d = decide(rigged, Ids(blueprint_ids=["BP007"]))
     assert d.seed_id == "seed-b" and d.blueprint_id == "BP007"
     assert d.command.target_seed_id == "seed-b" and d.command.seed_operation.blueprint_id == "BP007"
+
+
+def test_seed_and_blueprint_are_chosen_as_a_pair() -> None:
+    """The best pair wins, not the best seed then the best blueprint: seed-b scores highest alone,
+    but BP002 in seed-a beats anything in seed-b; and each seed reads its own row of blueprint scores."""
+    rigged = replace(_forced(0), seed_scores=torch.tensor([0.1, 0.9, 0.3]),
+                     blueprint_scores=torch.tensor([[0.0, 2.0], [0.5, 0.0], [1.0, -1.0]]),
+                     seed_mask=torch.tensor([True, True, True]), blueprint_mask=torch.tensor([True, True]))
+    d = decide(rigged, Ids())
+    assert (d.seed_id, d.blueprint_id) == ("seed-a", "BP002")
+    only_c = decide(rigged, Ids(), germinable=frozenset({"seed-c"}))
+    assert (only_c.seed_id, only_c.blueprint_id) == ("seed-c", "BP001")
 
 
 @pytest.mark.parametrize("missing", ["seed", "blueprint"])

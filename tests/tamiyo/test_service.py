@@ -33,7 +33,7 @@ async def test_signed_command_with_annotations(make_client: ClientFactory, setti
     verify_command(command, trainer.keys)
     assert command.command_id and command.issued_at.seconds > 0
     a = command.annotations
-    assert a["policy_version"] == "tamiyo_gnn_v1" and a["metadata"] == "ok"
+    assert a["policy_version"] == "tamiyo_gnn_v2" and a["metadata"] == "ok"
     assert "node.seed" in a["coverage_map"] and 0.0 < float(a["feature_coverage"]) <= 1.0
     if command.command_type == pb.COMMAND_SEED:
         assert command.seed_operation.blueprint_id == "BP001" and command.target_seed_id.startswith("seed-")

@@ -10,9 +10,11 @@ split:
    per batch, so better-than-baseline decisions are pulled up and worse ones fade out.
 
 Beside the action, each phase trains the value head on the return (``value_weight`` · MSE), the param
-head on the ``param_delta`` an OPTIMIZER / GERMINATE command carried, the seed head (cross-entropy
-over the DORMANT seeds) on the seed a GERMINATE chose and the blueprint head (cross-entropy over the
-graph's blueprints) on the blueprint it used — all with the same sample weights.
+head on the ``param_delta`` an OPTIMIZER / GERMINATE command carried — all with the same sample
+weights — and the seed and blueprint heads on the (seed, blueprint) pair a GERMINATE chose: one
+cross-entropy over the pairs of a DORMANT seed and a blueprint (pair score = seed score + the
+blueprint's score for that seed, as Tamiyo chooses), counting only germinations whose seed Kasmina
+fossilised.
 
 **Balanced actions** (``balance_actions``): germinations are a handful among hundreds of pauses, so an
 unweighted cross-entropy learns "always pause" whatever the advantages say. Each action's samples
@@ -27,8 +29,8 @@ graph exactly as alone; the heads then read each graph's global node and seed ro
 [-1, 1]): agreeing with decisions that beat the baseline counts for it, agreeing with ones that fell
 short counts against it. ``π(s)`` is what Tamiyo would do: the argmax action, a GERMINATE with no
 DORMANT seed is a PAUSE, every index past the action table is a PAUSE, an OPTIMIZER only agrees
-when its ``lr_delta`` has the logged sign, and a GERMINATE only when it picks the logged blueprint
-(which blueprint is grown matters as much as when). The gate computes both policies' scores over the
+when its ``lr_delta`` has the logged sign, and a GERMINATE only when it picks the logged seed and
+blueprint (which design is grown where matters as much as when). The gate computes both policies' scores over the
 *decisive* held-out decisions, those where exactly one of them agrees with the log (elsewhere the two
 scores move together); a candidate is accepted only if it beats the current policy there by more
 than ``margin``, with at least ``min_holdout`` held-out decisions.
@@ -40,7 +42,6 @@ import math
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -53,6 +54,7 @@ from esper.tamiyo.schema import NODE_TYPES, RELATIONS
 
 __all__ = [
     "Batch",
+    "EffectiveAction",
     "GateResult",
     "TrainConfig",
     "TrainReport",
@@ -61,6 +63,7 @@ __all__ = [
     "effective_actions",
     "forward_batch",
     "gate",
+    "pair_logits",
     "policy_score",
     "sample_weights",
     "train_policy",
@@ -145,7 +148,7 @@ class BatchOutputs:
     param_delta: Tensor  # [B]
     value: Tensor  # [B]
     seed_scores: Tensor  # [S]
-    blueprint_scores: Tensor  # [P]
+    blueprint_scores: Tensor  # [S, P]: every seed's score of every blueprint (use each graph's block)
 
 
 def forward_batch(model: TamiyoGNN, batch: Batch) -> BatchOutputs:
@@ -158,7 +161,7 @@ def forward_batch(model: TamiyoGNN, batch: Batch) -> BatchOutputs:
     return BatchOutputs(
         policy_logits=model.policy_head(emb), param_delta=torch.tanh(model.param_head(emb))[:, 0],
         value=model.value_head(emb).squeeze(-1), seed_scores=model.seed_score_head(seeds).squeeze(-1),
-        blueprint_scores=model.blueprint_score_head(blueprints).squeeze(-1))
+        blueprint_scores=model.pair_scores(seeds, blueprints))
 
 
 def sample_weights(samples: Sequence[Sample], *, phase: str, beta: float, max_weight: float,
@@ -200,35 +203,39 @@ def _loss(model: TamiyoGNN, samples: Sequence[Sample], weights: Tensor, value_we
     # Which seed and which blueprint are learned from germinations whose seed Kasmina fossilised (its
     # measured benefit), not from the run's return, which credits a bad design in a run that went well.
     fossilised = weights * torch.tensor([float(s.fate > 0) for s in samples])
-    return (loss + _choice_loss(samples, out.seed_scores, fossilised, "seed")
-            + _choice_loss(samples, out.blueprint_scores, fossilised, "blueprint"))
+    return loss + _choice_loss(samples, out, fossilised)
 
 
-def _choice_loss(samples: Sequence[Sample], scores: Tensor, weights: Tensor,
-                 node_type: Literal["seed", "blueprint"]) -> Tensor:
-    """Cross-entropy over each GERMINATE graph's real `node_type` rows toward the row it used,
-    sample-weighted, averaged over the germinations that count (over the whole batch, a handful of
-    germinations among pauses barely moved the head). Only DORMANT seeds compete (a target that was
-    not DORMANT teaches nothing)."""
+def pair_logits(seed_scores: Tensor, blueprint_scores: Tensor) -> Tensor:
+    """[S, P] score of growing blueprint p in seed s, the quantity Tamiyo maximises (policy.decide)."""
+    return seed_scores.unsqueeze(1) + blueprint_scores
+
+
+def _choice_loss(samples: Sequence[Sample], out: BatchOutputs, weights: Tensor) -> Tensor:
+    """Cross-entropy over each GERMINATE graph's (DORMANT seed, blueprint) pairs toward the pair it
+    used, sample-weighted, averaged over the germinations that count (over the whole batch, a handful
+    of germinations among pauses barely moved the heads). A target seed that was not DORMANT teaches
+    nothing."""
     terms: list[Tensor] = []
     used: list[Tensor] = []
-    first = 0
+    first_seed = first_bp = 0
     for b, s in enumerate(samples):
-        n = s.graph.counts[node_type]
-        target = s.seed_target if node_type == "seed" else s.blueprint_target
-        rows = scores[first:first + n]
-        first += n
-        if s.action != ACTION_GERMINATE or target is None or not weights[b] > 0:
+        n_seed, n_bp = s.graph.counts["seed"], s.graph.counts["blueprint"]
+        seeds, bps = slice(first_seed, first_seed + n_seed), slice(first_bp, first_bp + n_bp)
+        first_seed, first_bp = first_seed + n_seed, first_bp + n_bp
+        if (s.action != ACTION_GERMINATE or s.seed_target is None or s.blueprint_target is None
+                or not weights[b] > 0):
             continue
-        if node_type == "seed":
-            mask = torch.tensor(s.germinable[:n], dtype=torch.bool)
-            if not bool(mask[target]):
-                continue
-            rows = rows.masked_fill(~mask, -1e9)
-        terms.append(-torch.log_softmax(rows, dim=0)[target] * weights[b])
+        mask = torch.tensor(s.germinable[:n_seed], dtype=torch.bool)
+        if not bool(mask[s.seed_target]):
+            continue
+        pairs = pair_logits(out.seed_scores[seeds], out.blueprint_scores[seeds, bps])
+        pairs = pairs.masked_fill(~mask.unsqueeze(1), -1e9).reshape(-1)
+        target = s.seed_target * n_bp + s.blueprint_target
+        terms.append(-torch.log_softmax(pairs, dim=0)[target] * weights[b])
         used.append(weights[b])
     if not terms:
-        return scores.sum() * 0.0
+        return out.seed_scores.sum() * 0.0 + out.blueprint_scores.sum() * 0.0
     return torch.stack(terms).sum() / torch.stack(used).sum().clamp_min(1e-12)
 
 
@@ -283,34 +290,49 @@ def train_policy(model: TamiyoGNN, samples: Sequence[Sample], config: TrainConfi
 
 @torch.no_grad()
 def effective_actions(model: TamiyoGNN, samples: Sequence[Sample], *,
-                      batch_size: int = 256) -> list[tuple[int, float, int | None]]:
-    """(action, param_delta, blueprint row) Tamiyo would take on each sample's graph (module docstring)."""
+                      batch_size: int = 256) -> list[EffectiveAction]:
+    """What Tamiyo would do on each sample's graph (module docstring): the action, its param_delta
+    and, when a seed is DORMANT and the graph has blueprints, the (seed row, blueprint row) pair it
+    would grow."""
     model.eval()
-    out: list[tuple[int, float, int | None]] = []
+    out: list[EffectiveAction] = []
     for i in range(0, len(samples), batch_size):
         chunk = samples[i:i + batch_size]
         res = forward_batch(model, collate(chunk))
-        first = 0
+        first_seed = first_bp = 0
         for s, a, p in zip(chunk, res.policy_logits.argmax(-1).tolist(), res.param_delta.tolist(), strict=True):
             act = int(a)
-            n_bp = s.graph.counts["blueprint"]
-            bp = int(res.blueprint_scores[first:first + n_bp].argmax()) if n_bp else None
-            first += n_bp
+            n_seed, n_bp = s.graph.counts["seed"], s.graph.counts["blueprint"]
+            pair: tuple[int, int] | None = None
+            mask = torch.tensor(s.germinable[:n_seed], dtype=torch.bool)
+            if n_bp and bool(mask.any()):
+                seeds, bps = slice(first_seed, first_seed + n_seed), slice(first_bp, first_bp + n_bp)
+                pairs = pair_logits(res.seed_scores[seeds], res.blueprint_scores[seeds, bps])
+                best = int(pairs.masked_fill(~mask.unsqueeze(1), -math.inf).reshape(-1).argmax())
+                pair = divmod(best, n_bp)
+            first_seed, first_bp = first_seed + n_seed, first_bp + n_bp
             if act > ACTION_BREAKER_CLOSE or (act == ACTION_GERMINATE and not any(s.germinable)):
                 act = ACTION_PAUSE
-            out.append((act, float(p), bp))
+            out.append(EffectiveAction(act, float(p), pair))
     return out
+
+
+@dataclass(frozen=True, slots=True)
+class EffectiveAction:
+    action: int
+    param_delta: float
+    pair: tuple[int, int] | None  # (seed row, blueprint row) a GERMINATE would grow
 
 
 def agreements(model: TamiyoGNN, samples: Sequence[Sample]) -> list[bool]:
     """Per sample: would `model` take the logged action (module docstring's ``π(s_i) = a_i``)?"""
     out = []
-    for s, (act, delta, bp) in zip(samples, effective_actions(model, samples), strict=True):
-        same = act == s.action
-        if same and act == ACTION_OPTIMIZER and s.param_target is not None:
-            same = (delta >= 0) == (s.param_target >= 0)
-        if same and act == ACTION_GERMINATE and s.blueprint_target is not None:
-            same = bp == s.blueprint_target
+    for s, eff in zip(samples, effective_actions(model, samples), strict=True):
+        same = eff.action == s.action
+        if same and eff.action == ACTION_OPTIMIZER and s.param_target is not None:
+            same = (eff.param_delta >= 0) == (s.param_target >= 0)
+        if same and eff.action == ACTION_GERMINATE and s.blueprint_target is not None and eff.pair is not None:
+            same = eff.pair[1] == s.blueprint_target and (s.seed_target is None or eff.pair[0] == s.seed_target)
         out.append(same)
     return out
 

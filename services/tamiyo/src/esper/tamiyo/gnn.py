@@ -99,9 +99,10 @@ class GNNConfig:
     schedule_dim: int = SCHEDULE_DIM
     risk_classes: int = RISK_CLASSES
     breaker_dim: int = BREAKER_DIM
+    pair_dim: int = 32  # rank of the seed x blueprint interaction in the blueprint scores
 
     def __post_init__(self) -> None:
-        if min(self.hidden_dim, self.gat_dim, self.gat_heads) < 1 or min(self.sage_layers, self.gat_layers) < 0:
+        if min(self.hidden_dim, self.gat_dim, self.gat_heads, self.pair_dim) < 1 or min(self.sage_layers, self.gat_layers) < 0:
             raise ConfigurationError(f"GNNConfig widths must be ≥ 1 and depths ≥ 0: {self}")
         if self.gat_concat and self.gat_dim % self.gat_heads:
             raise ConfigurationError(f"gat_dim {self.gat_dim} is not divisible by gat_heads {self.gat_heads}")
@@ -165,7 +166,10 @@ class PolicyOutputs:
     breaker_logits: Tensor  # [breaker_dim] (open, close)
     seed_scores: Tensor  # [N_seed], -inf on placeholder rows
     seed_mask: Tensor  # [N_seed] bool, True on real rows
-    blueprint_scores: Tensor  # [N_blueprint], -inf on placeholder rows
+    # [N_seed, N_blueprint]: each blueprint's score for a germination of each seed (which seed and
+    # which design are one choice: a design that pays in a hidden slot can fail in the input slot);
+    # -inf on placeholder rows and columns.
+    blueprint_scores: Tensor
     blueprint_mask: Tensor  # [N_blueprint] bool
     graph_embedding: Tensor  # [out_dim], mean over the real global nodes
 
@@ -336,6 +340,9 @@ class TamiyoGNN(nn.Module):
         self.breaker_head = nn.Linear(d, cfg.breaker_dim)
         self.seed_score_head = nn.Linear(d, 1)
         self.blueprint_score_head = nn.Linear(d, 1)
+        # Low-rank seed x blueprint interaction: score(s, b) = head(h_b) + <P_s h_s, P_b h_b>.
+        self.pair_seed_proj = nn.Linear(d, cfg.pair_dim, bias=False)
+        self.pair_blueprint_proj = nn.Linear(d, cfg.pair_dim, bias=False)
 
         # Relation tables (not state: they follow from schema.RELATIONS).
         self.register_buffer("rel_src", torch.tensor(_REL_SRC, dtype=torch.long), persistent=False)
@@ -369,6 +376,8 @@ class TamiyoGNN(nn.Module):
             self.breaker_head,
             self.seed_score_head,
             self.blueprint_score_head,
+            self.pair_seed_proj,
+            self.pair_blueprint_proj,
         ):
             for m in head.modules():
                 if isinstance(m, nn.Linear):
@@ -384,6 +393,9 @@ class TamiyoGNN(nn.Module):
             assert isinstance(last, nn.Linear)
             last.weight.zero_()
             last.bias.zero_()
+            # The interaction starts at 0 (one factor zero, as LoRA's B): an untrained policy scores a
+            # blueprint the same for every seed, and training grows the term from the other factor.
+            self.pair_blueprint_proj.weight.zero_()
 
     def pack(
         self,
@@ -472,8 +484,10 @@ class TamiyoGNN(nn.Module):
         params = torch.tanh(self.param_head(emb))
         seed_mask = g.real[i_seed, : g.sizes[i_seed]]
         bp_mask = g.real[i_bp, : g.sizes[i_bp]]
-        seed_scores = self.seed_score_head(h[i_seed, : g.sizes[i_seed]]).squeeze(-1)
-        bp_scores = self.blueprint_score_head(h[i_bp, : g.sizes[i_bp]]).squeeze(-1)
+        h_seed, h_bp = h[i_seed, : g.sizes[i_seed]], h[i_bp, : g.sizes[i_bp]]
+        seed_scores = self.seed_score_head(h_seed).squeeze(-1)
+        bp_scores = self.pair_scores(h_seed, h_bp)
+        pair_mask = seed_mask.unsqueeze(1) & bp_mask.unsqueeze(0)
         return PolicyOutputs(
             policy_logits=self.policy_head(emb),
             policy_params=params,
@@ -485,10 +499,15 @@ class TamiyoGNN(nn.Module):
             breaker_logits=self.breaker_head(emb),
             seed_scores=seed_scores.masked_fill(~seed_mask, -math.inf),
             seed_mask=seed_mask,
-            blueprint_scores=bp_scores.masked_fill(~bp_mask, -math.inf),
+            blueprint_scores=bp_scores.masked_fill(~pair_mask, -math.inf),
             blueprint_mask=bp_mask,
             graph_embedding=emb,
         )
+
+    def pair_scores(self, h_seed: Tensor, h_blueprint: Tensor) -> Tensor:
+        """[S, P] score of each blueprint (embeddings [P, d]) for each seed (embeddings [S, d])."""
+        base = self.blueprint_score_head(h_blueprint).squeeze(-1)
+        return base.unsqueeze(0) + self.pair_seed_proj(h_seed) @ self.pair_blueprint_proj(h_blueprint).t()
 
     def __repr__(self) -> str:
         c = self.config

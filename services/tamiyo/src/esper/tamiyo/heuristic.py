@@ -5,11 +5,14 @@ Rules, in order (one seed at a time; every decision says which rule fired in `an
 2. the validation loss has not improved by `min_improvement` (relative) over the last `patience`
    epochs, at least `cooldown_epochs` after the last germination, and a seed is DORMANT → GERMINATE
    the shallowest dormant seed with the best candidate blueprint (graph order: not quarantined, fits
-   the trainer's slot kind, best score) (`plateau`);
-3. otherwise PAUSE (`improving`, `cooldown`, `no_dormant_seed` or `no_blueprint`).
+   the trainer's slot kind, best score) that Kasmina has not culled in that seed during this run
+   (`plateau`): repeating a design that just failed there would only pay for the cull again;
+3. otherwise PAUSE (`improving`, `cooldown`, `no_dormant_seed`, `no_blueprint`, or `all_culled` when
+   every candidate was culled in every dormant seed).
 The risk engine still runs after it, exactly as for the GNN.
 
-State (validation loss per epoch, last germination epoch) is kept per training run in this process:
+State (validation loss per epoch, last germination epoch, what it grew in each seed and which of
+those Kasmina culled, read off the seeds' stages) is kept per training run in this process:
 with several replicas each sees only the packets it decides, which delays, never breaks, a plateau.
 """
 
@@ -34,6 +37,8 @@ from esper.tamiyo.policy import (
 HEURISTIC_VERSION: Final[str] = "tamiyo_heuristic_v1"
 _ACTIVE: Final[frozenset[int]] = frozenset({pb.SEED_STAGE_GERMINATED, pb.SEED_STAGE_TRAINING, pb.SEED_STAGE_BLENDING,
                                             pb.SEED_STAGE_SHADOWING, pb.SEED_STAGE_PROBATIONARY})
+_CULL_STAGES: Final[frozenset[int]] = frozenset({pb.SEED_STAGE_CULLED, pb.SEED_STAGE_EMBARGOED,
+                                                 pb.SEED_STAGE_RESETTING})
 _MAX_RUNS: Final[int] = 256
 
 
@@ -41,6 +46,17 @@ _MAX_RUNS: Final[int] = 256
 class _RunState:
     val_loss: dict[int, float] = field(default_factory=dict)  # epoch → validation loss seen
     last_germinate_epoch: int | None = None
+    grown: dict[str, str] = field(default_factory=dict)  # seed id → blueprint we germinated there, no verdict yet
+    culled: set[tuple[str, str]] = field(default_factory=set)  # (seed id, blueprint id) Kasmina culled
+
+    def observe(self, seeds: list[pb.SeedState]) -> None:
+        """A seed we grew that reaches a cull stage was culled (with that blueprint); a fossilised one
+        keeps its slot. (A germination the risk engine vetoed stays in `grown` until the next one.)"""
+        for s in seeds:
+            if s.seed_id in self.grown and s.stage in _CULL_STAGES:
+                self.culled.add((s.seed_id, self.grown.pop(s.seed_id)))
+            elif s.stage == pb.SEED_STAGE_FOSSILIZED:
+                self.grown.pop(s.seed_id, None)
 
 
 @dataclass(slots=True)
@@ -57,10 +73,12 @@ class HeuristicPolicy:
         epoch = int(packet.current_epoch)
         if packet.validation_loss > 0:  # proto3 float: 0 means no validation yet
             run.val_loss[epoch] = float(packet.validation_loss)
+        run.observe(list(packet.seed_states))
         rule, seed, blueprint = self._rule(packet, run, epoch, seed_ids, blueprint_ids)
         action = ACTION_GERMINATE if rule == "plateau" else ACTION_PAUSE
-        if action == ACTION_GERMINATE:
+        if action == ACTION_GERMINATE and seed is not None and blueprint is not None:
             run.last_germinate_epoch = epoch
+            run.grown[seed] = blueprint
         decision = PolicyDecision(
             command=pb.AdaptationCommand(version=COMMAND_VERSION, issued_by=ISSUED_BY), action=action,
             param_delta=0.0, seed_id=seed, blueprint_id=blueprint, blending_method="linear", blending_method_index=0,
@@ -88,7 +106,11 @@ class HeuristicPolicy:
             return "no_dormant_seed", None, None
         if not blueprint_ids:
             return "no_blueprint", None, None
-        return "plateau", dormant[0].seed_id, blueprint_ids[0]
+        for s in dormant:
+            fresh = [bp for bp in blueprint_ids if (s.seed_id, bp) not in run.culled]
+            if fresh:
+                return "plateau", s.seed_id, fresh[0]
+        return "all_culled", None, None
 
     def _plateau(self, run: _RunState, epoch: int) -> bool:
         """The best validation loss of the last `patience` epochs is no better (by the relative margin)

@@ -174,17 +174,24 @@ def decide(
     blend_index = int(out.blending_logits.argmax())
     blend_method = blend_methods[blend_index]
     start, end = _schedule(out.schedule)
-    seed_scores = out.seed_scores
+    # Seed and blueprint are one choice: the best (seed, blueprint) pair by seed score plus the
+    # blueprint's score for that seed. (Without a real blueprint the seed head alone decides.)
+    n_seed, n_bp = len(graph_ids.seed_ids), len(graph_ids.blueprint_ids)
+    seed_scores = out.seed_scores.clone()
+    if n_seed and n_bp:
+        seed_scores[:n_seed] += out.blueprint_scores[:n_seed, :n_bp].max(dim=1).values
     no_dormant = False
     if germinable is not None and action == ACTION_GERMINATE:
         eligible = torch.tensor([sid in germinable for sid in graph_ids.seed_ids]
                                 + [False] * (seed_scores.numel() - len(graph_ids.seed_ids)))
         no_dormant = not bool(eligible.any())
         seed_scores = seed_scores.masked_fill(~eligible, float("-inf")) if not no_dormant else seed_scores
-    seed = _select(seed_scores, out.seed_mask, graph_ids.seed_ids, "seed", allow_inf=germinable is not None)
+    row, seed = _select(seed_scores, out.seed_mask, graph_ids.seed_ids, "seed", allow_inf=germinable is not None)
     if no_dormant:
         action = ACTION_PAUSE
-    blueprint = _select(out.blueprint_scores, out.blueprint_mask, graph_ids.blueprint_ids, "blueprint")
+    blueprint = None
+    if row is not None:  # without a real seed no blueprint has a score (nothing to grow it in)
+        _, blueprint = _select(out.blueprint_scores[row], out.blueprint_mask, graph_ids.blueprint_ids, "blueprint")
     explored = False
     if (explore is not None and action == ACTION_GERMINATE and len(graph_ids.blueprint_ids) > 1
             and explore.random() < explore_epsilon):
@@ -244,14 +251,15 @@ def _schedule(schedule: Tensor) -> tuple[float, float]:
     return (start, end) if start <= end else (end, start)
 
 
-def _select(scores: Tensor, mask: Tensor, ids: Sequence[str], what: str, *, allow_inf: bool = False) -> str | None:
-    """Best real row's id, or None when there is no real row. Placeholder rows can never win.
-    `allow_inf`: rows masked out with -inf (ineligible) are allowed; NaN never is."""
+def _select(scores: Tensor, mask: Tensor, ids: Sequence[str], what: str, *,
+            allow_inf: bool = False) -> tuple[int | None, str | None]:
+    """Best real row's (index, id), or (None, None) when there is no real row. Placeholder rows can
+    never win. `allow_inf`: rows masked out with -inf (ineligible) are allowed; NaN never is."""
     n_real = int(mask.sum())
     if n_real != len(ids) or not bool(mask[:n_real].all()):
         raise DependencyViolationError(f"{what}: {n_real} real rows (first rows) but {len(ids)} ids")
     if n_real == 0:
-        return None
+        return None, None
     real = scores[:n_real]
     if bool(torch.isnan(real).any()) or not (allow_inf or bool(torch.isfinite(real).all())):
         raise DependencyViolationError(f"{what} scores are not finite")
@@ -259,7 +267,7 @@ def _select(scores: Tensor, mask: Tensor, ids: Sequence[str], what: str, *, allo
     chosen = ids[best]
     if not chosen:
         raise DependencyViolationError(f"{what}: real row {best} has an empty id")
-    return chosen
+    return best, chosen
 
 
 def _coverage(coverage: float | Mapping[str, float]) -> float:

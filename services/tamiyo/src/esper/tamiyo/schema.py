@@ -67,4 +67,5 @@ SCHEDULE_DIM: Final[int] = 2
 RISK_CLASSES: Final[int] = 5
 BREAKER_DIM: Final[int] = 2
 
-POLICY_VERSION: Final[str] = "tamiyo_gnn_v1"
+POLICY_VERSION: Final[str] = "tamiyo_gnn_v2"
+"""v2: blueprint scores are per (seed, blueprint) pair; v1 scored a blueprint the same for every seed."""
