@@ -17,6 +17,7 @@ from esper.simic.training import (
     effective_actions,
     forward_batch,
     gate,
+    joint_logits,
     policy_score,
     sample_weights,
     train_step,
@@ -271,6 +272,28 @@ def test_the_blueprint_is_learned_per_seed() -> None:
     # What Tamiyo grows is one of the two fossilised pairs, never a culled one.
     pair = effective_actions(model, samples[:1])[0].pair
     assert pair is not None and (seed_ids[pair[0]], ids[pair[1]]) in {("seed-0", ids[0]), ("seed-2", ids[1])}
+
+
+def test_the_action_simic_scores_is_the_one_tamiyo_takes_with_the_pairs_in_its_logit() -> None:
+    """GERMINATE competes with its logit plus the logsumexp of the DORMANT pairs (as Tamiyo decides):
+    strong pairs make a policy whose PAUSE logit is higher grow; with no DORMANT seed it pauses."""
+    base = _germinations(["BP001"], [1.0])[0]
+    model = TamiyoGNN(SMALL).eval()
+    with torch.no_grad():
+        model.policy_head.weight.zero_()
+        model.policy_head.bias.fill_(-5.0)
+        model.policy_head.bias[ACTION_PAUSE] = 2.0
+        model.policy_head.bias[ACTION_GERMINATE] = 0.0
+        model.blueprint_score_head.bias.fill_(3.0)  # every pair scores 3: logsumexp ≈ 3 + log(pairs)
+    assert effective_actions(model, [base])[0].action == ACTION_GERMINATE
+    none_dormant = replace(base, germinable=(False,) * len(base.germinable))
+    assert effective_actions(model, [none_dormant])[0].action == ACTION_PAUSE
+    # The action loss reaches the seed and blueprint heads through that logit.
+    model.train()
+    model.zero_grad()
+    out = forward_batch(model, collate([base]))
+    torch.nn.functional.cross_entropy(joint_logits([base], out), torch.tensor([ACTION_GERMINATE])).backward()
+    assert model.blueprint_score_head.bias.grad is not None and float(model.blueprint_score_head.bias.grad) != 0.0
 
 
 def test_a_round_trains_a_candidate_that_passes_the_gate(tmp_path: object) -> None:

@@ -18,11 +18,14 @@ from esper.leyline import pb
 from esper.tamiyo.compile import ENV_ENABLE_COMPILE, CompiledPolicy, compile_requested, warmup_inputs
 from esper.tamiyo.gnn import GNNConfig, PolicyOutputs, TamiyoGNN
 from esper.tamiyo.policy import (
+    ACTION_GERMINATE,
+    ACTION_PAUSE,
     BLEND_MODES,
     BlendModeSettings,
     GraphIds,
     PolicyDecision,
     decide,
+    joint_action_logits,
     risk_score,
 )
 from esper.tamiyo.schema import BLEND_METHODS, POLICY_CLASSES, POLICY_VERSION, NodeType
@@ -60,9 +63,12 @@ class Ids:
 
 
 def _forced(action: int, counts: dict[NodeType, int] | None = None, **head_bias: list[float]) -> PolicyOutputs:
-    """One forward of a small model whose graph-level heads output exactly the given biases."""
+    """One forward of a small model whose graph-level heads output exactly the given biases, and whose
+    seed and blueprint scores (zero, i.e. all tied, in an untrained model) are random, as trained ones."""
     torch.manual_seed(0)
     model = TamiyoGNN(SMALL).eval()
+    for head in (model.seed_score_head, model.blueprint_score_head, model.pair_blueprint_proj):
+        head.reset_parameters()
     head_bias["policy_head"] = [5.0 if i == action else 0.0 for i in range(32)]
     with torch.no_grad():
         for name, bias in head_bias.items():
@@ -80,7 +86,8 @@ def _ids_for(counts: dict[NodeType, int]) -> Ids:
 def test_germinate_targets_the_best_dormant_seed() -> None:
     out = _forced(0)
     ids = ["seed-a", "seed-b", "seed-c"]
-    scores = out.seed_scores.detach()[:3].tolist()
+    # A seed's worth is its score plus its best blueprint's score for it (the pair is one choice).
+    scores = (out.seed_scores[:3] + out.blueprint_scores[:3, :2].max(dim=1).values).detach().tolist()
     best = ids[scores.index(max(scores))]
     others = [i for i in ids if i != best]
     d = decide(out, Ids(), germinable=frozenset(others))
@@ -204,6 +211,23 @@ def test_selection_ignores_placeholder_rows() -> None:
     d = decide(rigged, Ids(blueprint_ids=["BP007"]))
     assert d.seed_id == "seed-b" and d.blueprint_id == "BP007"
     assert d.command.target_seed_id == "seed-b" and d.command.seed_operation.blueprint_id == "BP007"
+
+
+def test_whether_to_germinate_depends_on_the_pairs_the_state_allows() -> None:
+    """GERMINATE's logit is its own plus the logsumexp of the eligible pairs' scores: a good pair in a
+    DORMANT seed makes growing win over a stronger PAUSE; with only poor pairs left it pauses."""
+    rigged = replace(_forced(ACTION_PAUSE).detach_cpu(), seed_scores=torch.tensor([0.0, 0.0, 0.0]),
+                     blueprint_scores=torch.tensor([[-9.0, -9.0], [7.0, 0.0], [-9.0, -9.0]]),
+                     seed_mask=torch.tensor([True, True, True]), blueprint_mask=torch.tensor([True, True]))
+    grow = decide(rigged, Ids())
+    assert grow.action == ACTION_GERMINATE and (grow.seed_id, grow.blueprint_id) == ("seed-b", "BP001")
+    rest = decide(rigged, Ids(), germinable=frozenset({"seed-a", "seed-c"}))
+    assert rest.action == ACTION_PAUSE and rest.command.command_type == pb.COMMAND_PAUSE
+    logits = joint_action_logits(rigged.policy_logits, rigged.seed_scores, rigged.blueprint_scores,
+                                 torch.tensor([True, False, True]))
+    expected = rigged.policy_logits[ACTION_GERMINATE] + torch.logsumexp(torch.tensor([-9.0] * 4), 0)
+    assert float(logits[ACTION_GERMINATE]) == pytest.approx(float(expected))
+    assert torch.equal(logits[1:], rigged.policy_logits[1:])  # the other actions keep their logits
 
 
 def test_seed_and_blueprint_are_chosen_as_a_pair() -> None:

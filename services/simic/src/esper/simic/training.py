@@ -3,7 +3,8 @@
 Objective (REFERENCE §11's settings: Adam lr 5e-4, gamma 0.99, lambda 0.95), in two phases over the training
 split:
 
-1. **imitation** of decisions with good outcomes: cross-entropy on the action taken, for the samples
+1. **imitation** of decisions with good outcomes: cross-entropy on the action taken (GERMINATE's logit
+   plus the logsumexp of the state's DORMANT (seed, blueprint) pairs, as Tamiyo decides), for the samples
    whose advantage is positive (weight 1, others 0);
 2. **advantage-weighted regression** (AWR, the offline counterpart of PPO's policy step): the same
    cross-entropy with weights ``exp(A / (beta·std(A)))`` clipped to ``max_weight`` and normalised to mean 1
@@ -49,7 +50,13 @@ from torch import Tensor
 
 from esper.simic.dataset import Sample
 from esper.tamiyo.gnn import TamiyoGNN
-from esper.tamiyo.policy import ACTION_BREAKER_CLOSE, ACTION_GERMINATE, ACTION_OPTIMIZER, ACTION_PAUSE
+from esper.tamiyo.policy import (
+    ACTION_BREAKER_CLOSE,
+    ACTION_GERMINATE,
+    ACTION_OPTIMIZER,
+    ACTION_PAUSE,
+    joint_action_logits,
+)
 from esper.tamiyo.schema import NODE_TYPES, RELATIONS
 
 __all__ = [
@@ -63,6 +70,7 @@ __all__ = [
     "effective_actions",
     "forward_batch",
     "gate",
+    "joint_logits",
     "pair_logits",
     "policy_score",
     "sample_weights",
@@ -189,7 +197,7 @@ def _loss(model: TamiyoGNN, samples: Sequence[Sample], weights: Tensor, value_we
     out = forward_batch(model, collate(samples))
     actions = torch.tensor([s.action for s in samples], dtype=torch.long)
     action_w = weights if balance is None else weights * torch.tensor([balance.get(s.action, 1.0) for s in samples])
-    loss = (F.cross_entropy(out.policy_logits, actions, reduction="none") * action_w).sum() \
+    loss = (F.cross_entropy(joint_logits(samples, out), actions, reduction="none") * action_w).sum() \
         / action_w.sum().clamp_min(1e-12)
     returns = torch.tensor([s.ret for s in samples], dtype=torch.float32)
     loss = loss + value_weight * F.mse_loss(out.value, returns)
@@ -206,6 +214,29 @@ def _loss(model: TamiyoGNN, samples: Sequence[Sample], weights: Tensor, value_we
     return loss + _choice_loss(samples, out, fossilised)
 
 
+def _blocks(samples: Sequence[Sample]) -> list[tuple[slice, slice]]:
+    """Each graph's (seed rows, blueprint rows) in the batch's seed and blueprint outputs."""
+    out, first_seed, first_bp = [], 0, 0
+    for s in samples:
+        n_seed, n_bp = s.graph.counts["seed"], s.graph.counts["blueprint"]
+        out.append((slice(first_seed, first_seed + n_seed), slice(first_bp, first_bp + n_bp)))
+        first_seed, first_bp = first_seed + n_seed, first_bp + n_bp
+    return out
+
+
+def joint_logits(samples: Sequence[Sample], out: BatchOutputs) -> Tensor:
+    """[B, C] action logits as Tamiyo decides them: GERMINATE's plus the logsumexp of the pairs of a
+    DORMANT seed and a blueprint (policy.joint_action_logits), so the action loss trains the seed and
+    blueprint scores too: a germination that paid raises what its state allowed."""
+    rows = []
+    for s, (seeds, bps) in zip(samples, _blocks(samples), strict=True):
+        b = len(rows)
+        eligible = torch.tensor(s.germinable[:s.graph.counts["seed"]], dtype=torch.bool)
+        rows.append(joint_action_logits(out.policy_logits[b], out.seed_scores[seeds],
+                                        out.blueprint_scores[seeds, bps], eligible))
+    return torch.stack(rows)
+
+
 def pair_logits(seed_scores: Tensor, blueprint_scores: Tensor) -> Tensor:
     """[S, P] score of growing blueprint p in seed s, the quantity Tamiyo maximises (policy.decide)."""
     return seed_scores.unsqueeze(1) + blueprint_scores
@@ -218,11 +249,8 @@ def _choice_loss(samples: Sequence[Sample], out: BatchOutputs, weights: Tensor) 
     nothing."""
     terms: list[Tensor] = []
     used: list[Tensor] = []
-    first_seed = first_bp = 0
-    for b, s in enumerate(samples):
+    for b, (s, (seeds, bps)) in enumerate(zip(samples, _blocks(samples), strict=True)):
         n_seed, n_bp = s.graph.counts["seed"], s.graph.counts["blueprint"]
-        seeds, bps = slice(first_seed, first_seed + n_seed), slice(first_bp, first_bp + n_bp)
-        first_seed, first_bp = first_seed + n_seed, first_bp + n_bp
         if (s.action != ACTION_GERMINATE or s.seed_target is None or s.blueprint_target is None
                 or not weights[b] > 0):
             continue
@@ -299,18 +327,16 @@ def effective_actions(model: TamiyoGNN, samples: Sequence[Sample], *,
     for i in range(0, len(samples), batch_size):
         chunk = samples[i:i + batch_size]
         res = forward_batch(model, collate(chunk))
-        first_seed = first_bp = 0
-        for s, a, p in zip(chunk, res.policy_logits.argmax(-1).tolist(), res.param_delta.tolist(), strict=True):
+        actions = joint_logits(chunk, res).argmax(-1).tolist()
+        for s, a, p, (seeds, bps) in zip(chunk, actions, res.param_delta.tolist(), _blocks(chunk), strict=True):
             act = int(a)
             n_seed, n_bp = s.graph.counts["seed"], s.graph.counts["blueprint"]
             pair: tuple[int, int] | None = None
             mask = torch.tensor(s.germinable[:n_seed], dtype=torch.bool)
             if n_bp and bool(mask.any()):
-                seeds, bps = slice(first_seed, first_seed + n_seed), slice(first_bp, first_bp + n_bp)
                 pairs = pair_logits(res.seed_scores[seeds], res.blueprint_scores[seeds, bps])
                 best = int(pairs.masked_fill(~mask.unsqueeze(1), -math.inf).reshape(-1).argmax())
                 pair = divmod(best, n_bp)
-            first_seed, first_bp = first_seed + n_seed, first_bp + n_bp
             if act > ACTION_BREAKER_CLOSE or (act == ACTION_GERMINATE and not any(s.germinable)):
                 act = ACTION_PAUSE
             out.append(EffectiveAction(act, float(p), pair))

@@ -102,7 +102,8 @@ class GNNConfig:
     pair_dim: int = 32  # rank of the seed x blueprint interaction in the blueprint scores
 
     def __post_init__(self) -> None:
-        if min(self.hidden_dim, self.gat_dim, self.gat_heads, self.pair_dim) < 1 or min(self.sage_layers, self.gat_layers) < 0:
+        widths = (self.hidden_dim, self.gat_dim, self.gat_heads, self.pair_dim)
+        if min(widths) < 1 or min(self.sage_layers, self.gat_layers) < 0:
             raise ConfigurationError(f"GNNConfig widths must be ≥ 1 and depths ≥ 0: {self}")
         if self.gat_concat and self.gat_dim % self.gat_heads:
             raise ConfigurationError(f"gat_dim {self.gat_dim} is not divisible by gat_heads {self.gat_heads}")
@@ -396,6 +397,11 @@ class TamiyoGNN(nn.Module):
             # The interaction starts at 0 (one factor zero, as LoRA's B): an untrained policy scores a
             # blueprint the same for every seed, and training grows the term from the other factor.
             self.pair_blueprint_proj.weight.zero_()
+            # Seed and blueprint scores also start at 0: they add to GERMINATE's logit (policy
+            # joint_action_logits), which must not be moved at random; ties go to the first row.
+            for head in (self.seed_score_head, self.blueprint_score_head):
+                head.weight.zero_()
+                head.bias.zero_()
 
     def pack(
         self,
@@ -506,8 +512,9 @@ class TamiyoGNN(nn.Module):
 
     def pair_scores(self, h_seed: Tensor, h_blueprint: Tensor) -> Tensor:
         """[S, P] score of each blueprint (embeddings [P, d]) for each seed (embeddings [S, d])."""
-        base = self.blueprint_score_head(h_blueprint).squeeze(-1)
-        return base.unsqueeze(0) + self.pair_seed_proj(h_seed) @ self.pair_blueprint_proj(h_blueprint).t()
+        base: Tensor = self.blueprint_score_head(h_blueprint).squeeze(-1)
+        interaction: Tensor = self.pair_seed_proj(h_seed) @ self.pair_blueprint_proj(h_blueprint).t()
+        return base.unsqueeze(0) + interaction
 
     def __repr__(self) -> str:
         c = self.config

@@ -34,7 +34,7 @@ from esper.tamiyo.policy import (
     finish_decision,
 )
 
-HEURISTIC_VERSION: Final[str] = "tamiyo_heuristic_v1"
+HEURISTIC_VERSION: Final[str] = "tamiyo_heuristic_v2"  # v2: no regrowing a design culled in that seed
 _ACTIVE: Final[frozenset[int]] = frozenset({pb.SEED_STAGE_GERMINATED, pb.SEED_STAGE_TRAINING, pb.SEED_STAGE_BLENDING,
                                             pb.SEED_STAGE_SHADOWING, pb.SEED_STAGE_PROBATIONARY})
 _CULL_STAGES: Final[frozenset[int]] = frozenset({pb.SEED_STAGE_CULLED, pb.SEED_STAGE_EMBARGOED,

@@ -40,6 +40,7 @@ __all__ = [
     "coverage_fraction",
     "decide",
     "finish_decision",
+    "joint_action_logits",
     "risk_score",
 ]
 
@@ -120,6 +121,25 @@ class PolicyDecision:
     no_dormant_seed: bool = False  # the policy chose GERMINATE but no seed was DORMANT
 
 
+def joint_action_logits(policy_logits: Tensor, seed_scores: Tensor, blueprint_scores: Tensor,
+                        eligible: Tensor) -> Tensor:
+    """The action logits with GERMINATE's replaced by ``logit + logsumexp`` over the (eligible seed,
+    blueprint) pair scores (``seed_scores`` [S] + ``blueprint_scores`` [S, P], ``eligible`` [S] bool).
+
+    Whether to grow and what to grow where are one categorical choice, ``P(germinate s, b) ∝
+    exp(l_g + seed(s) + bp(s, b))``: germinating is worth as much as the pairs the state allows, so a
+    policy that learned "BP003 in the hidden slot pays, anything in the input slot does not" can
+    germinate when the hidden slot is DORMANT and pause when only the input slot is. With no eligible
+    pair (or no blueprint) GERMINATE keeps its own logit. Differentiable: Simic trains through it."""
+    if seed_scores.numel() == 0 or blueprint_scores.numel() == 0 or not bool(eligible.any()):
+        return policy_logits
+    pairs = (seed_scores.unsqueeze(1) + blueprint_scores)[eligible]
+    bonus = torch.logsumexp(pairs.reshape(-1), dim=0)
+    onehot = torch.zeros_like(policy_logits)
+    onehot[..., ACTION_GERMINATE] = 1.0
+    return policy_logits + onehot * bonus
+
+
 def risk_score(risk_logits: Tensor) -> float:
     """Expected risk class scaled to [0, 1]: ``Σ_k p_k · k / (K - 1)`` with ``p = softmax(logits)``.
 
@@ -167,7 +187,13 @@ def decide(
     """
     out = outputs.detach_cpu()
     _check_finite(out)
-    action = int(out.policy_logits.argmax())
+    n_seed, n_bp = len(graph_ids.seed_ids), len(graph_ids.blueprint_ids)
+    eligible = torch.tensor([germinable is None or sid in germinable for sid in graph_ids.seed_ids], dtype=torch.bool)
+    if n_seed and n_bp and bool(torch.isnan(out.seed_scores[:n_seed]).any()
+                                or torch.isnan(out.blueprint_scores[:n_seed, :n_bp]).any()):
+        raise DependencyViolationError("seed or blueprint scores are not finite")
+    action = int(joint_action_logits(out.policy_logits, out.seed_scores[:n_seed],
+                                      out.blueprint_scores[:n_seed, :n_bp], eligible).argmax())
     param_delta = float(out.param_delta)
     if len(blend_methods) != out.blending_logits.numel():
         raise ConfigurationError(f"{len(blend_methods)} blend methods for {out.blending_logits.numel()} logits")
@@ -176,16 +202,14 @@ def decide(
     start, end = _schedule(out.schedule)
     # Seed and blueprint are one choice: the best (seed, blueprint) pair by seed score plus the
     # blueprint's score for that seed. (Without a real blueprint the seed head alone decides.)
-    n_seed, n_bp = len(graph_ids.seed_ids), len(graph_ids.blueprint_ids)
     seed_scores = out.seed_scores.clone()
     if n_seed and n_bp:
         seed_scores[:n_seed] += out.blueprint_scores[:n_seed, :n_bp].max(dim=1).values
     no_dormant = False
     if germinable is not None and action == ACTION_GERMINATE:
-        eligible = torch.tensor([sid in germinable for sid in graph_ids.seed_ids]
-                                + [False] * (seed_scores.numel() - len(graph_ids.seed_ids)))
         no_dormant = not bool(eligible.any())
-        seed_scores = seed_scores.masked_fill(~eligible, float("-inf")) if not no_dormant else seed_scores
+        padded = torch.cat([eligible, torch.zeros(seed_scores.numel() - n_seed, dtype=torch.bool)])
+        seed_scores = seed_scores.masked_fill(~padded, float("-inf")) if not no_dormant else seed_scores
     row, seed = _select(seed_scores, out.seed_mask, graph_ids.seed_ids, "seed", allow_inf=germinable is not None)
     if no_dormant:
         action = ACTION_PAUSE
