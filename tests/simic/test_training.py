@@ -190,13 +190,17 @@ def test_actions_are_balanced_so_rare_germinations_count() -> None:
     assert action_balance([*samples, *seeds], cap=2.0)[ACTION_GERMINATE] == 2.0
 
 
-def _germinations(blueprint_ids: list[str], advantages: list[float], fates: list[float] | None = None) -> list[Sample]:
+def _germinations(blueprint_ids: list[str], advantages: list[float], fates: list[float] | None = None, *,
+                  dormant: tuple[str, ...] = ("seed-1",)) -> list[Sample]:
     """GERMINATE samples of seed-1 with the given blueprints, advantages and seed fates (default: the
-    advantage's sign) (three DORMANT seeds)."""
+    advantage's sign); the seeds not `dormant` are FOSSILIZED (only seed-1 can be grown, by default)."""
     reports = []
     for i, bp in enumerate(blueprint_ids):
         r = decision_report(f"g{i}", 1, "seed", 1.0, run_index=i)
         r.command.seed_operation.blueprint_id = bp
+        for st in r.observation.seed_states:
+            if st.seed_id not in dormant:
+                st.stage = pb.SEED_STAGE_FOSSILIZED
         reports.append(r)
     out = build_samples(reports, blueprints=two_blueprints())
     fates = fates if fates is not None else [1.0 if a > 0 else -1.0 for a in advantages]
@@ -253,7 +257,7 @@ def test_the_blueprint_is_learned_from_fossilised_seeds_not_from_the_runs_return
 def test_the_blueprint_is_learned_per_seed() -> None:
     """One state, three DORMANT seeds: BP001 fossilised in seed-0 and was culled in seed-2, BP002 the
     reverse. A blueprint score that ignored the seed (architecture v1) could not learn both."""
-    base = _germinations(["BP001"], [1.0])[0]
+    base = _germinations(["BP001"], [1.0], dormant=("seed-0", "seed-1", "seed-2"))[0]
     seed_ids, ids = list(base.graph.seed_ids), list(base.graph.blueprint_ids)
     plan = [("seed-0", 0, 1.0), ("seed-0", 1, -1.0), ("seed-2", 1, 1.0), ("seed-2", 0, -1.0)] * 3
     samples = [replace(base, seed_target=seed_ids.index(sid), blueprint_target=bp, advantage=fate, fate=fate)
@@ -288,12 +292,45 @@ def test_the_action_simic_scores_is_the_one_tamiyo_takes_with_the_pairs_in_its_l
     assert effective_actions(model, [base])[0].action == ACTION_GERMINATE
     none_dormant = replace(base, germinable=(False,) * len(base.germinable))
     assert effective_actions(model, [none_dormant])[0].action == ACTION_PAUSE
-    # The action loss reaches the seed and blueprint heads through that logit.
+    # The action loss leaves the pair scores alone (they enter detached) ...
     model.train()
     model.zero_grad()
     out = forward_batch(model, collate([base]))
     torch.nn.functional.cross_entropy(joint_logits([base], out), torch.tensor([ACTION_GERMINATE])).backward()
-    assert model.blueprint_score_head.bias.grad is not None and float(model.blueprint_score_head.bias.grad) != 0.0
+    assert model.policy_head.bias.grad is not None and float(model.policy_head.bias.grad.abs().sum()) > 0
+    assert model.blueprint_score_head.bias.grad is None or float(model.blueprint_score_head.bias.grad) == 0.0
+
+
+def test_pair_scores_learn_the_odds_that_kasmina_keeps_the_seed() -> None:
+    """A fossilised germination raises its pair's score, a culled one lowers it; an unknown fate
+    (the run ended first) teaches nothing."""
+    ids = list(_germinations(["BP001"], [0.0])[0].graph.blueprint_ids)
+
+    @torch.no_grad()
+    def pair_score(model: TamiyoGNN, x: Sample) -> float:
+        out = forward_batch(model, collate([x]))
+        return float(out.seed_scores[x.seed_target or 0] + out.blueprint_scores[x.seed_target or 0,
+                                                                                 x.blueprint_target or 0])
+
+    moved = {}
+    for fate in (1.0, -1.0, 0.0):
+        x = _germinations([ids[0]], [0.0], fates=[fate])[0]
+        model = TamiyoGNN(SMALL)
+        torch.manual_seed(0)
+        model.reset_parameters()
+        for p in model.parameters():  # only the fate loss may move the pair: freeze everything else
+            p.requires_grad_(False)
+        heads = [model.seed_score_head, model.blueprint_score_head]
+        for head in heads:
+            for p in head.parameters():
+                p.requires_grad_(True)
+        model.eval()
+        before = pair_score(model, x)
+        optimizer = torch.optim.SGD([p for h in heads for p in h.parameters()], lr=0.1)
+        train_step(model, optimizer, [x], torch.ones(1), value_weight=0.0)
+        model.eval()
+        moved[fate] = pair_score(model, x) - before
+    assert moved[1.0] > 0 and moved[-1.0] < 0 and moved[0.0] == 0.0, moved
 
 
 def test_a_round_trains_a_candidate_that_passes_the_gate(tmp_path: object) -> None:

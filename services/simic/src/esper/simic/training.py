@@ -208,10 +208,9 @@ def _loss(model: TamiyoGNN, samples: Sequence[Sample], weights: Tensor, value_we
         w = weights.index_select(0, idx)
         err = (out.param_delta.index_select(0, idx) - target) ** 2
         loss = loss + (err * w).sum() / w.sum().clamp_min(1e-12)
-    # Which seed and which blueprint are learned from germinations whose seed Kasmina fossilised (its
-    # measured benefit), not from the run's return, which credits a bad design in a run that went well.
-    fossilised = weights * torch.tensor([float(s.fate > 0) for s in samples])
-    return loss + _choice_loss(samples, out, fossilised)
+    # Which seed and which blueprint are learned from Kasmina's verdict on the seed (its measured
+    # benefit), not from the run's return, which credits a bad design in a run that went well.
+    return loss + _fate_loss(samples, out)
 
 
 def _blocks(samples: Sequence[Sample]) -> list[tuple[slice, slice]]:
@@ -226,14 +225,17 @@ def _blocks(samples: Sequence[Sample]) -> list[tuple[slice, slice]]:
 
 def joint_logits(samples: Sequence[Sample], out: BatchOutputs) -> Tensor:
     """[B, C] action logits as Tamiyo decides them: GERMINATE's plus the logsumexp of the pairs of a
-    DORMANT seed and a blueprint (policy.joint_action_logits), so the action loss trains the seed and
-    blueprint scores too: a germination that paid raises what its state allowed."""
+    DORMANT seed and a blueprint (policy.joint_action_logits).
+
+    The pair scores enter detached: they are fitted to Kasmina's verdicts (:func:`_fate_loss`), and
+    the action loss, thousands of pauses against a few germinations, would otherwise reshape them
+    (pushing every pair down shifts their ranking by the blueprints' feature geometry, not evidence)."""
     rows = []
     for s, (seeds, bps) in zip(samples, _blocks(samples), strict=True):
         b = len(rows)
         eligible = torch.tensor(s.germinable[:s.graph.counts["seed"]], dtype=torch.bool)
-        rows.append(joint_action_logits(out.policy_logits[b], out.seed_scores[seeds],
-                                        out.blueprint_scores[seeds, bps], eligible))
+        rows.append(joint_action_logits(out.policy_logits[b], out.seed_scores[seeds].detach(),
+                                        out.blueprint_scores[seeds, bps].detach(), eligible))
     return torch.stack(rows)
 
 
@@ -242,29 +244,24 @@ def pair_logits(seed_scores: Tensor, blueprint_scores: Tensor) -> Tensor:
     return seed_scores.unsqueeze(1) + blueprint_scores
 
 
-def _choice_loss(samples: Sequence[Sample], out: BatchOutputs, weights: Tensor) -> Tensor:
-    """Cross-entropy over each GERMINATE graph's (DORMANT seed, blueprint) pairs toward the pair it
-    used, sample-weighted, averaged over the germinations that count (over the whole batch, a handful
-    of germinations among pauses barely moved the heads). A target seed that was not DORMANT teaches
-    nothing."""
-    terms: list[Tensor] = []
-    used: list[Tensor] = []
-    for b, (s, (seeds, bps)) in enumerate(zip(samples, _blocks(samples), strict=True)):
-        n_seed, n_bp = s.graph.counts["seed"], s.graph.counts["blueprint"]
-        if (s.action != ACTION_GERMINATE or s.seed_target is None or s.blueprint_target is None
-                or not weights[b] > 0):
+def _fate_loss(samples: Sequence[Sample], out: BatchOutputs) -> Tensor:
+    """Logistic loss of each germination's pair score against its seed's fate (FOSSILIZED 1, CULLED
+    or EMBARGOED 0; unknown fates are left out), averaged over those germinations.
+
+    So a pair's score is the log-odds that Kasmina keeps that design grown in that seed, learned from
+    culls as much as from fossils (a softmax toward fossilised pairs alone ignored every cull, most of
+    the evidence), and GERMINATE's logit rises with the odds of the pairs a state allows."""
+    logits: list[Tensor] = []
+    labels: list[float] = []
+    for s, (seeds, bps) in zip(samples, _blocks(samples), strict=True):
+        if s.action != ACTION_GERMINATE or s.seed_target is None or s.blueprint_target is None or s.fate == 0:
             continue
-        mask = torch.tensor(s.germinable[:n_seed], dtype=torch.bool)
-        if not bool(mask[s.seed_target]):
-            continue
-        pairs = pair_logits(out.seed_scores[seeds], out.blueprint_scores[seeds, bps])
-        pairs = pairs.masked_fill(~mask.unsqueeze(1), -1e9).reshape(-1)
-        target = s.seed_target * n_bp + s.blueprint_target
-        terms.append(-torch.log_softmax(pairs, dim=0)[target] * weights[b])
-        used.append(weights[b])
-    if not terms:
+        logits.append(out.seed_scores[seeds][s.seed_target] + out.blueprint_scores[seeds, bps][s.seed_target,
+                                                                                               s.blueprint_target])
+        labels.append(1.0 if s.fate > 0 else 0.0)
+    if not logits:
         return out.seed_scores.sum() * 0.0 + out.blueprint_scores.sum() * 0.0
-    return torch.stack(terms).sum() / torch.stack(used).sum().clamp_min(1e-12)
+    return F.binary_cross_entropy_with_logits(torch.stack(logits), torch.tensor(labels))
 
 
 def train_step(model: TamiyoGNN, optimizer: torch.optim.Optimizer, samples: Sequence[Sample], weights: Tensor, *,
