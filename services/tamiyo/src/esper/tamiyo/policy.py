@@ -130,7 +130,8 @@ def joint_action_logits(policy_logits: Tensor, seed_scores: Tensor, blueprint_sc
     exp(l_g + seed(s) + bp(s, b))``: germinating is worth as much as the pairs the state allows, so a
     policy that learned "BP003 in the hidden slot pays, anything in the input slot does not" can
     germinate when the hidden slot is DORMANT and pause when only the input slot is. With no eligible
-    pair (or no blueprint) GERMINATE keeps its own logit. Differentiable: Simic trains through it."""
+    pair (or no blueprint) GERMINATE keeps its own logit. Differentiable: Simic trains the action head
+    through it (with the pair scores detached: they are fitted to Kasmina's verdicts)."""
     if seed_scores.numel() == 0 or blueprint_scores.numel() == 0 or not bool(eligible.any()):
         return policy_logits
     pairs = (seed_scores.unsqueeze(1) + blueprint_scores)[eligible]
@@ -170,8 +171,9 @@ def decide(
 ) -> PolicyDecision:
     """Map one forward's outputs to a command.
 
-    :param germinable: seed ids that can take a new seed now (DORMANT in the packet). A GERMINATE goes
-        to the best-scoring one of them; with none it becomes a PAUSE annotated
+    :param germinable: seed ids that can take a new seed now (DORMANT in the packet). GERMINATE's logit
+        rises with their (seed, blueprint) pairs' scores (:func:`joint_action_logits`) and a GERMINATE
+        grows the best pair among them; with none it becomes a PAUSE annotated
         ``reason=no_dormant_seed`` (the policy's choice, constrained by the state, said out loud).
         None: every seed row is eligible.
     :param blend_mode_annotations: emit blend-mode annotations on SEED commands
@@ -187,6 +189,8 @@ def decide(
     """
     out = outputs.detach_cpu()
     _check_finite(out)
+    _check_ids(out.seed_mask, graph_ids.seed_ids, "seed")
+    _check_ids(out.blueprint_mask, graph_ids.blueprint_ids, "blueprint")
     n_seed, n_bp = len(graph_ids.seed_ids), len(graph_ids.blueprint_ids)
     eligible = torch.tensor([germinable is None or sid in germinable for sid in graph_ids.seed_ids], dtype=torch.bool)
     if n_seed and n_bp and bool(torch.isnan(out.seed_scores[:n_seed]).any()
@@ -279,9 +283,7 @@ def _select(scores: Tensor, mask: Tensor, ids: Sequence[str], what: str, *,
             allow_inf: bool = False) -> tuple[int | None, str | None]:
     """Best real row's (index, id), or (None, None) when there is no real row. Placeholder rows can
     never win. `allow_inf`: rows masked out with -inf (ineligible) are allowed; NaN never is."""
-    n_real = int(mask.sum())
-    if n_real != len(ids) or not bool(mask[:n_real].all()):
-        raise DependencyViolationError(f"{what}: {n_real} real rows (first rows) but {len(ids)} ids")
+    n_real = _check_ids(mask, ids, what)
     if n_real == 0:
         return None, None
     real = scores[:n_real]
@@ -292,6 +294,14 @@ def _select(scores: Tensor, mask: Tensor, ids: Sequence[str], what: str, *,
     if not chosen:
         raise DependencyViolationError(f"{what}: real row {best} has an empty id")
     return best, chosen
+
+
+def _check_ids(mask: Tensor, ids: Sequence[str], what: str) -> int:
+    """The real rows are the first ones, one per id; returns their number."""
+    n_real = int(mask.sum())
+    if n_real != len(ids) or not bool(mask[:n_real].all()):
+        raise DependencyViolationError(f"{what}: {n_real} real rows (first rows) but {len(ids)} ids")
+    return n_real
 
 
 def _coverage(coverage: float | Mapping[str, float]) -> float:
