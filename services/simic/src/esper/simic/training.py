@@ -215,7 +215,8 @@ def _loss(model: TamiyoGNN, samples: Sequence[Sample], weights: Tensor, value_we
 
 def _blocks(samples: Sequence[Sample]) -> list[tuple[slice, slice]]:
     """Each graph's (seed rows, blueprint rows) in the batch's seed and blueprint outputs."""
-    out, first_seed, first_bp = [], 0, 0
+    out: list[tuple[slice, slice]] = []
+    first_seed = first_bp = 0
     for s in samples:
         n_seed, n_bp = s.graph.counts["seed"], s.graph.counts["blueprint"]
         out.append((slice(first_seed, first_seed + n_seed), slice(first_bp, first_bp + n_bp)))
@@ -230,9 +231,8 @@ def joint_logits(samples: Sequence[Sample], out: BatchOutputs) -> Tensor:
     The pair scores enter detached: they are fitted to Kasmina's verdicts (:func:`_fate_loss`), and
     the action loss, thousands of pauses against a few germinations, would otherwise reshape them
     (pushing every pair down shifts their ranking by the blueprints' feature geometry, not evidence)."""
-    rows = []
-    for s, (seeds, bps) in zip(samples, _blocks(samples), strict=True):
-        b = len(rows)
+    rows: list[Tensor] = []
+    for b, (s, (seeds, bps)) in enumerate(zip(samples, _blocks(samples), strict=True)):
         eligible = torch.tensor(s.germinable[:s.graph.counts["seed"]], dtype=torch.bool)
         rows.append(joint_action_logits(out.policy_logits[b], out.seed_scores[seeds].detach(),
                                         out.blueprint_scores[seeds, bps].detach(), eligible))
