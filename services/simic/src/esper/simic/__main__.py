@@ -23,7 +23,7 @@ def main(ctx: typer.Context) -> None:
 
 @app.command()
 def run() -> None:
-    """Store field reports from the bus until SIGTERM."""
+    """Store field reports from the bus, and train (and publish) on a schedule, until SIGTERM."""
     from esper.oona.cli import serve_or_exit
     from esper.simic.service import serve
     from esper.simic.settings import SimicSettings

@@ -78,9 +78,11 @@ class ReplayStore:
         with self._lock:
             return self._db.execute("DELETE FROM reports WHERE issued_at_ms < ?", (cutoff,)).rowcount
 
-    def count(self) -> int:
+    def count(self, *, received_since_ms: int = 0) -> int:
+        """Stored reports (received at or after `received_since_ms`: the new ones since a round)."""
         with self._lock:
-            return int(self._db.execute("SELECT COUNT(*) FROM reports").fetchone()[0])
+            return int(self._db.execute("SELECT COUNT(*) FROM reports WHERE received_at_ms >= ?",
+                                        (received_since_ms,)).fetchone()[0])
 
     def outcomes(self) -> Counter[str]:
         with self._lock:

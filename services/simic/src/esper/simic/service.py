@@ -2,8 +2,9 @@
 
 A report that cannot be stored (no id, no `issued_at`) is dead-lettered with a `field_report_rejected`
 event; a repeat is acknowledged and counted (`simic_reports_total{result="duplicate"}`). SQLite work runs
-in a worker thread. Training rounds and publishing are `python -m esper.simic train --publish`
-(pipeline.py, publish.py).
+in a worker thread. Training rounds run on their own schedule (rounds.py: every
+`SIMIC_TRAIN_INTERVAL_S`, given enough new reports; an accepted candidate is published) or by hand
+(`python -m esper.simic train --publish`).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from esper.leyline import pb
 from esper.oona import Consumer, Delivery, OonaClient, OonaMetrics, PublishError, Reject
 from esper.oona.runner import run_bus_service
 from esper.simic.replay import MissingIssuedAtError, ReplayStore
+from esper.simic.rounds import RoundLoop
 from esper.simic.settings import SimicSettings
 
 log = get_logger("esper.simic.service")
@@ -36,6 +38,7 @@ class SimicService:
                                  freshness_window_ms=settings.field_report_freshness_ms)
         self.reports = Counter("simic_reports", "Field reports received", ["result"], registry=self.registry)
         self.stored = Gauge("simic_replay_reports", "Reports in the replay store", registry=self.registry)
+        self.rounds = RoundLoop(settings, self.client, self.store, self.registry)
 
     async def handle(self, delivery: Delivery) -> None:
         report = delivery.message_as(pb.FieldReport)
@@ -71,5 +74,6 @@ async def serve(settings: SimicSettings) -> int:
     service = SimicService(settings)
     return await run_bus_service(
         "simic", settings, client=service.client, registry=service.registry, health=service.health,
-        loops=lambda stop: [service.consumer.run(stop), service.housekeeping(stop)], close=service.store.close,
+        loops=lambda stop: [service.consumer.run(stop), service.housekeeping(stop), service.rounds.run(stop)],
+        close=service.store.close,
         ready={"replay": str(settings.replay_path), "group": settings.group})

@@ -66,3 +66,14 @@ class SimicSettings(OonaSettings):
                                                     "(unset: fresh ones, which index keys the same way)")
     catalog_timeout_ms: float = Field(2000.0, gt=0, validation_alias=_s("catalog_timeout_ms"),
                                       description="budget of the blueprint catalogue request to Urza")
+
+    # -- the service's own rounds (rounds.py) -------------------------------------------------------------
+    train_interval_s: float = Field(3600.0, ge=0, validation_alias=_s("train_interval_s"),
+                                    description="seconds between checks for a training round (0: no rounds; "
+                                                "`train` runs one by hand)")
+    train_min_new_reports: int = Field(500, ge=1, validation_alias=_s("train_min_new_reports"),
+                                       description="a round needs at least this many reports since the last one")
+    train_max_reports: int = Field(1_000_000, ge=1, validation_alias=_s("train_max_reports"),
+                                   description="most reports one round reads (oldest first)")
+    auto_publish: bool = Field(True, validation_alias=_s("auto_publish"),
+                               description="publish a candidate the gate accepts as a PolicyUpdate on `policy`")

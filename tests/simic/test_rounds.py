@@ -1,0 +1,105 @@
+"""Simic's own training rounds against a real Redis: enough new reports → a round whose accepted
+candidate is published and becomes the current policy (kept across a restart); too few → no round; a
+round that fails is reported and leaves the service running."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+from prometheus_client import CollectorRegistry
+
+from esper.leyline import decode_envelope, pb, unpack_as
+from esper.leyline.channels import CHANNELS
+from esper.oona import OonaSettings
+from esper.simic.rounds import STATE_FILE, RoundState
+from esper.simic.service import SimicService
+from esper.simic.settings import SimicSettings
+from esper.tamiyo.checkpoint import decode_checkpoint
+from esper.tamiyo.registry import RegistrySet
+from tests.conftest import ClientFactory
+from tests.simic._data import runs
+
+
+def _settings(settings: OonaSettings, tmp_path: Path, **overrides: object) -> SimicSettings:
+    base = {**settings.model_dump(), "replay_path": tmp_path / "replay.db", "policy_dir": tmp_path / "policies",
+            "imitation_epochs": 2, "awr_epochs": 6, "batch_size": 32, "learning_rate": 5e-3, "gate_min_holdout": 10,
+            "train_min_new_reports": 50, "catalog_timeout_ms": 100.0, "train_interval_s": 0.0}
+    base.update(overrides)
+    return SimicSettings(**base)
+
+
+async def _events(client: object, stream: str) -> list[pb.TelemetryEvent]:
+    entries = await client.redis.xrange(stream)  # type: ignore[attr-defined]
+    return [e for _, f in entries for e in unpack_as(decode_envelope(f[b"payload"]), pb.TelemetryPacket).events]
+
+
+async def test_a_round_publishes_an_accepted_candidate_and_keeps_it_as_current(
+        make_client: ClientFactory, settings: OonaSettings, tmp_path: Path) -> None:
+    watcher = await make_client("nissa")
+    s = _settings(settings, tmp_path)
+    service = SimicService(s, registry=CollectorRegistry())
+    await service.client.connect()
+    try:
+        for r in runs(n_runs=4, steps=24)[:40]:
+            service.store.add(r)
+        assert await service.rounds.maybe_train() is None  # 40 new reports, 50 needed: no round
+        assert not (s.policy_dir / STATE_FILE).exists()
+        for r in runs(n_runs=4, steps=24)[40:]:
+            service.store.add(r)
+        result = await service.rounds.maybe_train()  # no Urza: trains without blueprint nodes
+        assert result is not None and result.gate.accepted, result and result.gate
+        assert service.rounds.rounds.labels("accepted")._value.get() == 1
+        state = RoundState.load(s.policy_dir)
+        assert state.checkpoint is not None and state.last_round_ms > 0
+        assert (s.policy_dir / state.checkpoint).read_bytes() == result.checkpoint
+        updates = await watcher.redis.xrange(CHANNELS["policy"].normal_stream)
+        assert len(updates) == 1
+        raw = updates[0][1][b"payload"]
+        update = unpack_as(decode_envelope(raw, max_bytes=CHANNELS["policy"].max_message_bytes), pb.PolicyUpdate)
+        assert update.payload == result.checkpoint
+        assert decode_checkpoint(update.payload).policy_version == result.policy_version
+        events = await _events(watcher, CHANNELS["telemetry"].normal_stream)
+        done = [e for e in events if e.attributes["event"] == "simic_round"]
+        assert len(done) == 1 and done[0].attributes["accepted"] == "True" and done[0].attributes["published"] == "True"
+        # Nothing new since: the next interval runs no round.
+        assert await service.rounds.maybe_train() is None
+    finally:
+        service.store.close()
+        await service.client.close()
+    # A restarted service starts from the accepted policy: its next round's current is that checkpoint.
+    again = SimicService(s, registry=CollectorRegistry())
+    try:
+        current = again.rounds._current(RoundState.load(s.policy_dir), RegistrySet.new())
+        assert all(bool((a == b).all()) for a, b in zip(current.state_dict().values(),
+                                                         result.candidate.state_dict().values(), strict=True))
+    finally:
+        again.store.close()
+
+
+async def test_a_failed_round_is_reported_and_the_service_goes_on(make_client: ClientFactory, settings: OonaSettings,
+                                                                 tmp_path: Path) -> None:
+    watcher = await make_client("nissa")
+    s = _settings(settings, tmp_path, train_interval_s=0.05)
+    RoundState(checkpoint="gone.pt", last_round_ms=0).save(s.policy_dir)  # names a file that is not there
+    service = SimicService(s, registry=CollectorRegistry())
+    await service.client.connect()
+    for r in runs(n_runs=4, steps=24):
+        service.store.add(r)
+    stop = asyncio.Event()
+    task = asyncio.create_task(service.rounds.run(stop))
+    try:
+        async with asyncio.timeout(30):
+            while service.rounds.rounds.labels("failed")._value.get() < 2:  # noqa: ASYNC110 - a counter in-process
+                await asyncio.sleep(0.05)
+    finally:
+        stop.set()
+        await task
+        service.store.close()
+        await service.client.close()
+    assert not task.exception()  # the loop survived both failures and stopped when told
+    assert RoundState.load(s.policy_dir).checkpoint == "gone.pt"  # a failed round changes nothing
+    assert await watcher.redis.xlen(CHANNELS["policy"].normal_stream) == 0
+    failed = [e for e in await _events(watcher, CHANNELS["telemetry"].normal_stream)
+              if e.attributes["event"] == "simic_round_failed"]
+    assert failed and failed[0].level == pb.TELEMETRY_LEVEL_WARNING and "gone.pt" in failed[0].description
