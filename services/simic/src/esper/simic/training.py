@@ -4,7 +4,7 @@ Objective (REFERENCE §11's settings: Adam lr 5e-4, gamma 0.99, lambda 0.95), in
 split:
 
 1. **imitation** of decisions with good outcomes: cross-entropy on the action taken (GERMINATE's logit
-   plus the logsumexp of the state's DORMANT (seed, blueprint) pairs, as Tamiyo decides), for the samples
+   plus the log-mean-exp of the state's DORMANT (seed, blueprint) pairs, as Tamiyo decides), for the samples
    whose advantage is positive (weight 1, others 0);
 2. **advantage-weighted regression** (AWR, the offline counterpart of PPO's policy step): the same
    cross-entropy with weights ``exp(A / (beta·std(A)))`` clipped to ``max_weight`` and normalised to mean 1
@@ -12,10 +12,10 @@ split:
 
 Beside the action, each phase trains the value head on the return (``value_weight`` · MSE), the param
 head on the ``param_delta`` an OPTIMIZER / GERMINATE command carried — all with the same sample
-weights — and the seed and blueprint heads on the (seed, blueprint) pair a GERMINATE chose: one
-cross-entropy over the pairs of a DORMANT seed and a blueprint (pair score = seed score + the
-blueprint's score for that seed, as Tamiyo chooses), counting only germinations whose seed Kasmina
-fossilised.
+weights — and the seed and blueprint heads on the seed's fate: a logistic loss of the pair score
+of each germination (seed score + the blueprint's score for that seed) against FOSSILIZED 1 /
+CULLED or EMBARGOED 0, over every germination with a verdict, not weighted by advantage
+(:func:`_fate_loss`). The action loss sees the pair scores only detached (:func:`joint_logits`).
 
 **Balanced actions** (``balance_actions``): germinations are a handful among hundreds of pauses, so an
 unweighted cross-entropy learns "always pause" whatever the advantages say. Each action's samples
@@ -225,7 +225,7 @@ def _blocks(samples: Sequence[Sample]) -> list[tuple[slice, slice]]:
 
 
 def joint_logits(samples: Sequence[Sample], out: BatchOutputs) -> Tensor:
-    """[B, C] action logits as Tamiyo decides them: GERMINATE's plus the logsumexp of the pairs of a
+    """[B, C] action logits as Tamiyo decides them: GERMINATE's plus the log-mean-exp of the pairs of a
     DORMANT seed and a blueprint (policy.joint_action_logits).
 
     The pair scores enter detached: they are fitted to Kasmina's verdicts (:func:`_fate_loss`), and
