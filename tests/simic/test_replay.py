@@ -43,6 +43,16 @@ def test_idempotent_and_survives_reopen(tmp_path: Path) -> None:
         assert again.reports()[0].metrics["loss_delta"] == pytest.approx(-0.01)
 
 
+def test_latest_reports_and_the_count_of_new_ones(tmp_path: Path) -> None:
+    t = now_ms()
+    with ReplayStore(tmp_path / "r.db") as store:
+        for i in range(5):
+            store.add(_report(f"r{i}", t - 1000 + i))
+        assert [r.report_id for r in store.latest(limit=3)] == ["r2", "r3", "r4"]  # newest three, oldest first
+        assert store.count(received_since_ms=0) == 5
+        assert store.count(received_since_ms=now_ms() + 1000) == 0  # nothing received since then
+
+
 def test_retention_by_issued_at_and_missing_issued_at_refused(tmp_path: Path) -> None:
     t = now_ms()
     with ReplayStore(tmp_path / "r.db") as store:

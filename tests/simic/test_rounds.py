@@ -1,6 +1,7 @@
 """Simic's own training rounds against a real Redis: enough new reports → a round whose accepted
 candidate is published and becomes the current policy (kept across a restart); too few → no round; a
-round that fails is reported and leaves the service running."""
+publish cut short is finished first; a round that fails (no catalogue, a lost checkpoint) is reported
+and leaves the service running."""
 
 from __future__ import annotations
 
@@ -9,16 +10,19 @@ from pathlib import Path
 
 from prometheus_client import CollectorRegistry
 
+from esper.core.clock import now_ms
 from esper.leyline import decode_envelope, pb, unpack_as
 from esper.leyline.channels import CHANNELS
 from esper.oona import OonaSettings
+from esper.simic.pipeline import initial_model, save_checkpoint
 from esper.simic.rounds import STATE_FILE, RoundState
 from esper.simic.service import SimicService
 from esper.simic.settings import SimicSettings
-from esper.tamiyo.checkpoint import decode_checkpoint
+from esper.tamiyo.checkpoint import decode_checkpoint, encode_checkpoint
 from esper.tamiyo.registry import RegistrySet
 from tests.conftest import ClientFactory
 from tests.simic._data import runs
+from tests.tamiyo._fleet import urza_stand_in
 
 
 def _settings(settings: OonaSettings, tmp_path: Path, **overrides: object) -> SimicSettings:
@@ -36,7 +40,7 @@ async def _events(client: object, stream: str) -> list[pb.TelemetryEvent]:
 
 async def test_a_round_publishes_an_accepted_candidate_and_keeps_it_as_current(
         make_client: ClientFactory, settings: OonaSettings, tmp_path: Path) -> None:
-    watcher = await make_client("nissa")
+    watcher, urza = await make_client("nissa"), await make_client("urza")
     s = _settings(settings, tmp_path)
     service = SimicService(s, registry=CollectorRegistry())
     await service.client.connect()
@@ -47,11 +51,12 @@ async def test_a_round_publishes_an_accepted_candidate_and_keeps_it_as_current(
         assert not (s.policy_dir / STATE_FILE).exists()
         for r in runs(n_runs=4, steps=24)[40:]:
             service.store.add(r)
-        result = await service.rounds.maybe_train()  # no Urza: trains without blueprint nodes
+        async with urza_stand_in(urza):
+            result = await service.rounds.maybe_train()
         assert result is not None and result.gate.accepted, result and result.gate
         assert service.rounds.rounds.labels("accepted")._value.get() == 1
         state = RoundState.load(s.policy_dir)
-        assert state.checkpoint is not None and state.last_round_ms > 0
+        assert state.checkpoint is not None and state.last_round_ms > 0 and not state.pending_publish
         assert (s.policy_dir / state.checkpoint).read_bytes() == result.checkpoint
         updates = await watcher.redis.xrange(CHANNELS["policy"].normal_stream)
         assert len(updates) == 1
@@ -97,9 +102,51 @@ async def test_a_failed_round_is_reported_and_the_service_goes_on(make_client: C
         await task
         service.store.close()
         await service.client.close()
-    assert not task.exception()  # the loop survived both failures and stopped when told
     assert RoundState.load(s.policy_dir).checkpoint == "gone.pt"  # a failed round changes nothing
     assert await watcher.redis.xlen(CHANNELS["policy"].normal_stream) == 0
     failed = [e for e in await _events(watcher, CHANNELS["telemetry"].normal_stream)
               if e.attributes["event"] == "simic_round_failed"]
     assert failed and failed[0].level == pb.TELEMETRY_LEVEL_WARNING and "gone.pt" in failed[0].description
+
+
+async def test_no_catalogue_is_a_failed_round_not_a_blind_one(make_client: ClientFactory, settings: OonaSettings,
+                                                              tmp_path: Path) -> None:
+    watcher = await make_client("nissa")
+    s = _settings(settings, tmp_path)
+    service = SimicService(s, registry=CollectorRegistry())
+    await service.client.connect()
+    try:
+        for r in runs(n_runs=4, steps=24):
+            service.store.add(r)
+        assert await service.rounds.maybe_train() is None  # nobody answers blueprint.query
+    finally:
+        service.store.close()
+        await service.client.close()
+    assert service.rounds.rounds.labels("failed")._value.get() == 1
+    assert RoundState.load(s.policy_dir) == RoundState()  # nothing changed: the next interval tries again
+    failed = [e for e in await _events(watcher, CHANNELS["telemetry"].normal_stream)
+              if e.attributes["event"] == "simic_round_failed"]
+    assert len(failed) == 1 and "catalogue" in failed[0].description
+
+
+async def test_a_publish_cut_short_is_finished_before_anything_else(make_client: ClientFactory,
+                                                                    settings: OonaSettings, tmp_path: Path) -> None:
+    """State left by a kill -9 between naming the accepted checkpoint and publishing it."""
+    watcher = await make_client("nissa")
+    s = _settings(settings, tmp_path)
+    data = encode_checkpoint(initial_model(), RegistrySet.new(), policy_version="simic-cut-short")
+    name = save_checkpoint(data, s.policy_dir).name
+    RoundState(name, last_round_ms=now_ms(), pending_publish=True).save(s.policy_dir)
+    service = SimicService(s, registry=CollectorRegistry())
+    await service.client.connect()
+    try:
+        assert await service.rounds.maybe_train() is None  # no new reports: no round, but the publish
+    finally:
+        service.store.close()
+        await service.client.close()
+    assert RoundState.load(s.policy_dir) == RoundState(name, RoundState.load(s.policy_dir).last_round_ms)
+    updates = await watcher.redis.xrange(CHANNELS["policy"].normal_stream)
+    assert len(updates) == 1
+    raw = updates[0][1][b"payload"]
+    update = unpack_as(decode_envelope(raw, max_bytes=CHANNELS["policy"].max_message_bytes), pb.PolicyUpdate)
+    assert update.payload == data and update.tamiyo_policy_version == "simic-cut-short"

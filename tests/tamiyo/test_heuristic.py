@@ -77,6 +77,18 @@ def test_a_blueprint_culled_in_a_seed_is_not_grown_there_again() -> None:
     assert (nxt.target_seed_id, nxt.seed_operation.blueprint_id) == ("seed-hidden2", "BP005")
 
 
+def test_a_cull_between_the_packets_seen_still_counts() -> None:
+    """With several replicas (or a short embargo) this one may never see the cull stages: a grown seed
+    seen in flight and then DORMANT again was culled all the same."""
+    policy = HeuristicPolicy(patience=1, min_improvement=0.01, cooldown_epochs=2)
+    _decide(policy, _packet(1, 0.5))
+    assert _decide(policy, _packet(2, 0.5)).seed_operation.blueprint_id == "BP005"
+    assert _decide(policy, _packet(3, 0.5, stages=(pb.SEED_STAGE_TRAINING, pb.SEED_STAGE_DORMANT))
+                   ).annotations["rule"] == "seed_in_flight"
+    again = _decide(policy, _packet(4, 0.5))  # DORMANT again: no CULLED / EMBARGOED packet in between
+    assert (again.target_seed_id, again.seed_operation.blueprint_id) == ("seed-hidden1", "BP002")
+
+
 def test_every_design_culled_everywhere_pauses_and_says_so() -> None:
     policy = HeuristicPolicy(patience=1, min_improvement=0.01, cooldown_epochs=2)
     _decide(policy, _packet(1, 0.5))

@@ -32,6 +32,7 @@ CREATE TABLE IF NOT EXISTS reports (
     report BLOB NOT NULL
 );
 CREATE INDEX IF NOT EXISTS reports_issued ON reports (issued_at_ms);
+CREATE INDEX IF NOT EXISTS reports_received ON reports (received_at_ms);
 """
 
 
@@ -94,4 +95,12 @@ class ReplayStore:
         with self._lock:
             rows = self._db.execute("SELECT report FROM reports WHERE issued_at_ms >= ? ORDER BY issued_at_ms, "
                                     "report_id LIMIT ?", (since_ms, limit)).fetchall()
+        return [pb.FieldReport.FromString(blob) for (blob,) in rows]
+
+    def latest(self, *, limit: int) -> list[pb.FieldReport]:
+        """The `limit` most recently issued reports, oldest first (a round learns from the newest)."""
+        with self._lock:
+            rows = self._db.execute("SELECT report FROM (SELECT report, issued_at_ms, report_id FROM reports "
+                                    "ORDER BY issued_at_ms DESC, report_id DESC LIMIT ?) "
+                                    "ORDER BY issued_at_ms, report_id", (limit,)).fetchall()
         return [pb.FieldReport.FromString(blob) for (blob,) in rows]

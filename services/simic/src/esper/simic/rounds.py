@@ -1,26 +1,32 @@
 """Simic's own training rounds: every `SIMIC_TRAIN_INTERVAL_S`, when at least
-`SIMIC_TRAIN_MIN_NEW_REPORTS` reports arrived since the last round, train a candidate on the replay
-store, gate it against the current policy and, when accepted (and `SIMIC_AUTO_PUBLISH`), publish it.
+`SIMIC_TRAIN_MIN_NEW_REPORTS` reports arrived since the last round, train a candidate on the newest
+`SIMIC_TRAIN_MAX_REPORTS` reports of the replay store, gate it against the current policy and, when
+accepted (and `SIMIC_AUTO_PUBLISH`), publish it.
 
-The current policy is the last one a round accepted, named in `SIMIC_POLICY_DIR/current.json`
-(written atomically after the checkpoint itself, so a `kill -9` at any point leaves either the old or
-the new state, never a name without its file); before the first accepted round it is Tamiyo's initial
-policy. A round that fails (a corrupt current checkpoint, a bus error while publishing) is reported
-with a `simic_round_failed` event and counted; the service keeps storing reports and tries again at
-the next interval.
+The current policy is the last one a round accepted, named in `SIMIC_POLICY_DIR/current.json`;
+before the first accepted round it is Tamiyo's initial policy. The order makes a `kill -9` at any
+point safe: the candidate's checkpoint file, then the state naming it with `pending_publish`, then the
+publish, then the state without the flag; a state found pending is published again before anything
+else (the update's `policy_id` is the checkpoint's hash, so a repeat is the same update). A round
+without Urza's catalogue is refused rather than trained on graphs with no blueprint nodes (the pair
+scores that decide germinations would be untrained and the gate blind to them). A round that fails
+is a `simic_round_failed` event and `simic_rounds_total{result="failed"}`: the loop outlives
+anything a round raises, the service keeps storing reports, and the next interval tries again.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Final
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from esper.core.clock import now_ms, sleep_or_stop
+from esper.core.errors import DependencyViolationError
 from esper.core.files import write_bytes_atomic
 from esper.core.logging import get_logger
 from esper.core.telemetry import build_event, build_telemetry_packet
@@ -35,7 +41,7 @@ from esper.simic.pipeline import (
     run_round,
     save_checkpoint,
 )
-from esper.simic.publish import publish_policy
+from esper.simic.publish import build_update
 from esper.simic.replay import ReplayStore
 from esper.simic.settings import SimicSettings
 from esper.tamiyo.gnn import TamiyoGNN
@@ -52,10 +58,12 @@ ROUND_RESULTS: Final[tuple[str, ...]] = ("accepted", "refused", "failed")
 @dataclass(frozen=True, slots=True)
 class RoundState:
     """What survives a restart: the accepted checkpoint (a file name in the policy dir, None before the
-    first) and the `received_at` of the last round, from which new reports are counted."""
+    first), the `received_at` of the last round, from which new reports are counted, and whether that
+    checkpoint still has to be published."""
 
     checkpoint: str | None = None
     last_round_ms: int = 0
+    pending_publish: bool = False
 
     @classmethod
     def load(cls, policy_dir: Path) -> RoundState:
@@ -63,11 +71,13 @@ class RoundState:
         if not path.exists():
             return cls()
         raw = json.loads(path.read_text())
-        return cls(checkpoint=raw.get("checkpoint"), last_round_ms=int(raw.get("last_round_ms", 0)))
+        return cls(checkpoint=raw.get("checkpoint"), last_round_ms=int(raw.get("last_round_ms", 0)),
+                   pending_publish=bool(raw.get("pending_publish", False)))
 
     def save(self, policy_dir: Path) -> None:
         policy_dir.mkdir(parents=True, exist_ok=True)
-        data = json.dumps({"checkpoint": self.checkpoint, "last_round_ms": self.last_round_ms}, sort_keys=True)
+        data = json.dumps({"checkpoint": self.checkpoint, "last_round_ms": self.last_round_ms,
+                           "pending_publish": self.pending_publish}, sort_keys=True)
         write_bytes_atomic(policy_dir / STATE_FILE, data.encode())
 
 
@@ -93,27 +103,44 @@ class RoundLoop:
                 await self.maybe_train()
 
     async def maybe_train(self) -> RoundResult | None:
-        """One round when at least `train_min_new_reports` reports arrived since the last; None when
-        skipped or failed (failures are reported, never raised: the service must keep running)."""
+        """A pending publish first, then one round when at least `train_min_new_reports` reports arrived
+        since the last. None when no round ran or it failed: failures are reported, never raised."""
+        try:
+            return await self._maybe_train()
+        except Exception as e:  # any failure of a round is reported, and the next interval tries again
+            self.rounds.labels("failed").inc()
+            log.error("training round failed", error=str(e), error_type=type(e).__name__)
+            with contextlib.suppress(Exception):  # the report must not be what kills the loop
+                await self._event("simic_round_failed", pb.TELEMETRY_LEVEL_WARNING,
+                                  f"{type(e).__name__}: {e}"[:200])
+            return None
+
+    async def _maybe_train(self) -> RoundResult | None:
         s = self.settings
         state = await asyncio.to_thread(RoundState.load, s.policy_dir)
+        if state.pending_publish and state.checkpoint is not None:
+            await self._publish(state.checkpoint)
+            state = replace(state, pending_publish=False)
+            await asyncio.to_thread(state.save, s.policy_dir)
         started = now_ms()
         new = await asyncio.to_thread(self.store.count, received_since_ms=state.last_round_ms)
         if new < s.train_min_new_reports:
             log.debug("no round: too few new reports", new=new, needed=s.train_min_new_reports)
             return None
-        try:
-            result, checkpoint, published = await self._round(state)
-        except Exception as e:  # any failure of a round is reported, and the next interval tries again
-            self.rounds.labels("failed").inc()
-            log.error("training round failed", error=str(e), error_type=type(e).__name__)
-            await self._event("simic_round_failed", pb.TELEMETRY_LEVEL_WARNING, f"{type(e).__name__}: {e}"[:200],
-                              new_reports=new)
-            return None
+        result = await self._train(state)
         accepted = result.gate.accepted
-        await asyncio.to_thread(RoundState(checkpoint, started).save, s.policy_dir)
+        if not accepted:
+            await asyncio.to_thread(replace(state, last_round_ms=started).save, s.policy_dir)
+        else:
+            name = (await asyncio.to_thread(save_checkpoint, result.checkpoint, s.policy_dir)).name
+            chosen = RoundState(name, started, pending_publish=s.auto_publish)
+            await asyncio.to_thread(chosen.save, s.policy_dir)
+            if s.auto_publish:
+                await self._publish(name)
+                await asyncio.to_thread(replace(chosen, pending_publish=False).save, s.policy_dir)
         self.rounds.labels("accepted" if accepted else "refused").inc()
         self.last_round.set(now_ms() / 1000.0)
+        published = accepted and s.auto_publish
         log.info("training round", accepted=accepted, reason=result.gate.reason, published=published,
                  policy_version=result.policy_version, samples=result.samples)
         await self._event("simic_round", pb.TELEMETRY_LEVEL_INFO, result.gate.reason[:200], accepted=accepted,
@@ -121,26 +148,27 @@ class RoundLoop:
                           holdout=result.holdout, new_reports=new, decisive=result.gate.decisive)
         return result
 
-    async def _round(self, state: RoundState) -> tuple[RoundResult, str | None, bool]:
-        """(result, the current checkpoint's name after it, published). An accepted candidate's file is
-        written before it is published, and the state names it only after both."""
+    async def _train(self, state: RoundState) -> RoundResult:
         s = self.settings
-        registries, norms = registries_and_norms(s)
+        registries, norms = await asyncio.to_thread(registries_and_norms, s)
         current = await asyncio.to_thread(self._current, state, registries)
         try:
             blueprints = await fetch_blueprints(self.client, timeout_ms=s.catalog_timeout_ms)
-        except RequestTimeoutError:
-            log.warning("no blueprint catalogue from Urza: training without blueprint nodes")
-            blueprints = ()
-        reports = await asyncio.to_thread(self.store.reports, limit=s.train_max_reports)
-        result = await asyncio.to_thread(run_round, reports, current, s, blueprints=blueprints,
-                                         registries=registries, normaliser=norms)
-        if not result.gate.accepted:
-            return result, state.checkpoint, False
-        name = (await asyncio.to_thread(save_checkpoint, result.checkpoint, s.policy_dir)).name
-        if s.auto_publish:
-            await publish_policy(self.client, result.checkpoint, training_run_id="simic-round")
-        return result, name, s.auto_publish
+        except RequestTimeoutError as e:
+            raise DependencyViolationError(f"no blueprint catalogue from Urza within {s.catalog_timeout_ms:g} ms: "
+                                           "a round without blueprint nodes would leave the pair scores "
+                                           "untrained") from e
+        if not blueprints:
+            raise DependencyViolationError("Urza's blueprint catalogue is empty")
+        reports = await asyncio.to_thread(self.store.latest, limit=s.train_max_reports)
+        # The round itself runs in a worker thread, which a shutdown cannot interrupt: SIGTERM mid-round
+        # waits for it to finish (at the serving widths, seconds to minutes).
+        return await asyncio.to_thread(run_round, reports, current, s, blueprints=blueprints,
+                                       registries=registries, normaliser=norms)
+
+    async def _publish(self, name: str) -> None:
+        update = await asyncio.to_thread(build_update, self.settings.policy_dir / name, training_run_id="simic-round")
+        await self.client.publish("policy", update)
 
     def _current(self, state: RoundState, registries: RegistrySet) -> TamiyoGNN:
         if state.checkpoint is None:

@@ -47,16 +47,25 @@ class _RunState:
     val_loss: dict[int, float] = field(default_factory=dict)  # epoch → validation loss seen
     last_germinate_epoch: int | None = None
     grown: dict[str, str] = field(default_factory=dict)  # seed id → blueprint we germinated there, no verdict yet
+    left_dormant: set[str] = field(default_factory=set)  # grown seeds seen past DORMANT
     culled: set[tuple[str, str]] = field(default_factory=set)  # (seed id, blueprint id) Kasmina culled
 
     def observe(self, seeds: list[pb.SeedState]) -> None:
-        """A seed we grew that reaches a cull stage was culled (with that blueprint); a fossilised one
+        """A seed we grew that reaches a cull stage, or is DORMANT again after it left DORMANT (its cull
+        fell between the packets this replica saw), was culled with that blueprint; a fossilised one
         keeps its slot. (A germination the risk engine vetoed stays in `grown` until the next one.)"""
         for s in seeds:
-            if s.seed_id in self.grown and s.stage in _CULL_STAGES:
-                self.culled.add((s.seed_id, self.grown.pop(s.seed_id)))
-            elif s.stage == pb.SEED_STAGE_FOSSILIZED:
-                self.grown.pop(s.seed_id, None)
+            sid = s.seed_id
+            if s.stage == pb.SEED_STAGE_FOSSILIZED:
+                self.grown.pop(sid, None)
+                self.left_dormant.discard(sid)
+            elif sid not in self.grown:
+                continue
+            elif s.stage in _CULL_STAGES or (s.stage == pb.SEED_STAGE_DORMANT and sid in self.left_dormant):
+                self.culled.add((sid, self.grown.pop(sid)))
+                self.left_dormant.discard(sid)
+            elif s.stage != pb.SEED_STAGE_DORMANT:
+                self.left_dormant.add(sid)
 
 
 @dataclass(slots=True)
@@ -79,6 +88,7 @@ class HeuristicPolicy:
         if action == ACTION_GERMINATE and seed is not None and blueprint is not None:
             run.last_germinate_epoch = epoch
             run.grown[seed] = blueprint
+            run.left_dormant.discard(seed)
         decision = PolicyDecision(
             command=pb.AdaptationCommand(version=COMMAND_VERSION, issued_by=ISSUED_BY), action=action,
             param_delta=0.0, seed_id=seed, blueprint_id=blueprint, blending_method="linear", blending_method_index=0,
