@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 from dataclasses import replace
 
 import pytest
@@ -24,7 +25,7 @@ from esper.simic.training import (
 )
 from esper.tamiyo.checkpoint import decode_checkpoint
 from esper.tamiyo.gnn import TamiyoGNN
-from esper.tamiyo.policy import ACTION_GERMINATE, ACTION_OPTIMIZER, ACTION_PAUSE
+from esper.tamiyo.policy import ACTION_BREAKER_CLOSE, ACTION_GERMINATE, ACTION_OPTIMIZER, ACTION_PAUSE, decide
 from esper.tamiyo.registry import RegistrySet
 from tests.simic._data import SMALL, blueprints, decision_report, runs, two_blueprints
 
@@ -346,3 +347,32 @@ def test_a_round_trains_a_candidate_that_passes_the_gate(tmp_path: object) -> No
     decoded = decode_checkpoint(result.checkpoint)
     assert decoded.policy_version == "simic-test" and decoded.gnn_config["hidden_dim"] == SMALL.hidden_dim
     assert decoded.registry_schema == registries.schema_digest()
+
+
+def test_simic_judges_the_action_tamiyo_would_take() -> None:
+    """`effective_actions` (what the gate scores) and Tamiyo's `decide` agree on the action and, for a
+    GERMINATE, the (seed, blueprint) pair, over random score heads and random DORMANT sets."""
+    samples = build_samples(runs(n_runs=2, steps=12), blueprints=two_blueprints())
+    checked = {ACTION_GERMINATE: 0, ACTION_PAUSE: 0}
+    for trial in range(4):
+        torch.manual_seed(trial)
+        model = TamiyoGNN(SMALL).eval()
+        with torch.no_grad():
+            for head in (model.seed_score_head, model.blueprint_score_head, model.pair_blueprint_proj,
+                         model.policy_head):
+                head.reset_parameters()
+            model.policy_head.bias[ACTION_GERMINATE] += 1.0
+        rng = random.Random(trial)
+        varied = [replace(s, germinable=tuple(rng.random() < 0.5 for _ in s.germinable)) for s in samples]
+        for s, eff in zip(varied, effective_actions(model, varied), strict=True):
+            g = s.graph
+            with torch.no_grad():
+                out = model(g.x, g.edge_index, g.edge_attr, g.counts)
+            d = decide(out, g, germinable=frozenset(i for i, ok in zip(g.seed_ids, s.germinable, strict=True) if ok))
+            action = d.action if d.action <= ACTION_BREAKER_CLOSE else ACTION_PAUSE
+            assert action == eff.action
+            if action == ACTION_GERMINATE:
+                assert eff.pair == (list(g.seed_ids).index(d.seed_id), list(g.blueprint_ids).index(d.blueprint_id))
+            if action in checked:
+                checked[action] += 1
+    assert min(checked.values()) > 0, checked  # both kinds of decision were compared
