@@ -280,7 +280,7 @@ def test_the_blueprint_is_learned_per_seed() -> None:
 
 
 def test_the_action_simic_scores_is_the_one_tamiyo_takes_with_the_pairs_in_its_logit() -> None:
-    """GERMINATE competes with its logit plus the log-mean-exp of the DORMANT pairs (as Tamiyo decides):
+    """GERMINATE competes with its logit plus the logsumexp of the DORMANT pairs (as Tamiyo decides):
     strong pairs make a policy whose PAUSE logit is higher grow; with no DORMANT seed it pauses."""
     base = _germinations(["BP001"], [1.0])[0]
     model = TamiyoGNN(SMALL).eval()
@@ -289,7 +289,7 @@ def test_the_action_simic_scores_is_the_one_tamiyo_takes_with_the_pairs_in_its_l
         model.policy_head.bias.fill_(-5.0)
         model.policy_head.bias[ACTION_PAUSE] = 2.0
         model.policy_head.bias[ACTION_GERMINATE] = 0.0
-        model.blueprint_score_head.bias.fill_(3.0)  # every pair scores 3: GERMINATE's logit becomes 3
+        model.blueprint_score_head.bias.fill_(3.0)  # every pair scores 3: logsumexp ≈ 3 + log(pairs)
     assert effective_actions(model, [base])[0].action == ACTION_GERMINATE
     none_dormant = replace(base, germinable=(False,) * len(base.germinable))
     assert effective_actions(model, [none_dormant])[0].action == ACTION_PAUSE

@@ -4,7 +4,7 @@ Objective (REFERENCE §11's settings: Adam lr 5e-4, gamma 0.99, lambda 0.95), in
 split:
 
 1. **imitation** of decisions with good outcomes: cross-entropy on the action taken (GERMINATE's logit
-   plus the log-mean-exp of the state's DORMANT (seed, blueprint) pairs, as Tamiyo decides), for the samples
+   plus the logsumexp of the state's DORMANT (seed, blueprint) pairs, as Tamiyo decides), for the samples
    whose advantage is positive (weight 1, others 0);
 2. **advantage-weighted regression** (AWR, the offline counterpart of PPO's policy step): the same
    cross-entropy with weights ``exp(A / (beta·std(A)))`` clipped to ``max_weight`` and normalised to mean 1
@@ -225,7 +225,7 @@ def _blocks(samples: Sequence[Sample]) -> list[tuple[slice, slice]]:
 
 
 def joint_logits(samples: Sequence[Sample], out: BatchOutputs) -> Tensor:
-    """[B, C] action logits as Tamiyo decides them: GERMINATE's plus the log-mean-exp of the pairs of a
+    """[B, C] action logits as Tamiyo decides them: GERMINATE's plus the logsumexp of the pairs of a
     DORMANT seed and a blueprint (policy.joint_action_logits).
 
     The pair scores enter detached: they are fitted to Kasmina's verdicts (:func:`_fate_loss`), and

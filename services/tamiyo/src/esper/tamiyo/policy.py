@@ -12,7 +12,6 @@ made up.
 from __future__ import annotations
 
 import json
-import math
 import random
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
@@ -124,21 +123,23 @@ class PolicyDecision:
 
 def joint_action_logits(policy_logits: Tensor, seed_scores: Tensor, blueprint_scores: Tensor,
                         eligible: Tensor) -> Tensor:
-    """The action logits with GERMINATE's replaced by ``logit + log-mean-exp`` over the (eligible
-    seed, blueprint) pair scores (``seed_scores`` [S] + ``blueprint_scores`` [S, P], ``eligible`` [S]).
+    """The action logits with GERMINATE's replaced by ``logit + logsumexp`` over the (eligible seed,
+    blueprint) pair scores (``seed_scores`` [S] + ``blueprint_scores`` [S, P], ``eligible`` [S] bool).
 
-    Whether to grow and what to grow where are one choice, ``P(germinate s, b) ∝ exp(l_g + seed(s) +
-    bp(s, b)) / n_pairs``: germinating is worth as much as the pairs the state allows, so a policy
-    that learned "BP003 in the hidden slot pays, anything in the input slot does not" can germinate
-    when the hidden slot is DORMANT and pause when only the input slot is. The mean (not the sum) keeps
-    the number of pairs out of it: a bigger catalogue or more DORMANT seeds do not by themselves make
-    growing likelier, and all-zero scores (an untrained policy) leave the logit as it is. With no
-    eligible pair (or no blueprint) GERMINATE keeps its own logit. Differentiable: Simic trains the action head
+    Whether to grow and what to grow where are one categorical choice, ``P(germinate s, b) ∝
+    exp(l_g + seed(s) + bp(s, b))``: germinating is worth as much as the pairs the state allows, so a
+    policy that learned "BP003 in the hidden slot pays, anything in the input slot does not" can
+    germinate when the hidden slot is DORMANT and pause when only the input slot is. As in any joint
+    categorical, more options carry more mass: with all-zero scores (an untrained policy) the bonus is
+    log(pairs), so a bigger catalogue or more DORMANT seeds make growing likelier until Simic has
+    calibrated ``l_g`` on that catalogue. (A log-mean-exp, free of that, measured worse: the gate
+    refused both of its rounds; docs/simic.md.) With no eligible pair (or no blueprint) GERMINATE keeps
+    its own logit. Differentiable: Simic trains the action head
     through it (with the pair scores detached: they are fitted to Kasmina's verdicts)."""
     if seed_scores.numel() == 0 or blueprint_scores.numel() == 0 or not bool(eligible.any()):
         return policy_logits
     pairs = (seed_scores.unsqueeze(1) + blueprint_scores)[eligible].reshape(-1)
-    bonus = torch.logsumexp(pairs, dim=0) - math.log(pairs.numel())
+    bonus = torch.logsumexp(pairs, dim=0)
     onehot = torch.zeros_like(policy_logits)
     onehot[..., ACTION_GERMINATE] = 1.0
     return policy_logits + onehot * bonus
