@@ -56,6 +56,7 @@ from esper.tamiyo.policy import (
     ACTION_OPTIMIZER,
     ACTION_PAUSE,
     joint_action_logits,
+    pair_logits,
 )
 from esper.tamiyo.schema import NODE_TYPES, RELATIONS
 
@@ -71,7 +72,6 @@ __all__ = [
     "forward_batch",
     "gate",
     "joint_logits",
-    "pair_logits",
     "policy_score",
     "sample_weights",
     "train_policy",
@@ -239,11 +239,6 @@ def joint_logits(samples: Sequence[Sample], out: BatchOutputs) -> Tensor:
     return torch.stack(rows)
 
 
-def pair_logits(seed_scores: Tensor, blueprint_scores: Tensor) -> Tensor:
-    """[S, P] score of growing blueprint p in seed s, the quantity Tamiyo maximises (policy.decide)."""
-    return seed_scores.unsqueeze(1) + blueprint_scores
-
-
 def _fate_loss(samples: Sequence[Sample], out: BatchOutputs) -> Tensor:
     """Logistic loss of each germination's pair score against its seed's fate (FOSSILIZED 1, CULLED
     or EMBARGOED 0; unknown fates are left out), averaged over those germinations.
@@ -256,8 +251,8 @@ def _fate_loss(samples: Sequence[Sample], out: BatchOutputs) -> Tensor:
     for s, (seeds, bps) in zip(samples, _blocks(samples), strict=True):
         if s.action != ACTION_GERMINATE or s.seed_target is None or s.blueprint_target is None or s.fate == 0:
             continue
-        logits.append(out.seed_scores[seeds][s.seed_target] + out.blueprint_scores[seeds, bps][s.seed_target,
-                                                                                               s.blueprint_target])
+        logits.append(pair_logits(out.seed_scores[seeds], out.blueprint_scores[seeds, bps])[s.seed_target,
+                                                                                              s.blueprint_target])
         labels.append(1.0 if s.fate > 0 else 0.0)
     if not logits:
         return out.seed_scores.sum() * 0.0 + out.blueprint_scores.sum() * 0.0

@@ -41,6 +41,7 @@ __all__ = [
     "decide",
     "finish_decision",
     "joint_action_logits",
+    "pair_logits",
     "risk_score",
 ]
 
@@ -121,6 +122,11 @@ class PolicyDecision:
     no_dormant_seed: bool = False  # the policy chose GERMINATE but no seed was DORMANT
 
 
+def pair_logits(seed_scores: Tensor, blueprint_scores: Tensor) -> Tensor:
+    """[S, P] score of growing blueprint p in seed s: the seed's score plus the blueprint's for it."""
+    return seed_scores.unsqueeze(1) + blueprint_scores
+
+
 def joint_action_logits(policy_logits: Tensor, seed_scores: Tensor, blueprint_scores: Tensor,
                         eligible: Tensor) -> Tensor:
     """The action logits with GERMINATE's replaced by ``logit + logsumexp`` over the (eligible seed,
@@ -138,7 +144,7 @@ def joint_action_logits(policy_logits: Tensor, seed_scores: Tensor, blueprint_sc
     through it (with the pair scores detached: they are fitted to Kasmina's verdicts)."""
     if seed_scores.numel() == 0 or blueprint_scores.numel() == 0 or not bool(eligible.any()):
         return policy_logits
-    pairs = (seed_scores.unsqueeze(1) + blueprint_scores)[eligible].reshape(-1)
+    pairs = pair_logits(seed_scores, blueprint_scores)[eligible].reshape(-1)
     bonus = torch.logsumexp(pairs, dim=0)
     onehot = torch.zeros_like(policy_logits)
     onehot[..., ACTION_GERMINATE] = 1.0
@@ -197,8 +203,8 @@ def decide(
     _check_ids(out.blueprint_mask, graph_ids.blueprint_ids, "blueprint")
     n_seed, n_bp = len(graph_ids.seed_ids), len(graph_ids.blueprint_ids)
     eligible = torch.tensor([germinable is None or sid in germinable for sid in graph_ids.seed_ids], dtype=torch.bool)
-    if n_seed and n_bp and bool(torch.isnan(out.seed_scores[:n_seed]).any()
-                                or torch.isnan(out.blueprint_scores[:n_seed, :n_bp]).any()):
+    pairs = pair_logits(out.seed_scores[:n_seed], out.blueprint_scores[:n_seed, :n_bp])
+    if bool(torch.isnan(pairs).any()):
         raise DependencyViolationError("seed or blueprint scores are not finite")
     action = int(joint_action_logits(out.policy_logits, out.seed_scores[:n_seed],
                                       out.blueprint_scores[:n_seed, :n_bp], eligible).argmax())
@@ -208,11 +214,11 @@ def decide(
     blend_index = int(out.blending_logits.argmax())
     blend_method = blend_methods[blend_index]
     start, end = _schedule(out.schedule)
-    # Seed and blueprint are one choice: the best (seed, blueprint) pair by seed score plus the
-    # blueprint's score for that seed. (Without a real blueprint the seed head alone decides.)
+    # Seed and blueprint are one choice: a seed is worth its best pair. (Without a real blueprint the
+    # seed head alone decides.)
     seed_scores = out.seed_scores.clone()
     if n_seed and n_bp:
-        seed_scores[:n_seed] += out.blueprint_scores[:n_seed, :n_bp].max(dim=1).values
+        seed_scores[:n_seed] = pairs.max(dim=1).values
     no_dormant = False
     if germinable is not None and action == ACTION_GERMINATE:
         no_dormant = not bool(eligible.any())
