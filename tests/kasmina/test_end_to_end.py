@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -55,6 +56,8 @@ async def _run(make_client: ClientFactory, settings: OonaSettings, var: Path, *,
             delta = abs(loss_without - loss_with) + 0.05
             claimed_without = loss_with + delta if beneficial else loss_with - delta
             assert kasmina.report_evidence(SEED, loss_with=loss_with, loss_without=claimed_without)
+            exported = {s.seed_id: s for s in kasmina.seed_states()}[SEED].metrics["evidence_mean"]
+            assert exported == pytest.approx(claimed_without - loss_with, rel=1e-5)  # what the verdict weighs
         if kasmina.stage(SEED) == target:
             break
     assert kasmina.stage(SEED) == target

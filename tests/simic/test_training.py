@@ -78,6 +78,22 @@ def test_a_germination_is_credited_with_its_seeds_fate(stage: int, fate: float) 
     assert unweighted[0].reward == pytest.approx(0.0, abs=1e-6)
 
 
+@pytest.mark.parametrize(("evidence", "fate"), [(0.5, 1.0), (0.031, 1.0), (0.029, -1.0), (-0.2, -1.0), (None, 1.0)])
+def test_a_seed_kept_on_too_little_evidence_counts_as_a_cull(evidence: float | None, fate: float) -> None:
+    """FOSSILIZED needs `evidence_mean` ≥ `fate_min_improvement` (0.03) to count as a benefit; a packet
+    without the metric (before Kasmina exported it) keeps the plain verdict."""
+    reports = [decision_report("r", 1, "seed", 1.0), decision_report("r", 2, "pause", 1.0)]
+    target = next(s for s in reports[1].observation.seed_states if s.seed_id == "seed-1")
+    target.stage = pb.SEED_STAGE_FOSSILIZED
+    if evidence is not None:
+        target.metrics["evidence_mean"] = evidence
+    samples = {s.step: s for s in build_samples(reports, blueprints=blueprints())}
+    assert samples[1].fate == fate
+    assert samples[1].reward == pytest.approx(fate, abs=1e-6)
+    lenient = build_samples(reports, blueprints=blueprints(), rewards=RewardConfig(fate_min_improvement=-1.0))
+    assert lenient[0].fate == 1.0  # the same report under a threshold every finite evidence passes
+
+
 def test_risk_engine_replacements_are_not_learned_as_the_policys_choice() -> None:
     """A GERMINATE the risk engine turned into OPTIMIZER ran as OPTIMIZER, but the policy did not
     choose it: it is no sample (and the loss it spanned still reaches the decision before it)."""

@@ -737,6 +737,9 @@ class Kasmina:
                 "kernel_latency_ms": rec.kernel_latency_ms,
                 "evidence_count": float(len(rec.evidence)),
             }
+            improvement = _mean(rec.evidence)
+            if improvement is not None and math.isfinite(improvement):  # what the verdict weighed (loss units)
+                metrics["evidence_mean"] = improvement
             for mode in rec.allowed_blend:
                 metrics[f"blend_method.{mode}"] = 1.0
             active = rec.stage in ACTIVE_STAGES or rec.stage == FOSSILIZED

@@ -95,7 +95,8 @@ def run_round(reports: Sequence[pb.FieldReport], current: TamiyoGNN, settings: S
     runs. The checkpoint is produced either way; publish it only when `result.gate.accepted`."""
     registries = registries or RegistrySet.new()
     rewards = RewardConfig(gamma=settings.gamma, gae_lambda=settings.gae_lambda,
-                           outcome_reward=settings.outcome_reward, fate_reward=settings.fate_reward)
+                           outcome_reward=settings.outcome_reward, fate_reward=settings.fate_reward,
+                           fate_min_improvement=settings.fate_min_improvement)
     samples = build_samples(reports, blueprints=blueprints, registries=registries, normaliser=normaliser,
                             rewards=rewards)
     train, holdout = split_by_run(samples, settings.holdout_fraction)

@@ -36,6 +36,9 @@ class SimicSettings(OonaSettings):
                                   description="reward ± for a SUCCESS / REGRESSION outcome")
     fate_reward: float = Field(1.0, ge=0, validation_alias=_s("fate_reward"),
                                description="reward ± for a GERMINATE whose seed is later FOSSILIZED / CULLED")
+    fate_min_improvement: float = Field(0.03, validation_alias=_s("fate_min_improvement"),
+                                        description="mean ablation evidence (validation loss) a FOSSILIZED seed "
+                                                    "needs to count as a benefit; less counts as a cull")
     imitation_epochs: int = Field(2, ge=0, validation_alias=_s("imitation_epochs"),
                                   description="passes of imitation of positive-advantage decisions")
     awr_epochs: int = Field(4, ge=0, validation_alias=_s("awr_epochs"),

@@ -13,8 +13,9 @@ split:
 Beside the action, each phase trains the value head on the return (``value_weight`` · MSE), the param
 head on the ``param_delta`` an OPTIMIZER / GERMINATE command carried — all with the same sample
 weights — and the seed and blueprint heads on the seed's fate: a logistic loss of the pair score
-of each germination (seed score + the blueprint's score for that seed) against FOSSILIZED 1 /
-CULLED or EMBARGOED 0, over every germination with a verdict, not weighted by advantage
+of each germination (seed score + the blueprint's score for that seed) against FOSSILIZED on enough
+evidence 1 / CULLED, EMBARGOED or kept on too little evidence 0 (the sample's ``fate``, see
+:mod:`esper.simic.dataset`), over every germination with a verdict, not weighted by advantage
 (:func:`_fate_loss`). The action loss sees the pair scores only detached (:func:`joint_logits`).
 
 **Balanced actions** (``balance_actions``): germinations are a handful among hundreds of pauses, so an
@@ -240,10 +241,11 @@ def joint_logits(samples: Sequence[Sample], out: BatchOutputs) -> Tensor:
 
 
 def _fate_loss(samples: Sequence[Sample], out: BatchOutputs) -> Tensor:
-    """Logistic loss of each germination's pair score against its seed's fate (FOSSILIZED 1, CULLED
-    or EMBARGOED 0; unknown fates are left out), averaged over those germinations.
+    """Logistic loss of each germination's pair score against its seed's fate (1 when positive, else 0;
+    unknown fates are left out), averaged over those germinations.
 
-    So a pair's score is the log-odds that Kasmina keeps that design grown in that seed, learned from
+    So a pair's score is the log-odds that Kasmina keeps that design grown in that seed on real
+    evidence of benefit, learned from
     culls as much as from fossils (a softmax toward fossilised pairs alone ignored every cull, most of
     the evidence), and GERMINATE's logit rises with the odds of the pairs a state allows."""
     logits: list[Tensor] = []
