@@ -70,7 +70,7 @@ except ImportError:  # run as a script: bench/ is on sys.path
 
 EPOCHS = 8
 WIDTH = 32
-SCALE_WIDTHS = (512, 1024)  # the same measurement on wider hosts: the per-step constant against a longer step
+SCALE_WIDTHS = (512, 1024)  # the same measurement on wider hosts (longer steps: is the overhead a constant?)
 SCALE_ROUNDS = 3
 GOAL_RATIO = 1.03  # ARCHITECTURE §11: ≤ 3% over a plain PyTorch loop
 GROWTH_EPOCHS = 16
