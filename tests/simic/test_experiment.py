@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from esper.simic.experiment import ArmResult, ExperimentConfig, plot, print_table, results
+from esper.simic.experiment import ArmResult, ExperimentConfig, paired_difference, plot, print_table, results
 
 
 def _summary(acc: list[float], **extra: object) -> dict[str, object]:
@@ -24,7 +24,34 @@ def test_results_are_flat_and_plotted(tmp_path: Path, capsys: pytest.CaptureFixt
     assert out["gnn_acc"] == pytest.approx(0.95) and (out["epochs"], out["runs"]) == (2, 2)
     assert out["static_acc_by_epoch"] == pytest.approx([0.55, 0.85]) and "explore_acc" not in out
     assert out["gnn_decisions_per_epoch"] == pytest.approx(23.0) and out["simic_gate_accepted"] is True
+    assert out["gnn_minus_heuristic"] == pytest.approx(0.10) and out["gnn_minus_heuristic_se"] is None
+    assert out["heuristic_minus_static"] == pytest.approx(0.05)  # paired with static's first run only
+    assert out["goal_met"] is False  # by the means, the heuristic (0.85) only equals static (0.85)
     print_table(out)
-    assert "gnn (after Simic)" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "gnn (after Simic)" in printed and "gnn - heuristic +0.1000" in printed and "not met" in printed
     plot(out, tmp_path / "plot.png")
     assert (tmp_path / "plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_arms_are_compared_seed_by_seed() -> None:
+    """Run i of every arm trains on seed i: the differences are paired, and their spread gives the error."""
+    mean, se = paired_difference([0.90, 0.85, 0.95], [0.88, 0.86, 0.91])  # differences 0.02, -0.01, 0.04
+    assert mean == pytest.approx(0.05 / 3)
+    assert se == pytest.approx(0.025166114784235834 / 3 ** 0.5)  # sample stdev of the three over sqrt(3)
+    assert paired_difference([0.9, 0.8], [0.7]) == (pytest.approx(0.2), None)  # only the runs both finished
+    with pytest.raises(ValueError):
+        paired_difference([], [0.5])
+
+
+def test_the_goal_is_met_only_when_gnn_reaches_the_heuristic_and_it_beats_static() -> None:
+    def goal(static: float, heuristic: float, gnn: float) -> object:
+        arms = {"static": ArmResult([_summary([static])]), "heuristic": ArmResult([_summary([heuristic])]),
+                "gnn": ArmResult([_summary([gnn])])}
+        return results(ExperimentConfig(epochs=1, runs=1), arms, {}, wall_s=1.0)["goal_met"]
+
+    assert goal(0.88, 0.89, 0.89) is True
+    assert goal(0.88, 0.89, 0.885) is False
+    assert goal(0.89, 0.89, 0.90) is False
+    assert "goal_met" not in results(ExperimentConfig(epochs=1, runs=1), {"static": ArmResult([_summary([0.8])])},
+                                     {}, wall_s=1.0)

@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import math
 import os
 import secrets
 import signal
@@ -56,6 +57,8 @@ from esper.simic.settings import SimicSettings
 __all__ = ["ARMS", "ExperimentConfig", "run_experiment"]
 
 ARMS = ("static", "heuristic", "explore", "gnn")
+# (better, worse) pairs the goal names, compared run by run: `<better>_minus_<worse>` and its `_se`
+COMPARISONS = (("gnn", "heuristic"), ("heuristic", "static"), ("gnn", "static"))
 _PREFIXES = ("ESPER_", "TAMIYO_", "TOLARIA_", "URZA_", "TEZZERET_", "KASMINA_", "SIMIC_")
 READY_S = 120.0  # liveness bounds only, never pass criteria
 RUN_S = 900.0
@@ -358,9 +361,25 @@ def results(cfg: ExperimentConfig, arms: dict[str, ArmResult], training: dict[st
         out[f"{name}_halted"] = sum(bool(x.get("halted")) for x in arm.summaries)
         out[f"{name}_decisions_per_epoch"] = arm.decisions_per_epoch()
         out[f"{name}_commands"] = _sum_dicts(s.get("commands_by_type") or {} for s in arm.summaries)
+    for better, worse in COMPARISONS:
+        if arms.get(better) and arms[better].summaries and arms.get(worse) and arms[worse].summaries:
+            diff = paired_difference(arms[better].accuracies(), arms[worse].accuracies())
+            out[f"{better}_minus_{worse}"], out[f"{better}_minus_{worse}_se"] = diff
+    if all(f"{arm}_acc" in out for arm in ("static", "heuristic", "gnn")):
+        out["goal_met"] = out["gnn_acc"] >= out["heuristic_acc"] > out["static_acc"]
     for key, value in training.items():
         out[f"simic_{key}"] = value
     return out
+
+
+def paired_difference(a: list[float], b: list[float]) -> tuple[float, float | None]:
+    """Mean and standard error of `a[i] - b[i]` over the runs both arms finished (run i of every arm
+    trains on seed i, so the seed's share of the spread cancels); the error is None for one run."""
+    diffs = [x - y for x, y in zip(a, b, strict=False)]
+    if not diffs:
+        raise ValueError("no paired runs")
+    se = statistics.stdev(diffs) / math.sqrt(len(diffs)) if len(diffs) > 1 else None
+    return statistics.fmean(diffs), se
 
 
 def _sum_dicts(dicts: Any) -> dict[str, int]:
@@ -392,9 +411,18 @@ def print_table(result: dict[str, Any]) -> None:
     console = Console(width=None if sys.stdout.isatty() else 150)  # a pipe or a log file: keep rows readable
     console.print(table)
     verdict = "ACCEPTED" if result.get("simic_gate_accepted") else "REFUSED"
+    pairs = [f"{b} - {w} {result[f'{b}_minus_{w}']:+.4f}" + _se(result.get(f"{b}_minus_{w}_se"))
+             for b, w in COMPARISONS if f"{b}_minus_{w}" in result]
+    if pairs:
+        goal = {True: "met", False: "not met", None: "not measured"}[result.get("goal_met")]
+        console.print(f"Paired by seed: {'; '.join(pairs)}. Goal (gnn >= heuristic > static): {goal}")
     console.print(f"Simic: {result.get('simic_samples')} decisions ({result.get('simic_actions')}), held out "
                   f"{result.get('simic_holdout')}; gate {verdict}: {result.get('simic_gate_reason')}; "
                   f"applied live: {result.get('simic_applied')}; wall {result['wall_s']:.0f} s")
+
+
+def _se(se: float | None) -> str:
+    return "" if se is None else f" ± {se:.4f}"
 
 
 def _host_label(result: dict[str, Any]) -> str:
