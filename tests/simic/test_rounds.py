@@ -82,6 +82,37 @@ async def test_a_round_publishes_an_accepted_candidate_and_keeps_it_as_current(
         again.store.close()
 
 
+async def test_a_shutdown_cancels_a_round_in_progress_and_writes_nothing(
+        make_client: ClientFactory, settings: OonaSettings, tmp_path: Path) -> None:
+    """The round's worker thread stops at its next optimizer step once the loop's stop event is set;
+    uncancelled, these 100 000 passes would run for hours (the timeout only guards against a hang)."""
+    watcher, urza = await make_client("nissa"), await make_client("urza")
+    s = _settings(settings, tmp_path, train_interval_s=0.05, awr_epochs=100_000)
+    service = SimicService(s, registry=CollectorRegistry())
+    await service.client.connect()
+    for r in runs(n_runs=4, steps=24):
+        service.store.add(r)
+    stop = asyncio.Event()
+    try:
+        async with urza_stand_in(urza):
+            task = asyncio.create_task(service.rounds.run(stop))
+            async with asyncio.timeout(60):
+                while not service.rounds.training:  # noqa: ASYNC110 - a flag of this process
+                    await asyncio.sleep(0.01)
+                await asyncio.sleep(0.2)  # well into training
+                stop.set()
+                await task
+    finally:
+        service.store.close()
+        await service.client.close()
+    labels = service.rounds.rounds.labels
+    assert labels("cancelled")._value.get() == 1
+    assert (labels("accepted")._value.get(), labels("refused")._value.get(), labels("failed")._value.get()) == (0, 0, 0)
+    assert not service.rounds.training and not (s.policy_dir / STATE_FILE).exists()  # no state, no checkpoint
+    assert not s.policy_dir.exists() or not list(s.policy_dir.glob("*.pt"))
+    assert await watcher.redis.xlen(CHANNELS["policy"].normal_stream) == 0
+
+
 async def test_a_failed_round_is_reported_and_the_service_goes_on(make_client: ClientFactory, settings: OonaSettings,
                                                                  tmp_path: Path) -> None:
     watcher = await make_client("nissa")

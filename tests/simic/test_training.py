@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import threading
 from dataclasses import replace
 
 import pytest
@@ -13,6 +14,8 @@ from esper.simic.dataset import RewardConfig, Sample, action_of, build_samples, 
 from esper.simic.pipeline import run_round
 from esper.simic.settings import SimicSettings
 from esper.simic.training import (
+    TrainConfig,
+    TrainingCancelled,
     action_balance,
     collate,
     effective_actions,
@@ -21,6 +24,7 @@ from esper.simic.training import (
     joint_logits,
     policy_score,
     sample_weights,
+    train_policy,
     train_step,
 )
 from esper.tamiyo.checkpoint import decode_checkpoint
@@ -92,6 +96,19 @@ def test_a_seed_kept_on_too_little_evidence_counts_as_a_cull(evidence: float | N
     assert samples[1].reward == pytest.approx(fate, abs=1e-6)
     lenient = build_samples(reports, blueprints=blueprints(), rewards=RewardConfig(fate_min_improvement=-1.0))
     assert lenient[0].fate == 1.0  # the same report under a threshold every finite evidence passes
+
+
+def test_a_set_cancel_event_stops_training_before_the_next_step() -> None:
+    samples = build_samples(runs(n_runs=2, steps=8), blueprints=blueprints())
+    model = TamiyoGNN(SMALL)
+    before = [p.detach().clone() for p in model.parameters()]
+    cancel = threading.Event()
+    cancel.set()
+    with pytest.raises(TrainingCancelled):
+        train_policy(model, samples, TrainConfig(imitation_epochs=1, awr_epochs=1), cancel=cancel)
+    assert all(bool((a == p).all()) for a, p in zip(before, model.parameters(), strict=True))  # not one step
+    report = train_policy(model, samples, TrainConfig(imitation_epochs=1, awr_epochs=1), cancel=threading.Event())
+    assert report.steps > 0
 
 
 def test_risk_engine_replacements_are_not_learned_as_the_policys_choice() -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import math
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +23,7 @@ from esper.leyline import new_message_id, pb
 from esper.oona import OonaClient
 from esper.simic.dataset import RewardConfig, Sample, build_samples, split_by_run
 from esper.simic.settings import SimicSettings
-from esper.simic.training import GateResult, TrainConfig, TrainReport, gate, train_policy
+from esper.simic.training import GateResult, TrainConfig, TrainReport, check_cancel, gate, train_policy
 from esper.tamiyo.catalog import blueprint_from_entry
 from esper.tamiyo.checkpoint import decode_checkpoint, encode_checkpoint
 from esper.tamiyo.gnn import GNNConfig, TamiyoGNN
@@ -90,18 +91,22 @@ def train_config(settings: SimicSettings) -> TrainConfig:
 
 def run_round(reports: Sequence[pb.FieldReport], current: TamiyoGNN, settings: SimicSettings, *,
               blueprints: Sequence[BlueprintInfo] = (), registries: RegistrySet | None = None,
-              normaliser: FeatureNormaliser | None = None, policy_version: str | None = None) -> RoundResult:
+              normaliser: FeatureNormaliser | None = None, policy_version: str | None = None,
+              cancel: threading.Event | None = None) -> RoundResult:
     """Train a candidate from `current` on the training runs of `reports` and gate it on the held-out
-    runs. The checkpoint is produced either way; publish it only when `result.gate.accepted`."""
+    runs. The checkpoint is produced either way; publish it only when `result.gate.accepted`. A set
+    `cancel` ends the round between its phases or optimizer steps with `TrainingCancelled`."""
     registries = registries or RegistrySet.new()
     rewards = RewardConfig(gamma=settings.gamma, gae_lambda=settings.gae_lambda,
                            outcome_reward=settings.outcome_reward, fate_reward=settings.fate_reward,
                            fate_min_improvement=settings.fate_min_improvement)
+    check_cancel(cancel)
     samples = build_samples(reports, blueprints=blueprints, registries=registries, normaliser=normaliser,
                             rewards=rewards)
     train, holdout = split_by_run(samples, settings.holdout_fraction)
     candidate = copy.deepcopy(current)
-    report = train_policy(candidate, train, train_config(settings))
+    report = train_policy(candidate, train, train_config(settings), cancel=cancel)
+    check_cancel(cancel)
     verdict = gate(candidate, current, holdout, margin=settings.gate_margin, min_holdout=settings.gate_min_holdout)
     version = policy_version or _version(samples, report)
     data = encode_checkpoint(candidate, registries, policy_version=version)

@@ -12,6 +12,9 @@ without Urza's catalogue is refused rather than trained on graphs with no bluepr
 scores that decide germinations would be untrained and the gate blind to them). A round that fails
 is a `simic_round_failed` event and `simic_rounds_total{result="failed"}`: the loop outlives
 anything a round raises, the service keeps storing reports, and the next interval tries again.
+A shutdown (the loop's stop event) cancels a round in progress at its next optimizer step
+(`simic_rounds_total{result="cancelled"}`, no state written): the round runs in a worker thread,
+which the event loop could not otherwise interrupt, so SIGTERM would wait minutes for it.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import threading
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Final
@@ -44,6 +48,7 @@ from esper.simic.pipeline import (
 from esper.simic.publish import build_update
 from esper.simic.replay import ReplayStore
 from esper.simic.settings import SimicSettings
+from esper.simic.training import TrainingCancelled
 from esper.tamiyo.gnn import TamiyoGNN
 from esper.tamiyo.registry import RegistrySet
 
@@ -52,7 +57,7 @@ __all__ = ["STATE_FILE", "RoundLoop", "RoundState"]
 log = get_logger("esper.simic.rounds")
 
 STATE_FILE: Final[str] = "current.json"
-ROUND_RESULTS: Final[tuple[str, ...]] = ("accepted", "refused", "failed")
+ROUND_RESULTS: Final[tuple[str, ...]] = ("accepted", "refused", "failed", "cancelled")
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,21 +97,36 @@ class RoundLoop:
             self.rounds.labels(result)
         self.last_round = Gauge("simic_last_round_timestamp_seconds", "When the last round finished",
                                 registry=registry)
+        self.cancel = threading.Event()  # set on shutdown: the worker thread's round stops at its next step
+        self.training = False  # a round's worker thread is running
 
     async def run(self, stop: asyncio.Event) -> None:
-        """Until `stop`: wait an interval, then a round if enough new reports arrived."""
+        """Until `stop`: wait an interval, then a round if enough new reports arrived. `stop` also
+        cancels a round in progress."""
         if self.settings.train_interval_s <= 0:
             return
-        while not stop.is_set():
-            await sleep_or_stop(stop, self.settings.train_interval_s)
-            if not stop.is_set():
-                await self.maybe_train()
+        watcher = asyncio.create_task(self._cancel_on(stop))
+        try:
+            while not stop.is_set():
+                await sleep_or_stop(stop, self.settings.train_interval_s)
+                if not stop.is_set():
+                    await self.maybe_train()
+        finally:
+            watcher.cancel()
+
+    async def _cancel_on(self, stop: asyncio.Event) -> None:
+        await stop.wait()
+        self.cancel.set()
 
     async def maybe_train(self) -> RoundResult | None:
         """A pending publish first, then one round when at least `train_min_new_reports` reports arrived
         since the last. None when no round ran or it failed: failures are reported, never raised."""
         try:
             return await self._maybe_train()
+        except TrainingCancelled:
+            self.rounds.labels("cancelled").inc()
+            log.warning("training round cancelled by shutdown: nothing written, the next start tries again")
+            return None
         except Exception as e:  # any failure of a round is reported, and the next interval tries again
             self.rounds.labels("failed").inc()
             log.error("training round failed", error=str(e), error_type=type(e).__name__)
@@ -161,10 +181,13 @@ class RoundLoop:
         if not blueprints:
             raise DependencyViolationError("Urza's blueprint catalogue is empty")
         reports = await asyncio.to_thread(self.store.latest, limit=s.train_max_reports)
-        # The round itself runs in a worker thread, which a shutdown cannot interrupt: SIGTERM mid-round
-        # waits for it to finish (at the serving widths, seconds to minutes).
-        return await asyncio.to_thread(run_round, reports, current, s, blueprints=blueprints,
-                                       registries=registries, normaliser=norms)
+        # The round runs in a worker thread, which only `self.cancel` can end early (module doc).
+        self.training = True
+        try:
+            return await asyncio.to_thread(run_round, reports, current, s, blueprints=blueprints,
+                                           registries=registries, normaliser=norms, cancel=self.cancel)
+        finally:
+            self.training = False
 
     async def _publish(self, name: str) -> None:
         update = await asyncio.to_thread(build_update, self.settings.policy_dir / name, training_run_id="simic-round")

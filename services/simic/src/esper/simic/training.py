@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import math
 import random
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -49,6 +50,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from esper.core.errors import EsperError
 from esper.simic.dataset import Sample
 from esper.tamiyo.gnn import TamiyoGNN
 from esper.tamiyo.policy import (
@@ -80,6 +82,15 @@ __all__ = [
 ]
 
 _T = {t: i for i, t in enumerate(NODE_TYPES)}
+
+
+class TrainingCancelled(EsperError):
+    """The round's cancel event was set (the service is shutting down): no candidate, nothing changed."""
+
+
+def check_cancel(cancel: threading.Event | None) -> None:
+    if cancel is not None and cancel.is_set():
+        raise TrainingCancelled("training round cancelled")
 
 
 @dataclass(frozen=True, slots=True)
@@ -281,8 +292,11 @@ class TrainReport:
     samples: int
 
 
-def train_policy(model: TamiyoGNN, samples: Sequence[Sample], config: TrainConfig | None = None) -> TrainReport:
-    """Imitation then AWR, in place on `model` (start it from the current policy's weights)."""
+def train_policy(model: TamiyoGNN, samples: Sequence[Sample], config: TrainConfig | None = None, *,
+                 cancel: threading.Event | None = None) -> TrainReport:
+    """Imitation then AWR, in place on `model` (start it from the current policy's weights). `cancel`
+    is checked before every optimizer step (`TrainingCancelled`): a round runs in a worker thread,
+    which nothing else can interrupt, and a shutdown should not wait minutes for it."""
     cfg = config or TrainConfig()
     if not samples:
         return TrainReport(0, math.nan, math.nan, 0)
@@ -298,6 +312,7 @@ def train_policy(model: TamiyoGNN, samples: Sequence[Sample], config: TrainConfi
         for _ in range(epochs):
             rng.shuffle(order)
             for i in range(0, len(order), cfg.batch_size):
+                check_cancel(cancel)
                 chunk = order[i:i + cfg.batch_size]
                 w = sample_weights(chunk, phase=phase, beta=cfg.awr_beta, max_weight=cfg.max_weight,
                                    adv_scale=scale)
