@@ -12,6 +12,7 @@ import torch
 
 from esper.core.clock import now_ms
 from esper.karn import CATALOGUE, SlotShape
+from esper.kasmina import add_seed_params
 from esper.leyline import CHANNELS, decode_envelope, pb, sign_command, unpack_as
 from esper.oona import OonaSettings
 from esper.tezzeret.forge import forge_once
@@ -57,6 +58,24 @@ def test_train_mode_is_set_after_validation_and_for_a_module_that_joins(tmp_path
     trainer.host.set_slot(trainer.host.slot_names[0], joined)
     trainer.train_step(xb, yb)
     assert joined.training and all(m.training for m in trainer.host.modules())
+
+
+def test_the_steps_gradient_norm_covers_the_host_and_a_seed_that_joined(tmp_path: Path) -> None:
+    """The norm is read from the optimizer's parameter lists (no module walk per step): a seed's
+    parameters count once Kasmina added its group, as they do in every germination."""
+    trainer = Trainer(_settings(tmp_path, epochs=1), bus=None)
+    xb, yb = trainer.data.x_train[:32], trainer.data.y_train[:32]
+    seed = torch.nn.Linear(16, 16)
+    trainer.host.set_slot(trainer.host.slot_names[0], seed)
+    add_seed_params(trainer.optimizer, "seed-0", seed.parameters())
+    trainer.train_step(xb, yb)
+    grads = [p.grad for p in trainer.host.parameters() if p.grad is not None]
+    assert len(grads) == len(list(trainer.host.parameters()))  # the seed's weight and bias too
+    expected = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])))
+    assert trainer.signals.grad.mean == pytest.approx(expected, rel=1e-6)  # the first sample of the EWMA
+    without_seed = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in
+                                                               trainer.host.host_parameters()])))
+    assert expected > without_seed  # so the seed's gradients are in it
 
 
 def test_nan_step_is_rolled_back_and_escalated(tmp_path: Path) -> None:
@@ -148,6 +167,20 @@ def test_resource_metrics_report_memory() -> None:
     metrics = resource_metrics(torch.device("cpu"))
     assert metrics["cpu_mem_peak_gb"] > 0.01  # this process has torch loaded: well above 10 MB
     assert "gpu_mem_used_gb" not in metrics
+
+
+def test_resource_figures_are_read_once_per_interval() -> None:
+    from esper.tolaria.trainer import ResourceSampler
+
+    now = [100.0]
+    sampler = ResourceSampler(torch.device("cpu"), interval_s=1.0, clock=lambda: now[0])
+    first = sampler.read()
+    assert first["cpu_mem_peak_gb"] > 0.01
+    now[0] += 0.9
+    assert sampler.read() is first  # within the interval: the same reading, no system call
+    now[0] += 0.1
+    again = sampler.read()
+    assert again is not first and again["cpu_mem_peak_gb"] >= first["cpu_mem_peak_gb"]  # a peak never falls
 
 
 def test_lr_policies() -> None:
