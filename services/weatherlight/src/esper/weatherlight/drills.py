@@ -10,8 +10,9 @@ Tamiyo published is in Simic's replay store (none lost).
 
 `bad_input`: thousands of fuzzed and tampered entries (byte flips, truncations, random bytes, forged
 key, unsigned, stale, from the future, no payload, wrong message type) are written straight into
-the live streams while the trainer runs. Pass: exactly one dead letter per entry per live consumer
-group, nothing left pending, no process died, the trainer finishes with decisions after the attack.
+the live streams while the trainer runs (10 ms steps). Pass: exactly one dead letter per entry per
+live consumer group, nothing left pending, no process died, the trainer finishes with decisions after
+the attack.
 
 Pass criteria are counts and invariants; time limits only bound a hang.
 """
@@ -253,7 +254,13 @@ def _settled(r: redis.Redis, streams: Mapping[str, list[str]]) -> bool:
 async def drill_bad_input() -> DrillResult:
     services = ["oona", "urza", "tamiyo", "simic"] + (["nissa"] if _has_module("esper.nissa") else [])
     epochs = 12
-    async with drill_fleet(services, trainer_env={"TOLARIA_EPOCHS": str(epochs)}) as sup:
+    # Steps as long as a small real model's (10 ms): the flood delays Tamiyo's replies past the 200 ms
+    # budget, three timeouts open the trainer's decision breaker, and a bare digits step (~0.3 ms) would
+    # finish the run before the first probe 0.5 s later; then "decisions after the attack" measured
+    # how fast the trainer is, not whether Tamiyo recovered (it failed 5 of 10 local runs that way).
+    trainer_env = {"TOLARIA_EPOCHS": str(epochs), "ESPER_ENABLE_FAULT_INJECTION": "1",
+                   "TOLARIA_FAULT_STEP_DELAY_MS": "10"}
+    async with drill_fleet(services, trainer_env=trainer_env) as sup:
         assert sup.client is not None
         summary_path = sup.var_dir / "tolaria/summary.json"
         trainer = sup.start_trainer({"TOLARIA_SUMMARY_JSON": str(summary_path)})
