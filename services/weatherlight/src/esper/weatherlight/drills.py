@@ -257,7 +257,7 @@ async def drill_bad_input() -> DrillResult:
     # Steps as long as a small real model's (10 ms): the flood delays Tamiyo's replies past the 200 ms
     # budget, three timeouts open the trainer's decision breaker, and a bare digits step (~0.3 ms) would
     # finish the run before the first probe 0.5 s later; then "decisions after the attack" measured
-    # how fast the trainer is, not whether Tamiyo recovered (it failed 5 of 10 local runs that way).
+    # how fast the trainer is, not whether Tamiyo recovered (it failed 7 of 11 local runs that way).
     trainer_env = {"TOLARIA_EPOCHS": str(epochs), "ESPER_ENABLE_FAULT_INJECTION": "1",
                    "TOLARIA_FAULT_STEP_DELAY_MS": "10"}
     async with drill_fleet(services, trainer_env=trainer_env) as sup:
