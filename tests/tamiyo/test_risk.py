@@ -31,6 +31,12 @@ def _r(**fields: object) -> RiskInputs:
     return RiskInputs(command_type=SEED, **fields)  # type: ignore[arg-type]
 
 
+def _late(*, step: int | None, need: int = 75, total: float | None = 368.0, command: int = SEED) -> RiskInputs:
+    metrics = {} if total is None else {"steps_total": total}
+    return RiskInputs(command_type=command, training_metrics=metrics, global_step=step,
+                      germinate_min_remaining_steps=need)
+
+
 # (evaluator, inputs, expected reason code or None)
 CASES: list[tuple[Evaluator, RiskInputs, str | None]] = [
     # policy risk: >= 0.85 downgrade, >= 0.98 pause + conservative
@@ -122,6 +128,14 @@ CASES: list[tuple[Evaluator, RiskInputs, str | None]] = [
     (risk.evaluate_cpu_pressure, _m(cpu_util_percent=94.99), None),
     (risk.evaluate_cpu_pressure, _m(cpu_util_percent=95.0), "cpu_pressure_high"),
     (risk.evaluate_cpu_pressure, _m(cpu_util_percent=95.01), "cpu_pressure_high"),
+    # a SEED with fewer than germinate_min_remaining_steps left in the run → pause (INFO)
+    (risk.evaluate_run_ending, _late(step=293), None),  # exactly 75 left
+    (risk.evaluate_run_ending, _late(step=294), "germinate_too_late"),
+    (risk.evaluate_run_ending, _late(step=368), "germinate_too_late"),
+    (risk.evaluate_run_ending, _late(step=294, need=0), None),  # turned off
+    (risk.evaluate_run_ending, _late(step=294, command=OPTIMIZER), None),  # only growing waits on the run
+    (risk.evaluate_run_ending, _late(step=294, total=None), None),  # a trainer that does not say
+    (risk.evaluate_run_ending, _late(step=None), None),
 ]
 
 
@@ -182,7 +196,7 @@ def test_finding_detail_and_attributes_carry_value_and_threshold() -> None:
     assert finding.pauses and not finding.enters_conservative
 
 
-def test_evaluators_run_in_the_prototypes_order() -> None:
+def test_evaluators_run_in_the_prototypes_order_then_ours() -> None:
     assert [e.__name__.removeprefix("evaluate_") for e in EVALUATORS] == [
         "policy_risk",
         "conservative_mode",
@@ -200,6 +214,7 @@ def test_evaluators_run_in_the_prototypes_order() -> None:
         "grad_conflict",
         "device_pressure",
         "cpu_pressure",
+        "run_ending",  # not the prototype's
     ]
 
 

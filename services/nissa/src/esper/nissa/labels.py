@@ -40,7 +40,7 @@ EVENTS: Final[frozenset[str]] = frozenset({
     "policy_risk_critical", "policy_risk_elevated", "pause_triggered", "bp_quarantine", "blueprint_risk",
     "bsds_handling_quarantine", "bsds_hazard_critical", "bsds_hazard_high", "loss_warning", "step_latency_high",
     "kasmina_apply_slow", "kasmina_finalize_slow", "isolation_violations", "loss_volatility_high",
-    "grad_variance_high", "grad_conflict_high", "device_pressure_high", "cpu_pressure_high",
+    "grad_variance_high", "grad_conflict_high", "device_pressure_high", "cpu_pressure_high", "germinate_too_late",
     # Oona (client.py); `oona.breaker_open` is on core's HIGH list though nothing emits it yet.
     "oona.dead_letter", "oona.dead_letter.bad_signature", "oona.breaker_open",
     # Simic, Urza, Tezzeret.

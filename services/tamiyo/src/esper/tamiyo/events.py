@@ -93,6 +93,7 @@ DECISION_EVENT_PRIORITIES: Final[Mapping[tuple[str, int], int]] = {
     # INFO events → NORMAL.
     (EVENT_DEGRADED_INPUTS, _INFO): _P_NORMAL,
     (EVENT_CONSERVATIVE_EXITED, _INFO): _P_NORMAL,
+    ("germinate_too_late", _INFO): _P_NORMAL,
 }
 """(event name, ``TelemetryLevel``) → ``MessagePriority`` for every event a decision can carry."""
 

@@ -58,6 +58,10 @@ class TamiyoSettings(OonaSettings):
                                        description="open breaker cooldown before HALF_OPEN (prototype 100 ms)")
     conservative_timeouts: int = Field(3, validation_alias=_t("conservative_timeouts"),
                                        description="consecutive timeouts that enter conservative mode")
+    germinate_min_remaining_steps: int = Field(
+        75, ge=0, validation_alias=_t("germinate_min_remaining_steps"),
+        description="a GERMINATE with fewer steps left in the run (Tolaria's steps_total) becomes PAUSE "
+                    "(germinate_too_late): about Kasmina's default lifecycle to the end of probation; 0 = off")
 
     explore_epsilon: float = Field(0.0, ge=0.0, le=1.0, validation_alias=_t("explore_epsilon"),
                                    description="probability that a GNN GERMINATE takes a uniformly random candidate "

@@ -315,7 +315,8 @@ class TamiyoWorker:
             chosen if decision.command.command_type == pb.COMMAND_SEED else None,
             command_type=decision.command.command_type, policy_risk_score=decision.risk_score,
             conservative_mode=self.conservative.active, loss_delta=metrics.get("loss_delta"),
-            training_metrics=metrics,
+            training_metrics=metrics, global_step=packet.global_step,
+            germinate_min_remaining_steps=self.settings.germinate_min_remaining_steps,
         )
         return evaluate(inputs)
 

@@ -270,6 +270,7 @@ class Trainer:
                 extra={"learning_rate": current_lr(self.optimizer), "kasmina.apply_ms": self._apply_ms,
                        "kasmina.finalize_ms": finalize_ms, **self.resources.read()})
             packet = build_packet(run_id=s.run_id, step=self.step, epoch=self.epoch, epochs_total=s.epochs,
+                                  steps_total=self.total_steps,
                                   training_loss=loss_v, validation_loss=_last(self.stats.val_loss),
                                   validation_accuracy=_last(self.stats.val_accuracy), training_metrics=metrics,
                                   seed_states=self.kasmina.seed_states())
