@@ -131,6 +131,28 @@ async def test_risk_engine_pauses_on_loss_spike(make_client: ClientFactory, sett
     assert command.annotations["risk_reason"] == "loss_spike"
 
 
+async def test_no_seed_is_grown_that_the_run_cannot_finish(make_client: ClientFactory, settings: OonaSettings,
+                                                            tmp_path: Path) -> None:
+    """The untrained GNN germinates whenever a seed is DORMANT; with 68 of 368 steps left (fewer than
+    the 75 a seed needs by default) the risk engine makes it a PAUSE, said in the annotations."""
+    trainer = await make_client("tolaria")
+    urza = await make_client("urza")
+    replies = {}
+    async with urza_stand_in(urza), running_tamiyo(tamiyo_settings(settings, tmp_path)) as tamiyo:
+        await wait_until(lambda: _metadata_ready(tamiyo), what="catalogue fetched")
+        for step in (10, 300):
+            p = packet(step)
+            p.training_metrics["steps_total"] = 368.0
+            replies[step] = (await trainer.request("state", p, timeout_ms=2000)).message_as(pb.AdaptationCommand)
+    for command in replies.values():
+        verify_command(command, trainer.keys)
+    assert replies[10].command_type == pb.COMMAND_SEED and "risk_reason" not in replies[10].annotations
+    late = replies[300]
+    assert late.command_type == pb.COMMAND_PAUSE
+    assert late.annotations["risk_reason"] == "germinate_too_late"
+    assert late.annotations["policy_command"] == "COMMAND_SEED"  # not the policy's choice: Simic skips it
+
+
 async def test_two_workers_split_requests_without_duplicates(make_client: ClientFactory, settings: OonaSettings,
                                                              tmp_path: Path) -> None:
     trainer = await make_client("tolaria")

@@ -76,3 +76,14 @@ def test_gradient_norm_and_accuracy() -> None:
     assert gradient_norm([a, b, c]) == 5.0 and gradient_norm([c]) == 0.0
     logits = torch.tensor([[2.0, 1.0], [0.0, 1.0], [5.0, 0.0], [0.0, 3.0]])
     assert batch_accuracy(logits, torch.tensor([0, 1, 1, 1])) == 0.75
+
+
+def test_the_packet_carries_the_runs_planned_length() -> None:
+    """Tamiyo grows no seed the run cannot finish: it reads how long the run is from the packet."""
+    from esper.tolaria.packet import build_packet
+
+    p = build_packet(run_id="r", step=300, epoch=14, epochs_total=16, steps_total=368, training_loss=0.4,
+                     validation_loss=None, validation_accuracy=None, training_metrics={"loss": 0.4}, seed_states=[])
+    assert (p.global_step, p.current_epoch, p.packet_id) == (300, 14, "r-300")
+    assert p.training_metrics["epochs_total"] == 16.0 and p.training_metrics["steps_total"] == 368.0
+    assert p.training_metrics["loss"] == pytest.approx(0.4)
