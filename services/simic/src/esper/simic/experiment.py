@@ -362,7 +362,7 @@ def results(cfg: ExperimentConfig, arms: dict[str, ArmResult], training: dict[st
         out[f"{name}_decisions_per_epoch"] = arm.decisions_per_epoch()
         out[f"{name}_commands"] = _sum_dicts(s.get("commands_by_type") or {} for s in arm.summaries)
     for better, worse in COMPARISONS:
-        if arms.get(better) and arms[better].summaries and arms.get(worse) and arms[worse].summaries:
+        if f"{better}_acc" in out and f"{worse}_acc" in out:  # both arms finished runs
             diff = paired_difference(arms[better].accuracies(), arms[worse].accuracies())
             out[f"{better}_minus_{worse}"], out[f"{better}_minus_{worse}_se"] = diff
     if all(f"{arm}_acc" in out for arm in ("static", "heuristic", "gnn")):

@@ -599,12 +599,12 @@ class ResourceSampler:
         self.device = device
         self.interval_s = interval_s
         self._clock = clock
-        self._at: float | None = None
+        self._at = -math.inf  # the first read always samples
         self._last: dict[str, float] = {}
 
     def read(self) -> dict[str, float]:
         now = self._clock()
-        if self._at is None or now - self._at >= self.interval_s:
+        if now - self._at >= self.interval_s:
             self._last, self._at = resource_metrics(self.device), now
         return self._last
 
