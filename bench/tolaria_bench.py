@@ -31,6 +31,12 @@ Run: `.venv/bin/python bench/tolaria_bench.py --out bench/results/tolaria.json` 
   input, lr 0.03; docs/tolaria.md), where a seed can pay: on the 32x2 host growth has nothing to add.
   Tamiyo serves its initial (untrained) GNN; `make experiment` compares trained and rule-based policies.
 
+On a GPU (`--device cuda`, or `auto` where CUDA is present) the host, data and plain loop live on the
+device; the plain loop queues its kernels without waiting (no `.item()`), so its epoch is timed up to a
+`torch.cuda.synchronize()`, and so is the trainer's last step of an epoch. `--widths` / `--rounds`
+choose the wider hosts (a GPU step of the digits host is launch-bound until the host is thousands
+wide). `device`, `gpu` record where it ran.
+
 Nothing is asserted; goals are recorded as flags (overhead ≤ 3%).
 """
 
@@ -78,21 +84,29 @@ GROWTH_HOST: dict[str, Any] = {"hidden_width": 4, "hidden_layers": 1, "input_slo
 DIGITS_FEATURES = 64  # the input slot's width
 
 
+def sync(device: torch.device) -> None:
+    """Wait for the queued kernels (CUDA); a no-op on the CPU, where every op has finished already."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 class PlainLoop:
-    """The baseline: the same host, data order and optimizer, nothing else."""
+    """The baseline: the same host, data order, optimizer and device, nothing else."""
 
     def __init__(self, settings: TolariaSettings) -> None:
         torch.manual_seed(settings.seed)
         self.settings = settings
-        self.data = load_dataset(None, seed=settings.seed)
+        self.device = settings.torch_device()
+        self.data = load_dataset(None, seed=settings.seed).to(self.device)
         self.host = build_host(self.data.meta, hidden=settings.host_hidden(), input_slot=settings.input_slot,
-                               seed=settings.seed)
+                               seed=settings.seed).to(self.device)
         self.opt = make_optimizer(settings, self.host.parameters())
         self.seconds, self.steps = 0.0, 0
 
     def epoch(self, epoch: int) -> None:
-        """One epoch of plain steps over the batches the trainer sees in `epoch` (timed)."""
+        """One epoch of plain steps over the batches the trainer sees in `epoch` (timed to the last kernel)."""
         self.host.train()
+        sync(self.device)
         t0 = time.perf_counter()
         for xb, yb in iter_batches(self.data.x_train, self.data.y_train, self.settings.batch_size,
                                    generator=epoch_generator(self.settings.seed, epoch)):
@@ -100,6 +114,7 @@ class PlainLoop:
             F.cross_entropy(self.host(xb), yb).backward()
             self.opt.step()
             self.steps += 1
+        sync(self.device)
         self.seconds += time.perf_counter() - t0
 
     @property
@@ -132,18 +147,21 @@ class TimedTrainer(Trainer):
         self.step_seconds += time.perf_counter() - t0
 
     def end_epoch(self) -> None:
+        t0 = time.perf_counter()
+        sync(self.device)  # the epoch's last kernels (its steps wait for each other's loss, not for these)
+        self.step_seconds += time.perf_counter() - t0
         if self.interleave is not None:
             self.interleave.epoch(self.epoch)
         super().end_epoch()
 
 
-def fleet_env(var: Path, url: str, secret: str) -> dict[str, str]:
+def fleet_env(var: Path, url: str, secret: str, widths: Sequence[int] = SCALE_WIDTHS) -> dict[str, str]:
     base = {k: v for k, v in os.environ.items() if not k.startswith(("ESPER_", "TAMIYO_", "TOLARIA_", "URZA_"))}
     return {**base, "ESPER_REDIS_URL": url, "ESPER_LEYLINE_SECRET": secret, "ESPER_LOG_LEVEL": "WARNING",
             "ESPER_METRICS_PORT": "-1", "URZA_DATABASE_URL": f"sqlite:///{var}/urza/catalog.db",
             "URZA_ARTIFACT_DIR": str(var / "urza/a"), "URZA_SEED_SLOT": f"v{DIGITS_FEATURES}",
             "TEZZERET_SLOTS": json.dumps([f"v{w}" for w in (DIGITS_FEATURES, WIDTH, GROWTH_HOST["hidden_width"],
-                                                            *SCALE_WIDTHS)]),
+                                                            *widths)]),
             "TAMIYO_VAR_DIR": str(var / "tamiyo"), "TAMIYO_POLICY_DIR": str(var / "tamiyo/p")}
 
 
@@ -196,24 +214,27 @@ def run_fleet(var: Path, url: str, secret: str, *, mode: str, budget_ms: float,
     out["packets_sent"] = trainer.decisions.sent if trainer.decisions is not None else 0
     out["snapshots"] = trainer.rollback.taken
     out["snapshots_deferred"] = trainer.rollback.deferred
+    out["snapshots_rejected"] = trainer.rollback.ring.rejected
     return out
 
 
 def overhead_at_width(var: Path, url: str, secret: str, width: int, sidecar_cores: set[int] | None,
-                      rounds: int = SCALE_ROUNDS) -> dict[str, Any]:
+                      rounds: int = SCALE_ROUNDS, epochs: int = EPOCHS) -> dict[str, Any]:
     """`overhead_ratio` on a `width` x 2 host: the median of `rounds` control-plane runs (sidecar),
     each against its own interleaved plain loop.
 
     The seeds Tamiyo grows there are part of the control-plane run, as on the default host: the
     ratio is what a user pays with Esper on, seeds included (`w<width>_seed_parameters`)."""
     runs = [run_fleet(var, url, secret, mode="pipelined", budget_ms=5.0, breaker_failures=NEVER_OPEN,
-                      host={"hidden_width": width}, sidecar_cores=sidecar_cores, name=f"-w{width}-{i}")
+                      host={"hidden_width": width}, sidecar_cores=sidecar_cores, name=f"-w{width}-{i}",
+                      epochs=epochs)
             for i in range(rounds)]
     k = f"w{width}_"
     out: dict[str, Any] = {f"overhead_ratio_w{width}": statistics.median(r["ratio"] for r in runs),
                            f"{k}host_parameters": runs[-1]["host_parameters"]}
     for key in ("ratio", "step_ms", "plain_step_ms", "packets_sent", "decisions", "timeouts", "failures_by_reason",
-                "decision_p50_ms", "commands_applied", "seeds_fossilized", "seeds_culled", "seed_parameters"):
+                "decision_p50_ms", "commands_applied", "seeds_fossilized", "seeds_culled", "seed_parameters",
+                "snapshots", "snapshots_rejected", "rejected_by_reason"):
         out[f"{k}{key}_runs"] = [r[key] for r in runs]
     out[f"{k}overhead_ms_per_step"] = statistics.median(r["step_ms"] - r["plain_step_ms"] for r in runs)
     return out
@@ -240,7 +261,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--out", type=Path, default=Path("bench/results/tolaria.json"))
     parser.add_argument("--no-pin", action="store_true", help="do not pin the trainer and the fleet to cores")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                        help="where every trainer and plain loop of the bench trains (TOLARIA_DEVICE)")
+    parser.add_argument("--widths", type=int, nargs="*", default=list(SCALE_WIDTHS),
+                        help="hidden widths of the wider hosts (overhead_ratio_w<width>)")
+    parser.add_argument("--rounds", type=int, default=SCALE_ROUNDS, help="control-plane runs per wider host")
+    parser.add_argument("--scale-epochs", type=int, default=EPOCHS, help="epochs of each wider-host run")
+    parser.add_argument("--kernel-widths", type=int, nargs="*", default=None,
+                        help="wider hosts whose slot width gets compiled kernels (default: all of --widths); "
+                             "germinations on the others fail their kernel fetch, explicitly, as in production")
     args = parser.parse_args(argv)
+    os.environ["TOLARIA_DEVICE"] = args.device  # every TolariaSettings of this process reads it
+    device = TolariaSettings().torch_device()
+    widths: list[int] = args.widths
     torch.set_num_threads(1)
     pinning = plan_pinning(not args.no_pin)
     server = EmbeddedRedis()
@@ -255,7 +288,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                               "accuracy_host": GROWTH_HOST}
     with tempfile.TemporaryDirectory(prefix="esper-bench-tolaria-") as tmp:
         var = Path(tmp)
-        env = fleet_env(var, server.url, secret)
+        env = fleet_env(var, server.url, secret, widths if args.kernel_widths is None else args.kernel_widths)
         procs: list[subprocess.Popen[bytes]] = []
         try:
             subprocess.run([sys.executable, "-m", "esper.tezzeret", "compile"], env=env, cwd=var, check=True,
@@ -282,9 +315,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             threaded = run_fleet(var, server.url, secret, mode="pipelined", budget_ms=5.0,
                                  breaker_failures=NEVER_OPEN, transport="thread")
             plain_ms_again, _ = plain_loop(static_settings)  # bracket the control-plane run
-            for width in SCALE_WIDTHS:
+            for width in widths:
                 result.update(overhead_at_width(var, server.url, secret, width,
-                                                pinning[1] if pinning is not None else None))
+                                                pinning[1] if pinning is not None else None, rounds=args.rounds,
+                                                epochs=args.scale_epochs))
         finally:
             for p in procs:
                 p.send_signal(signal.SIGTERM)
@@ -294,7 +328,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "plain_step_ms": pipelined["plain_step_ms"], "plain_step_ms_separate_runs": [plain_ms, plain_ms_again],
             "steps": steps, "control_step_ms": pipelined["step_ms"], "overhead_ratio": pipelined["ratio"],
             "goal_overhead_ratio": GOAL_RATIO, "goal_overhead_met": pipelined["ratio"] <= GOAL_RATIO,
-            **{f"goal_overhead_met_w{w}": result[f"overhead_ratio_w{w}"] <= GOAL_RATIO for w in SCALE_WIDTHS},
+            **{f"goal_overhead_met_w{w}": result[f"overhead_ratio_w{w}"] <= GOAL_RATIO for w in widths},
             "pipelined_decisions": pipelined["decisions"], "pipelined_timeouts": pipelined["timeouts"],
             "pipelined_commands_applied": pipelined["commands_applied"],
             "pipelined_skipped_inflight": pipelined["decisions_skipped_inflight"],
@@ -325,12 +359,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     result.update(git_state())
     result.update({"redis_version": redis_version(server.url), "torch": str(torch.__version__),
                    "python": sys.version.split()[0], "when": dt.datetime.now(dt.UTC).isoformat(),
-                   "cpu_count": os.cpu_count()})
+                   "cpu_count": os.cpu_count(), "device": device.type, "widths": widths,
+                   "kernel_widths": widths if args.kernel_widths is None else args.kernel_widths,
+                   "scale_epochs": args.scale_epochs,
+                   "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None})
     server.stop()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
-    for k in ("overhead_ratio", "overhead_ratio_thread", *(f"overhead_ratio_w{w}" for w in SCALE_WIDTHS),
-              *(f"w{w}_overhead_ms_per_step" for w in SCALE_WIDTHS), "plain_step_ms", "control_step_ms",
+    for k in ("overhead_ratio", "overhead_ratio_thread", *(f"overhead_ratio_w{w}" for w in widths),
+              *(f"w{w}_overhead_ms_per_step" for w in widths), *(f"w{w}_plain_step_ms_runs" for w in widths),
+              "plain_step_ms", "control_step_ms",
               "control_step_ms_thread", "static_trainer_step_ms", "static_trainer_ratio", "rollback_fast_p95_ms",
               "rollback_checkpoint_p95_ms", "accuracy_static", "accuracy_grown", "grown_seeds_fossilized"):
         print(f"{k:28s} {result[k]}")

@@ -18,7 +18,7 @@ from esper.tolaria.rollback import (
     SnapshotRing,
 )
 from esper.tolaria.settings import TolariaSettings
-from esper.tolaria.state import TrainingState, capture_state
+from esper.tolaria.state import TrainingState, capture_state, live_nbytes
 from tests.tolaria._helpers import assert_same, assert_state_equal, make_model, make_optimizer, train_steps
 
 BIG = 1 << 30
@@ -103,6 +103,24 @@ def test_manager_cap_counts_evictions_and_rejections_in_metrics() -> None:
     too_small = RollbackManager(fast_cap_bytes=size // 2, metrics=metrics)
     assert not too_small.snapshot(model, opt, step=1, epoch=0)
     assert metrics.snapshot_rejected._value.get() == 1
+
+
+def test_a_state_larger_than_the_ring_is_refused_uncopied_and_retried_only_after_max_steps() -> None:
+    """An empty ring is always due; a model that outgrew the cap must not pay a full copy every step
+    to have it dropped: the size is read off the live tensors, nothing is copied, and the next
+    attempt waits `snapshot_max_steps` steps."""
+    model, opt = _reference_after(1)
+    size = capture_state(model, opt).nbytes
+    assert live_nbytes(model, opt) == size
+    metrics = TolariaMetrics(CollectorRegistry())
+    mgr = RollbackManager(fast_cap_bytes=size - 1, metrics=metrics, snapshot_overhead=0.01, snapshot_max_steps=4)
+    refused = [step for step in range(1, 10)
+               if mgr.due(step) and not mgr.snapshot(model, opt, step=step, epoch=0, force=True)]
+    assert refused == [1, 5, 9]
+    assert mgr.taken == 0 and mgr.ring.rejected == 3 and metrics.snapshot_rejected._value.get() == 3
+    mgr.ring.cap_bytes = BIG  # room again (a seed left, or the cap was raised): the next due attempt keeps it
+    assert [mgr.snapshot(model, opt, step=s, epoch=0) for s in (10, 13)] == [False, True]
+    assert mgr.taken == 1 and mgr.ring.steps() == [13]
 
 
 def _store_with(tmp_path: Path, model: torch.nn.Module, opt: torch.optim.Optimizer, step: int) -> CheckpointStore:

@@ -65,7 +65,7 @@ def test_the_steps_gradient_norm_covers_the_host_and_a_seed_that_joined(tmp_path
     parameters count once Kasmina added its group, as they do in every germination."""
     trainer = Trainer(_settings(tmp_path, epochs=1), bus=None)
     xb, yb = trainer.data.x_train[:32], trainer.data.y_train[:32]
-    seed = torch.nn.Linear(16, 16)
+    seed = torch.nn.Linear(16, 16).to(trainer.device)  # on the host's device (CUDA where present)
     trainer.host.set_slot(trainer.host.slot_names[0], seed)
     add_seed_params(trainer.optimizer, "seed-0", seed.parameters())
     trainer.train_step(xb, yb)

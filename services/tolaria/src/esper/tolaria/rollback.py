@@ -9,7 +9,9 @@ by that fraction, but never past TOLARIA_ROLLBACK_SNAPSHOT_MAX_STEPS steps (and 
 is empty). Guarantee: the newest snapshot is at most max(SNAPSHOT_STEPS, SNAPSHOT_MAX_STEPS) steps
 behind the live state; a fast rollback loses at most that much progress. Overhead 0 restores the
 plain every-N-steps cadence. A state bigger than the whole cap is not kept (counted): that run rolls
-back from checkpoints.
+back from checkpoints. Its size is read off the live tensors before anything is copied, and after such
+a refusal the next attempt waits SNAPSHOT_MAX_STEPS steps: an empty ring is otherwise always due, and a
+model outgrowing the cap (a wide host on a GPU) would pay a full copy every step only to drop it.
 
 Checkpoint tier: when no snapshot qualifies (none at or before the target step, evicted, too large,
 or it no longer fits the model because its architecture changed) the newest retained checkpoint at
@@ -42,7 +44,7 @@ from esper.core.errors import DeadlineExceededError, EsperError
 from esper.tolaria.checkpoint import CheckpointError, CheckpointStore
 from esper.tolaria.instruments import TolariaMetrics
 from esper.tolaria.settings import TolariaSettings
-from esper.tolaria.state import StateMismatchError, TrainingState, capture_state, restore_state
+from esper.tolaria.state import StateMismatchError, TrainingState, capture_state, live_nbytes, restore_state
 
 __all__ = [
     "RollbackDeadlineExceeded",
@@ -188,6 +190,7 @@ class RollbackManager:
         self._last_cost = 0.0  # seconds it took
         self.deferred = 0  # due snapshots deferred by the overhead budget
         self.taken = 0  # snapshots copied (kept or rejected)
+        self._too_big = False  # the last attempt was refused, uncopied, as larger than the ring
         if deadline_ms < 0:
             raise ValueError(f"deadline_ms must be >= 0, got {deadline_ms}")
         self.ring = SnapshotRing(fast_cap_bytes)
@@ -212,6 +215,8 @@ class RollbackManager:
         snapshot pays for its cost (or `snapshot_max_steps` have passed, or the ring is empty)."""
         if step % self.snapshot_every_steps != 0:
             return False
+        if self._too_big and self._last_step is not None and 0 <= step - self._last_step < self.snapshot_max_steps:
+            return False
         if self.snapshot_overhead <= 0.0 or self._last_step is None or not len(self.ring):
             return True
         if step - self._last_step >= self.snapshot_max_steps or step < self._last_step:
@@ -227,6 +232,13 @@ class RollbackManager:
         if not (force or self.due(step)):
             return False
         t0 = self._clock()
+        self._too_big = live_nbytes(model, optimizer) > self.ring.cap_bytes
+        if self._too_big:
+            self.ring.rejected += 1
+            self._last_step, self._last_end, self._last_cost = step, self._clock(), 0.0
+            if self.metrics is not None:
+                self.metrics.snapshot_rejected.inc()
+            return False
         state = capture_state(model, optimizer)
         rejected_before = self.ring.rejected
         evicted = self.ring.put(Snapshot(step, epoch, state))

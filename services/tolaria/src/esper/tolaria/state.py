@@ -1,10 +1,12 @@
 """Training state (model + optimizer) as detached CPU copies: what rollback snapshots and checkpoints hold.
 
 `capture_state` deep-copies every tensor to the CPU, so a snapshot never aliases live parameters or
-optimizer buffers. `restore_state` validates the *whole* state against the live model and optimizer
-before it writes anything (a mismatch leaves both untouched), then loads copies: the optimizer's
-`load_state_dict` keeps CPU tensors it is given as they are, so restoring the snapshot itself would
-let the next `optimizer.step()` mutate the snapshot in place.
+optimizer buffers. From a CUDA model the copies are queued at once into pinned host memory and waited
+for once (one device sync per snapshot, not one blocking pageable copy per tensor). `restore_state`
+validates the *whole* state against the live model and optimizer before it writes anything (a
+mismatch leaves both untouched), then loads copies: the optimizer's `load_state_dict` keeps CPU
+tensors it is given as they are, so restoring the snapshot itself would let the next
+`optimizer.step()` mutate the snapshot in place.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ __all__ = [
     "capture_state",
     "check_state",
     "cpu_copy",
+    "live_nbytes",
     "restore_state",
     "tensor_nbytes",
 ]
@@ -35,16 +38,19 @@ class StateMismatchError(EsperError, ValueError):
     """A saved state does not fit the live model/optimizer (keys, shapes, dtypes, parameter groups)."""
 
 
-def cpu_copy(obj: T) -> T:
-    """Deep copy with every tensor detached and cloned to the CPU (dicts, lists and tuples recursed)."""
+def cpu_copy(obj: T, *, non_blocking: bool = False) -> T:
+    """Deep copy with every tensor detached and cloned to the CPU (dicts, lists and tuples recursed).
+
+    With `non_blocking`, a CUDA tensor's copy is only queued (into pinned memory, which PyTorch
+    allocates for a non-blocking device-to-host copy): the caller must synchronise before reading it."""
     if isinstance(obj, torch.Tensor):
-        return obj.detach().to("cpu", copy=True)  # type: ignore[return-value]
+        return obj.detach().to("cpu", copy=True, non_blocking=non_blocking and obj.is_cuda)  # type: ignore[return-value]
     if isinstance(obj, dict):
-        return {k: cpu_copy(v) for k, v in obj.items()}  # type: ignore[return-value]
+        return {k: cpu_copy(v, non_blocking=non_blocking) for k, v in obj.items()}  # type: ignore[return-value]
     if isinstance(obj, list):
-        return [cpu_copy(v) for v in obj]  # type: ignore[return-value]
+        return [cpu_copy(v, non_blocking=non_blocking) for v in obj]  # type: ignore[return-value]
     if isinstance(obj, tuple):
-        return tuple(cpu_copy(v) for v in obj)  # type: ignore[return-value]
+        return tuple(cpu_copy(v, non_blocking=non_blocking) for v in obj)  # type: ignore[return-value]
     return obj
 
 
@@ -70,9 +76,19 @@ class TrainingState:
 
 def capture_state(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> TrainingState:
     """Deep-copied CPU state of `model` (parameters and buffers) and `optimizer` (may be None)."""
-    model_state = cpu_copy(dict(model.state_dict()))
-    opt_state: dict[str, Any] = cpu_copy(optimizer.state_dict()) if optimizer is not None else {}
+    live = dict(model.state_dict())
+    cuda = next((t.device for t in live.values() if t.is_cuda), None)
+    model_state = cpu_copy(live, non_blocking=cuda is not None)
+    opt_state: dict[str, Any] = (cpu_copy(optimizer.state_dict(), non_blocking=cuda is not None)
+                                 if optimizer is not None else {})
+    if cuda is not None:
+        torch.cuda.synchronize(cuda)  # every queued copy has landed before the state is handed out
     return TrainingState(model_state, opt_state, tensor_nbytes(model_state) + tensor_nbytes(opt_state))
+
+
+def live_nbytes(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> int:
+    """Bytes `capture_state` would copy, read off the live tensors without copying anything."""
+    return tensor_nbytes(dict(model.state_dict())) + (tensor_nbytes(optimizer.state) if optimizer is not None else 0)
 
 
 def _check_model(model: nn.Module, state: Mapping[str, torch.Tensor]) -> None:
