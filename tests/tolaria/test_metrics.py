@@ -13,6 +13,7 @@ from esper.tolaria.metrics import (
     TrainingSignals,
     batch_accuracy,
     gradient_norm,
+    step_readings,
     training_metrics,
 )
 
@@ -77,6 +78,21 @@ def test_gradient_norm_and_accuracy() -> None:
     logits = torch.tensor([[2.0, 1.0], [0.0, 1.0], [5.0, 0.0], [0.0, 3.0]])
     assert batch_accuracy(logits, torch.tensor([0, 1, 1, 1])) == 0.75
 
+
+
+def test_step_readings_read_loss_norm_and_accuracy_together() -> None:
+    """The trainer's one read per step gives what the separate reads give (hand-computed)."""
+    a = torch.nn.Parameter(torch.zeros(2))
+    b = torch.nn.Parameter(torch.zeros(1))
+    a.grad, b.grad = torch.tensor([3.0, 0.0]), torch.tensor([4.0])
+    logits = torch.tensor([[2.0, 1.0], [0.0, 1.0], [5.0, 0.0], [0.0, 3.0]])
+    labels = torch.tensor([0, 1, 1, 1])
+    assert step_readings(torch.tensor(1.5), [a, b], logits, labels) == (1.5, 5.0, 0.75)
+    assert step_readings(torch.tensor(1.5), [a, b]) == (1.5, 5.0, None)  # no logits: no accuracy
+    loss, grad, _ = step_readings(torch.tensor(float("nan")), [torch.nn.Parameter(torch.zeros(1))])
+    assert math.isnan(loss) and grad == 0.0  # a NaN loss is read as NaN (the trainer refuses the step)
+    with pytest.raises(ValueError, match="empty batch"):
+        step_readings(torch.tensor(1.0), [a], logits[:0], labels[:0])
 
 def test_the_packet_carries_the_runs_planned_length() -> None:
     """Tamiyo grows no seed the run cannot finish: it reads how long the run is from the packet."""

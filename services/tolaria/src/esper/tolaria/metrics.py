@@ -28,6 +28,7 @@ __all__ = [
     "TrainingSignals",
     "batch_accuracy",
     "gradient_norm",
+    "step_readings",
     "training_metrics",
 ]
 
@@ -114,23 +115,49 @@ class TrainingSignals:
                            grad_norm_ewma=self.grad.mean, grad_var=self.grad.var)
 
 
-def gradient_norm(parameters: Iterable[torch.Tensor]) -> float:
-    """Global L2 norm of the gradients present (0.0 when none); one device sync."""
+def _gradient_norm_tensor(parameters: Iterable[torch.Tensor]) -> torch.Tensor | None:
+    """Global L2 norm of the gradients present, left on the device (None when there are none)."""
     grads = [p.grad.detach() for p in parameters if p.grad is not None]
     if not grads:
-        return 0.0
+        return None
     if len({(g.device, g.dtype) for g in grads}) == 1:  # one fused kernel per device/dtype (the usual case)
         norms = list(torch._foreach_norm(grads, 2.0))
     else:
         norms = [torch.linalg.vector_norm(g, 2.0) for g in grads]
-    return float(torch.linalg.vector_norm(torch.stack([n.to(norms[0].device) for n in norms]), 2.0).item())
+    return torch.linalg.vector_norm(torch.stack([n.to(norms[0].device) for n in norms]), 2.0)
+
+
+def gradient_norm(parameters: Iterable[torch.Tensor]) -> float:
+    """Global L2 norm of the gradients present (0.0 when none); one device sync."""
+    norm = _gradient_norm_tensor(parameters)
+    return 0.0 if norm is None else float(norm.item())
+
+
+def _correct_fraction(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    if len(labels) == 0:
+        raise ValueError("accuracy of an empty batch")
+    return (logits.argmax(dim=1) == labels).float().mean()
 
 
 def batch_accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
     """Top-1 accuracy of one batch, in [0, 1]."""
-    if len(labels) == 0:
-        raise ValueError("accuracy of an empty batch")
-    return float((logits.argmax(dim=1) == labels).float().mean().item())
+    return float(_correct_fraction(logits, labels).item())
+
+
+def step_readings(loss: torch.Tensor, parameters: Iterable[torch.Tensor], logits: torch.Tensor | None = None,
+                  labels: torch.Tensor | None = None) -> tuple[float, float, float | None]:
+    """(loss, global gradient norm, batch accuracy or None without logits) of one step, in one read.
+
+    Why one: every `.item()` waits for the device. The trainer must read the loss and the norm before
+    `optimizer.step()` (a non-finite step is never applied); reading the accuracy apart, after the
+    step, made the CPU wait for the optimizer's kernels too, and the GPU then idled while the CPU built
+    the packet. Here the three are stacked on the device and copied once."""
+    norm = _gradient_norm_tensor(parameters)
+    parts = [loss.detach().reshape(()).float(), loss.new_zeros(()).float() if norm is None else norm.float()]
+    if logits is not None and labels is not None:
+        parts.append(_correct_fraction(logits.detach(), labels))
+    values = torch.stack([t.to(loss.device) for t in parts]).tolist()
+    return values[0], values[1], values[2] if len(values) > 2 else None
 
 
 def training_metrics(*, loss: float, accuracy: float, gradient_norm: float, samples_per_s: float,

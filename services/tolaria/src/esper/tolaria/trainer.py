@@ -48,7 +48,7 @@ from esper.tolaria.decisions import Decision, DecisionClient, OneInFlight
 from esper.tolaria.emergency import EmergencyController, EmergencyPublisher, epoch_failure_level
 from esper.tolaria.host import HostNetwork, build_host
 from esper.tolaria.instruments import TolariaMetrics
-from esper.tolaria.metrics import TrainingSignals, batch_accuracy, gradient_norm, training_metrics
+from esper.tolaria.metrics import TrainingSignals, batch_accuracy, step_readings, training_metrics
 from esper.tolaria.packet import build_packet
 from esper.tolaria.rollback import RollbackDeadlineExceeded, RollbackError, RollbackManager
 from esper.tolaria.settings import TolariaSettings
@@ -223,10 +223,14 @@ class Trainer:
         total = loss if aux is None else loss + aux
         self.optimizer.zero_grad(set_to_none=True)
         total.backward()  # type: ignore[no-untyped-call]
-        loss_v = float(loss.detach())
-        # The optimizer's parameters are the model's (Kasmina adds and drops a seed's groups as it joins
-        # and leaves), and reading its lists skips a walk over every module each step.
-        grad = gradient_norm(p for group in self.optimizer.param_groups for p in group["params"])
+        # One read of the device per step (`step_readings`), before the optimizer step; the batch accuracy
+        # rides along when this step will likely send a packet (no request in flight), else it is read
+        # later if needed. The optimizer's parameters are the model's (Kasmina adds and drops a seed's
+        # groups as it joins and leaves), and reading its lists skips a walk over every module each step.
+        packet_likely = self.decisions is not None and not self.decisions.busy
+        loss_v, grad, accuracy = step_readings(loss, (p for group in self.optimizer.param_groups
+                                                      for p in group["params"]),
+                                               logits if packet_likely else None, yb)
         reason = self._step_problem(loss_v, grad)
         if reason is not None:
             self._step_failure(reason, loss_v)
@@ -264,7 +268,8 @@ class Trainer:
                 self._report_mode_changes()
                 return
             metrics = training_metrics(
-                loss=loss_v, accuracy=batch_accuracy(logits.detach(), yb), gradient_norm=grad,
+                loss=loss_v, accuracy=batch_accuracy(logits.detach(), yb) if accuracy is None else accuracy,
+                gradient_norm=grad,
                 samples_per_s=len(yb) / max(step_ms / 1000.0, 1e-9), hook_latency_ms=hook_ms, signals=signals,
                 step_latency_ms=step_ms, optimizer_family_index=s.optimizer_family_index,
                 extra={"learning_rate": current_lr(self.optimizer), "kasmina.apply_ms": self._apply_ms,
