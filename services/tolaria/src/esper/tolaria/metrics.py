@@ -124,7 +124,8 @@ def _gradient_norm_tensor(parameters: Iterable[torch.Tensor]) -> torch.Tensor | 
         norms = list(torch._foreach_norm(grads, 2.0))
     else:
         norms = [torch.linalg.vector_norm(g, 2.0) for g in grads]
-    return torch.linalg.vector_norm(torch.stack([n.to(norms[0].device) for n in norms]), 2.0)
+    total: torch.Tensor = torch.linalg.vector_norm(torch.stack([n.to(norms[0].device) for n in norms]), 2.0)
+    return total
 
 
 def gradient_norm(parameters: Iterable[torch.Tensor]) -> float:
