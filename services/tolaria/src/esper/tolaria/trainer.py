@@ -255,8 +255,9 @@ class Trainer:
         self.stats.steps += 1
         if self.decisions is not None:
             # The previous request's outcome is known before anything else is sent: a finished one is
-            # taken here (`busy` only ever turns False, so nothing can finish unseen in between).
-            pending = self.decisions.busy
+            # taken here (`busy` only ever turns False, so nothing can finish unseen in between, and a
+            # request not busy when the step was read is not busy now: no second look at the pipe).
+            pending = not packet_likely and self.decisions.busy
             if not pending:
                 self._poll_decision()
             if not self.conservative.should_ask():  # conservative mode: no packet, no wait, no command
