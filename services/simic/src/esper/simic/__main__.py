@@ -132,7 +132,7 @@ def experiment(epochs: Annotated[int, typer.Option(min=1)] = 16, runs: Annotated
                explore: Annotated[bool, typer.Option(help="run the initial GNN first (closed loop)")] = True,
                explore_epsilon: Annotated[float, typer.Option(
                    min=0.0, max=1.0, help="explore arm: chance a GERMINATE takes a random blueprint")] = 1.0,
-               explore_runs: Annotated[int, typer.Option(min=1, help="explore arm's runs (Simic's data)")] = 12,
+               explore_runs: Annotated[int, typer.Option(min=1, help="explore arm's runs (Simic's data)")] = 24,
                gamma: Annotated[float, typer.Option(min=0.0, max=1.0, help="Simic's reward discount")] = 1.0,
                gae_lambda: Annotated[float, typer.Option(min=0.0, max=1.0, help="Simic's GAE lambda")] = 1.0,
                blend_mode: Annotated[str, typer.Option(help="how seeds blend in (CONVEX, RESIDUAL, ...)")] = "CONVEX",

@@ -79,7 +79,7 @@ class ExperimentConfig:
     step_timeout_ms: float = 200.0
     explore: bool = True
     explore_epsilon: float = 1.0  # the explore arm's GERMINATEs take a random candidate blueprint
-    explore_runs: int = 12  # data for Simic: each run tries a few random blueprints (seeds 0 .. n-1)
+    explore_runs: int = 24  # data for Simic: each run tries a few random blueprints (seeds 0 .. n-1)
     # Monte Carlo returns: a seed pays (or costs) epochs after its GERMINATE, past the ~17-decision
     # horizon of the prototype's gamma 0.99 / lambda 0.95 at one decision per step.
     simic_gamma: float = 1.0
