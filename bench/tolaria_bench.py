@@ -274,6 +274,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.environ["TOLARIA_DEVICE"] = args.device  # every TolariaSettings of this process reads it
     device = TolariaSettings().torch_device()
     widths: list[int] = args.widths
+    kernel_widths: list[int] = widths if args.kernel_widths is None else args.kernel_widths
     torch.set_num_threads(1)
     pinning = plan_pinning(not args.no_pin)
     server = EmbeddedRedis()
@@ -288,7 +289,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                               "accuracy_host": GROWTH_HOST}
     with tempfile.TemporaryDirectory(prefix="esper-bench-tolaria-") as tmp:
         var = Path(tmp)
-        env = fleet_env(var, server.url, secret, widths if args.kernel_widths is None else args.kernel_widths)
+        env = fleet_env(var, server.url, secret, kernel_widths)
         procs: list[subprocess.Popen[bytes]] = []
         try:
             subprocess.run([sys.executable, "-m", "esper.tezzeret", "compile"], env=env, cwd=var, check=True,
@@ -360,7 +361,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     result.update({"redis_version": redis_version(server.url), "torch": str(torch.__version__),
                    "python": sys.version.split()[0], "when": dt.datetime.now(dt.UTC).isoformat(),
                    "cpu_count": os.cpu_count(), "device": device.type, "widths": widths,
-                   "kernel_widths": widths if args.kernel_widths is None else args.kernel_widths,
+                   "kernel_widths": kernel_widths,
                    "scale_epochs": args.scale_epochs,
                    "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None})
     server.stop()

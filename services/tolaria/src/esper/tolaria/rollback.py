@@ -189,7 +189,7 @@ class RollbackManager:
         self._last_end = 0.0  # clock when it finished
         self._last_cost = 0.0  # seconds it took
         self.deferred = 0  # due snapshots deferred by the overhead budget
-        self.taken = 0  # snapshots copied (kept or rejected)
+        self.taken = 0  # snapshots copied (each one kept: an oversize state is refused before copying)
         self._too_big = False  # the last attempt was refused, uncopied, as larger than the ring
         if deadline_ms < 0:
             raise ValueError(f"deadline_ms must be >= 0, got {deadline_ms}")
@@ -239,23 +239,18 @@ class RollbackManager:
             if self.metrics is not None:
                 self.metrics.snapshot_rejected.inc()
             return False
-        state = capture_state(model, optimizer)
-        rejected_before = self.ring.rejected
-        evicted = self.ring.put(Snapshot(step, epoch, state))
-        kept = self.ring.rejected == rejected_before
+        # The size was checked against the cap above, so the ring keeps this state (evicting older ones).
+        evicted = self.ring.put(Snapshot(step, epoch, capture_state(model, optimizer)))
         self._last_step, self._last_end = step, self._clock()
         self._last_cost = self._last_end - t0
         self.taken += 1
         if self.metrics is not None:
             m = self.metrics
-            if kept:
-                m.snapshots.inc()
-            else:
-                m.snapshot_rejected.inc()
+            m.snapshots.inc()
             m.snapshot_evictions.inc(len(evicted))
             m.snapshot_bytes.set(self.ring.nbytes)
             m.snapshot_count.set(len(self.ring))
-        return kept
+        return True
 
     # -- rollback ----------------------------------------------------------------------------------
 
