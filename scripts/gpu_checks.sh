@@ -1,7 +1,8 @@
 #!/bin/bash
-# Device checks (not CI): Tolaria's overhead bench on CUDA, the CUDA tests, Tamiyo's compile path.
+# Device checks (not CI), most wanted first: Tolaria's overhead bench on CUDA (TOLARIA_HIDDEN_WIDTH is at
+# most 4096), the CUDA tests, Tamiyo's compile path.
 # Prepared by scripts/gpu_prepare.sh; run from the repo root on the GPU machine: OUT=$OUT bash scripts/gpu_checks.sh
-# (PY, DEVICE, WIDTHS, KWIDTHS, TESTS, SKIP_PIP and the *_S time limits for a dry run elsewhere)
+# (PY, DEVICE, WIDTHS, KWIDTHS, ROUNDS, TESTS, SKIP_PIP and the *_S time limits for a dry run elsewhere)
 set -u
 T0=$(date +%s)
 PY=${PY:-python3}
@@ -16,13 +17,13 @@ SRC=$(ls -d $PWD/libs/*/src $PWD/services/*/src | paste -sd:)
 export PYTHONPATH=/tmp/site:$SRC:$PWD PYTHONUNBUFFERED=1 ESPER_REDIS_SERVER_BIN=$PWD/.gpu/redis-server
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null; nproc; df -h /tmp | tail -1
 $PY -c "import torch, torch_geometric, google.protobuf, pydantic, redis, pytest; print(torch.__version__, torch.cuda.is_available(), torch_geometric.__version__, google.protobuf.__version__, pytest.__version__)"
+el bench
+timeout ${BENCH_S:-330} $PY bench/tolaria_bench.py --device ${DEVICE:-cuda} --widths ${WIDTHS:-1024 2048 4096} \
+  --kernel-widths ${KWIDTHS:-1024} --rounds ${ROUNDS:-3} --scale-epochs 4 --out "$OUT/tolaria_cuda.json" > "$OUT/bench.log" 2>&1
+echo "bench rc=$?"; grep -v "^20[0-9][0-9]-" "$OUT/bench.log" | tail -30
 el tests
 timeout ${TESTS_S:-150} $PY -m pytest -q -p no:cacheprovider -W default --maxfail=10 --timeout 60 ${TESTS:-tests/tolaria tests/tamiyo/test_gnn.py tests/tamiyo/test_policy.py} > "$OUT/tests.log" 2>&1
 echo "tests rc=$?"; tail -25 "$OUT/tests.log"
-el bench
-timeout ${BENCH_S:-330} $PY bench/tolaria_bench.py --device ${DEVICE:-cuda} --widths ${WIDTHS:-1024 4096 16384} \
-  --kernel-widths ${KWIDTHS:-1024} --rounds 2 --scale-epochs 4 --out "$OUT/tolaria_cuda.json" > "$OUT/bench.log" 2>&1
-echo "bench rc=$?"; grep -v "^20[0-9][0-9]-" "$OUT/bench.log" | tail -30
 el tamiyo
 timeout ${TAMIYO_S:-100} $PY bench/tamiyo_cuda_bench.py --out "$OUT/tamiyo_cuda.json" > "$OUT/tamiyo.log" 2>&1
 echo "tamiyo rc=$?"; tail -20 "$OUT/tamiyo.log"
