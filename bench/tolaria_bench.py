@@ -58,6 +58,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -97,7 +98,8 @@ class PlainLoop:
         torch.manual_seed(settings.seed)
         self.settings = settings
         self.device = settings.torch_device()
-        self.data = load_dataset(None, seed=settings.seed).to(self.device)
+        self.data = load_dataset(settings.dataset_path, seed=settings.seed,
+                                 val_fraction=settings.val_fraction).to(self.device)
         self.host = build_host(self.data.meta, hidden=settings.host_hidden(), input_slot=settings.input_slot,
                                seed=settings.seed).to(self.device)
         self.opt = make_optimizer(settings, self.host.parameters())
@@ -218,15 +220,28 @@ def run_fleet(var: Path, url: str, secret: str, *, mode: str, budget_ms: float,
     return out
 
 
+def synthetic_dataset(path: Path, samples: int, features: int, seed: int = 0) -> Path:
+    """A seeded 10-class `.npz` (Gaussian clusters) for steps heavier than the digits' (`--scale-samples`)."""
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 10, samples)
+    centres = rng.normal(0.0, 1.0, (10, features)).astype(np.float32)
+    x = centres[y] + rng.normal(0.0, 2.0, (samples, features)).astype(np.float32)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(path, x=x, y=y.astype(np.int64))
+    return path
+
+
 def overhead_at_width(var: Path, url: str, secret: str, width: int, sidecar_cores: set[int] | None,
-                      rounds: int = SCALE_ROUNDS, epochs: int = EPOCHS) -> dict[str, Any]:
-    """`overhead_ratio` on a `width` x 2 host: the median of `rounds` control-plane runs (sidecar),
-    each against its own interleaved plain loop.
+                      rounds: int = SCALE_ROUNDS, epochs: int = EPOCHS,
+                      host: dict[str, Any] | None = None) -> dict[str, Any]:
+    """`overhead_ratio` on a `width`-wide host (2 hidden layers unless `host` says otherwise): the
+    median of `rounds` control-plane runs (sidecar), each against its own interleaved plain loop.
 
     The seeds Tamiyo grows there are part of the control-plane run, as on the default host: the
     ratio is what a user pays with Esper on, seeds included (`w<width>_seed_parameters`)."""
     runs = [run_fleet(var, url, secret, mode="pipelined", budget_ms=5.0, breaker_failures=NEVER_OPEN,
-                      host={"hidden_width": width}, sidecar_cores=sidecar_cores, name=f"-w{width}-{i}",
+                      host={**(host or {}), "hidden_width": width}, sidecar_cores=sidecar_cores,
+                      name=f"-w{width}-{i}",
                       epochs=epochs)
             for i in range(rounds)]
     k = f"w{width}_"
@@ -234,7 +249,7 @@ def overhead_at_width(var: Path, url: str, secret: str, width: int, sidecar_core
                            f"{k}host_parameters": runs[-1]["host_parameters"]}
     for key in ("ratio", "step_ms", "plain_step_ms", "packets_sent", "decisions", "timeouts", "failures_by_reason",
                 "decision_p50_ms", "commands_applied", "seeds_fossilized", "seeds_culled", "seed_parameters",
-                "snapshots", "snapshots_rejected", "rejected_by_reason"):
+                "snapshots", "snapshots_rejected", "rejected_by_reason", "step_failures"):
         out[f"{k}{key}_runs"] = [r[key] for r in runs]
     out[f"{k}overhead_ms_per_step"] = statistics.median(r["step_ms"] - r["plain_step_ms"] for r in runs)
     return out
@@ -270,6 +285,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--kernel-widths", type=int, nargs="*", default=None,
                         help="wider hosts whose slot width gets compiled kernels (default: all of --widths); "
                              "germinations on the others fail their kernel fetch, explicitly, as in production")
+    parser.add_argument("--scale-layers", type=int, default=2, help="hidden layers of the wider hosts")
+    parser.add_argument("--scale-batch", type=int, default=64, help="batch size of the wider-host runs")
+    parser.add_argument("--scale-samples", type=int, default=0,
+                        help="wider-host runs train on a synthetic dataset of this many samples (0: digits)")
+    parser.add_argument("--scale-features", type=int, default=DIGITS_FEATURES,
+                        help="features of the synthetic dataset (--scale-samples)")
     args = parser.parse_args(argv)
     os.environ["TOLARIA_DEVICE"] = args.device  # every TolariaSettings of this process reads it
     device = TolariaSettings().torch_device()
@@ -316,10 +337,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             threaded = run_fleet(var, server.url, secret, mode="pipelined", budget_ms=5.0,
                                  breaker_failures=NEVER_OPEN, transport="thread")
             plain_ms_again, _ = plain_loop(static_settings)  # bracket the control-plane run
+            # Wider hosts: one checkpoint per run (checkpoints are not timed; a 16-layer 4096-wide host
+            # with Adam writes 3 GiB each).
+            scale_host: dict[str, Any] = {"hidden_layers": args.scale_layers, "batch_size": args.scale_batch,
+                                          "checkpoint_every_epochs": args.scale_epochs}
+            if args.scale_samples:
+                scale_host["dataset_path"] = synthetic_dataset(var / "scale.npz", args.scale_samples,
+                                                               args.scale_features)
             for width in widths:
                 result.update(overhead_at_width(var, server.url, secret, width,
                                                 pinning[1] if pinning is not None else None, rounds=args.rounds,
-                                                epochs=args.scale_epochs))
+                                                epochs=args.scale_epochs, host=scale_host))
         finally:
             for p in procs:
                 p.send_signal(signal.SIGTERM)
@@ -362,7 +390,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                    "python": sys.version.split()[0], "when": dt.datetime.now(dt.UTC).isoformat(),
                    "cpu_count": os.cpu_count(), "device": device.type, "widths": widths,
                    "kernel_widths": kernel_widths,
-                   "scale_epochs": args.scale_epochs,
+                   "scale_epochs": args.scale_epochs, "scale_layers": args.scale_layers,
+                   "scale_batch": args.scale_batch, "scale_samples": args.scale_samples,
+                   "scale_features": args.scale_features if args.scale_samples else DIGITS_FEATURES,
                    "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None})
     server.stop()
     args.out.parent.mkdir(parents=True, exist_ok=True)

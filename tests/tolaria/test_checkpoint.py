@@ -199,7 +199,7 @@ def test_restore_into_a_different_architecture_is_a_typed_mismatch_and_changes_n
 
 def test_every_saved_checkpoint_survives_sigkill_of_the_writer(tmp_path: Path) -> None:
     directory = tmp_path / "ck"
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, (str(ROOT), os.environ.get("PYTHONPATH"))))}
     proc = subprocess.Popen([sys.executable, str(Path(__file__).with_name("ckpt_writer.py")), str(directory)],
                             stdout=subprocess.PIPE, env=env, text=True)
     assert proc.stdout is not None
