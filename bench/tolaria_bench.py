@@ -34,8 +34,9 @@ Run: `.venv/bin/python bench/tolaria_bench.py --out bench/results/tolaria.json` 
 On a GPU (`--device cuda`, or `auto` where CUDA is present) the host, data and plain loop live on the
 device; the plain loop queues its kernels without waiting (no `.item()`), so its epoch is timed up to a
 `torch.cuda.synchronize()`, and so is the trainer's last step of an epoch. `--widths` / `--rounds`
-choose the wider hosts (a GPU step of the digits host is launch-bound until the host is thousands
-wide). `device`, `gpu` record where it ran.
+choose the wider hosts; a GPU step of the digits host is launch-bound at every width up to 4096, so
+`--scale-layers`, `--scale-batch` and `--scale-samples` / `--scale-features` (a seeded synthetic
+dataset) make their steps heavier. `device`, `gpu` and `scale_*` record where and what it ran.
 
 Nothing is asserted; goals are recorded as flags (overhead ≤ 3%).
 """
