@@ -75,6 +75,9 @@ def test_gradient_norm_and_accuracy() -> None:
     a.grad = torch.tensor([3.0, 0.0])
     b.grad = torch.tensor([4.0])
     assert gradient_norm([a, b, c]) == 5.0 and gradient_norm([c]) == 0.0
+    d = torch.nn.Parameter(torch.zeros(1, dtype=torch.float64))  # mixed dtypes: the per-tensor path
+    d.grad = torch.tensor([12.0], dtype=torch.float64)
+    assert gradient_norm([a, b, d]) == 13.0
     logits = torch.tensor([[2.0, 1.0], [0.0, 1.0], [5.0, 0.0], [0.0, 3.0]])
     assert batch_accuracy(logits, torch.tensor([0, 1, 1, 1])) == 0.75
 

@@ -117,14 +117,15 @@ class TrainingSignals:
 
 def _gradient_norm_tensor(parameters: Iterable[torch.Tensor]) -> torch.Tensor | None:
     """Global L2 norm of the gradients present, left on the device (None when there are none)."""
-    grads = [p.grad.detach() for p in parameters if p.grad is not None]
+    grads = [p.grad for p in parameters if p.grad is not None]  # leaves outside autograd: no detach needed
     if not grads:
         return None
-    if len({(g.device, g.dtype) for g in grads}) == 1:  # one fused kernel per device/dtype (the usual case)
-        norms = list(torch._foreach_norm(grads, 2.0))
+    if len({(g.device, g.dtype) for g in grads}) == 1:  # one fused kernel, no per-tensor `.to` (the usual case)
+        norms = torch.stack(torch._foreach_norm(grads, 2.0))
     else:
-        norms = [torch.linalg.vector_norm(g, 2.0) for g in grads]
-    total: torch.Tensor = torch.linalg.vector_norm(torch.stack([n.to(norms[0].device) for n in norms]), 2.0)
+        parts = [torch.linalg.vector_norm(g, 2.0).float() for g in grads]
+        norms = torch.stack([n.to(parts[0].device) for n in parts])
+    total: torch.Tensor = torch.linalg.vector_norm(norms, 2.0)
     return total
 
 
@@ -157,7 +158,9 @@ def step_readings(loss: torch.Tensor, parameters: Iterable[torch.Tensor], logits
     parts = [loss.detach().reshape(()).float(), loss.new_zeros(()).float() if norm is None else norm.float()]
     if logits is not None and labels is not None:
         parts.append(_correct_fraction(logits.detach(), labels))
-    values = torch.stack([t.to(loss.device) for t in parts]).tolist()
+    if any(t.device != loss.device for t in parts):  # gradients elsewhere than the loss (rare): gather first
+        parts = [t.to(loss.device) for t in parts]
+    values = torch.stack(parts).tolist()
     return values[0], values[1], values[2] if len(values) > 2 else None
 
 
