@@ -19,9 +19,11 @@ from esper.simic.training import (
     action_balance,
     collate,
     effective_actions,
+    fit_fates,
     forward_batch,
     gate,
     joint_logits,
+    pair_head_parameters,
     policy_score,
     sample_weights,
     train_policy,
@@ -365,6 +367,33 @@ def test_pair_scores_learn_the_odds_that_kasmina_keeps_the_seed() -> None:
         model.eval()
         moved[fate] = pair_score(model, x) - before
     assert moved[1.0] > 0 and moved[-1.0] < 0 and moved[0.0] == 0.0, moved
+
+
+def test_fit_fates_ranks_designs_by_their_record_and_polishing_keeps_the_model_trainable() -> None:
+    """Kept 3 times in 4 beats kept once in 4; the fate loss falls; a state with no verdict teaches
+    nothing. `train_policy` refits the pair layers alone at the end and leaves every parameter trainable."""
+    ids = list(_germinations(["BP001"], [0.0])[0].graph.blueprint_ids)
+    good, bad = ids[1], ids[0]
+    verdicts = _germinations([good] * 4 + [bad] * 4, [0.0] * 8, fates=[1.0, 1.0, 1.0, -1.0, -1.0, -1.0, -1.0, 1.0])
+    model = TamiyoGNN(SMALL)
+    torch.manual_seed(0)
+    model.reset_parameters()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    assert fit_fates(model, optimizer, verdicts, steps=0) == []
+    assert fit_fates(model, optimizer, [replace(x, fate=0.0) for x in verdicts], steps=5) == []
+    losses = fit_fates(model, optimizer, verdicts, steps=30)
+    assert len(losses) == 30 and losses[-1] < losses[0]
+    model.eval()
+    pair = effective_actions(model, verdicts[:1])[0].pair
+    assert pair is not None and ids[pair[1]] == good
+    heads = pair_head_parameters(model)
+    assert heads and all(any(p is h for p in model.parameters()) for h in heads)
+    pauses = build_samples(runs(2), blueprints=two_blueprints())
+    report = train_policy(model, [*pauses, *verdicts], TrainConfig(imitation_epochs=1, awr_epochs=1, fate_steps=3,
+                                                                      fate_polish_steps=3))
+    assert report.steps >= 6 and all(p.requires_grad for p in model.parameters())
+    pair = effective_actions(model, verdicts[:1])[0].pair
+    assert pair is not None and ids[pair[1]] == good
 
 
 def test_a_round_trains_a_candidate_that_passes_the_gate(tmp_path: object) -> None:

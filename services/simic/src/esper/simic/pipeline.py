@@ -82,7 +82,9 @@ class RoundResult:
 
 
 def train_config(settings: SimicSettings) -> TrainConfig:
-    return TrainConfig(learning_rate=settings.learning_rate, imitation_epochs=settings.imitation_epochs,
+    return TrainConfig(learning_rate=settings.learning_rate, fate_steps=settings.fate_steps,
+                       fate_polish_steps=settings.fate_steps,
+                       imitation_epochs=settings.imitation_epochs,
                        awr_epochs=settings.awr_epochs, batch_size=settings.batch_size, awr_beta=settings.awr_beta,
                        max_weight=settings.awr_max_weight, value_weight=settings.value_weight,
                        balance_actions=settings.balance_actions, max_balance=settings.max_balance,

@@ -39,6 +39,9 @@ class SimicSettings(OonaSettings):
     fate_min_improvement: float = Field(0.03, validation_alias=_s("fate_min_improvement"),
                                         description="mean ablation evidence (validation loss) a FOSSILIZED seed "
                                                     "needs to count as a benefit; less counts as a cull")
+    fate_steps: int = Field(40, ge=0, validation_alias=_s("fate_steps"),
+                            description="full-batch steps fitting the pair scores to every germination's fate, "
+                                        "before imitation and again (the pair layers alone) after AWR")
     imitation_epochs: int = Field(2, ge=0, validation_alias=_s("imitation_epochs"),
                                   description="passes of imitation of positive-advantage decisions")
     awr_epochs: int = Field(4, ge=0, validation_alias=_s("awr_epochs"),
