@@ -263,6 +263,8 @@ async def _train_and_publish(env: dict[str, str], root: Path, gnn_var: Path, cfg
             "reports": len(reports), "samples": result.samples, "holdout": result.holdout, "actions": result.actions,
             "train_steps": result.train.steps, "train_first_loss": result.train.first_loss,
             "train_last_loss": result.train.last_loss, "train_s": round(time.perf_counter() - t0, 1),
+            "fate_first_loss": result.train.fate_losses[0] if result.train.fate_losses else None,
+            "fate_last_loss": result.train.fate_losses[-1] if result.train.fate_losses else None,
             "gate_accepted": result.gate.accepted, "gate_candidate_score": result.gate.candidate_score,
             "gate_current_score": result.gate.current_score, "gate_reason": result.gate.reason,
             "policy_version": result.policy_version, "applied": False}

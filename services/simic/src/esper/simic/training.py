@@ -320,10 +320,11 @@ def fit_fates(model: TamiyoGNN, optimizer: torch.optim.Optimizer, samples: Seque
 
 @dataclass(frozen=True, slots=True)
 class TrainReport:
-    steps: int
+    steps: int  # imitation and AWR steps; `first_loss` / `last_loss` are theirs
     first_loss: float
     last_loss: float
     samples: int
+    fate_losses: tuple[float, ...] = ()  # fate loss of each `fit_fates` step, before and after them
 
 
 def train_policy(model: TamiyoGNN, samples: Sequence[Sample], config: TrainConfig | None = None, *,
@@ -342,7 +343,7 @@ def train_policy(model: TamiyoGNN, samples: Sequence[Sample], config: TrainConfi
     losses: list[float] = []
     order = list(samples)
     balance = action_balance(samples, cap=cfg.max_balance) if cfg.balance_actions else None
-    losses.extend(fit_fates(model, optimizer, samples, steps=cfg.fate_steps, grad_clip=cfg.grad_clip, cancel=cancel))
+    fate_losses = fit_fates(model, optimizer, samples, steps=cfg.fate_steps, grad_clip=cfg.grad_clip, cancel=cancel)
     for phase, epochs in (("imitation", cfg.imitation_epochs), ("awr", cfg.awr_epochs)):
         for _ in range(epochs):
             rng.shuffle(order)
@@ -362,14 +363,14 @@ def train_policy(model: TamiyoGNN, samples: Sequence[Sample], config: TrainConfi
     for p in frozen:
         p.requires_grad_(False)
     try:
-        losses.extend(fit_fates(model, torch.optim.Adam(heads, lr=cfg.learning_rate), samples,
-                                steps=cfg.fate_polish_steps, grad_clip=cfg.grad_clip, cancel=cancel))
+        fate_losses += fit_fates(model, torch.optim.Adam(heads, lr=cfg.learning_rate), samples,
+                                 steps=cfg.fate_polish_steps, grad_clip=cfg.grad_clip, cancel=cancel)
     finally:
         for p in frozen:
             p.requires_grad_(True)
     model.eval()
     return TrainReport(len(losses), losses[0] if losses else math.nan, losses[-1] if losses else math.nan,
-                       len(samples))
+                       len(samples), tuple(fate_losses))
 
 
 @torch.no_grad()
