@@ -22,7 +22,9 @@ from esper.simic.training import (
     fit_fates,
     forward_batch,
     gate,
+    germinable_states,
     joint_logits,
+    mean_germinate_bonus,
     pair_head_parameters,
     policy_score,
     sample_weights,
@@ -394,6 +396,32 @@ def test_fit_fates_ranks_designs_by_their_record_and_polishing_keeps_the_model_t
     assert report.steps >= 2 and len(report.fate_losses) == 6 and all(p.requires_grad for p in model.parameters())
     pair = effective_actions(model, verdicts[:1])[0].pair
     assert pair is not None and ids[pair[1]] == good
+
+
+def test_refitting_the_pair_layers_changes_what_is_grown_not_how_often() -> None:
+    """Two trainings alike but for the final refit of the pair layers: the pair bonus moved, and
+    GERMINATE's logit (its own plus that bonus) is on average where it was."""
+    ids = list(_germinations(["BP001"], [0.0])[0].graph.blueprint_ids)
+    verdicts = _germinations([ids[1]] * 4 + [ids[0]] * 4, [0.5] * 8, fates=[1.0] * 4 + [-1.0] * 4)
+    data = [*build_samples(runs(2), blueprints=two_blueprints()), *verdicts]
+    probe = germinable_states(data, rng=random.Random(0))
+    assert probe and all(any(x.germinable) for x in probe)
+
+    def trained(polish: int) -> TamiyoGNN:
+        model = TamiyoGNN(SMALL)
+        torch.manual_seed(0)
+        model.reset_parameters()
+        train_policy(model, data, TrainConfig(imitation_epochs=1, awr_epochs=1, fate_steps=2,
+                                              fate_polish_steps=polish))
+        return model
+
+    @torch.no_grad()
+    def germinate_logit(model: TamiyoGNN) -> float:
+        return float(joint_logits(probe, forward_batch(model, collate(probe)))[:, ACTION_GERMINATE].mean())
+
+    plain, refitted = trained(0), trained(30)
+    assert abs(mean_germinate_bonus(refitted, probe) - mean_germinate_bonus(plain, probe)) > 1e-3
+    assert germinate_logit(refitted) == pytest.approx(germinate_logit(plain), abs=1e-4)
 
 
 def test_a_round_trains_a_candidate_that_passes_the_gate(tmp_path: object) -> None:

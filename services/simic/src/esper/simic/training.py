@@ -292,6 +292,30 @@ def pair_head_parameters(model: TamiyoGNN) -> list[torch.nn.Parameter]:
                         model.pair_blueprint_proj) for p in m.parameters()]
 
 
+def germinable_states(samples: Sequence[Sample], *, rng: random.Random, limit: int = 512) -> list[Sample]:
+    """Up to `limit` states (a seeded draw) where a GERMINATE has a pair to grow: a DORMANT seed and a
+    blueprint."""
+    out = [s for s in samples if any(s.germinable) and s.graph.counts["blueprint"] > 0]
+    return rng.sample(out, limit) if len(out) > limit else out
+
+
+@torch.no_grad()
+def mean_germinate_bonus(model: TamiyoGNN, samples: Sequence[Sample], *, batch_size: int = 256) -> float:
+    """Mean of what the pair scores add to GERMINATE's logit (`joint_action_logits`) over `samples`,
+    in eval mode; 0.0 without samples."""
+    if not samples:
+        return 0.0
+    training = model.training
+    model.eval()
+    total = 0.0
+    for i in range(0, len(samples), batch_size):
+        chunk = samples[i:i + batch_size]
+        out = forward_batch(model, collate(chunk))
+        total += float((joint_logits(chunk, out)[:, ACTION_GERMINATE] - out.policy_logits[:, ACTION_GERMINATE]).sum())
+    model.train(training)
+    return total / len(samples)
+
+
 def fit_fates(model: TamiyoGNN, optimizer: torch.optim.Optimizer, samples: Sequence[Sample], *, steps: int,
               grad_clip: float = 1.0, cancel: threading.Event | None = None) -> list[float]:
     """`steps` full-batch steps of :func:`_fate_loss` on every germination with a known fate.
@@ -357,7 +381,11 @@ def train_policy(model: TamiyoGNN, samples: Sequence[Sample], config: TrainConfi
                 losses.append(train_step(model, optimizer, chunk, w, value_weight=cfg.value_weight,
                                          grad_clip=cfg.grad_clip, balance=balance))
     # The action and value losses move the shared layers under the pair scores; refit the pair heads
-    # alone (the rest frozen) so the served ranking of designs is the verdicts' again.
+    # alone (the rest frozen) so the served ranking of designs is the verdicts' again, then shift
+    # GERMINATE's own logit by what that added to its pair bonus on average: the refit changes *what*
+    # is grown, not how often (refitted scores are higher, and one experiment grew 5-6 seeds a run).
+    probe = germinable_states(samples, rng=random.Random(cfg.seed))
+    bonus_before = mean_germinate_bonus(model, probe)
     heads = pair_head_parameters(model)
     frozen = [p for p in model.parameters() if p.requires_grad and all(p is not h for h in heads)]
     for p in frozen:
@@ -368,6 +396,9 @@ def train_policy(model: TamiyoGNN, samples: Sequence[Sample], config: TrainConfi
     finally:
         for p in frozen:
             p.requires_grad_(True)
+    shift = mean_germinate_bonus(model, probe) - bonus_before
+    with torch.no_grad():
+        model.policy_head.bias[ACTION_GERMINATE] -= shift
     model.eval()
     return TrainReport(len(losses), losses[0] if losses else math.nan, losses[-1] if losses else math.nan,
                        len(samples), tuple(fate_losses))
