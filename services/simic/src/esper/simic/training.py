@@ -332,7 +332,7 @@ def fit_fates(model: TamiyoGNN, optimizer: torch.optim.Optimizer, samples: Seque
 
     Why: in the mixed batches a germination is about one graph in sixty, so the pair scores saw each
     verdict a handful of times and stayed near the base rate (a design kept 3 times in 7 scored below
-    one never kept). Fitted first, on all verdicts at once, they rank the designs by their record;
+    one kept 2 times in 17). Fitted first, on all verdicts at once, they rank the designs by their record;
     imitation and AWR then learn *when* to grow against those scores (they enter the action logits)."""
     verdicts = [s for s in samples if s.action == ACTION_GERMINATE and s.seed_target is not None
                 and s.blueprint_target is not None and s.fate != 0]
