@@ -55,7 +55,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -106,15 +106,21 @@ class PlainLoop:
         self.opt = make_optimizer(settings, self.host.parameters())
         self.seconds, self.steps = 0.0, 0
 
-    def epoch(self, epoch: int) -> None:
-        """One epoch of plain steps over the batches the trainer sees in `epoch` (timed to the last kernel)."""
+    def epoch(self, epoch: int, read: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], object] | None = None,
+              ) -> None:
+        """One epoch of plain steps over the batches the trainer sees in `epoch` (timed to the last kernel);
+        `read(loss, logits, labels)`, when given, runs before each `opt.step()` (scripts/gpu_step_profile.py)."""
         self.host.train()
         sync(self.device)
         t0 = time.perf_counter()
         for xb, yb in iter_batches(self.data.x_train, self.data.y_train, self.settings.batch_size,
                                    generator=epoch_generator(self.settings.seed, epoch)):
             self.opt.zero_grad(set_to_none=True)
-            F.cross_entropy(self.host(xb), yb).backward()
+            logits = self.host(xb)
+            loss = F.cross_entropy(logits, yb)
+            loss.backward()  # type: ignore[no-untyped-call]
+            if read is not None:
+                read(loss, logits, yb)
             self.opt.step()
             self.steps += 1
         sync(self.device)

@@ -18,41 +18,19 @@ import json
 import pstats
 import sys
 import tempfile
-import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import torch.nn.functional as F
+from torch import Tensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-from tolaria_bench import PlainLoop, TimedTrainer, sync, synthetic_dataset
+from tolaria_bench import PlainLoop, TimedTrainer, synthetic_dataset
 
-from esper.tolaria.data import epoch_generator, iter_batches
 from esper.tolaria.metrics import step_readings
 from esper.tolaria.settings import TolariaSettings
 
 VARIANTS = ("plain", "item", "readings")
-
-
-def variant_epoch(loop: PlainLoop, epoch: int, mode: str) -> None:
-    """One timed epoch of the plain loop, with the variant's extra read before `opt.step()`."""
-    loop.host.train()
-    sync(loop.device)
-    t0 = time.perf_counter()
-    for xb, yb in iter_batches(loop.data.x_train, loop.data.y_train, loop.settings.batch_size,
-                               generator=epoch_generator(loop.settings.seed, epoch)):
-        loop.opt.zero_grad(set_to_none=True)
-        logits = loop.host(xb)
-        loss = F.cross_entropy(logits, yb)
-        loss.backward()
-        if mode == "item":
-            loss.item()
-        elif mode == "readings":
-            step_readings(loss, loop.host.parameters(), logits, yb)
-        loop.opt.step()
-        loop.steps += 1
-    sync(loop.device)
-    loop.seconds += time.perf_counter() - t0
 
 
 def main() -> int:
@@ -76,12 +54,18 @@ def main() -> int:
                                    device=args.device, checkpoint_every_epochs=args.epochs)
 
         loops = {m: PlainLoop(settings("v")) for m in VARIANTS}
+        reads: dict[str, Callable[[Tensor, Tensor, Tensor], object] | None] = {
+            "plain": None,
+            "item": lambda loss, logits, labels: loss.item(),  # one wait for the device per step
+            "readings": lambda loss, logits, labels: step_readings(loss, loops["readings"].host.parameters(),
+                                                                   logits, labels),
+        }
         for m, loop in loops.items():  # warm-up (allocator, cuBLAS handles), not counted
-            variant_epoch(loop, 0, m)
+            loop.epoch(0, reads[m])
             loop.seconds, loop.steps = 0.0, 0
         for e in range(1, args.epochs + 1):
             for m, loop in loops.items():
-                variant_epoch(loop, e, m)
+                loop.epoch(e, reads[m])
         out |= {f"{m}_step_ms": loop.step_ms for m, loop in loops.items()}
         trainer = TimedTrainer(settings("t"), bus=None)
         trainer.interleave = PlainLoop(settings("ti"))
