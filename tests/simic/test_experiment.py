@@ -2,11 +2,23 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 
-from esper.simic.experiment import ArmResult, ExperimentConfig, paired_difference, plot, print_table, results
+from esper.simic.experiment import (
+    ArmResult,
+    ExperimentConfig,
+    copy_replay,
+    paired_difference,
+    plot,
+    print_table,
+    results,
+    reused_summaries,
+)
+from esper.simic.replay import ReplayStore
+from tests.simic._data import decision_report
 
 
 def _summary(acc: list[float], **extra: object) -> dict[str, object]:
@@ -55,3 +67,35 @@ def test_the_goal_is_met_only_when_gnn_reaches_the_heuristic_and_it_beats_static
     assert goal(0.89, 0.89, 0.90) is False
     assert "goal_met" not in results(ExperimentConfig(epochs=1, runs=1), {"static": ArmResult([_summary([0.8])])},
                                      {}, wall_s=1.0)
+
+
+def test_reuse_copies_the_replay_store_without_the_earlier_gnn_arm(tmp_path: Path) -> None:
+    """`--reuse`: Simic trains again on the data the earlier round had, not on the gnn runs it led to."""
+    source = tmp_path / "old/simic/replay.db"
+    with ReplayStore(source) as store:
+        for i, run in enumerate(("heuristic-s0", "explore-s0", "explore-s1", "gnn-s0", "gnn-s1")):
+            for step in (1, 2):
+                assert store.add(decision_report(run, step, "pause", 1.0, run_index=i))
+    copy = tmp_path / "new/simic/replay.db"
+    assert copy_replay(source, copy) == 6
+    with ReplayStore(copy) as kept:
+        assert sorted({r.training_run_id for r in kept.reports()}) == ["explore-s0", "explore-s1", "heuristic-s0"]
+    with ReplayStore(source) as old:
+        assert old.count() == 10  # the earlier experiment's store is left as it was
+    with pytest.raises(FileExistsError):
+        copy_replay(source, copy)  # never onto an existing store
+    with pytest.raises(FileNotFoundError):
+        copy_replay(tmp_path / "nowhere.db", tmp_path / "x.db")
+
+
+def test_reuse_reads_every_run_of_an_arm_or_refuses(tmp_path: Path) -> None:
+    summaries = tmp_path / "summaries"
+    summaries.mkdir()
+    for seed in (0, 1):
+        (summaries / f"heuristic-s{seed}.json").write_text(json.dumps(_summary([0.5, 0.8 + seed / 100])))
+    runs = reused_summaries(tmp_path, "heuristic", range(2))
+    assert [r["final_val_accuracy"] for r in runs] == [0.8, 0.81]
+    with pytest.raises(FileNotFoundError, match="no heuristic run on seed 2"):
+        reused_summaries(tmp_path, "heuristic", range(3))
+    assert results(ExperimentConfig(runs=2, reuse=tmp_path), {"heuristic": ArmResult(runs)}, {},
+                   wall_s=1.0)["reused_from"] == str(tmp_path)

@@ -139,6 +139,8 @@ def experiment(epochs: Annotated[int, typer.Option(min=1)] = 16, runs: Annotated
                json_path: Annotated[Path | None, typer.Option("--json", help="write the flat result here")] = None,
                png: Annotated[Path | None, typer.Option(help="write the accuracy plot here")] = None,
                workdir: Annotated[Path | None, typer.Option(help="keep logs, summaries, replay store here")] = None,
+               reuse: Annotated[Path | None, typer.Option(
+                   help="an earlier --workdir: reuse its static, heuristic, explore runs; rerun Simic, gnn")] = None,
                ) -> None:
     """Static host vs rule-based Tamiyo vs the GNN after Simic training, same seeds and epochs."""
     import json
@@ -149,7 +151,8 @@ def experiment(epochs: Annotated[int, typer.Option(min=1)] = 16, runs: Annotated
     cfg = ExperimentConfig(epochs=epochs, runs=runs, hidden_width=hidden_width, hidden_layers=hidden_layers,
                            input_slot=input_slot, learning_rate=lr, explore=explore,
                            explore_epsilon=explore_epsilon, explore_runs=explore_runs, simic_gamma=gamma,
-                           simic_gae_lambda=gae_lambda, blend_mode=blend_mode, workdir=workdir)
+                           simic_gae_lambda=gae_lambda, blend_mode=blend_mode, workdir=workdir,
+                           reuse=reuse)
     # SIGTERM unwinds like Ctrl-C, so the fleet and the private redis-server are stopped, never orphaned.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     result = run_experiment(cfg, log=lambda line: typer.echo(line, err=True))

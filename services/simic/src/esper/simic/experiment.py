@@ -15,6 +15,12 @@ on the same seeds (`TOLARIA_SEED` = 0 .. runs-1) for the same epochs:
 5. **gnn**: the same Tamiyo, now serving the trained policy (or, if the gate refused, still the
    initial one: reported as such, never swapped for something else).
 
+With `reuse` (`--reuse DIR`, an earlier experiment's `--workdir`), the first three arms are not run
+again: their summaries are read from `DIR/summaries` and Simic trains on a copy of `DIR`'s replay
+store without the earlier gnn arm's reports. So two versions of Simic's training can be compared on
+the same data, the arms before them being the same runs (run to run, one repeat of the experiment
+moves an arm by up to a point, more than most changes to training do).
+
 Decisions are synchronous (`TOLARIA_DECISION_MODE=sync`, budget `--step-timeout-ms`), so every step
 gets its decision and the arms differ only by policy, not by how busy the machine was.
 """
@@ -28,6 +34,7 @@ import math
 import os
 import secrets
 import signal
+import sqlite3
 import statistics
 import subprocess
 import sys
@@ -88,6 +95,9 @@ class ExperimentConfig:
     # reproduce all 64 features and G4 culls most; RESIDUAL keeps more of them but measured worse (docs).
     blend_mode: str = "CONVEX"
     workdir: Path | None = None  # kept when given; a temp dir otherwise
+    # An earlier experiment's workdir: its static, heuristic and explore arms (summaries and replay store)
+    # are reused, and only Simic's round and the gnn arm run again (module docstring).
+    reuse: Path | None = None
 
 
 @dataclass(slots=True)
@@ -213,7 +223,6 @@ def _drained(client: Any) -> bool:
 
 
 def _outbox_empty(tamiyo_var: Path) -> bool:
-    import sqlite3
 
     db = tamiyo_var / "field_reports.db"
     if not db.exists():
@@ -306,13 +315,39 @@ def run_experiment(cfg: ExperimentConfig, *, log: Any = print) -> dict[str, Any]
 
 def _run_arms(procs: _Processes, root: Path, env: dict[str, str], url: str, cfg: ExperimentConfig,
               arms: dict[str, ArmResult], log: Any) -> dict[str, Any]:
+    if cfg.reuse is not None:  # read first: a workdir that lacks a run fails before anything starts
+        for arm, arm_seeds in (("static", range(cfg.runs)), ("heuristic", range(cfg.runs)),
+                               ("explore", range(cfg.explore_runs if cfg.explore else 0))):
+            arms[arm].summaries.extend(reused_summaries(cfg.reuse, arm, arm_seeds))
     for cmd in (("esper.urza", "seed"), ("esper.tezzeret", "compile")):
         if procs.run(cmd[0].removeprefix("esper.") + "-prepare", *cmd) != 0:
             raise RuntimeError(f"{' '.join(cmd)} failed: {procs.tail(cmd[0].removeprefix('esper.') + '-prepare')}")
     procs.start("urza", "esper.urza", "run", ESPER_INSTANCE_ID="urza")
-    procs.start("simic", "esper.simic", "run", ESPER_INSTANCE_ID="simic")
+    retention: dict[str, str] = {}
+    if cfg.reuse is not None:
+        kept = copy_replay(cfg.reuse / "simic/replay.db", root / "simic/replay.db")
+        log(f"reusing {cfg.reuse}: {kept} field reports, and its static, heuristic and explore runs")
+        retention["SIMIC_RETENTION_HOURS"] = "87600"  # the service would prune reports issued over a day ago
+    procs.start("simic", "esper.simic", "run", ESPER_INSTANCE_ID="simic", **retention)
     _redis_until(url, "Simic's consumer group", lambda r: any(
         (g["name"] in (b"simic", "simic")) for g in r.xinfo_groups(CHANNELS["field_report"].stream("normal"))))
+    seeds = range(cfg.runs)
+    if cfg.reuse is None:
+        _run_data_arms(procs, root, url, cfg, arms, log)
+    gnn_var = root / "tamiyo-gnn"
+    _start_tamiyo(procs, url, "tamiyo-gnn", "gnn", gnn_var)  # the initial GNN, no exploration: Simic updates it
+    training = asyncio.run(_train_and_publish(env, root, gnn_var, cfg))
+    log(f"simic: {training['samples']} decisions, gate {'accepted' if training['gate_accepted'] else 'refused'} "
+        f"({training['gate_reason']}), applied {training['applied']}")
+    for seed in seeds:
+        arms["gnn"].summaries.append(_train_run(procs, root, "gnn", seed))
+        log(f"gnn seed {seed}: {arms['gnn'].summaries[-1]['final_val_accuracy']:.4f}")
+    return training
+
+
+def _run_data_arms(procs: _Processes, root: Path, url: str, cfg: ExperimentConfig, arms: dict[str, ArmResult],
+                   log: Any) -> None:
+    """The static, heuristic and explore arms: the yardsticks, and the field reports Simic trains on."""
     seeds = range(cfg.runs)
     for seed in seeds:
         arms["static"].summaries.append(_train_run(procs, root, "static", seed, "--static"))
@@ -331,15 +366,34 @@ def _run_arms(procs: _Processes, root: Path, env: dict[str, str], url: str, cfg:
             log(f"explore (initial GNN) seed {seed}: {arms['explore'].summaries[-1]['final_val_accuracy']:.4f}")
         _wait_reports_stored(url, root / "tamiyo-explore")
         procs.stop("tamiyo-explore")
-    gnn_var = root / "tamiyo-gnn"
-    _start_tamiyo(procs, url, "tamiyo-gnn", "gnn", gnn_var)  # the initial GNN, no exploration: Simic updates it
-    training = asyncio.run(_train_and_publish(env, root, gnn_var, cfg))
-    log(f"simic: {training['samples']} decisions, gate {'accepted' if training['gate_accepted'] else 'refused'} "
-        f"({training['gate_reason']}), applied {training['applied']}")
+
+
+def reused_summaries(source: Path, arm: str, seeds: range) -> list[dict[str, Any]]:
+    """`arm`'s run summaries on `seeds` from an earlier experiment's workdir (`reuse`)."""
+    out: list[dict[str, Any]] = []
     for seed in seeds:
-        arms["gnn"].summaries.append(_train_run(procs, root, "gnn", seed))
-        log(f"gnn seed {seed}: {arms['gnn'].summaries[-1]['final_val_accuracy']:.4f}")
-    return training
+        path = source / "summaries" / f"{arm}-s{seed}.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: {source} has no {arm} run on seed {seed} to reuse")
+        out.append(json.loads(path.read_text()))
+    return out
+
+
+def copy_replay(source: Path, dest: Path) -> int:
+    """Copy the replay store `source` to `dest` without the gnn arm's reports (runs `gnn-s<seed>`: its
+    round had not seen them); returns how many reports the copy holds.
+
+    SQLite's backup API rather than a file copy: it reads a consistent store, WAL included."""
+    if not source.is_file():
+        raise FileNotFoundError(f"{source}: no replay store to reuse")
+    if dest.exists():
+        raise FileExistsError(f"{dest} exists: reuse into a fresh workdir")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with contextlib.closing(sqlite3.connect(source)) as src, contextlib.closing(sqlite3.connect(dest)) as dst:
+        src.backup(dst)
+        with dst:
+            dst.execute("DELETE FROM reports WHERE training_run_id LIKE 'gnn-s%'")
+        return int(dst.execute("SELECT COUNT(*) FROM reports").fetchone()[0])
 
 
 def results(cfg: ExperimentConfig, arms: dict[str, ArmResult], training: dict[str, Any], *,
@@ -350,6 +404,7 @@ def results(cfg: ExperimentConfig, arms: dict[str, ArmResult], training: dict[st
                            "explore_epsilon": cfg.explore_epsilon, "explore_runs": cfg.explore_runs,
                            "simic_gamma": cfg.simic_gamma, "simic_gae_lambda": cfg.simic_gae_lambda,
                            "blend_mode": cfg.blend_mode,
+                           "reused_from": str(cfg.reuse) if cfg.reuse is not None else None,
                            "wall_s": round(wall_s, 1)}
     for name, arm in arms.items():
         if not arm.summaries:
