@@ -136,6 +136,8 @@ def experiment(epochs: Annotated[int, typer.Option(min=1)] = 16, runs: Annotated
                gamma: Annotated[float, typer.Option(min=0.0, max=1.0, help="Simic's reward discount")] = 1.0,
                gae_lambda: Annotated[float, typer.Option(min=0.0, max=1.0, help="Simic's GAE lambda")] = 1.0,
                blend_mode: Annotated[str, typer.Option(help="how seeds blend in (CONVEX, RESIDUAL, ...)")] = "CONVEX",
+               max_blueprints: Annotated[int, typer.Option(
+                   min=1, max=64, help="candidate blueprints per decision (Tamiyo's and Simic's)")] = 8,
                json_path: Annotated[Path | None, typer.Option("--json", help="write the flat result here")] = None,
                png: Annotated[Path | None, typer.Option(help="write the accuracy plot here")] = None,
                workdir: Annotated[Path | None, typer.Option(help="keep logs, summaries, replay store here")] = None,
@@ -151,8 +153,8 @@ def experiment(epochs: Annotated[int, typer.Option(min=1)] = 16, runs: Annotated
     cfg = ExperimentConfig(epochs=epochs, runs=runs, hidden_width=hidden_width, hidden_layers=hidden_layers,
                            input_slot=input_slot, learning_rate=lr, explore=explore,
                            explore_epsilon=explore_epsilon, explore_runs=explore_runs, simic_gamma=gamma,
-                           simic_gae_lambda=gae_lambda, blend_mode=blend_mode, workdir=workdir,
-                           reuse=reuse)
+                           simic_gae_lambda=gae_lambda, blend_mode=blend_mode, max_blueprints=max_blueprints,
+                           workdir=workdir, reuse=reuse)
     # SIGTERM unwinds like Ctrl-C, so the fleet and the private redis-server are stopped, never orphaned.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     result = run_experiment(cfg, log=lambda line: typer.echo(line, err=True))

@@ -42,7 +42,7 @@ from dataclasses import dataclass, replace
 
 from esper.core.errors import DependencyViolationError
 from esper.leyline import pb
-from esper.tamiyo.graph import GraphBuilder, GraphInputs
+from esper.tamiyo.graph import DEFAULT_MAX_BLUEPRINTS, GraphBuilder, GraphInputs
 from esper.tamiyo.metadata import BlueprintInfo
 from esper.tamiyo.normaliser import FeatureNormaliser
 from esper.tamiyo.policy import (
@@ -132,14 +132,16 @@ def _loss(packet: pb.SystemStatePacket) -> float | None:
 
 def build_samples(reports: Iterable[pb.FieldReport], *, blueprints: Sequence[BlueprintInfo] = (),
                   registries: RegistrySet | None = None, normaliser: FeatureNormaliser | None = None,
-                  rewards: RewardConfig | None = None) -> list[Sample]:
+                  rewards: RewardConfig | None = None, max_blueprints: int = DEFAULT_MAX_BLUEPRINTS) -> list[Sample]:
     """Samples for every decision report that carries its observation and command, with rewards,
-    returns and advantages (see the module docstring). `reports` may come in any order."""
+    returns and advantages (see the module docstring). `reports` may come in any order.
+    `max_blueprints` must be Tamiyo's (`TAMIYO_MAX_BLUEPRINTS`): the graph is the one it decided on."""
     cfg = rewards or RewardConfig()
     all_reports = sorted(reports, key=lambda r: (r.issued_at.ToMilliseconds(), r.report_id))
     window_outcome: dict[str, int] = {r.command_id: int(r.outcome) for r in all_reports
                       if r.report_id.startswith("fr-synth-") and r.command_id}
-    builder = GraphBuilder(normaliser or FeatureNormaliser(), registries or RegistrySet.new())
+    builder = GraphBuilder(normaliser or FeatureNormaliser(), registries or RegistrySet.new(),
+                           max_blueprints=max_blueprints)
     samples: list[Sample] = []
     packets: dict[str, pb.SystemStatePacket] = {}
     for report in all_reports:

@@ -94,6 +94,9 @@ class ExperimentConfig:
     # How both policies' seeds blend in (TAMIYO_BLEND_MODE_DEFAULT). Under CONVEX an input-slot seed must
     # reproduce all 64 features and G4 culls most; RESIDUAL keeps more of them but measured worse (docs).
     blend_mode: str = "CONVEX"
+    # Candidate blueprints in each decision's graph (TAMIYO_MAX_BLUEPRINTS, SIMIC_MAX_BLUEPRINTS): the
+    # lowest-risk first, so at 8 the highway and squeeze-excitation designs are never offered.
+    max_blueprints: int = 8
     workdir: Path | None = None  # kept when given; a temp dir otherwise
     # An earlier experiment's workdir: its static, heuristic and explore arms (summaries and replay store)
     # are reused, and only Simic's round and the gnn arm run again (module docstring).
@@ -190,7 +193,8 @@ def _base_env(root: Path, redis_url: str, cfg: ExperimentConfig) -> dict[str, st
             "TOLARIA_LR": repr(cfg.learning_rate), "TOLARIA_EPOCHS": str(cfg.epochs),
             "TOLARIA_DECISION_MODE": "sync", "TAMIYO_STEP_TIMEOUT_MS": repr(cfg.step_timeout_ms),
             "TOLARIA_EMERGENCY_ENABLED": "false", "TAMIYO_METADATA_TIMEOUT_MS": "500",
-            "TAMIYO_ENABLE_BLEND_MODE_ANN": "true", "TAMIYO_BLEND_MODE_DEFAULT": cfg.blend_mode}
+            "TAMIYO_ENABLE_BLEND_MODE_ANN": "true", "TAMIYO_BLEND_MODE_DEFAULT": cfg.blend_mode,
+            "TAMIYO_MAX_BLUEPRINTS": str(cfg.max_blueprints)}
 
 
 def _redis_until(url: str, what: str, check: Any, timeout_s: float = READY_S) -> None:
@@ -258,7 +262,8 @@ def _train_run(procs: _Processes, root: Path, arm: str, seed: int, *extra: str) 
 async def _train_and_publish(env: dict[str, str], root: Path, gnn_var: Path, cfg: ExperimentConfig) -> dict[str, Any]:
     settings = SimicSettings(redis_url=env["ESPER_REDIS_URL"], leyline_secret=env["ESPER_LEYLINE_SECRET"],
                              replay_path=root / "simic/replay.db", policy_dir=root / "simic/policies",
-                             metrics_port=-1, gamma=cfg.simic_gamma, gae_lambda=cfg.simic_gae_lambda)
+                             metrics_port=-1, gamma=cfg.simic_gamma, gae_lambda=cfg.simic_gae_lambda,
+                             max_blueprints=cfg.max_blueprints)
     with ReplayStore(settings.replay_path) as store:
         reports = store.reports(limit=1_000_000)
     client = OonaClient.from_settings(settings, sender="simic", metrics=OonaMetrics(CollectorRegistry()))
@@ -403,7 +408,7 @@ def results(cfg: ExperimentConfig, arms: dict[str, ArmResult], training: dict[st
                            "learning_rate": cfg.learning_rate, "explore": cfg.explore,
                            "explore_epsilon": cfg.explore_epsilon, "explore_runs": cfg.explore_runs,
                            "simic_gamma": cfg.simic_gamma, "simic_gae_lambda": cfg.simic_gae_lambda,
-                           "blend_mode": cfg.blend_mode,
+                           "blend_mode": cfg.blend_mode, "max_blueprints": cfg.max_blueprints,
                            "reused_from": str(cfg.reuse) if cfg.reuse is not None else None,
                            "wall_s": round(wall_s, 1)}
     for name, arm in arms.items():

@@ -104,7 +104,7 @@ def run_round(reports: Sequence[pb.FieldReport], current: TamiyoGNN, settings: S
                            fate_min_improvement=settings.fate_min_improvement)
     check_cancel(cancel)
     samples = build_samples(reports, blueprints=blueprints, registries=registries, normaliser=normaliser,
-                            rewards=rewards)
+                            rewards=rewards, max_blueprints=settings.max_blueprints)
     train, holdout = split_by_run(samples, settings.holdout_fraction)
     candidate = copy.deepcopy(current)
     report = train_policy(candidate, train, train_config(settings), cancel=cancel)

@@ -71,6 +71,9 @@ class SimicSettings(OonaSettings):
     tamiyo_var_dir: Path | None = Field(None, validation_alias=_s("tamiyo_var_dir"),
                                         description="Tamiyo's var dir: train with its registries and norms "
                                                     "(unset: fresh ones, which index keys the same way)")
+    max_blueprints: int = Field(8, ge=1, le=64, validation_alias=_s("max_blueprints"),
+                                description="candidate blueprints per rebuilt graph: Tamiyo's "
+                                            "TAMIYO_MAX_BLUEPRINTS, so each graph is the one it decided on")
     catalog_timeout_ms: float = Field(2000.0, gt=0, validation_alias=_s("catalog_timeout_ms"),
                                       description="budget of the blueprint catalogue request to Urza")
 

@@ -83,7 +83,8 @@ class TamiyoService:
         torch.set_num_threads(settings.cpu_threads)
         self.device = _device(settings.device)
         self.norms, self.registries = load_state(settings)
-        builder = GraphBuilder(self.norms, self.registries, device=self.device)
+        builder = GraphBuilder(self.norms, self.registries, device=self.device,
+                               max_blueprints=settings.max_blueprints)
         self.updater = PolicyUpdater(config=GNNConfig(), registries=self.registries,
                                      store=PolicyStore(settings.policy_dir), compile_enabled=settings.enable_compile,
                                      device=self.device)

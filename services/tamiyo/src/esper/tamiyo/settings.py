@@ -63,6 +63,10 @@ class TamiyoSettings(OonaSettings):
         description="a GERMINATE with fewer steps left in the run (Tolaria's steps_total) becomes PAUSE "
                     "(germinate_too_late): about Kasmina's default lifecycle to the end of probation; 0 = off")
 
+    max_blueprints: int = Field(8, ge=1, le=64, validation_alias=_t("max_blueprints"),
+                                description="candidate blueprints in a decision's graph: the catalogue's best "
+                                            "ranked (not quarantined, fit the slot kind, lowest risk); Simic's "
+                                            "SIMIC_MAX_BLUEPRINTS must be the same")
     explore_epsilon: float = Field(0.0, ge=0.0, le=1.0, validation_alias=_t("explore_epsilon"),
                                    description="probability that a GNN GERMINATE takes a uniformly random candidate "
                                                "blueprint instead of the best-scoring one (exploration for Simic's "
