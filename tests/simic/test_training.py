@@ -68,6 +68,17 @@ def test_samples_carry_action_targets_and_advantages() -> None:
     assert action_of(pb.AdaptationCommand(command_type=pb.COMMAND_ROLLBACK)) is None
 
 
+def test_graphs_are_rebuilt_with_tamiyos_candidate_cap() -> None:
+    """A germination of a design past the cap has no blueprint row in the rebuilt graph (as in the one Tamiyo
+    decided on with the same cap); with Tamiyo's larger cap it has."""
+    report = decision_report("run9", 1, "seed", 1.0, run_index=9)
+    report.command.seed_operation.blueprint_id = "BP002"  # riskier than BP001: ranked second
+    capped = build_samples([report], blueprints=two_blueprints(), max_blueprints=1)
+    wide = build_samples([report], blueprints=two_blueprints(), max_blueprints=2)
+    assert capped[0].graph.blueprint_ids == ["BP001"] and capped[0].blueprint_target is None
+    assert wide[0].graph.blueprint_ids == ["BP001", "BP002"] and wide[0].blueprint_target == 1
+
+
 @pytest.mark.parametrize(("stage", "fate"), [(pb.SEED_STAGE_FOSSILIZED, 1.0), (pb.SEED_STAGE_CULLED, -1.0),
                                              (pb.SEED_STAGE_EMBARGOED, -1.0), (pb.SEED_STAGE_BLENDING, 0.0)])
 def test_a_germination_is_credited_with_its_seeds_fate(stage: int, fate: float) -> None:

@@ -218,3 +218,23 @@ async def test_field_reports_reach_the_bus_and_windows_close(make_client: Client
     if command.command_type == pb.COMMAND_SEED:
         synth = by_id[f"fr-synth-{command.command_id}-1+1"]
         assert synth.observation_window_epochs == 1 and synth.seed_id == command.target_seed_id
+
+
+def test_the_candidate_cap_is_a_setting_simic_shares(settings: OonaSettings, tmp_path: Path) -> None:
+    """TAMIYO_MAX_BLUEPRINTS sizes every decision's graph; Simic rebuilds the same graphs with
+    SIMIC_MAX_BLUEPRINTS, so the two defaults are one number."""
+    from esper.simic.settings import SimicSettings
+    from esper.tamiyo.graph import DEFAULT_MAX_BLUEPRINTS
+    from esper.tamiyo.service import TamiyoService
+    from tests.simic._data import two_blueprints
+
+    defaults = (tamiyo_settings(settings, tmp_path).max_blueprints, SimicSettings().max_blueprints)
+    assert defaults == (DEFAULT_MAX_BLUEPRINTS, DEFAULT_MAX_BLUEPRINTS)
+    service = TamiyoService(tamiyo_settings(settings, tmp_path, max_blueprints=1))
+    try:
+        assert service.worker.builder.max_blueprints == 1
+        graph = service.worker.builder.build(packet(), two_blueprints())
+        assert graph.blueprint_ids == ["BP001"] and graph.truncated["blueprint"] == 1  # the riskier BP002 left out
+    finally:
+        service.worker.close()
+        service.close_outbox()

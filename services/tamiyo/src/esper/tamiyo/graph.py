@@ -251,6 +251,11 @@ class GraphBuilder:
         self._device = device
         self._move = device.type != "cpu"
 
+    @property
+    def max_blueprints(self) -> int:
+        """Blueprint nodes a graph holds at most (the best ranked by `candidate_rank`)."""
+        return self._max_blueprints
+
     def build(self, packet: pb.SystemStatePacket, blueprints: Sequence[BlueprintInfo] = ()) -> GraphInputs:
         """Build the graph; raises ``DependencyViolationError`` on a missing or duplicate id."""
         return self._assemble(self._collect(packet, blueprints))
