@@ -137,7 +137,7 @@ def experiment(epochs: Annotated[int, typer.Option(min=1)] = 16, runs: Annotated
                gae_lambda: Annotated[float, typer.Option(min=0.0, max=1.0, help="Simic's GAE lambda")] = 1.0,
                blend_mode: Annotated[str, typer.Option(help="how seeds blend in (CONVEX, RESIDUAL, ...)")] = "CONVEX",
                max_blueprints: Annotated[int, typer.Option(
-                   min=1, max=64, help="candidate blueprints per decision (Tamiyo's and Simic's)")] = 8,
+                   min=1, max=64, help="candidate blueprints per decision (Tamiyo's and Simic's)")] = 16,
                json_path: Annotated[Path | None, typer.Option("--json", help="write the flat result here")] = None,
                png: Annotated[Path | None, typer.Option(help="write the accuracy plot here")] = None,
                workdir: Annotated[Path | None, typer.Option(help="keep logs, summaries, replay store here")] = None,

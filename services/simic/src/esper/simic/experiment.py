@@ -94,9 +94,10 @@ class ExperimentConfig:
     # How both policies' seeds blend in (TAMIYO_BLEND_MODE_DEFAULT). Under CONVEX an input-slot seed must
     # reproduce all 64 features and G4 culls most; RESIDUAL keeps more of them but measured worse (docs).
     blend_mode: str = "CONVEX"
-    # Candidate blueprints in each decision's graph (TAMIYO_MAX_BLUEPRINTS, SIMIC_MAX_BLUEPRINTS): the
-    # lowest-risk first, so at 8 the highway and squeeze-excitation designs are never offered.
-    max_blueprints: int = 8
+    # Candidate blueprints in each decision's graph (TAMIYO_MAX_BLUEPRINTS, SIMIC_MAX_BLUEPRINTS), lowest
+    # risk first: at Tamiyo's 8 the designs that pay in the input slot (highway, squeeze-excitation,
+    # rational activation, ...) were never offered (docs/simic.md, session 12).
+    max_blueprints: int = 16
     workdir: Path | None = None  # kept when given; a temp dir otherwise
     # An earlier experiment's workdir: its static, heuristic and explore arms (summaries and replay store)
     # are reused, and only Simic's round and the gnn arm run again (module docstring).
