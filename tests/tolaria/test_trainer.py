@@ -161,6 +161,37 @@ async def test_loop_against_real_tamiyo_and_urza(make_client: ClientFactory, set
     assert {"tolaria", "kasmina"} <= sources
 
 
+@pytest.mark.parametrize(("wait_ms", "attached_next_boundary"), [(5000.0, True), (0.001, False)])
+async def test_kernel_wait_fixes_the_attach_step(make_client: ClientFactory, settings: OonaSettings, tmp_path: Path,
+                                                 wait_ms: float, attached_next_boundary: bool) -> None:
+    """TOLARIA_KERNEL_WAIT_MS: the boundary after a germination waits for its kernel, so it attaches at the
+    next boundary whatever Urza's timing; a wait that runs out is counted, and the fetch goes on."""
+    us = urza_settings(settings, tmp_path / "urza", seed_karn=True, seed_slot="v16")
+    with UrzaLibrary(us.db_path, us.artifact_dir) as lib:
+        forge_once(lib, [SlotShape(16)], device=torch.device("cpu"), compile_enabled=False, seed=0,
+                   max_attempts=1, templates=[CATALOGUE["BP002"]])
+    ts = _settings(tmp_path, redis_url=settings.redis_url, leyline_secret=settings.leyline_secret, epochs=1,
+                   artifact_dir=us.artifact_dir, run_id="run-wait", kernel_wait_ms=wait_ms)
+    async with running_urza(us):
+        bus = BusThread(ts)
+        bus.start()
+        trainer = Trainer(ts, bus=bus)
+        try:
+            seed_id = trainer.kasmina.seed_ids[0]
+            trainer.step = 1
+            trainer._take_decision(Decision(1, "run-wait-1", "command", 1.0,
+                                            command=_germinate(bus.client.keys, seed_id, "BP002", "cmd-wait")))
+            assert trainer.kasmina.pending_kernels() == [seed_id]
+            await asyncio.to_thread(trainer._start_kernel_fetches)
+            assert trainer.stats.budget_misses["kernel_wait"] == (0 if attached_next_boundary else 1)
+            if attached_next_boundary:  # (a wait that ran out says nothing about when the fetch lands)
+                trainer.kasmina.advance(2)  # the next boundary
+                assert sum(p.numel() for name, p in trainer.host.named_parameters() if ".seed." in name) > 0
+        finally:
+            trainer.close()
+            await asyncio.to_thread(bus.stop)
+
+
 def test_resource_metrics_report_memory() -> None:
     from esper.tolaria.trainer import resource_metrics
 

@@ -193,6 +193,7 @@ def _base_env(root: Path, redis_url: str, cfg: ExperimentConfig) -> dict[str, st
             "TOLARIA_HIDDEN_LAYERS": str(cfg.hidden_layers), "TOLARIA_INPUT_SLOT": str(cfg.input_slot).lower(),
             "TOLARIA_LR": repr(cfg.learning_rate), "TOLARIA_EPOCHS": str(cfg.epochs),
             "TOLARIA_DECISION_MODE": "sync", "TAMIYO_STEP_TIMEOUT_MS": repr(cfg.step_timeout_ms),
+            "TOLARIA_KERNEL_WAIT_MS": "2000",  # a seed's kernel attaches at the boundary after its germination
             "TOLARIA_EMERGENCY_ENABLED": "false", "TAMIYO_METADATA_TIMEOUT_MS": "500",
             "TAMIYO_ENABLE_BLEND_MODE_ANN": "true", "TAMIYO_BLEND_MODE_DEFAULT": cfg.blend_mode,
             "TAMIYO_MAX_BLUEPRINTS": str(cfg.max_blueprints)}

@@ -99,6 +99,10 @@ class TolariaSettings(OonaSettings):
         description="process transport: pin the sidecar to these cores (JSON list; unset: inherit)")
     tamiyo_step_timeout_ms: float = Field(5.0, gt=0.0, validation_alias="TAMIYO_STEP_TIMEOUT_MS",
                                           description="decision deadline per state packet (Tamiyo's env name)")
+    kernel_wait_ms: float = Field(0.0, ge=0.0, le=60_000.0, validation_alias=_t("kernel_wait_ms"),
+                                  description="after a germination, wait up to this long at the step boundary for "
+                                              "its kernel from Urza, so it attaches at the next boundary whatever "
+                                              "the timing (experiments); 0 = never wait")
     max_staleness_steps: int = Field(2, ge=0, validation_alias=_t("max_staleness_steps"),
                                      description="pipelined: a reply older than this many steps is discarded "
                                                  "(counted)")

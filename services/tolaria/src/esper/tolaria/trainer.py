@@ -15,6 +15,7 @@ command) until a probe after `TOLARIA_DECISION_BREAKER_RESET_S` is answered.
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import math
 import statistics
@@ -378,8 +379,24 @@ class Trainer:
             set_lr(self.optimizer, lr * self.lr_scale)
 
     def _start_kernel_fetches(self) -> None:
-        if self.bus is not None and self.kasmina.pending_kernels():
-            self.bus.submit(self.kasmina.fetch_kernels())
+        """Fetch pending kernels on the bus thread; they attach at the first boundary after they arrive.
+
+        By default the step never waits (the attach step then depends on Urza's timing, and a run that
+        grows a seed does not repeat bit for bit); `TOLARIA_KERNEL_WAIT_MS` waits up to that long, as the
+        sync decision mode does for Tamiyo, so the attach step is fixed. A wait that runs out is counted
+        (`budget_misses["kernel_wait"]`) and reported; the fetch goes on and attaches later."""
+        if self.bus is None or not self.kasmina.pending_kernels():
+            return
+        fetch = self.bus.submit(self.kasmina.fetch_kernels())
+        wait_s = self.settings.kernel_wait_ms / 1000.0
+        if wait_s <= 0:
+            return
+        try:
+            fetch.result(wait_s)
+        except concurrent.futures.TimeoutError:
+            self.stats.budget_misses["kernel_wait"] += 1
+            self._event("kernel_wait_timeout", _WARNING,
+                        f"kernel not fetched within {self.settings.kernel_wait_ms:g} ms", step=self.step)
 
     def _settle_last_decision(self) -> None:
         """The reply to the last packet is counted (not applied: training is over)."""
