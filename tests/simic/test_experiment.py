@@ -8,8 +8,10 @@ from pathlib import Path
 import pytest
 
 from esper.simic.experiment import (
+    CONFIG_FILE,
     ArmResult,
     ExperimentConfig,
+    check_reusable,
     copy_replay,
     paired_difference,
     plot,
@@ -99,3 +101,16 @@ def test_reuse_reads_every_run_of_an_arm_or_refuses(tmp_path: Path) -> None:
         reused_summaries(tmp_path, "heuristic", range(3))
     assert results(ExperimentConfig(runs=2, reuse=tmp_path), {"heuristic": ArmResult(runs)}, {},
                    wall_s=1.0)["reused_from"] == str(tmp_path)
+
+
+def test_reuse_refuses_runs_made_with_other_settings(tmp_path: Path) -> None:
+    """A reused workdir's runs and reports must come from the same host, arms and candidate cap: Simic
+    would otherwise rebuild its graphs with another cap than the one Tamiyo decided with."""
+    check_reusable(ExperimentConfig(), tmp_path)  # a workdir from before the file: taken as it is
+    (tmp_path / CONFIG_FILE).write_text(json.dumps({
+        "epochs": 16, "hidden_width": 4, "hidden_layers": 1, "input_slot": True, "learning_rate": 0.03,
+        "step_timeout_ms": 200.0, "explore": True, "explore_epsilon": 1.0, "explore_runs": 24, "blend_mode": "CONVEX",
+        "max_blueprints": 8}))
+    check_reusable(ExperimentConfig(runs=6, max_blueprints=8), tmp_path)  # how many gnn runs is free to change
+    with pytest.raises(ValueError, match="max_blueprints"):
+        check_reusable(ExperimentConfig(max_blueprints=16), tmp_path)

@@ -323,9 +323,11 @@ def run_experiment(cfg: ExperimentConfig, *, log: Any = print) -> dict[str, Any]
 def _run_arms(procs: _Processes, root: Path, env: dict[str, str], url: str, cfg: ExperimentConfig,
               arms: dict[str, ArmResult], log: Any) -> dict[str, Any]:
     if cfg.reuse is not None:  # read first: a workdir that lacks a run fails before anything starts
+        check_reusable(cfg, cfg.reuse)
         for arm, arm_seeds in (("static", range(cfg.runs)), ("heuristic", range(cfg.runs)),
                                ("explore", range(cfg.explore_runs if cfg.explore else 0))):
             arms[arm].summaries.extend(reused_summaries(cfg.reuse, arm, arm_seeds))
+    (root / CONFIG_FILE).write_text(json.dumps(_data_shaping(cfg), indent=1, sort_keys=True) + "\n")
     for cmd in (("esper.urza", "seed"), ("esper.tezzeret", "compile")):
         if procs.run(cmd[0].removeprefix("esper.") + "-prepare", *cmd) != 0:
             raise RuntimeError(f"{' '.join(cmd)} failed: {procs.tail(cmd[0].removeprefix('esper.') + '-prepare')}")
@@ -373,6 +375,29 @@ def _run_data_arms(procs: _Processes, root: Path, url: str, cfg: ExperimentConfi
             log(f"explore (initial GNN) seed {seed}: {arms['explore'].summaries[-1]['final_val_accuracy']:.4f}")
         _wait_reports_stored(url, root / "tamiyo-explore")
         procs.stop("tamiyo-explore")
+
+
+CONFIG_FILE = "experiment-config.json"
+# What shapes the runs and the field reports: a reused workdir must match on all of them.
+_DATA_FIELDS = ("epochs", "hidden_width", "hidden_layers", "input_slot", "learning_rate", "step_timeout_ms",
+                "explore", "explore_epsilon", "explore_runs", "blend_mode", "max_blueprints")
+
+
+def _data_shaping(cfg: ExperimentConfig) -> dict[str, Any]:
+    return {name: getattr(cfg, name) for name in _DATA_FIELDS}
+
+
+def check_reusable(cfg: ExperimentConfig, source: Path) -> None:
+    """Refuse to reuse `source` when its runs were made with other settings than `cfg`'s (its
+    `experiment-config.json`; a workdir from before that file existed cannot be checked and is taken
+    as it is): Simic would rebuild the graphs with another candidate cap, or compare other hosts."""
+    path = source / CONFIG_FILE
+    if not path.is_file():
+        return
+    theirs = json.loads(path.read_text())
+    diff = {k: (theirs.get(k), v) for k, v in _data_shaping(cfg).items() if theirs.get(k) != v}
+    if diff:
+        raise ValueError(f"{source} was run with other settings (theirs, ours): {diff}")
 
 
 def reused_summaries(source: Path, arm: str, seeds: range) -> list[dict[str, Any]]:
