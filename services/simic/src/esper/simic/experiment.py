@@ -229,7 +229,6 @@ def _drained(client: Any) -> bool:
 
 
 def _outbox_empty(tamiyo_var: Path) -> bool:
-
     db = tamiyo_var / "field_reports.db"
     if not db.exists():
         return True
