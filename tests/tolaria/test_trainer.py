@@ -22,6 +22,7 @@ from esper.tolaria.decisions import Decision
 from esper.tolaria.settings import TolariaSettings
 from esper.tolaria.trainer import Trainer
 from esper.urza.library import UrzaLibrary
+from esper.urza.settings import UrzaSettings
 from tests.conftest import ClientFactory
 from tests.tamiyo._fleet import running_tamiyo, tamiyo_settings
 from tests.urza._service import running_urza, urza_settings
@@ -121,16 +122,31 @@ def _germinate(keys: object, seed_id: str, blueprint: str, command_id: str) -> p
     return sign_command(cmd, keys)  # type: ignore[arg-type]
 
 
+def _forged_urza(settings: OonaSettings, tmp_path: Path, *templates: str) -> UrzaSettings:
+    """Urza's settings over a library holding real v16 kernels of `templates` (Karn's catalogue seeded)."""
+    us = urza_settings(settings, tmp_path / "urza", seed_karn=True, seed_slot="v16")
+    with UrzaLibrary(us.db_path, us.artifact_dir) as lib:
+        forge_once(lib, [SlotShape(16)], device=torch.device("cpu"), compile_enabled=False, seed=0,
+                   max_attempts=1, templates=[CATALOGUE[t] for t in templates])
+    return us
+
+
+def _germinate_bp002_at_step_1(trainer: Trainer, bus: BusThread, run_id: str, command_id: str) -> str:
+    """Apply a signed GERMINATE of BP002 in the first seed slot at step 1; returns that seed's id."""
+    seed_id = trainer.kasmina.seed_ids[0]
+    trainer.step = 1
+    trainer._take_decision(Decision(1, f"{run_id}-1", "command", 1.0,
+                                    command=_germinate(bus.client.keys, seed_id, "BP002", command_id)))
+    return seed_id
+
+
 @pytest.mark.parametrize("transport", ["thread", "process"])
 async def test_loop_against_real_tamiyo_and_urza(make_client: ClientFactory, settings: OonaSettings,
                                                  tmp_path: Path, transport: str) -> None:
     """Sync decisions from a real Tamiyo every step (on the bus thread, or through the sidecar process);
     a signed germinate fetches a real kernel from Urza over the bus, and the seed joins the model and
     its optimizer."""
-    us = urza_settings(settings, tmp_path / "urza", seed_karn=True, seed_slot="v16")
-    with UrzaLibrary(us.db_path, us.artifact_dir) as lib:
-        forge_once(lib, [SlotShape(16)], device=torch.device("cpu"), compile_enabled=False, seed=0,
-                   max_attempts=1, templates=[CATALOGUE["BP002"], CATALOGUE["BP005"]])
+    us = _forged_urza(settings, tmp_path, "BP002", "BP005")
     observer = await make_client("observer")
     ts = _settings(tmp_path, redis_url=settings.redis_url, leyline_secret=settings.leyline_secret, epochs=1,
                    decision_mode="sync", tamiyo_step_timeout_ms=500.0, artifact_dir=us.artifact_dir,
@@ -140,10 +156,7 @@ async def test_loop_against_real_tamiyo_and_urza(make_client: ClientFactory, set
         bus.start()
         trainer = Trainer(ts, bus=bus)
         try:
-            seed_id = trainer.kasmina.seed_ids[0]
-            trainer.step = 1
-            trainer._take_decision(Decision(1, "run-loop-1", "command", 1.0,
-                                            command=_germinate(bus.client.keys, seed_id, "BP002", "cmd-grow")))
+            _germinate_bp002_at_step_1(trainer, bus, "run-loop", "cmd-grow")
             await asyncio.to_thread(trainer.run)
         finally:
             trainer.close()
@@ -166,10 +179,7 @@ async def test_kernel_wait_fixes_the_attach_step(make_client: ClientFactory, set
                                                  wait_ms: float, attached_next_boundary: bool) -> None:
     """TOLARIA_KERNEL_WAIT_MS: the boundary after a germination waits for its kernel, so it attaches at the
     next boundary whatever Urza's timing; a wait that runs out is counted, and the fetch goes on."""
-    us = urza_settings(settings, tmp_path / "urza", seed_karn=True, seed_slot="v16")
-    with UrzaLibrary(us.db_path, us.artifact_dir) as lib:
-        forge_once(lib, [SlotShape(16)], device=torch.device("cpu"), compile_enabled=False, seed=0,
-                   max_attempts=1, templates=[CATALOGUE["BP002"]])
+    us = _forged_urza(settings, tmp_path, "BP002")
     ts = _settings(tmp_path, redis_url=settings.redis_url, leyline_secret=settings.leyline_secret, epochs=1,
                    artifact_dir=us.artifact_dir, run_id="run-wait", kernel_wait_ms=wait_ms)
     async with running_urza(us):
@@ -177,10 +187,7 @@ async def test_kernel_wait_fixes_the_attach_step(make_client: ClientFactory, set
         bus.start()
         trainer = Trainer(ts, bus=bus)
         try:
-            seed_id = trainer.kasmina.seed_ids[0]
-            trainer.step = 1
-            trainer._take_decision(Decision(1, "run-wait-1", "command", 1.0,
-                                            command=_germinate(bus.client.keys, seed_id, "BP002", "cmd-wait")))
+            seed_id = _germinate_bp002_at_step_1(trainer, bus, "run-wait", "cmd-wait")
             assert trainer.kasmina.pending_kernels() == [seed_id]
             await asyncio.to_thread(trainer._start_kernel_fetches)
             assert trainer.stats.budget_misses["kernel_wait"] == (0 if attached_next_boundary else 1)
