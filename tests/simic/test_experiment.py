@@ -111,6 +111,9 @@ def test_reuse_refuses_runs_made_with_other_settings(tmp_path: Path) -> None:
         "epochs": 16, "hidden_width": 4, "hidden_layers": 1, "input_slot": True, "learning_rate": 0.03,
         "step_timeout_ms": 200.0, "explore": True, "explore_epsilon": 1.0, "explore_runs": 24, "blend_mode": "CONVEX",
         "max_blueprints": 8}))
-    check_reusable(ExperimentConfig(runs=6, max_blueprints=8), tmp_path)  # how many gnn runs is free to change
+    # How many gnn runs is free to change; a file from before the cull memory existed ran without it.
+    check_reusable(ExperimentConfig(runs=6, max_blueprints=8, cull_memory=False), tmp_path)
     with pytest.raises(ValueError, match="max_blueprints"):
-        check_reusable(ExperimentConfig(max_blueprints=16), tmp_path)
+        check_reusable(ExperimentConfig(max_blueprints=16, cull_memory=False), tmp_path)
+    with pytest.raises(ValueError, match="cull_memory"):
+        check_reusable(ExperimentConfig(max_blueprints=8), tmp_path)

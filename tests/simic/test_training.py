@@ -17,6 +17,7 @@ from esper.simic.training import (
     TrainConfig,
     TrainingCancelled,
     action_balance,
+    allowed_pairs,
     collate,
     count_preserving_shift,
     effective_actions,
@@ -33,6 +34,7 @@ from esper.simic.training import (
     train_step,
 )
 from esper.tamiyo.checkpoint import decode_checkpoint
+from esper.tamiyo.culls import CULLED_PAIRS_ANNOTATION, encode_culled
 from esper.tamiyo.gnn import TamiyoGNN
 from esper.tamiyo.policy import ACTION_BREAKER_CLOSE, ACTION_GERMINATE, ACTION_OPTIMIZER, ACTION_PAUSE, decide
 from esper.tamiyo.registry import RegistrySet
@@ -139,6 +141,24 @@ def test_risk_engine_replacements_are_not_learned_as_the_policys_choice() -> Non
     by_step = {s.step: s for s in kept}
     step2 = next(s for s in samples if s.step == 2)
     assert step2.reward == pytest.approx(by_step[2].reward + by_step[3].reward, abs=1e-6)
+
+
+def test_a_sample_knows_the_pairs_culled_earlier_in_its_run() -> None:
+    """The command's culled_pairs annotation becomes (seed row, blueprint row) pairs the policy could not
+    grow: they leave GERMINATE's bonus, and with every pair of the DORMANT seeds culled GERMINATE keeps
+    its own logit. A design not in the graph is dropped; an unreadable annotation is no sample."""
+    reports = runs(n_runs=1, steps=4)
+    reports[1].command.annotations[CULLED_PAIRS_ANNOTATION] = encode_culled({("seed-1", "BP002"), ("seed-0", "BP999")})
+    reports[2].command.annotations[CULLED_PAIRS_ANNOTATION] = "not json"
+    samples = build_samples(reports, blueprints=two_blueprints())
+    assert [s.step for s in samples] == [1, 2, 4]
+    first, second = samples[0], samples[1]
+    seed_row, bp_row = list(second.graph.seed_ids).index("seed-1"), list(second.graph.blueprint_ids).index("BP002")
+    assert first.culled == frozenset() and second.culled == {(seed_row, bp_row)}
+    assert not bool(allowed_pairs(second)[seed_row, bp_row]) and int(allowed_pairs(second).sum()) == 5
+    everything = replace(second, culled=frozenset((i, j) for i in range(3) for j in range(2)))
+    out = forward_batch(_small(), collate([everything]))
+    assert torch.equal(joint_logits([everything], out)[0].detach(), out.policy_logits[0].detach())
 
 
 def test_split_holds_out_whole_newest_runs() -> None:
@@ -456,7 +476,8 @@ def test_a_round_trains_a_candidate_that_passes_the_gate(tmp_path: object) -> No
 
 def test_simic_judges_the_action_tamiyo_would_take() -> None:
     """`effective_actions` (what the gate scores) and Tamiyo's `decide` agree on the action and, for a
-    GERMINATE, the (seed, blueprint) pair, over random score heads and random DORMANT sets."""
+    GERMINATE, the (seed, blueprint) pair, over random score heads, random DORMANT sets and random
+    pairs culled earlier in the run."""
     samples = build_samples(runs(n_runs=2, steps=12), blueprints=two_blueprints())
     checked = {ACTION_GERMINATE: 0, ACTION_PAUSE: 0}
     for trial in range(4):
@@ -468,12 +489,16 @@ def test_simic_judges_the_action_tamiyo_would_take() -> None:
                 head.reset_parameters()
             model.policy_head.bias[ACTION_GERMINATE] += 1.0
         rng = random.Random(trial)
-        varied = [replace(s, germinable=tuple(rng.random() < 0.5 for _ in s.germinable)) for s in samples]
+        varied = [replace(s, germinable=tuple(rng.random() < 0.5 for _ in s.germinable),
+                          culled=frozenset((i, j) for i in range(len(s.germinable))
+                                           for j in range(s.graph.counts["blueprint"]) if rng.random() < 0.3))
+                  for s in samples]
         for s, eff in zip(varied, effective_actions(model, varied), strict=True):
             g = s.graph
             with torch.no_grad():
                 out = model(g.x, g.edge_index, g.edge_attr, g.counts)
-            d = decide(out, g, germinable=frozenset(i for i, ok in zip(g.seed_ids, s.germinable, strict=True) if ok))
+            d = decide(out, g, germinable=frozenset(i for i, ok in zip(g.seed_ids, s.germinable, strict=True) if ok),
+                       culled=frozenset((g.seed_ids[i], g.blueprint_ids[j]) for i, j in s.culled))
             action = d.action if d.action <= ACTION_BREAKER_CLOSE else ACTION_PAUSE
             assert action == eff.action
             if action == ACTION_GERMINATE:

@@ -6,6 +6,7 @@ from pathlib import Path
 
 from esper.leyline import pb, verify_command
 from esper.oona import OonaSettings
+from esper.tamiyo.culls import culled_pairs
 from esper.tamiyo.heuristic import HEURISTIC_VERSION, HeuristicPolicy
 from tests.conftest import ClientFactory
 from tests.oona._helpers import wait_until
@@ -64,6 +65,9 @@ def test_a_blueprint_culled_in_a_seed_is_not_grown_there_again() -> None:
     _observe(policy, 3, culled)  # Kasmina culled it: its seed is embargoed
     second = _decide(policy, _packet(4, 0.5))
     assert (second.target_seed_id, second.seed_operation.blueprint_id) == ("seed-hidden1", "BP002")
+    # Which pairs it could not grow travels with the command, for Simic (as the GNN's do).
+    assert "culled_pairs" not in first.annotations
+    assert culled_pairs(second.annotations) == {("seed-hidden1", "BP005")}
     _observe(policy, 5, culled)
     third = _decide(policy, _packet(6, 0.5))  # both designs failed in seed-hidden1: the next seed
     assert (third.target_seed_id, third.seed_operation.blueprint_id) == ("seed-hidden2", "BP005")

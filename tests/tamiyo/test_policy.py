@@ -25,6 +25,7 @@ from esper.tamiyo.policy import (
     GraphIds,
     PolicyDecision,
     decide,
+    eligible_pairs,
     joint_action_logits,
     risk_score,
 )
@@ -240,6 +241,49 @@ def test_seed_and_blueprint_are_chosen_as_a_pair() -> None:
     assert (d.seed_id, d.blueprint_id) == ("seed-a", "BP002")
     only_c = decide(rigged, Ids(), germinable=frozenset({"seed-c"}))
     assert (only_c.seed_id, only_c.blueprint_id) == ("seed-c", "BP001")
+
+
+def test_a_design_culled_in_a_seed_this_run_is_not_grown_there_again() -> None:
+    """The best pair overall is BP002 in seed-a (2.1); once Kasmina culled it there, the best pair the
+    policy may still grow wins (BP001 in seed-b, 1.4, then BP001 in seed-c, 1.3); the culled pairs also
+    leave GERMINATE's logsumexp bonus."""
+    rigged = replace(_forced(0).detach_cpu(), seed_scores=torch.tensor([0.1, 0.9, 0.3]),
+                     blueprint_scores=torch.tensor([[0.0, 2.0], [0.5, 0.0], [1.0, -1.0]]),
+                     seed_mask=torch.tensor([True, True, True]), blueprint_mask=torch.tensor([True, True]))
+    d = decide(rigged, Ids(), culled=frozenset({("seed-a", "BP002")}))
+    assert d.action == ACTION_GERMINATE and (d.seed_id, d.blueprint_id) == ("seed-b", "BP001")
+    d = decide(rigged, Ids(), culled=frozenset({("seed-a", "BP002"), ("seed-b", "BP001")}))
+    assert (d.seed_id, d.blueprint_id) == ("seed-c", "BP001")
+    # A cull elsewhere (another seed, or a design not in the graph) changes nothing.
+    assert (decide(rigged, Ids(), culled=frozenset({("seed-b", "BP002"), ("seed-a", "BP999")})).blueprint_id,
+            ) == ("BP002",)
+    allowed = eligible_pairs(Ids().seed_ids, Ids().blueprint_ids, frozenset({"seed-a", "seed-c"}),
+                             frozenset({("seed-a", "BP002")}))
+    assert allowed.tolist() == [[True, False], [False, False], [True, True]]
+    logits = joint_action_logits(rigged.policy_logits, rigged.seed_scores, rigged.blueprint_scores, allowed)
+    expected = rigged.policy_logits[ACTION_GERMINATE] + torch.logsumexp(torch.tensor([0.1, 1.3, 0.3 - 1.0]), 0)
+    assert float(logits[ACTION_GERMINATE]) == pytest.approx(float(expected))
+
+
+def test_every_design_culled_in_every_dormant_seed_is_an_annotated_pause() -> None:
+    culled = frozenset((s, b) for s in ("seed-a", "seed-b", "seed-c") for b in ("BP001", "BP002"))
+    d = decide(_forced(0), Ids(), culled=culled)
+    assert d.action == ACTION_PAUSE and d.command.command_type == pb.COMMAND_PAUSE and d.all_culled
+    assert d.command.annotations["reason"] == "all_culled" and not d.no_dormant_seed
+    # Culls in seeds that are not DORMANT do not count: seed-c is dormant with its designs open.
+    partly = frozenset(p for p in culled if p[0] != "seed-c")
+    assert decide(_forced(0), Ids(), culled=partly).seed_id == "seed-c"
+    assert decide(_forced(0), Ids(), germinable=frozenset({"seed-a"}), culled=partly).all_culled
+
+
+def test_exploration_never_draws_a_design_culled_in_that_seed() -> None:
+    counts = {**COUNTS, "seed": 1, "blueprint": 4}
+    ids = _ids_for(counts)
+    culled = frozenset({("seed-0", "BP000"), ("seed-0", "BP002")})
+    rng = random.Random(3)
+    picks = {decide(_forced(0, counts), ids, culled=culled, explore=rng, explore_epsilon=1.0).blueprint_id
+             for _ in range(40)}
+    assert picks == {"BP001", "BP003"}
 
 
 @pytest.mark.parametrize("missing", ["seed", "blueprint"])

@@ -11,6 +11,7 @@ from pydantic import ValidationError
 
 from esper.leyline import CHANNELS, SignatureError, decode_envelope, pb, unpack_as, verify_command
 from esper.oona import OonaSettings
+from esper.tamiyo.culls import culled_pairs
 from tests.conftest import ClientFactory
 from tests.oona._helpers import wait_until
 from tests.tamiyo._fleet import packet, running_tamiyo, tamiyo_settings, urza_stand_in
@@ -151,6 +152,43 @@ async def test_no_seed_is_grown_that_the_run_cannot_finish(make_client: ClientFa
     assert late.command_type == pb.COMMAND_PAUSE
     assert late.annotations["risk_reason"] == "germinate_too_late"
     assert late.annotations["policy_command"] == "COMMAND_SEED"  # not the policy's choice: Simic skips it
+
+
+def _with_stage(p: pb.SystemStatePacket, seed_id: str, stage: int) -> pb.SystemStatePacket:
+    for s in p.seed_states:
+        if s.seed_id == seed_id:
+            s.stage = stage  # type: ignore[assignment]  # a pb enum value
+    return p
+
+
+@pytest.mark.parametrize("memory", [True, False])
+async def test_the_gnn_never_regrows_a_design_culled_in_that_seed(make_client: ClientFactory, settings: OonaSettings,
+                                                                   tmp_path: Path, memory: bool) -> None:
+    """The untrained GNN germinates its first pair whenever a seed is DORMANT. Once Kasmina culled it
+    (the seed seen TRAINING, then EMBARGOED, then DORMANT again) Tamiyo grows another design there and
+    says which pairs it excluded; with TAMIYO_CULL_MEMORY off it grows the same pair again."""
+    trainer = await make_client("tolaria")
+    urza = await make_client("urza")
+    async with urza_stand_in(urza), running_tamiyo(tamiyo_settings(settings, tmp_path, cull_memory=memory)) as tamiyo:
+        await wait_until(lambda: _metadata_ready(tamiyo), what="catalogue fetched")
+
+        async def ask(p: pb.SystemStatePacket) -> pb.AdaptationCommand:
+            command = (await trainer.request("state", p, timeout_ms=2000)).message_as(pb.AdaptationCommand)
+            verify_command(command, trainer.keys)
+            return command
+
+        first = await ask(packet(10))
+        assert first.command_type == pb.COMMAND_SEED and "culled_pairs" not in first.annotations
+        grown = (first.target_seed_id, first.seed_operation.blueprint_id)
+        await ask(_with_stage(packet(20), grown[0], pb.SEED_STAGE_TRAINING))
+        await ask(_with_stage(packet(30), grown[0], pb.SEED_STAGE_EMBARGOED))
+        again = await ask(packet(40))
+    assert again.command_type == pb.COMMAND_SEED
+    pair = (again.target_seed_id, again.seed_operation.blueprint_id)
+    if memory:
+        assert pair != grown and culled_pairs(again.annotations) == {grown}
+    else:
+        assert pair == grown and "culled_pairs" not in again.annotations
 
 
 async def test_two_workers_split_requests_without_duplicates(make_client: ClientFactory, settings: OonaSettings,

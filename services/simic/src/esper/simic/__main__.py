@@ -138,6 +138,8 @@ def experiment(epochs: Annotated[int, typer.Option(min=1)] = 16, runs: Annotated
                blend_mode: Annotated[str, typer.Option(help="how seeds blend in (CONVEX, RESIDUAL, ...)")] = "CONVEX",
                max_blueprints: Annotated[int, typer.Option(
                    min=1, max=64, help="candidate blueprints per decision (Tamiyo's and Simic's)")] = 16,
+               cull_memory: Annotated[bool, typer.Option(
+                   help="the GNN never regrows a design culled in that seed this run")] = True,
                json_path: Annotated[Path | None, typer.Option("--json", help="write the flat result here")] = None,
                png: Annotated[Path | None, typer.Option(help="write the accuracy plot here")] = None,
                workdir: Annotated[Path | None, typer.Option(help="keep logs, summaries, replay store here")] = None,
@@ -154,7 +156,7 @@ def experiment(epochs: Annotated[int, typer.Option(min=1)] = 16, runs: Annotated
                            input_slot=input_slot, learning_rate=lr, explore=explore,
                            explore_epsilon=explore_epsilon, explore_runs=explore_runs, simic_gamma=gamma,
                            simic_gae_lambda=gae_lambda, blend_mode=blend_mode, max_blueprints=max_blueprints,
-                           workdir=workdir, reuse=reuse)
+                           cull_memory=cull_memory, workdir=workdir, reuse=reuse)
     # SIGTERM unwinds like Ctrl-C, so the fleet and the private redis-server are stopped, never orphaned.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     result = run_experiment(cfg, log=lambda line: typer.echo(line, err=True))

@@ -42,6 +42,7 @@ from dataclasses import dataclass, replace
 
 from esper.core.errors import DependencyViolationError
 from esper.leyline import pb
+from esper.tamiyo.culls import culled_pairs
 from esper.tamiyo.graph import DEFAULT_MAX_BLUEPRINTS, GraphBuilder, GraphInputs
 from esper.tamiyo.metadata import BlueprintInfo
 from esper.tamiyo.normaliser import FeatureNormaliser
@@ -84,6 +85,8 @@ class Sample:
     param_target: float | None  # param_delta the command carried (OPTIMIZER lr_delta, SEED alpha - 0.1)
     seed_target: int | None  # real seed row a GERMINATE targeted
     blueprint_target: int | None  # real blueprint row it used
+    culled: frozenset[tuple[int, int]] = frozenset()  # (seed row, blueprint row) pairs culled earlier in the
+    # run, which the policy could not grow (the command's culled_pairs annotation, esper.tamiyo.culls)
     reward: float = 0.0
     ret: float = 0.0  # discounted return
     advantage: float = 0.0
@@ -157,7 +160,13 @@ def build_samples(reports: Iterable[pb.FieldReport], *, blueprints: Sequence[Blu
             continue  # Tamiyo refused this packet too: no decision to learn from
         if POLICY_COMMAND_ANNOTATION in command.annotations:
             continue  # the risk engine's replacement of the policy's command: not the policy's decision
+        try:
+            culled = culled_pairs(command.annotations)
+        except ValueError:
+            continue  # not a command our Tamiyo wrote: which choice it had is unknown
         dormant = {s.seed_id for s in packet.seed_states if s.stage == pb.SEED_STAGE_DORMANT}
+        seed_row = {sid: i for i, sid in enumerate(graph.seed_ids)}
+        bp_row = {bid: i for i, bid in enumerate(graph.blueprint_ids)}
         seed_target = _row(graph.seed_ids, command.target_seed_id) if action == ACTION_GERMINATE else None
         bp_target = (_row(graph.blueprint_ids, command.seed_operation.blueprint_id)
                      if action == ACTION_GERMINATE else None)
@@ -165,7 +174,8 @@ def build_samples(reports: Iterable[pb.FieldReport], *, blueprints: Sequence[Blu
             report_id=report.report_id, run_id=packet.training_run_id, step=int(packet.global_step),
             epoch=int(packet.current_epoch), graph=graph, germinable=tuple(s in dormant for s in graph.seed_ids),
             action=action, param_target=_param_target(command, action), seed_target=seed_target,
-            blueprint_target=bp_target, outcome=report.outcome))
+            blueprint_target=bp_target, outcome=report.outcome,
+            culled=frozenset((seed_row[sd], bp_row[bp]) for sd, bp in culled if sd in seed_row and bp in bp_row)))
         packets[report.report_id] = packet
     return _with_advantages(samples, packets, {r.report_id: r for r in all_reports}, window_outcome, cfg)
 

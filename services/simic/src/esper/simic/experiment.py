@@ -98,6 +98,9 @@ class ExperimentConfig:
     # risk first: at Tamiyo's 8 the designs that pay in the input slot (highway, squeeze-excitation,
     # rational activation, ...) were never offered (docs/simic.md, session 12).
     max_blueprints: int = 16
+    # Tamiyo's GNN never regrows a design in a seed where Kasmina culled it earlier in the run
+    # (TAMIYO_CULL_MEMORY), as the rule-based policy never does.
+    cull_memory: bool = True
     workdir: Path | None = None  # kept when given; a temp dir otherwise
     # An earlier experiment's workdir: its static, heuristic and explore arms (summaries and replay store)
     # are reused, and only Simic's round and the gnn arm run again (module docstring).
@@ -196,7 +199,7 @@ def _base_env(root: Path, redis_url: str, cfg: ExperimentConfig) -> dict[str, st
             "TOLARIA_KERNEL_WAIT_MS": "2000",  # a seed's kernel attaches at the boundary after its germination
             "TOLARIA_EMERGENCY_ENABLED": "false", "TAMIYO_METADATA_TIMEOUT_MS": "500",
             "TAMIYO_ENABLE_BLEND_MODE_ANN": "true", "TAMIYO_BLEND_MODE_DEFAULT": cfg.blend_mode,
-            "TAMIYO_MAX_BLUEPRINTS": str(cfg.max_blueprints)}
+            "TAMIYO_MAX_BLUEPRINTS": str(cfg.max_blueprints), "TAMIYO_CULL_MEMORY": str(cfg.cull_memory).lower()}
 
 
 def _redis_until(url: str, what: str, check: Any, timeout_s: float = READY_S) -> None:
@@ -379,7 +382,9 @@ def _run_data_arms(procs: _Processes, root: Path, url: str, cfg: ExperimentConfi
 CONFIG_FILE = "experiment-config.json"
 # What shapes the runs and the field reports: a reused workdir must match on all of them.
 _DATA_FIELDS = ("epochs", "hidden_width", "hidden_layers", "input_slot", "learning_rate", "step_timeout_ms",
-                "explore", "explore_epsilon", "explore_runs", "blend_mode", "max_blueprints")
+                "explore", "explore_epsilon", "explore_runs", "blend_mode", "max_blueprints", "cull_memory")
+# What a workdir written before a setting existed ran with.
+_BEFORE_RECORDED = {"cull_memory": False}
 
 
 def _data_shaping(cfg: ExperimentConfig) -> dict[str, Any]:
@@ -394,6 +399,7 @@ def check_reusable(cfg: ExperimentConfig, source: Path) -> None:
     if not path.is_file():
         return
     theirs = json.loads(path.read_text())
+    theirs = {**_BEFORE_RECORDED, **theirs}
     diff = {k: (theirs.get(k), v) for k, v in _data_shaping(cfg).items() if theirs.get(k) != v}
     if diff:
         raise ValueError(f"{source} was run with other settings (theirs, ours): {diff}")
@@ -435,8 +441,8 @@ def results(cfg: ExperimentConfig, arms: dict[str, ArmResult], training: dict[st
                            "explore_epsilon": cfg.explore_epsilon, "explore_runs": cfg.explore_runs,
                            "simic_gamma": cfg.simic_gamma, "simic_gae_lambda": cfg.simic_gae_lambda,
                            "blend_mode": cfg.blend_mode, "max_blueprints": cfg.max_blueprints,
-                           "reused_from": str(cfg.reuse) if cfg.reuse is not None else None,
-                           "wall_s": round(wall_s, 1)}
+                           "cull_memory": cfg.cull_memory,
+                           "reused_from": str(cfg.reuse) if cfg.reuse is not None else None, "wall_s": round(wall_s, 1)}
     for name, arm in arms.items():
         if not arm.summaries:
             continue

@@ -238,18 +238,27 @@ def _blocks(samples: Sequence[Sample]) -> list[tuple[slice, slice]]:
     return out
 
 
+def allowed_pairs(s: Sample) -> Tensor:
+    """[S, P] bool: the (seed, blueprint) pairs the policy could grow in this state: a DORMANT seed's,
+    less those culled there earlier in the run (Tamiyo's ``eligible_pairs``)."""
+    n_seed, n_bp = s.graph.counts["seed"], s.graph.counts["blueprint"]
+    mask = torch.tensor(s.germinable[:n_seed], dtype=torch.bool).unsqueeze(1).repeat(1, n_bp)
+    for row, col in s.culled:
+        mask[row, col] = False
+    return mask
+
+
 def joint_logits(samples: Sequence[Sample], out: BatchOutputs) -> Tensor:
-    """[B, C] action logits as Tamiyo decides them: GERMINATE's plus the logsumexp of the pairs of a
-    DORMANT seed and a blueprint (policy.joint_action_logits).
+    """[B, C] action logits as Tamiyo decides them: GERMINATE's plus the logsumexp of the pairs it
+    could grow (:func:`allowed_pairs`; policy.joint_action_logits).
 
     The pair scores enter detached: they are fitted to Kasmina's verdicts (:func:`_fate_loss`), and
     the action loss, thousands of pauses against a few germinations, would otherwise reshape them
     (pushing every pair down shifts their ranking by the blueprints' feature geometry, not evidence)."""
     rows: list[Tensor] = []
     for b, (s, (seeds, bps)) in enumerate(zip(samples, _blocks(samples), strict=True)):
-        eligible = torch.tensor(s.germinable[:s.graph.counts["seed"]], dtype=torch.bool)
         rows.append(joint_action_logits(out.policy_logits[b], out.seed_scores[seeds].detach(),
-                                        out.blueprint_scores[seeds, bps].detach(), eligible))
+                                        out.blueprint_scores[seeds, bps].detach(), allowed_pairs(s)))
     return torch.stack(rows)
 
 
@@ -295,7 +304,7 @@ def pair_head_parameters(model: TamiyoGNN) -> list[torch.nn.Parameter]:
 def germinable_states(samples: Sequence[Sample], *, rng: random.Random, limit: int = 512) -> list[Sample]:
     """Up to `limit` states (a seeded draw) where a GERMINATE has a pair to grow: a DORMANT seed and a
     blueprint."""
-    out = [s for s in samples if any(s.germinable) and s.graph.counts["blueprint"] > 0]
+    out = [s for s in samples if s.graph.counts["blueprint"] > 0 and bool(allowed_pairs(s).any())]
     return rng.sample(out, limit) if len(out) > limit else out
 
 
@@ -430,14 +439,15 @@ def effective_actions(model: TamiyoGNN, samples: Sequence[Sample], *,
         actions = joint_logits(chunk, res).argmax(-1).tolist()
         for s, a, p, (seeds, bps) in zip(chunk, actions, res.param_delta.tolist(), _blocks(chunk), strict=True):
             act = int(a)
-            n_seed, n_bp = s.graph.counts["seed"], s.graph.counts["blueprint"]
+            n_bp = s.graph.counts["blueprint"]
             pair: tuple[int, int] | None = None
-            mask = torch.tensor(s.germinable[:n_seed], dtype=torch.bool)
+            mask = allowed_pairs(s)
             if n_bp and bool(mask.any()):
                 pairs = pair_logits(res.seed_scores[seeds], res.blueprint_scores[seeds, bps])
-                best = int(pairs.masked_fill(~mask.unsqueeze(1), -math.inf).reshape(-1).argmax())
+                best = int(pairs.masked_fill(~mask, -math.inf).reshape(-1).argmax())
                 pair = divmod(best, n_bp)
-            if act > ACTION_BREAKER_CLOSE or (act == ACTION_GERMINATE and not any(s.germinable)):
+            growable = bool(mask.any()) if n_bp else any(s.germinable)
+            if act > ACTION_BREAKER_CLOSE or (act == ACTION_GERMINATE and not growable):
                 act = ACTION_PAUSE
             out.append(EffectiveAction(act, float(p), pair))
     return out

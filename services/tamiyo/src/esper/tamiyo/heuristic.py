@@ -18,12 +18,12 @@ with several replicas each sees only the packets it decides, which delays, never
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Final
 
 from esper.leyline import pb
+from esper.tamiyo.culls import CULLED_PAIRS_ANNOTATION, CullRecord, PerRun, encode_culled
 from esper.tamiyo.policy import (
     ACTION_GERMINATE,
     ACTION_PAUSE,
@@ -37,35 +37,13 @@ from esper.tamiyo.policy import (
 HEURISTIC_VERSION: Final[str] = "tamiyo_heuristic_v2"  # v2: no regrowing a design culled in that seed
 _ACTIVE: Final[frozenset[int]] = frozenset({pb.SEED_STAGE_GERMINATED, pb.SEED_STAGE_TRAINING, pb.SEED_STAGE_BLENDING,
                                             pb.SEED_STAGE_SHADOWING, pb.SEED_STAGE_PROBATIONARY})
-_CULL_STAGES: Final[frozenset[int]] = frozenset({pb.SEED_STAGE_CULLED, pb.SEED_STAGE_EMBARGOED,
-                                                 pb.SEED_STAGE_RESETTING})
-_MAX_RUNS: Final[int] = 256
 
 
 @dataclass(slots=True)
 class _RunState:
     val_loss: dict[int, float] = field(default_factory=dict)  # epoch → validation loss seen
     last_germinate_epoch: int | None = None
-    grown: dict[str, str] = field(default_factory=dict)  # seed id → blueprint we germinated there, no verdict yet
-    left_dormant: set[str] = field(default_factory=set)  # grown seeds seen past DORMANT
-    culled: set[tuple[str, str]] = field(default_factory=set)  # (seed id, blueprint id) Kasmina culled
-
-    def observe(self, seeds: list[pb.SeedState]) -> None:
-        """A seed we grew that reaches a cull stage, or is DORMANT again after it left DORMANT (its cull
-        fell between the packets this replica saw), was culled with that blueprint; a fossilised one
-        keeps its slot. (A germination the risk engine vetoed stays in `grown` until the next one.)"""
-        for s in seeds:
-            sid = s.seed_id
-            if s.stage == pb.SEED_STAGE_FOSSILIZED:
-                self.grown.pop(sid, None)
-                self.left_dormant.discard(sid)
-            elif sid not in self.grown:
-                continue
-            elif s.stage in _CULL_STAGES or (s.stage == pb.SEED_STAGE_DORMANT and sid in self.left_dormant):
-                self.culled.add((sid, self.grown.pop(sid)))
-                self.left_dormant.discard(sid)
-            elif s.stage != pb.SEED_STAGE_DORMANT:
-                self.left_dormant.add(sid)
+    culls: CullRecord = field(default_factory=CullRecord)  # what we grew where, and what Kasmina culled
 
 
 @dataclass(slots=True)
@@ -73,22 +51,21 @@ class HeuristicPolicy:
     patience: int = 2
     min_improvement: float = 0.01
     cooldown_epochs: int = 2
-    _runs: OrderedDict[str, _RunState] = field(default_factory=OrderedDict)
+    _runs: PerRun[_RunState] = field(default_factory=lambda: PerRun(_RunState))
 
     def decide(self, packet: pb.SystemStatePacket, *, seed_ids: list[str], blueprint_ids: list[str],
                feature_coverage: float | Mapping[str, float]) -> PolicyDecision:
         """`seed_ids` / `blueprint_ids` are the graph's (blueprints already in candidate order)."""
-        run = self._run(packet.training_run_id)
+        run = self._runs(packet.training_run_id)
         epoch = int(packet.current_epoch)
         if packet.validation_loss > 0:  # proto3 float: 0 means no validation yet
             run.val_loss[epoch] = float(packet.validation_loss)
-        run.observe(list(packet.seed_states))
+        run.culls.observe(packet.seed_states)
         rule, seed, blueprint = self._rule(packet, run, epoch, seed_ids, blueprint_ids)
         action = ACTION_GERMINATE if rule == "plateau" else ACTION_PAUSE
         if action == ACTION_GERMINATE and seed is not None and blueprint is not None:
             run.last_germinate_epoch = epoch
-            run.grown[seed] = blueprint
-            run.left_dormant.discard(seed)
+            run.culls.germinated(seed, blueprint)
         decision = PolicyDecision(
             command=pb.AdaptationCommand(version=COMMAND_VERSION, issued_by=ISSUED_BY), action=action,
             param_delta=0.0, seed_id=seed, blueprint_id=blueprint, blending_method="linear", blending_method_index=0,
@@ -97,6 +74,8 @@ class HeuristicPolicy:
             policy_version=HEURISTIC_VERSION, no_dormant_seed=rule == "no_dormant_seed")
         finish_decision(decision)
         decision.command.annotations["rule"] = rule
+        if run.culls.culled:
+            decision.command.annotations[CULLED_PAIRS_ANNOTATION] = encode_culled(run.culls.culled)
         if action == ACTION_PAUSE:
             decision.command.annotations["reason"] = rule
         return decision
@@ -117,7 +96,7 @@ class HeuristicPolicy:
         if not blueprint_ids:
             return "no_blueprint", None, None
         for s in dormant:
-            fresh = [bp for bp in blueprint_ids if (s.seed_id, bp) not in run.culled]
+            fresh = [bp for bp in blueprint_ids if (s.seed_id, bp) not in run.culls.culled]
             if fresh:
                 return "plateau", s.seed_id, fresh[0]
         return "all_culled", None, None
@@ -131,12 +110,3 @@ class HeuristicPolicy:
         recent = min(run.val_loss[e] for e in done[-self.patience:])
         before = min(run.val_loss[e] for e in done[:-self.patience])
         return recent > before * (1.0 - self.min_improvement)
-
-    def _run(self, run_id: str) -> _RunState:
-        state = self._runs.get(run_id)
-        if state is None:
-            state = self._runs[run_id] = _RunState()
-            while len(self._runs) > _MAX_RUNS:
-                self._runs.popitem(last=False)
-        self._runs.move_to_end(run_id)
-        return state

@@ -120,6 +120,7 @@ class PolicyDecision:
     feature_coverage: float
     policy_version: str
     no_dormant_seed: bool = False  # the policy chose GERMINATE but no seed was DORMANT
+    all_culled: bool = False  # ... a seed was DORMANT, but every design was culled there this run
 
 
 def pair_logits(seed_scores: Tensor, blueprint_scores: Tensor) -> Tensor:
@@ -129,8 +130,9 @@ def pair_logits(seed_scores: Tensor, blueprint_scores: Tensor) -> Tensor:
 
 def joint_action_logits(policy_logits: Tensor, seed_scores: Tensor, blueprint_scores: Tensor,
                         eligible: Tensor) -> Tensor:
-    """The action logits with GERMINATE's replaced by ``logit + logsumexp`` over the (eligible seed,
-    blueprint) pair scores (``seed_scores`` [S] + ``blueprint_scores`` [S, P], ``eligible`` [S] bool).
+    """The action logits with GERMINATE's replaced by ``logit + logsumexp`` over the eligible (seed,
+    blueprint) pair scores (``seed_scores`` [S] + ``blueprint_scores`` [S, P]; ``eligible`` [S] bool per
+    seed, or [S, P] per pair: a DORMANT seed's pairs less those culled there this run, see :func:`eligible_pairs`).
 
     Whether to grow and what to grow where are one categorical choice, ``P(germinate s, b) ∝
     exp(l_g + seed(s) + bp(s, b))``: germinating is worth as much as the pairs the state allows, so a
@@ -149,6 +151,15 @@ def joint_action_logits(policy_logits: Tensor, seed_scores: Tensor, blueprint_sc
     onehot = torch.zeros_like(policy_logits)
     onehot[..., ACTION_GERMINATE] = 1.0
     return policy_logits + onehot * bonus
+
+
+def eligible_pairs(seed_ids: Sequence[str], blueprint_ids: Sequence[str], germinable: Collection[str] | None,
+                   culled: Collection[tuple[str, str]] = ()) -> Tensor:
+    """[S, P] bool: the (seed, blueprint) pairs a GERMINATE may grow: the seed is DORMANT (`germinable`,
+    None = every seed) and Kasmina has not culled that design there earlier in the run (`culled`)."""
+    mask = torch.tensor([[(germinable is None or s in germinable) and (s, b) not in culled for b in blueprint_ids]
+                         for s in seed_ids], dtype=torch.bool)
+    return mask.reshape(len(seed_ids), len(blueprint_ids))
 
 
 def risk_score(risk_logits: Tensor) -> float:
@@ -176,6 +187,7 @@ def decide(
     policy_version: str = POLICY_VERSION,
     blend_methods: Sequence[str] = BLEND_METHODS,
     germinable: Collection[str] | None = None,
+    culled: Collection[tuple[str, str]] = (),
     explore: random.Random | None = None,
     explore_epsilon: float = 0.0,
 ) -> PolicyDecision:
@@ -186,6 +198,9 @@ def decide(
         grows the best pair among them; with none it becomes a PAUSE annotated
         ``reason=no_dormant_seed`` (the policy's choice, constrained by the state, said out loud).
         None: every seed row is eligible.
+    :param culled: (seed id, blueprint id) pairs Kasmina culled earlier in this run (:mod:`esper.tamiyo.culls`):
+        never grown again, so a GERMINATE grows the best pair left; with none left it becomes a PAUSE
+        annotated ``reason=all_culled``.
     :param blend_mode_annotations: emit blend-mode annotations on SEED commands
         (``TAMIYO_ENABLE_BLEND_MODE_ANN``, off by default).
     :param blend: blend-mode knobs (defaults: CONVEX, the prototype's gate and alpha defaults).
@@ -203,37 +218,47 @@ def decide(
     _check_ids(out.blueprint_mask, graph_ids.blueprint_ids, "blueprint")
     n_seed, n_bp = len(graph_ids.seed_ids), len(graph_ids.blueprint_ids)
     eligible = torch.tensor([germinable is None or sid in germinable for sid in graph_ids.seed_ids], dtype=torch.bool)
+    allowed = eligible_pairs(graph_ids.seed_ids, graph_ids.blueprint_ids, germinable, culled)
     pairs = pair_logits(out.seed_scores[:n_seed], out.blueprint_scores[:n_seed, :n_bp])
-    if bool(torch.isnan(pairs).any()):
+    if not bool(torch.isfinite(pairs).all()):
         raise DependencyViolationError("seed or blueprint scores are not finite")
     action = int(joint_action_logits(out.policy_logits, out.seed_scores[:n_seed],
-                                      out.blueprint_scores[:n_seed, :n_bp], eligible).argmax())
+                                      out.blueprint_scores[:n_seed, :n_bp], allowed).argmax())
     param_delta = float(out.param_delta)
     if len(blend_methods) != out.blending_logits.numel():
         raise ConfigurationError(f"{len(blend_methods)} blend methods for {out.blending_logits.numel()} logits")
     blend_index = int(out.blending_logits.argmax())
     blend_method = blend_methods[blend_index]
     start, end = _schedule(out.schedule)
-    # Seed and blueprint are one choice: a seed is worth its best pair. (Without a real blueprint the
-    # seed head alone decides.)
+    # Seed and blueprint are one choice: a seed is worth its best pair (when growing, its best pair it
+    # may still grow). Without a real blueprint the seed head alone decides.
     seed_scores = out.seed_scores.clone()
     if n_seed and n_bp:
         seed_scores[:n_seed] = pairs.max(dim=1).values
-    no_dormant = False
-    if germinable is not None and action == ACTION_GERMINATE:
-        no_dormant = not bool(eligible.any())
-        padded = torch.cat([eligible, torch.zeros(seed_scores.numel() - n_seed, dtype=torch.bool)])
-        seed_scores = seed_scores.masked_fill(~padded, float("-inf")) if not no_dormant else seed_scores
-    row, seed = _select(seed_scores, out.seed_mask, graph_ids.seed_ids, "seed", allow_inf=germinable is not None)
-    if no_dormant:
+    no_dormant = all_culled = False
+    allowed_pairs = pairs.masked_fill(~allowed, float("-inf"))
+    if action == ACTION_GERMINATE:
+        no_dormant = germinable is not None and not bool(eligible.any())
+        all_culled = not no_dormant and n_bp > 0 and bool(eligible.any()) and not bool(allowed.any())
+        if n_seed and n_bp and not (no_dormant or all_culled):
+            seed_scores[:n_seed] = allowed_pairs.max(dim=1).values
+        elif not n_bp and germinable is not None and not no_dormant:
+            seed_scores[:n_seed] = seed_scores[:n_seed].masked_fill(~eligible, float("-inf"))
+    growing = action == ACTION_GERMINATE and not (no_dormant or all_culled)
+    row, seed = _select(seed_scores, out.seed_mask, graph_ids.seed_ids, "seed", allow_inf=growing)
+    if action == ACTION_GERMINATE and not growing:
         action = ACTION_PAUSE
     blueprint = None
     if row is not None:  # without a real seed no blueprint has a score (nothing to grow it in)
-        _, blueprint = _select(out.blueprint_scores[row], out.blueprint_mask, graph_ids.blueprint_ids, "blueprint")
+        bp_scores = out.blueprint_scores[row].clone()
+        if growing and n_bp:
+            bp_scores[:n_bp] = allowed_pairs[row]
+        _, blueprint = _select(bp_scores, out.blueprint_mask, graph_ids.blueprint_ids, "blueprint", allow_inf=growing)
     explored = False
-    if (explore is not None and action == ACTION_GERMINATE and len(graph_ids.blueprint_ids) > 1
+    open_bps = [b for b in graph_ids.blueprint_ids if (seed, b) not in culled]
+    if (explore is not None and action == ACTION_GERMINATE and len(open_bps) > 1
             and explore.random() < explore_epsilon):
-        blueprint, explored = explore.choice(list(graph_ids.blueprint_ids)), True
+        blueprint, explored = explore.choice(open_bps), True
     breaker = torch.sigmoid(out.breaker_logits.reshape(-1)).tolist()
     decision = PolicyDecision(
         command=pb.AdaptationCommand(version=COMMAND_VERSION, issued_by=ISSUED_BY),
@@ -253,6 +278,7 @@ def decide(
         feature_coverage=_coverage(graph_ids.feature_coverage),
         policy_version=policy_version,
         no_dormant_seed=no_dormant,
+        all_culled=all_culled,
     )
     _fill_payload(decision)
     _annotate(decision)
@@ -351,7 +377,8 @@ def _fill_payload(d: PolicyDecision) -> None:
         cmd.circuit_breaker.rationale = RATIONALE
     else:
         cmd.command_type = pb.COMMAND_PAUSE
-        cmd.annotations["reason"] = "no_dormant_seed" if d.no_dormant_seed else "policy"
+        cmd.annotations["reason"] = ("no_dormant_seed" if d.no_dormant_seed else "all_culled" if d.all_culled
+                                     else "policy")
 
 
 def finish_decision(d: PolicyDecision) -> PolicyDecision:

@@ -67,6 +67,9 @@ class TamiyoSettings(OonaSettings):
                                 description="candidate blueprints in a decision's graph: the catalogue's best "
                                             "ranked (not quarantined, fit the slot kind, lowest risk); Simic's "
                                             "SIMIC_MAX_BLUEPRINTS must be the same")
+    cull_memory: bool = Field(True, validation_alias=_t("cull_memory"),
+                              description="the GNN never grows a design again in a seed where Kasmina culled it "
+                                          "earlier in the run (the rule-based policy always keeps this rule)")
     explore_epsilon: float = Field(0.0, ge=0.0, le=1.0, validation_alias=_t("explore_epsilon"),
                                    description="probability that a GNN GERMINATE takes a uniformly random candidate "
                                                "blueprint instead of the best-scoring one (exploration for Simic's "

@@ -32,6 +32,7 @@ from esper.oona import Delivery
 from esper.tamiyo.catalog import BlueprintCatalog, CatalogView
 from esper.tamiyo.compile import CompiledPolicy
 from esper.tamiyo.conservative import ConservativeMode, ConservativeTransition
+from esper.tamiyo.culls import CULLED_PAIRS_ANNOTATION, CullRecord, PerRun, encode_culled
 from esper.tamiyo.events import DecisionSnapshot, decision_telemetry
 from esper.tamiyo.gnn import PolicyOutputs
 from esper.tamiyo.graph import GraphBuilder, GraphInputs
@@ -145,6 +146,8 @@ class TamiyoWorker:
         self.builder = builder
         self.heuristic = HeuristicPolicy() if settings.policy == "heuristic" else None
         self.explore = random.Random(settings.explore_seed) if settings.explore_epsilon > 0 else None
+        # The GNN's memory of this run's culls (the rule-based policy keeps its own): TAMIYO_CULL_MEMORY.
+        self.culls: PerRun[CullRecord] | None = PerRun(CullRecord) if settings.cull_memory else None
         # Swapped whole by policy updates (one reference assignment); a decision reads it once.
         self.live = LivePolicy(policy, policy_version)
         self.catalog = catalog
@@ -206,6 +209,7 @@ class TamiyoWorker:
         timings: dict[str, float] = {}
         view = self.catalog.view() if self.catalog is not None else CatalogView((), None, "no_catalog")
         live = self.live
+        record: CullRecord | None = None
         try:
             _require_ids(packet)
             graph = self._build(packet, view.blueprints, timings)
@@ -215,8 +219,10 @@ class TamiyoWorker:
                 if self.settings.enable_blend_mode_ann and decision.action == ACTION_GERMINATE:
                     annotate_blend_mode(decision, self.blend, None, policy_logits=[])  # as the GNN's
             else:
+                record = self._observe_culls(packet)
                 outputs = await self._infer(graph, deadline, timings, live.policy)
-                decision = self._map(outputs, graph, live.version, _germinable(packet))
+                decision = self._map(outputs, graph, live.version, _germinable(packet),
+                                     frozenset(record.culled) if record is not None else frozenset())
         except DecisionFailed as f:
             return self._failure(packet, f, deadline, view, time.perf_counter() - t0, timings, live.version)
         self.inference_breaker.record_success()
@@ -224,6 +230,9 @@ class TamiyoWorker:
         verdict = self._risk(packet, decision, view.blueprints)
         transitions = self._conservative_after(verdict)
         command = self._finalise(decision, verdict, graph, view, deadline)
+        if (record is not None and command.command_type == pb.COMMAND_SEED
+                and command.seed_operation.operation == pb.SEED_OP_GERMINATE):
+            record.germinated(command.target_seed_id, command.seed_operation.blueprint_id)
         telemetry = self._command_telemetry(packet, decision, verdict, graph, view, transitions, timings, deadline)
         elapsed = time.perf_counter() - t0
         self.metrics.decision_latency.observe(elapsed)
@@ -297,15 +306,25 @@ class TamiyoWorker:
             time.sleep(self.faults.inference_delay_ms / 1000.0)
         return policy(graph.x, graph.edge_index, graph.edge_attr, graph.counts)
 
+    def _observe_culls(self, packet: pb.SystemStatePacket) -> CullRecord | None:
+        if self.culls is None:
+            return None
+        record = self.culls(packet.training_run_id)
+        record.observe(packet.seed_states)
+        return record
+
     def _map(self, outputs: PolicyOutputs, graph: GraphInputs, policy_version: str,
-             germinable: frozenset[str]) -> PolicyDecision:
+             germinable: frozenset[str], culled: frozenset[tuple[str, str]]) -> PolicyDecision:
         try:
-            return decide(outputs, graph, blend_mode_annotations=self.settings.enable_blend_mode_ann,
-                          blend=self.blend, policy_version=policy_version, germinable=germinable,
-                          explore=self.explore, explore_epsilon=self.settings.explore_epsilon)
+            decision = decide(outputs, graph, blend_mode_annotations=self.settings.enable_blend_mode_ann,
+                              blend=self.blend, policy_version=policy_version, germinable=germinable,
+                              culled=culled, explore=self.explore, explore_epsilon=self.settings.explore_epsilon)
         except DependencyViolationError as e:
             raise DecisionFailed(pb.DECISION_FAILURE_REASON_DEPENDENCY_VIOLATION, str(e),
                                  event="dependency_violation", level=pb.TELEMETRY_LEVEL_ERROR) from e
+        if culled:
+            decision.command.annotations[CULLED_PAIRS_ANNOTATION] = encode_culled(culled)
+        return decision
 
     def _risk(self, packet: pb.SystemStatePacket, decision: PolicyDecision,
               blueprints: tuple[BlueprintInfo, ...]) -> RiskVerdict:
