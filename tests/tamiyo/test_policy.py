@@ -286,6 +286,24 @@ def test_exploration_never_draws_a_design_culled_in_that_seed() -> None:
     assert picks == {"BP001", "BP003"}
 
 
+def test_exploration_draws_among_the_least_grown_designs_first() -> None:
+    """Counts are per (seed, design): BP001 and BP003 were grown once in seed-0, BP000 and BP002 never
+    there (BP000 twice in another seed), so only those two are drawn; with every count equal, all are."""
+    counts = {**COUNTS, "seed": 1, "blueprint": 4}
+    ids = _ids_for(counts)
+    out = _forced(0, counts)
+    tried = {("seed-0", "BP001"): 1, ("seed-0", "BP003"): 1, ("seed-9", "BP000"): 2}
+    rng = random.Random(5)
+    picks = {decide(out, ids, explore=rng, explore_epsilon=1.0, tried=tried).blueprint_id for _ in range(40)}
+    assert picks == {"BP000", "BP002"}
+    even = {("seed-0", f"BP{i:03d}"): 3 for i in range(4)}
+    assert {decide(out, ids, explore=rng, explore_epsilon=1.0, tried=even).blueprint_id
+            for _ in range(60)} == set(ids.blueprint_ids)
+    # A design culled in the seed is out even when it is the least grown.
+    culled = decide(out, ids, explore=rng, explore_epsilon=1.0, tried=tried, culled={("seed-0", "BP000")})
+    assert culled.blueprint_id == "BP002"
+
+
 @pytest.mark.parametrize("missing", ["seed", "blueprint"])
 def test_germinate_without_real_seed_or_blueprint_is_a_dependency_violation(missing: str) -> None:
     counts = dict(COUNTS, **{missing: 0})

@@ -166,15 +166,23 @@ async def test_the_gnn_never_regrows_a_design_culled_in_that_seed(make_client: C
                                                                    tmp_path: Path, memory: bool) -> None:
     """The untrained GNN germinates its first pair whenever a seed is DORMANT. Once Kasmina culled it
     (the seed seen TRAINING, then EMBARGOED, then DORMANT again) Tamiyo grows another design there and
-    says which pairs it excluded; with TAMIYO_CULL_MEMORY off it grows the same pair again."""
+    says which pairs it excluded; with TAMIYO_CULL_MEMORY off it grows the same pair again. An
+    exploring replica counts what it grew (its draws favour the least-grown designs; the sample
+    catalogue has one, so nothing is drawn here)."""
     trainer = await make_client("tolaria")
     urza = await make_client("urza")
-    async with urza_stand_in(urza), running_tamiyo(tamiyo_settings(settings, tmp_path, cull_memory=memory)) as tamiyo:
+    config = tamiyo_settings(settings, tmp_path, cull_memory=memory, explore_epsilon=1.0)
+    async with urza_stand_in(urza), running_tamiyo(config) as tamiyo:
         await wait_until(lambda: _metadata_ready(tamiyo), what="catalogue fetched")
+
+        sent: dict[tuple[str, str], int] = {}
 
         async def ask(p: pb.SystemStatePacket) -> pb.AdaptationCommand:
             command = (await trainer.request("state", p, timeout_ms=2000)).message_as(pb.AdaptationCommand)
             verify_command(command, trainer.keys)
+            if command.command_type == pb.COMMAND_SEED:
+                key = (command.target_seed_id, command.seed_operation.blueprint_id)
+                sent[key] = sent.get(key, 0) + 1
             return command
 
         first = await ask(packet(10))
@@ -183,12 +191,14 @@ async def test_the_gnn_never_regrows_a_design_culled_in_that_seed(make_client: C
         await ask(_with_stage(packet(20), grown[0], pb.SEED_STAGE_TRAINING))
         await ask(_with_stage(packet(30), grown[0], pb.SEED_STAGE_EMBARGOED))
         again = await ask(packet(40))
+        counted = dict(tamiyo.worker.grown)
     assert again.command_type == pb.COMMAND_SEED
     pair = (again.target_seed_id, again.seed_operation.blueprint_id)
     if memory:
         assert pair != grown and culled_pairs(again.annotations) == {grown}
     else:
         assert pair == grown and "culled_pairs" not in again.annotations
+    assert counted == sent and counted[grown] == (1 if memory else 2)
 
 
 async def test_two_workers_split_requests_without_duplicates(make_client: ClientFactory, settings: OonaSettings,

@@ -190,6 +190,7 @@ def decide(
     culled: Collection[tuple[str, str]] = (),
     explore: random.Random | None = None,
     explore_epsilon: float = 0.0,
+    tried: Mapping[tuple[str, str], int] | None = None,
 ) -> PolicyDecision:
     """Map one forward's outputs to a command.
 
@@ -206,9 +207,13 @@ def decide(
     :param blend: blend-mode knobs (defaults: CONVEX, the prototype's gate and alpha defaults).
     :param channel_count: output channels of the selected blueprint, when its metadata says; CHANNEL
         needs it (≤ ``blend.alpha_vec_max``) or falls back to CONVEX with a ``blend_mode_fallback`` reason.
-    :param explore: with probability ``explore_epsilon`` a GERMINATE's blueprint is drawn uniformly from
-        the graph's real blueprints instead of the best-scoring one (``TAMIYO_EXPLORE_EPSILON``), and
+    :param explore: with probability ``explore_epsilon`` a GERMINATE's blueprint is drawn from the
+        graph's real blueprints instead of the best-scoring one (``TAMIYO_EXPLORE_EPSILON``), and
         annotated ``explored=blueprint``: Simic learns which blueprints pay only from data that tried them.
+    :param tried: how often each (seed, blueprint) pair was already grown (by this replica, over all
+        its runs): the exploration draw is uniform among the seed's least-grown designs, so every pair
+        gets its verdicts before any gets many (uniform draws left a pair untried in 24 runs, and the
+        policy trained on them grew that one).
     :raises DependencyViolationError: action 0 without a real seed or blueprint, ids that do not match
         the real rows, or non-finite outputs.
     """
@@ -254,11 +259,9 @@ def decide(
         if growing and n_bp:
             bp_scores[:n_bp] = allowed_pairs[row]
         _, blueprint = _select(bp_scores, out.blueprint_mask, graph_ids.blueprint_ids, "blueprint", allow_inf=growing)
-    explored = False
-    open_bps = [b for b in graph_ids.blueprint_ids if (seed, b) not in culled]
-    if (explore is not None and action == ACTION_GERMINATE and len(open_bps) > 1
-            and explore.random() < explore_epsilon):
-        blueprint, explored = explore.choice(open_bps), True
+    drawn = (_explore(explore, explore_epsilon, seed, graph_ids.blueprint_ids, culled, tried or {})
+             if explore is not None and action == ACTION_GERMINATE and seed is not None else None)
+    blueprint = drawn or blueprint
     breaker = torch.sigmoid(out.breaker_logits.reshape(-1)).tolist()
     decision = PolicyDecision(
         command=pb.AdaptationCommand(version=COMMAND_VERSION, issued_by=ISSUED_BY),
@@ -282,12 +285,23 @@ def decide(
     )
     _fill_payload(decision)
     _annotate(decision)
-    if explored:
+    if drawn is not None:
         decision.command.annotations["explored"] = "blueprint"
     if blend_mode_annotations and action == ACTION_GERMINATE:
         annotate_blend_mode(decision, blend or BlendModeSettings(), channel_count,
                             policy_logits=out.policy_logits.reshape(-1).tolist())
     return decision
+
+
+def _explore(rng: random.Random, epsilon: float, seed: str, blueprint_ids: Sequence[str],
+             culled: Collection[tuple[str, str]], tried: Mapping[tuple[str, str], int]) -> str | None:
+    """With probability `epsilon`, a design drawn uniformly among the seed's least-grown ones it may
+    still grow (``decide``'s `explore` and `tried`); None otherwise, or with fewer than two to draw from."""
+    open_bps = [b for b in blueprint_ids if (seed, b) not in culled]
+    if len(open_bps) < 2 or rng.random() >= epsilon:
+        return None
+    fewest = min(tried.get((seed, b), 0) for b in open_bps)
+    return rng.choice([b for b in open_bps if tried.get((seed, b), 0) == fewest])
 
 
 _GRAPH_LEVEL: Final[tuple[str, ...]] = (

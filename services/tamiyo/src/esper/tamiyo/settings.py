@@ -71,9 +71,10 @@ class TamiyoSettings(OonaSettings):
                               description="the GNN never grows a design again in a seed where Kasmina culled it "
                                           "earlier in the run (the rule-based policy always keeps this rule)")
     explore_epsilon: float = Field(0.0, ge=0.0, le=1.0, validation_alias=_t("explore_epsilon"),
-                                   description="probability that a GNN GERMINATE takes a uniformly random candidate "
-                                               "blueprint instead of the best-scoring one (exploration for Simic's "
-                                               "data; 0 = always the best)")
+                                   description="probability that a GNN GERMINATE takes a random candidate blueprint, "
+                                               "drawn among the seed's designs this replica grew least, instead of "
+                                               "the best-scoring one (exploration for Simic's data; 0 = always the "
+                                               "best)")
     explore_seed: int = Field(0, ge=0, validation_alias=_t("explore_seed"),
                               description="seeds the exploration draws (reproducible runs)")
 

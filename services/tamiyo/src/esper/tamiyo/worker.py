@@ -146,6 +146,8 @@ class TamiyoWorker:
         self.builder = builder
         self.heuristic = HeuristicPolicy() if settings.policy == "heuristic" else None
         self.explore = random.Random(settings.explore_seed) if settings.explore_epsilon > 0 else None
+        self.grown: dict[tuple[str, str], int] = {}  # (seed, blueprint) → GERMINATEs sent: exploration
+        # draws among the least-grown designs (policy.decide's `tried`)
         # The GNN's memory of this run's culls (the rule-based policy keeps its own): TAMIYO_CULL_MEMORY.
         self.culls: PerRun[CullRecord] | None = PerRun(CullRecord) if settings.cull_memory else None
         # Swapped whole by policy updates (one reference assignment); a decision reads it once.
@@ -230,9 +232,12 @@ class TamiyoWorker:
         verdict = self._risk(packet, decision, view.blueprints)
         transitions = self._conservative_after(verdict)
         command = self._finalise(decision, verdict, graph, view, deadline)
-        if (record is not None and command.command_type == pb.COMMAND_SEED
-                and command.seed_operation.operation == pb.SEED_OP_GERMINATE):
-            record.germinated(command.target_seed_id, command.seed_operation.blueprint_id)
+        if command.command_type == pb.COMMAND_SEED and command.seed_operation.operation == pb.SEED_OP_GERMINATE:
+            pair = (command.target_seed_id, command.seed_operation.blueprint_id)
+            if record is not None:
+                record.germinated(*pair)
+            if self.explore is not None:
+                self.grown[pair] = self.grown.get(pair, 0) + 1
         telemetry = self._command_telemetry(packet, decision, verdict, graph, view, transitions, timings, deadline)
         elapsed = time.perf_counter() - t0
         self.metrics.decision_latency.observe(elapsed)
@@ -318,7 +323,8 @@ class TamiyoWorker:
         try:
             decision = decide(outputs, graph, blend_mode_annotations=self.settings.enable_blend_mode_ann,
                               blend=self.blend, policy_version=policy_version, germinable=germinable,
-                              culled=culled, explore=self.explore, explore_epsilon=self.settings.explore_epsilon)
+                              culled=culled, explore=self.explore, explore_epsilon=self.settings.explore_epsilon,
+                              tried=self.grown)
         except DependencyViolationError as e:
             raise DecisionFailed(pb.DECISION_FAILURE_REASON_DEPENDENCY_VIOLATION, str(e),
                                  event="dependency_violation", level=pb.TELEMETRY_LEVEL_ERROR) from e
