@@ -39,10 +39,10 @@ class SimicSettings(OonaSettings):
     fate_min_improvement: float = Field(0.03, validation_alias=_s("fate_min_improvement"),
                                         description="mean ablation evidence (validation loss) a FOSSILIZED seed "
                                                     "needs to count as a benefit; less counts as a cull")
-    fate_steps: int = Field(0, ge=0, validation_alias=_s("fate_steps"),
+    fate_steps: int = Field(40, ge=0, validation_alias=_s("fate_steps"),
                             description="full-batch steps fitting the pair scores to every germination's fate, "
                                         "before imitation and again (the pair layers alone) after AWR; 0 = off "
-                                        "(40 was tried: docs/simic.md)")
+                                        "(the default before session 13: docs/simic.md)")
     imitation_epochs: int = Field(2, ge=0, validation_alias=_s("imitation_epochs"),
                                   description="passes of imitation of positive-advantage decisions")
     awr_epochs: int = Field(4, ge=0, validation_alias=_s("awr_epochs"),

@@ -96,7 +96,7 @@ def check_cancel(cancel: threading.Event | None) -> None:
 @dataclass(frozen=True, slots=True)
 class TrainConfig:
     learning_rate: float = 5e-4
-    fate_steps: int = 0  # fit_fates before imitation (off by default: docs/simic.md)
+    fate_steps: int = 0  # fit_fates before imitation (the service's SIMIC_FATE_STEPS: 40; docs/simic.md)
     fate_polish_steps: int = 0  # and on the pair layers alone after AWR
     imitation_epochs: int = 2
     awr_epochs: int = 4
