@@ -146,9 +146,10 @@ class TamiyoWorker:
         self.builder = builder
         self.heuristic = HeuristicPolicy() if settings.policy == "heuristic" else None
         self.explore = random.Random(settings.explore_seed) if settings.explore_epsilon > 0 else None
-        self.grown: dict[tuple[str, str], int] = {}  # (seed, blueprint) → GERMINATEs sent: exploration
-        # draws among the least-grown designs (policy.decide's `tried`)
-        # The GNN's memory of this run's culls (the rule-based policy keeps its own): TAMIYO_CULL_MEMORY.
+        # (seed, blueprint) → GERMINATEs this replica sent: exploration draws among the least-grown
+        # designs (policy.decide's `tried`).
+        self.grown: dict[tuple[str, str], int] = {}
+        # The GNN's memory of each run's culls (the rule-based policy keeps its own): TAMIYO_CULL_MEMORY.
         self.culls: PerRun[CullRecord] | None = PerRun(CullRecord) if settings.cull_memory else None
         # Swapped whole by policy updates (one reference assignment); a decision reads it once.
         self.live = LivePolicy(policy, policy_version)
