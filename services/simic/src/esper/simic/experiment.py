@@ -11,7 +11,8 @@ on the same seeds (`TOLARIA_SEED` = 0 .. runs-1) for the same epochs:
    whose field reports show Simic what the GNN's own actions lead to;
 4. Simic trains a candidate from the initial GNN on the replay store (heuristic + explore reports),
    gates it against the initial GNN on held-out runs and, if accepted, publishes it as a signed
-   `PolicyUpdate`; the running GNN Tamiyo applies it live;
+   `PolicyUpdate`; the running GNN Tamiyo applies it live (the round's knobs are Simic's: `SIMIC_*`
+   from this process's environment, e.g. `SIMIC_FATE_STEPS`; the fleet's processes never see them);
 5. **gnn**: the same Tamiyo, now serving the trained policy (or, if the gate refused, still the
    initial one: reported as such, never swapped for something else).
 
