@@ -127,6 +127,16 @@ def _row(ids: Sequence[str], wanted: str) -> int | None:
         return None
 
 
+def _rows(graph: GraphInputs, pairs: Iterable[tuple[str, str]]) -> frozenset[tuple[int, int]]:
+    """(seed row, blueprint row) of each (seed id, blueprint id) pair the graph holds."""
+    out = set()
+    for seed_id, blueprint_id in pairs:
+        i, j = _row(graph.seed_ids, seed_id), _row(graph.blueprint_ids, blueprint_id)
+        if i is not None and j is not None:
+            out.add((i, j))
+    return frozenset(out)
+
+
 def _loss(packet: pb.SystemStatePacket) -> float | None:
     m = packet.training_metrics
     value = m.get("loss_ewma", m.get("loss", packet.training_loss))
@@ -165,8 +175,6 @@ def build_samples(reports: Iterable[pb.FieldReport], *, blueprints: Sequence[Blu
         except ValueError:
             continue  # not a command our Tamiyo wrote: which choice it had is unknown
         dormant = {s.seed_id for s in packet.seed_states if s.stage == pb.SEED_STAGE_DORMANT}
-        seed_row = {sid: i for i, sid in enumerate(graph.seed_ids)}
-        bp_row = {bid: i for i, bid in enumerate(graph.blueprint_ids)}
         seed_target = _row(graph.seed_ids, command.target_seed_id) if action == ACTION_GERMINATE else None
         bp_target = (_row(graph.blueprint_ids, command.seed_operation.blueprint_id)
                      if action == ACTION_GERMINATE else None)
@@ -175,7 +183,7 @@ def build_samples(reports: Iterable[pb.FieldReport], *, blueprints: Sequence[Blu
             epoch=int(packet.current_epoch), graph=graph, germinable=tuple(s in dormant for s in graph.seed_ids),
             action=action, param_target=_param_target(command, action), seed_target=seed_target,
             blueprint_target=bp_target, outcome=report.outcome,
-            culled=frozenset((seed_row[sd], bp_row[bp]) for sd, bp in culled if sd in seed_row and bp in bp_row)))
+            culled=_rows(graph, culled)))
         packets[report.report_id] = packet
     return _with_advantages(samples, packets, {r.report_id: r for r in all_reports}, window_outcome, cfg)
 

@@ -399,8 +399,7 @@ def check_reusable(cfg: ExperimentConfig, source: Path) -> None:
     path = source / CONFIG_FILE
     if not path.is_file():
         return
-    theirs = json.loads(path.read_text())
-    theirs = {**_BEFORE_RECORDED, **theirs}
+    theirs = {**_BEFORE_RECORDED, **json.loads(path.read_text())}
     diff = {k: (theirs.get(k), v) for k, v in _data_shaping(cfg).items() if theirs.get(k) != v}
     if diff:
         raise ValueError(f"{source} was run with other settings (theirs, ours): {diff}")
