@@ -1,4 +1,5 @@
-"""Small helpers shared by the Tolaria tests: a tiny trained model and exact state comparison."""
+"""Small helpers shared by the Tolaria tests: a tiny trained model, exact state comparison, and the
+trainer's events as they landed on the telemetry lanes."""
 
 from __future__ import annotations
 
@@ -7,8 +8,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from esper.leyline import CHANNELS, decode_envelope, pb, unpack_as
 from esper.tolaria.data import DatasetMeta
 from esper.tolaria.host import HostNetwork, build_host
+from tests.conftest import ClientFactory
 
 META = DatasetMeta(name="toy", source="npz", num_features=8, num_classes=3, input_shape=(8,), train_size=32,
                    val_size=8, seed=0, val_fraction=0.2)
@@ -60,3 +63,17 @@ def assert_state_equal(model_a: nn.Module, opt_a: torch.optim.Optimizer, model_b
                        opt_b: torch.optim.Optimizer) -> None:
     assert_same(dict(model_a.state_dict()), dict(model_b.state_dict()), "model")
     assert_same(opt_a.state_dict(), opt_b.state_dict(), "optimizer")
+
+
+async def tolaria_events(client_factory: ClientFactory) -> list[tuple[int, str, dict[str, str]]]:
+    """(envelope priority, lane, event attributes) of every Tolaria event on both telemetry lanes."""
+    observer = await client_factory("observer")
+    out = []
+    for lane, stream in (("emergency", CHANNELS["telemetry"].emergency_stream),
+                         ("normal", CHANNELS["telemetry"].normal_stream)):
+        for _id, fields in await observer.redis.xrange(stream):
+            env = decode_envelope(fields[b"payload"])
+            packet = unpack_as(env, pb.TelemetryPacket)
+            if packet.source_subsystem == "tolaria":
+                out.extend((env.priority, lane, dict(e.attributes)) for e in packet.events)
+    return out

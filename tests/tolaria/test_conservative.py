@@ -13,7 +13,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from esper.core.breaker import CLOSED, HALF_OPEN, OPEN
-from esper.leyline import CHANNELS, decode_envelope, pb, unpack_as
+from esper.leyline import CHANNELS, pb
 from esper.oona import OonaSettings
 from esper.tolaria.bus import BusThread
 from esper.tolaria.conservative import ConservativeMode
@@ -21,6 +21,7 @@ from esper.tolaria.decisions import Decision
 from esper.tolaria.settings import TolariaSettings
 from esper.tolaria.trainer import Trainer
 from tests.conftest import ClientFactory
+from tests.tolaria._helpers import tolaria_events
 
 
 class FakeClock:
@@ -228,18 +229,6 @@ async def _run(ts: TolariaSettings, registry: CollectorRegistry, *, step_clock: 
     return trainer
 
 
-async def _telemetry(client_factory: ClientFactory) -> list[tuple[int, str, dict[str, str]]]:
-    """(envelope priority, lane, event attributes) of every Tolaria event on both telemetry lanes."""
-    observer = await client_factory("observer")
-    out = []
-    for lane, stream in (("emergency", CHANNELS["telemetry"].emergency_stream),
-                         ("normal", CHANNELS["telemetry"].normal_stream)):
-        for _id, fields in await observer.redis.xrange(stream):
-            env = decode_envelope(fields[b"payload"])
-            packet = unpack_as(env, pb.TelemetryPacket)
-            if packet.source_subsystem == "tolaria":
-                out.extend((env.priority, lane, dict(e.attributes)) for e in packet.events)
-    return out
 
 
 @pytest.mark.parametrize("mode", ["sync", "pipelined"])
@@ -269,7 +258,7 @@ async def test_no_tamiyo_enters_conservative_mode_after_exactly_failures_timeout
     # nothing is published once the breaker is open: at most the three requests' packets are on `state`
     # (fewer only if a publish itself outlasted its request's deadline on a loaded machine)
     assert 1 <= await observer.redis.xlen(CHANNELS["state"].normal_stream) <= 3
-    events = await _telemetry(make_client)
+    events = await tolaria_events(make_client)
     entered = [(p, lane) for p, lane, e in events if e["event"] == "conservative_mode_entered"]
     assert entered == [(pb.MESSAGE_PRIORITY_HIGH, "emergency")]
     timeouts = [e for _p, lane, e in events if e["event"] == "tamiyo_timeout" and lane == "emergency"]
@@ -282,14 +271,16 @@ async def test_no_tamiyo_enters_conservative_mode_after_exactly_failures_timeout
         "decisions_skipped_conservative"]
 
 
+@pytest.mark.parametrize("transport", ["process", "thread"])
 async def test_no_tamiyo_probes_after_each_reset_and_timeouts_stay_bounded(
-        make_client: ClientFactory, settings: OonaSettings, tmp_path: Path) -> None:
+        make_client: ClientFactory, settings: OonaSettings, tmp_path: Path, transport: str) -> None:
     """The breaker's clock is the step counter (one 'second' per step), so the half-open probes fall on
-    known steps: each fails (no Tamiyo), re-opens the breaker, and is the only request of its cycle."""
+    known steps: each fails (no Tamiyo), re-opens the breaker, and is the only request of its cycle.
+    Each timeout's event is published once, by the sidecar or, on the bus thread, by the trainer."""
     registry = CollectorRegistry()
     failures, reset = 2, 10
     ts = _trainer_settings(tmp_path, settings, decision_mode="sync", decision_breaker_failures=failures,
-                           decision_breaker_reset_s=float(reset))
+                           decision_breaker_reset_s=float(reset), decision_transport=transport)
     trainer = await _run(ts, registry, step_clock=True)
     s = trainer.summary(clean_shutdown=True)
     assert s["epochs"] == 2 and s["steps"] == trainer.step
@@ -299,7 +290,7 @@ async def test_no_tamiyo_probes_after_each_reset_and_timeouts_stay_bounded(
     assert s["timeouts"] == failures + probes  # bounded by the probes, not one per step
     assert s["decisions_skipped_conservative"] == s["steps"] - s["timeouts"]
     assert s["conservative_steps"] == s["steps"] - failures and s["conservative_entries"] == 1
-    events = await _telemetry(make_client)
+    events = await tolaria_events(make_client)
     assert sum(e["event"] == "conservative_mode_entered" for _p, _l, e in events) == 1  # a re-open is no new entry
     assert sum(e["event"] == "tamiyo_timeout" for _p, _l, e in events) == s["timeouts"]
     assert registry.get_sample_value("tolaria_conservative_mode") == 1.0

@@ -9,11 +9,14 @@ from pathlib import Path
 
 from prometheus_client import CollectorRegistry
 
+from esper.leyline import pb
 from esper.oona import OonaMetrics, OonaSettings
 from esper.tamiyo.standin import sample_packet
 from esper.tolaria.settings import TolariaSettings
 from esper.tolaria.sidecar import SidecarDecisionClient
+from tests.conftest import ClientFactory
 from tests.tamiyo._fleet import running_tamiyo, tamiyo_settings
+from tests.tolaria._helpers import tolaria_events
 
 
 def _settings(settings: OonaSettings, tmp_path: Path) -> TolariaSettings:
@@ -64,3 +67,20 @@ async def test_a_dead_sidecar_is_an_error_decision_and_is_restarted(settings: Oo
         assert client.sent == 2 and client.skipped_starting >= 1
     finally:
         await asyncio.to_thread(client.close)
+
+
+async def test_the_sidecar_reports_a_timeout_itself(settings: OonaSettings, tmp_path: Path,
+                                                    make_client: ClientFactory) -> None:
+    """No Tamiyo: the request runs out; the child publishes the HIGH `tamiyo_timeout` event (emergency
+    lane) before handing the outcome back marked `reported`, so the trainer does not publish it again."""
+    client = SidecarDecisionClient(_settings(settings, tmp_path), budget_ms=50.0)
+    await asyncio.to_thread(client.start)
+    try:
+        assert client.submit(sample_packet("sc-7", 7, run="sc"), 7)
+        decision = await asyncio.to_thread(client.wait)
+    finally:
+        await asyncio.to_thread(client.close)
+    assert decision is not None and decision.kind == "timeout" and decision.reported
+    events = await tolaria_events(make_client)
+    assert events == [(pb.MESSAGE_PRIORITY_HIGH, "emergency",
+                       {"event": "tamiyo_timeout", "step_index": "7", "packet_id": "sc-7"})]

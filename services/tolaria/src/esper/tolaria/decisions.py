@@ -16,6 +16,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Literal
 
+from esper.core.telemetry import build_event, build_telemetry_packet
 from esper.leyline import pb
 from esper.oona import OonaClient, OonaError
 from esper.oona.errors import RequestTimeoutError
@@ -35,6 +36,7 @@ class Decision:
     command: pb.AdaptationCommand | None = None
     failure: pb.DecisionFailure | None = None
     detail: str = ""
+    reported: bool = False  # its `tamiyo_timeout` event is already published (the sidecar does that)
 
 
 class OneInFlight(ABC):
@@ -153,6 +155,14 @@ async def ask(client: OonaClient, packet: pb.SystemStatePacket, step: int, budge
         return Decision(step, packet.packet_id, "failure", _ms(t0), failure=msg,
                         detail=pb.DecisionFailureReason.Name(msg.reason))
     return Decision(step, packet.packet_id, "error", _ms(t0), detail=f"unexpected reply {type(msg).__name__}")
+
+
+def timeout_telemetry(d: Decision) -> pb.TelemetryPacket:
+    """The `tamiyo_timeout` event of a request that got no reply in time (HIGH in core's list: it rides
+    the emergency lane). Built here so the trainer and the sidecar report it alike."""
+    event = build_event("tamiyo_timeout", level=pb.TELEMETRY_LEVEL_WARNING, description=d.detail[:200],
+                        step_index=d.step, packet_id=d.packet_id)
+    return build_telemetry_packet("tolaria", events=[event])
 
 
 def _ms(t0: float) -> float:

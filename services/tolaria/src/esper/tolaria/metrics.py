@@ -115,35 +115,32 @@ class TrainingSignals:
                            grad_norm_ewma=self.grad.mean, grad_var=self.grad.var)
 
 
-def _gradient_norm_tensor(parameters: Iterable[torch.Tensor]) -> torch.Tensor | None:
-    """Global L2 norm of the gradients present, left on the device (None when there are none)."""
+def _gradient_norms(parameters: Iterable[torch.Tensor], device: torch.device | None = None) -> list[torch.Tensor]:
+    """The L2 norm of each gradient present (one fused kernel), as float32 on `device` (default: the
+    first gradient's): the global norm is their hypotenuse, taken on the host after the one read."""
     grads = [p.grad for p in parameters if p.grad is not None]  # leaves outside autograd: no detach needed
     if not grads:
-        return None
-    if len({(g.device, g.dtype) for g in grads}) == 1:  # one fused kernel, no per-tensor `.to` (the usual case)
-        norms = torch.stack(torch._foreach_norm(grads, 2.0))
-    else:
-        parts = [torch.linalg.vector_norm(g, 2.0).float() for g in grads]
-        norms = torch.stack([n.to(parts[0].device) for n in parts])
-    total: torch.Tensor = torch.linalg.vector_norm(norms, 2.0)
-    return total
+        return []
+    device = grads[0].device if device is None else device
+    return [n if n.dtype == torch.float32 and n.device == device else n.to(device, torch.float32)
+            for n in torch._foreach_norm(grads, 2.0)]
 
 
 def gradient_norm(parameters: Iterable[torch.Tensor]) -> float:
     """Global L2 norm of the gradients present (0.0 when none); one device sync."""
-    norm = _gradient_norm_tensor(parameters)
-    return 0.0 if norm is None else float(norm.item())
+    norms = _gradient_norms(parameters)
+    return math.hypot(*torch.stack(norms).tolist()) if norms else 0.0
 
 
-def _correct_fraction(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def _correct_count(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     if len(labels) == 0:
         raise ValueError("accuracy of an empty batch")
-    return (logits.argmax(dim=1) == labels).float().mean()
+    return (logits.argmax(dim=1) == labels).sum(dtype=torch.float32)
 
 
 def batch_accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
     """Top-1 accuracy of one batch, in [0, 1]."""
-    return float(_correct_fraction(logits, labels).item())
+    return float(_correct_count(logits, labels).item()) / len(labels)
 
 
 def step_readings(loss: torch.Tensor, parameters: Iterable[torch.Tensor], logits: torch.Tensor | None = None,
@@ -153,15 +150,18 @@ def step_readings(loss: torch.Tensor, parameters: Iterable[torch.Tensor], logits
     Why one: every `.item()` waits for the device. The trainer must read the loss and the norm before
     `optimizer.step()` (a non-finite step is never applied); reading the accuracy apart, after the
     step, made the CPU wait for the optimizer's kernels too, and the GPU then idled while the CPU built
-    the packet. Here the three are stacked on the device and copied once."""
-    norm = _gradient_norm_tensor(parameters)
-    parts = [loss.detach().reshape(()).float(), loss.new_zeros(()).float() if norm is None else norm.float()]
+    the packet. Here the loss, the per-gradient norms and the correct count are stacked on the device
+    and copied once; the sums (global norm, accuracy) are a few floats, cheaper on the host than as
+    more tensor ops, each of which costs a dispatch on every step."""
+    norms = _gradient_norms(parameters, loss.device)
+    parts = [loss.detach().reshape(()).float(), *norms]
+    batch = None
     if logits is not None and labels is not None:
-        parts.append(_correct_fraction(logits.detach(), labels))
-    if any(t.device != loss.device for t in parts):  # gradients elsewhere than the loss (rare): gather first
-        parts = [t.to(loss.device) for t in parts]
+        parts.append(_correct_count(logits.detach(), labels))
+        batch = len(labels)
     values = torch.stack(parts).tolist()
-    return values[0], values[1], values[2] if len(values) > 2 else None
+    accuracy = None if batch is None else values[-1] / batch
+    return values[0], math.hypot(*values[1:1 + len(norms)]), accuracy
 
 
 def training_metrics(*, loss: float, accuracy: float, gradient_norm: float, samples_per_s: float,

@@ -45,7 +45,7 @@ from esper.tolaria.checkpoint import CheckpointError, CheckpointStore
 from esper.tolaria.commands import adjust_lr, current_lr, scheduled_lr, set_lr
 from esper.tolaria.conservative import ConservativeMode, ModeChange
 from esper.tolaria.data import Dataset, epoch_generator, iter_batches, load_dataset
-from esper.tolaria.decisions import Decision, DecisionClient, OneInFlight
+from esper.tolaria.decisions import Decision, DecisionClient, OneInFlight, timeout_telemetry
 from esper.tolaria.emergency import EmergencyController, EmergencyPublisher, epoch_failure_level
 from esper.tolaria.host import HostNetwork, build_host
 from esper.tolaria.instruments import TolariaMetrics
@@ -307,8 +307,8 @@ class Trainer:
         self.stats.decision_ms.append(d.latency_ms)
         if d.kind in ("failure", "error"):
             self.stats.failure_reasons[d.detail.removeprefix("DECISION_FAILURE_REASON_").lower()[:60]] += 1
-        if d.kind == "timeout":
-            self._event("tamiyo_timeout", _WARNING, d.detail, step_index=d.step, packet_id=d.packet_id)
+        if d.kind == "timeout" and not d.reported and self.bus is not None:
+            self.bus.publish_telemetry(timeout_telemetry(d))
         self.conservative.record(d.kind)  # timeouts and errors count against the decision breaker
         self._report_mode_changes()
         if d.kind != "command" or d.command is None:
