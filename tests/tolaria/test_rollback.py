@@ -247,20 +247,24 @@ class _Clock:
 
 
 def test_snapshot_overhead_budget_defers_until_paid_for_and_bounds_age() -> None:
-    """A due snapshot waits until the time since the last one pays for its cost at the budget, never
-    past `snapshot_max_steps`, and never while the ring is empty (injected clock: no wall time)."""
+    """A due snapshot waits until the training time reported since the last one pays for its cost at
+    the budget (time between steps does not count), never past `snapshot_max_steps`, and never while
+    the ring is empty (injected clock: no wall time)."""
     clock = _Clock()
     mgr = RollbackManager(fast_cap_bytes=BIG, clock=clock, snapshot_overhead=0.1, snapshot_max_steps=5)
     mgr._last_cost = 0.0
     assert mgr.due(1)  # empty ring: always due
     mgr.ring.put(Snapshot(1, 0, TrainingState({}, {}, 0)))
-    mgr._last_step, mgr._last_end, mgr._last_cost = 1, 0.0, 0.01  # a 10 ms snapshot at t=0
-    clock.t = 0.05  # 50 ms trained: 10% of it is 5 ms < 10 ms
+    mgr._last_step, mgr._last_cost = 1, 0.01  # a 10 ms snapshot
+    clock.t = 10.0  # ten seconds of validation, checkpoints, ... : not training
+    mgr.record_training(0.05)  # 50 ms trained: 10% of it is 5 ms < 10 ms
     assert not mgr.due(2)
-    clock.t = 0.1  # 100 ms trained: 10 ms at 10% pays for it
+    mgr.record_training(0.05)  # 100 ms trained: 10 ms at 10% pays for it
     assert mgr.due(3)
-    clock.t = 0.0
-    assert not mgr.due(5) and mgr.due(6)  # 5 steps since the last: due whatever the clock says
+    model = torch.nn.Linear(2, 2)
+    assert mgr.snapshot(model, None, step=3, epoch=0, force=True)  # the count starts again
+    mgr._last_cost = 0.01
+    assert not mgr.due(5) and mgr.due(8)  # 5 steps since the last: due whatever was trained
     assert mgr.deferred == 2
     mgr.ring.clear()
     assert mgr.due(2)

@@ -6,8 +6,10 @@ calls `RollbackManager.snapshot()` after each step; it copies every TOLARIA_ROLL
 steps, unless copying would cost more than TOLARIA_ROLLBACK_SNAPSHOT_OVERHEAD of the training time:
 a due copy is then deferred until the time trained since the last one is at least its cost divided
 by that fraction, but never past TOLARIA_ROLLBACK_SNAPSHOT_MAX_STEPS steps (and never while the ring
-is empty). Guarantee: the newest snapshot is at most max(SNAPSHOT_STEPS, SNAPSHOT_MAX_STEPS) steps
-behind the live state; a fast rollback loses at most that much progress. Overhead 0 restores the
+is empty). "Time trained" is what the trainer reports step by step (`record_training`): validation,
+checkpoints and anything else between steps do not pay for copies (on the wall clock they did).
+Guarantee: the newest snapshot is at most max(SNAPSHOT_STEPS, SNAPSHOT_MAX_STEPS) steps behind the
+live state; a fast rollback loses at most that much progress. Overhead 0 restores the
 plain every-N-steps cadence. A state bigger than the whole cap is not kept (counted): that run rolls
 back from checkpoints. Its size is read off the live tensors before anything is copied, and after such
 a refusal the next attempt waits SNAPSHOT_MAX_STEPS steps: an empty ring is otherwise always due, and a
@@ -186,7 +188,7 @@ class RollbackManager:
         self.snapshot_overhead = snapshot_overhead
         self.snapshot_max_steps = snapshot_max_steps
         self._last_step: int | None = None  # step of the last snapshot taken (kept or not)
-        self._last_end = 0.0  # clock when it finished
+        self._trained_s = 0.0  # training time reported since then (`record_training`)
         self._last_cost = 0.0  # seconds it took
         self.deferred = 0  # due snapshots deferred by the overhead budget
         self.taken = 0  # snapshots copied (each one kept: an oversize state is refused before copying)
@@ -210,6 +212,10 @@ class RollbackManager:
 
     # -- snapshots ---------------------------------------------------------------------------------
 
+    def record_training(self, seconds: float) -> None:
+        """Training time since the last call (the trainer: each step's forward, backward and update)."""
+        self._trained_s += seconds
+
     def due(self, step: int) -> bool:
         """Every `snapshot_every_steps` steps; with an overhead budget, only once the time since the last
         snapshot pays for its cost (or `snapshot_max_steps` have passed, or the ring is empty)."""
@@ -221,7 +227,7 @@ class RollbackManager:
             return True
         if step - self._last_step >= self.snapshot_max_steps or step < self._last_step:
             return True
-        if self._last_cost <= self.snapshot_overhead * (self._clock() - self._last_end):
+        if self._last_cost <= self.snapshot_overhead * self._trained_s:
             return True
         self.deferred += 1
         return False
@@ -235,14 +241,14 @@ class RollbackManager:
         self._too_big = live_nbytes(model, optimizer) > self.ring.cap_bytes
         if self._too_big:
             self.ring.rejected += 1
-            self._last_step, self._last_end, self._last_cost = step, self._clock(), 0.0
+            self._last_step, self._trained_s, self._last_cost = step, 0.0, 0.0
             if self.metrics is not None:
                 self.metrics.snapshot_rejected.inc()
             return False
         # The size was checked against the cap above, so the ring keeps this state (evicting older ones).
         evicted = self.ring.put(Snapshot(step, epoch, capture_state(model, optimizer)))
-        self._last_step, self._last_end = step, self._clock()
-        self._last_cost = self._last_end - t0
+        self._last_step, self._trained_s = step, 0.0
+        self._last_cost = self._clock() - t0
         self.taken += 1
         if self.metrics is not None:
             m = self.metrics

@@ -149,7 +149,7 @@ class Trainer:
         self.failed_epochs = 0
         self._epoch_failed = False
         self._structure: tuple[str, ...] = ()
-        self._quick_structure: tuple[int, ...] = ()
+        self._quick_structure: tuple[object, ...] = ()
         self._train_loss_sum, self._train_loss_steps = 0.0, 0  # applied steps of the current epoch
         self._stop = False
         self._pending_events: list[pb.TelemetryEvent] = []
@@ -242,6 +242,7 @@ class Trainer:
         if s.fault_step_delay_ms:  # drills: a step as long as a real model's (sleeps, so the bus thread runs)
             time.sleep(s.fault_step_delay_ms / 1000.0)
         hook_t = time.perf_counter()
+        self.rollback.record_training(hook_t - t0)  # what the snapshots' overhead budget is a fraction of
         self.kasmina.advance(self.step, epoch=self.epoch, loss=loss_v)
         self._start_kernel_fetches()
         finalize_ms = (time.perf_counter() - hook_t) * 1000.0
@@ -462,9 +463,9 @@ class Trainer:
         Seeds change the structure by filling or emptying a slot, and the optimizer's by adding or
         dropping parameter groups: a cheap key of those (object ids) is compared every step; the full
         key (every state-dict name) is compared whenever a snapshot is due, before it is taken."""
-        slots = self.host.slots
-        quick = (*(id(m) for m in slots.values()), *(id(getattr(m, "seed", None)) for m in slots.values()),
-                 len(self.optimizer.param_groups))
+        # `_modules.get`, not `getattr`: a submodule read through `Module.__getattr__` costs ~1 us each.
+        quick = (len(self.optimizer.param_groups),
+                 *[(id(m), id(m._modules.get("seed"))) for m in self.host.slots.values()])
         if quick != self._quick_structure:
             self._quick_structure = quick
             self._check_structure()
