@@ -49,11 +49,14 @@ async def test_sigkill_mid_handler_is_reclaimed_and_effect_happens_once(
         for i in range(4, 8):
             await pub.publish("state", state(i))
         b = _spawn(redis_url, secret, "never", "worker-b")
-        await wait_until(lambda: _hlen(r, "effects", 8), timeout_s=20, what="worker b reclaimed and finished")
+        # The completion counter is a handler's last write and the ack comes after the handler: once
+        # nothing is pending every handler has finished, so the counts read then are final (reading
+        # them when the 8th *effect* appeared raced the last handler's counter on a loaded machine).
+        await wait_until(lambda: _hlen(r, "completions", 8), timeout_s=20, what="worker b reclaimed and finished")
+        await wait_until(lambda: _pending_zero(r), what="nothing pending")
         completions = {k.decode(): int(v) for k, v in (await r.hgetall("completions")).items()}
         assert completions == {f"p{i}": 1 for i in range(8)}, completions
         assert (await r.hget("effects", "p3")) == b"worker-b"
-        await wait_until(lambda: _pending_zero(r), what="nothing pending")
     finally:
         for p in (a, b):
             if p is not None and p.poll() is None:
