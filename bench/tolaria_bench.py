@@ -23,6 +23,12 @@ Run: `.venv/bin/python bench/tolaria_bench.py --out bench/results/tolaria.json` 
   the trainer's bus thread (`thread_*` keys); `static_trainer_step_ms` is the trainer with no control
   plane at all (grad norm, signals, rollback snapshots), which splits the overhead into the trainer's
   own work and the bus's.
+- answered (`overhead_ratio_w<widest>_answered`): at the 5 ms budget Tamiyo, sharing the fleet core,
+  times out or answers BREAKER_OPEN to nearly every packet, so the runs above apply no command. The
+  widest host runs again with a 30 ms budget (`ANSWERED_BUDGET_MS`), where its replies are commands
+  that Kasmina verifies and applies (`w<widest>_answered_commands_by_type_runs`; a reply more than
+  `TOLARIA_MAX_STALENESS_STEPS` steps old is discarded, counted in `..._commands_stale_runs`), from a
+  Tamiyo restarted so that it grows nothing (`NO_GROWTH`): the model stays the plain loop's.
 - rollback (`rollback_fast_*`, `rollback_checkpoint_*`): `RollbackManager.rollback` on the digits host
   from the in-memory ring and, with the ring empty, from the newest checkpoint on disk.
 - accuracy (`accuracy_grown`, `accuracy_static`): the same seeds and epochs, once with the host alone
@@ -81,6 +87,13 @@ WIDTH = 32
 SCALE_WIDTHS = (512, 1024)  # the same measurement on wider hosts (longer steps: is the overhead a constant?)
 SCALE_ROUNDS = 3
 GOAL_RATIO = 1.03  # ARCHITECTURE §11: ≤ 3% over a plain PyTorch loop
+# At the 5 ms budget Tamiyo, sharing the fleet core, times out or answers BREAKER_OPEN to nearly every
+# packet, so no command is ever applied; this budget lets it answer (staleness still applies).
+ANSWERED_BUDGET_MS = 30.0
+ANSWERED = "_answered"
+# ... and the Tamiyo it asks grows nothing (every GERMINATE becomes a PAUSE, `germinate_too_late`), so
+# the run trains the same model as its plain loop: a grown seed's compute is growth's cost, not overhead.
+NO_GROWTH = {"TAMIYO_GERMINATE_MIN_REMAINING_STEPS": str(10**9)}
 GROWTH_EPOCHS = 16
 GROWTH_HOST: dict[str, Any] = {"hidden_width": 4, "hidden_layers": 1, "input_slot": True, "learning_rate": 0.03}
 DIGITS_FEATURES = 64  # the input slot's width
@@ -184,6 +197,19 @@ def pin_process(pid: int, cores: set[int]) -> None:
             os.sched_setaffinity(int(tid), cores)
 
 
+def start_service(module: str, env: dict[str, str], cwd: Path, cores: set[int] | None) -> subprocess.Popen[bytes]:
+    proc = subprocess.Popen([sys.executable, "-m", module], env=env, cwd=cwd,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    if cores is not None:
+        pin_process(proc.pid, cores)  # before it starts threads (torch import)
+    return proc
+
+
+def stop_service(proc: subprocess.Popen[bytes]) -> None:
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(15)
+
+
 def plan_pinning(enabled: bool) -> tuple[set[int], set[int]] | None:
     """(trainer cores, fleet cores): the first allowed core for the trainer, the rest for the fleet."""
     if not enabled or not hasattr(os, "sched_setaffinity"):
@@ -240,23 +266,25 @@ def synthetic_dataset(path: Path, samples: int, features: int, seed: int = 0) ->
 
 def overhead_at_width(var: Path, url: str, secret: str, width: int, sidecar_cores: set[int] | None,
                       rounds: int = SCALE_ROUNDS, epochs: int = EPOCHS,
-                      host: dict[str, Any] | None = None) -> dict[str, Any]:
+                      host: dict[str, Any] | None = None, budget_ms: float = 5.0, tag: str = "") -> dict[str, Any]:
     """`overhead_ratio` on a `width`-wide host (2 hidden layers unless `host` says otherwise): the
     median of `rounds` control-plane runs (sidecar), each against its own interleaved plain loop.
 
     The seeds Tamiyo grows there are part of the control-plane run, as on the default host: the
-    ratio is what a user pays with Esper on, seeds included (`w<width>_seed_parameters`)."""
-    runs = [run_fleet(var, url, secret, mode="pipelined", budget_ms=5.0, breaker_failures=NEVER_OPEN,
+    ratio is what a user pays with Esper on, seeds included (`w<width>_seed_parameters`). `budget_ms`
+    is the decision budget; `tag` names a variant's keys (`overhead_ratio_w<width><tag>`)."""
+    runs = [run_fleet(var, url, secret, mode="pipelined", budget_ms=budget_ms, breaker_failures=NEVER_OPEN,
                       host={**(host or {}), "hidden_width": width}, sidecar_cores=sidecar_cores,
-                      name=f"-w{width}-{i}",
+                      name=f"-w{width}{tag}-{i}",
                       epochs=epochs)
             for i in range(rounds)]
-    k = f"w{width}_"
-    out: dict[str, Any] = {f"overhead_ratio_w{width}": statistics.median(r["ratio"] for r in runs),
+    k = f"w{width}{tag}_"
+    out: dict[str, Any] = {f"overhead_ratio_w{width}{tag}": statistics.median(r["ratio"] for r in runs),
                            f"{k}host_parameters": runs[-1]["host_parameters"]}
     for key in ("ratio", "step_ms", "plain_step_ms", "packets_sent", "decisions", "timeouts", "failures_by_reason",
-                "decision_p50_ms", "commands_applied", "seeds_fossilized", "seeds_culled", "seed_parameters",
-                "snapshots", "snapshots_rejected", "rejected_by_reason", "step_failures"):
+                "decision_p50_ms", "commands_applied", "commands_by_type", "commands_stale", "seeds_fossilized",
+                "seeds_culled", "seed_parameters", "snapshots", "snapshots_rejected", "rejected_by_reason",
+                "step_failures"):
         out[f"{k}{key}_runs"] = [r[key] for r in runs]
     out[f"{k}overhead_ms_per_step"] = statistics.median(r["step_ms"] - r["plain_step_ms"] for r in runs)
     return out
@@ -322,11 +350,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             subprocess.run([sys.executable, "-m", "esper.tezzeret", "compile"], env=env, cwd=var, check=True,
                            stdout=subprocess.DEVNULL)
-            for module in ("esper.urza", "esper.tamiyo"):
-                procs.append(subprocess.Popen([sys.executable, "-m", module], env=env, cwd=var,
-                                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
-                if pinning is not None:
-                    pin_process(procs[-1].pid, pinning[1])  # before it starts threads (torch import)
+            fleet_cores = pinning[1] if pinning is not None else None
+            procs += [start_service("esper.urza", env, var, fleet_cores),
+                      start_service("esper.tamiyo", env, var, fleet_cores)]
             time.sleep(5)  # worker start-up (torch import) and the first catalogue fetch
             static_settings = TolariaSettings(var_dir=var / "static", epochs=EPOCHS, hidden_width=WIDTH)
             plain_ms, steps = plain_loop(static_settings)
@@ -355,11 +381,17 @@ def main(argv: Sequence[str] | None = None) -> int:
                 result.update(overhead_at_width(var, server.url, secret, width,
                                                 pinning[1] if pinning is not None else None, rounds=args.rounds,
                                                 epochs=args.scale_epochs, host=scale_host))
+            if widths:  # the widest host again, with a budget Tamiyo meets: replies that are commands
+                stop_service(procs.pop())  # this Tamiyo's germinations become PAUSE: the model stays the same
+                procs.append(start_service("esper.tamiyo", {**env, **NO_GROWTH}, var, fleet_cores))
+                time.sleep(5)
+                result.update(overhead_at_width(var, server.url, secret, max(widths),
+                                                pinning[1] if pinning is not None else None, rounds=args.rounds,
+                                                epochs=args.scale_epochs, host=scale_host,
+                                                budget_ms=ANSWERED_BUDGET_MS, tag=ANSWERED))
         finally:
             for p in procs:
-                p.send_signal(signal.SIGTERM)
-            for p in procs:
-                p.wait(15)
+                stop_service(p)
         result.update({
             "plain_step_ms": pipelined["plain_step_ms"], "plain_step_ms_separate_runs": [plain_ms, plain_ms_again],
             "steps": steps, "control_step_ms": pipelined["step_ms"], "overhead_ratio": pipelined["ratio"],
@@ -404,7 +436,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     server.stop()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
-    for k in ("overhead_ratio", "overhead_ratio_thread", *(f"overhead_ratio_w{w}" for w in widths),
+    answered = [f"overhead_ratio_w{max(widths)}{ANSWERED}", f"w{max(widths)}{ANSWERED}_commands_applied_runs"
+                ] if widths else []
+    for k in ("overhead_ratio", "overhead_ratio_thread", *(f"overhead_ratio_w{w}" for w in widths), *answered,
               *(f"w{w}_overhead_ms_per_step" for w in widths), *(f"w{w}_plain_step_ms_runs" for w in widths),
               "plain_step_ms", "control_step_ms",
               "control_step_ms_thread", "static_trainer_step_ms", "static_trainer_ratio", "rollback_fast_p95_ms",
