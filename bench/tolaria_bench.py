@@ -316,6 +316,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--widths", type=int, nargs="*", default=list(SCALE_WIDTHS),
                         help="hidden widths of the wider hosts (overhead_ratio_w<width>)")
     parser.add_argument("--rounds", type=int, default=SCALE_ROUNDS, help="control-plane runs per wider host")
+    parser.add_argument("--answered-rounds", type=int, default=SCALE_ROUNDS,
+                        help="runs of the widest host with answered decisions (0: none)")
     parser.add_argument("--scale-epochs", type=int, default=EPOCHS, help="epochs of each wider-host run")
     parser.add_argument("--kernel-widths", type=int, nargs="*", default=None,
                         help="wider hosts whose slot width gets compiled kernels (default: all of --widths); "
@@ -381,13 +383,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                 result.update(overhead_at_width(var, server.url, secret, width,
                                                 pinning[1] if pinning is not None else None, rounds=args.rounds,
                                                 epochs=args.scale_epochs, host=scale_host))
-            if widths:  # the widest host again, with a budget Tamiyo meets: replies that are commands
+            if widths and args.answered_rounds > 0:  # the widest host again, with a budget Tamiyo meets
                 stop_service(procs.pop())  # this Tamiyo's germinations become PAUSE: the model stays the same
                 procs.append(start_service("esper.tamiyo", {**env, **NO_GROWTH}, var, fleet_cores))
                 time.sleep(5)
                 result.update(overhead_at_width(var, server.url, secret, max(widths),
-                                                pinning[1] if pinning is not None else None, rounds=args.rounds,
-                                                epochs=args.scale_epochs, host=scale_host,
+                                                pinning[1] if pinning is not None else None,
+                                                rounds=args.answered_rounds, epochs=args.scale_epochs, host=scale_host,
                                                 budget_ms=ANSWERED_BUDGET_MS, tag=ANSWERED))
         finally:
             for p in procs:
@@ -437,7 +439,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
     answered = [f"overhead_ratio_w{max(widths)}{ANSWERED}", f"w{max(widths)}{ANSWERED}_commands_applied_runs"
-                ] if widths else []
+                ] if widths and args.answered_rounds > 0 else []
     for k in ("overhead_ratio", "overhead_ratio_thread", *(f"overhead_ratio_w{w}" for w in widths), *answered,
               *(f"w{w}_overhead_ms_per_step" for w in widths), *(f"w{w}_plain_step_ms_runs" for w in widths),
               "plain_step_ms", "control_step_ms",
