@@ -72,7 +72,7 @@ async def test_a_dead_sidecar_is_an_error_decision_and_is_restarted(settings: Oo
 async def test_the_sidecar_reports_a_timeout_itself(settings: OonaSettings, tmp_path: Path,
                                                     make_client: ClientFactory) -> None:
     """No Tamiyo: the request runs out; the child publishes the HIGH `tamiyo_timeout` event (emergency
-    lane) before handing the outcome back marked `reported`, so the trainer does not publish it again."""
+    lane) before handing the outcome back marked so, and the trainer does not publish it again."""
     client = SidecarDecisionClient(_settings(settings, tmp_path), budget_ms=50.0)
     await asyncio.to_thread(client.start)
     try:
@@ -80,7 +80,29 @@ async def test_the_sidecar_reports_a_timeout_itself(settings: OonaSettings, tmp_
         decision = await asyncio.to_thread(client.wait)
     finally:
         await asyncio.to_thread(client.close)
-    assert decision is not None and decision.kind == "timeout" and decision.reported
+    assert decision is not None and decision.kind == "timeout" and decision.timeout_event == "published"
     events = await tolaria_events(make_client)
     assert events == [(pb.MESSAGE_PRIORITY_HIGH, "emergency",
                        {"event": "tamiyo_timeout", "step_index": "7", "packet_id": "sc-7"})]
+
+
+async def test_a_timeout_event_over_the_emergency_cap_is_refused_and_counted(
+        settings: OonaSettings, tmp_path: Path, make_client: ClientFactory) -> None:
+    """The child's emergency bucket holds one event: the second timeout's event is refused there, not
+    handed to the trainer (which would double the cap), and counted on the trainer's metrics."""
+    registry = CollectorRegistry()
+    ts = _settings(settings, tmp_path).model_copy(update={"emergency_max_per_min": 1})
+    client = SidecarDecisionClient(ts, budget_ms=50.0, metrics=OonaMetrics(registry))
+    await asyncio.to_thread(client.start)
+    try:
+        outcomes = []
+        for step in (1, 2):
+            assert client.submit(sample_packet(f"sc-{step}", step, run="sc"), step)
+            decision = await asyncio.to_thread(client.wait)
+            assert decision is not None and decision.kind == "timeout"
+            outcomes.append(decision.timeout_event)
+    finally:
+        await asyncio.to_thread(client.close)
+    assert outcomes == ["published", "rate_limited"]
+    assert registry.get_sample_value("oona_emergency_rate_limited_total", {"channel": "telemetry"}) == 1.0
+    assert [e["packet_id"] for _p, _lane, e in await tolaria_events(make_client)] == ["sc-1"]

@@ -23,6 +23,7 @@ from esper.oona.errors import RequestTimeoutError
 from esper.tolaria.bus import BusThread
 
 Kind = Literal["command", "failure", "timeout", "error"]
+TimeoutEvent = Literal["", "published", "rate_limited"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,7 +37,9 @@ class Decision:
     command: pb.AdaptationCommand | None = None
     failure: pb.DecisionFailure | None = None
     detail: str = ""
-    reported: bool = False  # its `tamiyo_timeout` event is already published (the sidecar does that)
+    # A timeout's `tamiyo_timeout` event, where the sidecar handled it: "published", or "rate_limited"
+    # (refused by the emergency lane's cap: counted, not sent). "": the trainer publishes it.
+    timeout_event: TimeoutEvent = ""
 
 
 class OneInFlight(ABC):

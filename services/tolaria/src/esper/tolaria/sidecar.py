@@ -34,7 +34,7 @@ from typing import Any
 from esper.core.logging import get_logger
 from esper.core.telemetry import packet_priority
 from esper.leyline import pb
-from esper.oona import OonaClient, OonaMetrics, OonaSettings, PublishError
+from esper.oona import EmergencyRateLimitedError, OonaClient, OonaMetrics, OonaSettings, PublishError
 from esper.tolaria.decisions import Decision, OneInFlight, ask, timeout_telemetry
 
 log = get_logger("esper.tolaria.sidecar")
@@ -74,34 +74,38 @@ def _serve(conn: multiprocessing.connection.Connection) -> None:
 
 
 async def _report_timeout(client: OonaClient, d: Decision) -> Decision:
-    """Publish the timeout's HIGH event from here, off the trainer's core and GIL (each one cost the
-    trainer ~0.3 ms through its bus thread, and a slow fleet times out on every other packet). If it
-    cannot be published, the decision goes back unreported and the trainer publishes it itself."""
+    """Publish the timeout's HIGH event from here, off the trainer's core and GIL: each one cost the
+    trainer ~0.3 ms through its bus thread, and on a busy fleet a fifth to two fifths of the packets
+    time out (bench, width 1024). Over the emergency lane's cap the event is refused, as any
+    client's would be, and the trainer counts that; any other failure leaves it to the trainer."""
     packet = timeout_telemetry(d)
     try:
         await client.publish("telemetry", packet, priority=packet_priority(packet))  # type: ignore[arg-type]
+    except EmergencyRateLimitedError as e:
+        log.warning("tamiyo_timeout event refused by the emergency lane's cap", error=str(e))
+        return dataclasses.replace(d, timeout_event="rate_limited")
     except PublishError as e:
-        log.warning("timeout event not published by the sidecar; the trainer will", error=str(e))
+        log.warning("tamiyo_timeout event not published by the sidecar; the trainer will", error=str(e))
         return d
-    return dataclasses.replace(d, reported=True)
+    return dataclasses.replace(d, timeout_event="published")
 
 
 # Generated protobuf classes do not pickle (their module is imported under another name): messages
 # cross the pipe as bytes.
-_Wire = tuple[int, str, str, float, bytes | None, bytes | None, str, bool]
+_Wire = tuple[int, str, str, float, bytes | None, bytes | None, str, str]
 
 
 def _encode(d: Decision) -> _Wire:
     return (d.step, d.packet_id, d.kind, d.latency_ms, d.command.SerializeToString() if d.command else None,
-            d.failure.SerializeToString() if d.failure else None, d.detail, d.reported)
+            d.failure.SerializeToString() if d.failure else None, d.detail, d.timeout_event)
 
 
 def _decode(w: _Wire) -> Decision:
-    step, packet_id, kind, latency_ms, command, failure, detail, reported = w
+    step, packet_id, kind, latency_ms, command, failure, detail, timeout_event = w
     return Decision(step, packet_id, kind, latency_ms,  # type: ignore[arg-type]  # kind came from a Decision
                     command=pb.AdaptationCommand.FromString(command) if command is not None else None,
                     failure=pb.DecisionFailure.FromString(failure) if failure is not None else None, detail=detail,
-                    reported=reported)
+                    timeout_event=timeout_event)  # type: ignore[arg-type]  # so did this
 
 
 def _recv(conn: multiprocessing.connection.Connection) -> Any:
@@ -229,6 +233,8 @@ class SidecarDecisionClient(OneInFlight):
         if self.metrics is not None:
             if decision.kind == "timeout":
                 self.metrics.request_timeouts.labels("state").inc()
+                if decision.timeout_event == "rate_limited":
+                    self.metrics.emergency_rate_limited.labels("telemetry").inc()
             elif decision.kind in ("command", "failure"):
                 self.metrics.request_latency.labels("state").observe(decision.latency_ms / 1000.0)
         return decision

@@ -308,7 +308,7 @@ class Trainer:
         self.stats.decision_ms.append(d.latency_ms)
         if d.kind in ("failure", "error"):
             self.stats.failure_reasons[d.detail.removeprefix("DECISION_FAILURE_REASON_").lower()[:60]] += 1
-        if d.kind == "timeout" and not d.reported and self.bus is not None:
+        if d.kind == "timeout" and not d.timeout_event and self.bus is not None:  # not handled by the sidecar
             self.bus.publish_telemetry(timeout_telemetry(d))
         self.conservative.record(d.kind)  # timeouts and errors count against the decision breaker
         self._report_mode_changes()
