@@ -44,7 +44,8 @@ choose the wider hosts; a GPU step of the digits host is launch-bound at every w
 `--scale-layers`, `--scale-batch` and `--scale-samples` / `--scale-features` (a seeded synthetic
 dataset) make their steps heavier. `device`, `gpu` and `scale_*` record where and what it ran.
 
-Nothing is asserted; goals are recorded as flags (overhead ≤ 3%).
+Nothing is asserted; goals are recorded as flags (overhead ≤ 3%). The JSON is rewritten after each
+section (`complete` false until the last), so a run cut short by a time limit keeps what it measured.
 """
 
 from __future__ import annotations
@@ -343,8 +344,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         if server.pid is not None:
             pin_process(server.pid, fleet_cores)
     secret = secrets.token_hex(16)
-    result: dict[str, Any] = {"epochs": EPOCHS, "hidden_width": WIDTH, "accuracy_epochs": GROWTH_EPOCHS,
-                              "accuracy_host": GROWTH_HOST}
+    result: dict[str, Any] = {
+        "epochs": EPOCHS, "hidden_width": WIDTH, "accuracy_epochs": GROWTH_EPOCHS, "accuracy_host": GROWTH_HOST,
+        **git_state(), "redis_version": redis_version(server.url), "torch": str(torch.__version__),
+        "python": sys.version.split()[0], "when": dt.datetime.now(dt.UTC).isoformat(), "cpu_count": os.cpu_count(),
+        "device": device.type, "widths": widths, "kernel_widths": kernel_widths, "scale_epochs": args.scale_epochs,
+        "scale_layers": args.scale_layers, "scale_batch": args.scale_batch, "scale_samples": args.scale_samples,
+        "scale_features": args.scale_features if args.scale_samples else DIGITS_FEATURES,
+        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+        "pinned": pinning is not None,
+        "trainer_cores": sorted(pinning[0]) if pinning else None,
+        "fleet_cores": sorted(pinning[1]) if pinning else None,
+    }
+
+    def save(complete: bool) -> None:
+        """Written after every section, so a run cut short by a time limit (a GPU session) keeps what it
+        measured; `complete` is false until the last section is in."""
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps({**result, "complete": complete}, indent=2, sort_keys=True) + "\n")
+
     with tempfile.TemporaryDirectory(prefix="esper-bench-tolaria-") as tmp:
         var = Path(tmp)
         env = fleet_env(var, server.url, secret, kernel_widths)
@@ -367,11 +385,39 @@ def main(argv: Sequence[str] | None = None) -> int:
             grown = run_fleet(var, server.url, secret, mode="sync", budget_ms=30.0, host=GROWTH_HOST,
                               epochs=GROWTH_EPOCHS)
             pipelined = run_fleet(var, server.url, secret, mode="pipelined", budget_ms=5.0,
-                                  breaker_failures=NEVER_OPEN,
-                                  sidecar_cores=pinning[1] if pinning is not None else None)
+                                  breaker_failures=NEVER_OPEN, sidecar_cores=fleet_cores)
             threaded = run_fleet(var, server.url, secret, mode="pipelined", budget_ms=5.0,
                                  breaker_failures=NEVER_OPEN, transport="thread")
             plain_ms_again, _ = plain_loop(static_settings)  # bracket the control-plane run
+            result.update({
+                "plain_step_ms": pipelined["plain_step_ms"], "plain_step_ms_separate_runs": [plain_ms, plain_ms_again],
+                "steps": steps, "control_step_ms": pipelined["step_ms"], "overhead_ratio": pipelined["ratio"],
+                "goal_overhead_ratio": GOAL_RATIO, "goal_overhead_met": pipelined["ratio"] <= GOAL_RATIO,
+                "pipelined_decisions": pipelined["decisions"], "pipelined_timeouts": pipelined["timeouts"],
+                "pipelined_commands_applied": pipelined["commands_applied"],
+                "pipelined_skipped_inflight": pipelined["decisions_skipped_inflight"],
+                "pipelined_decision_p50_ms": pipelined["decision_p50_ms"],
+                "pipelined_packets_sent": pipelined["packets_sent"],
+                "pipelined_conservative_steps": pipelined["conservative_steps"],
+                "pipelined_snapshots": pipelined["snapshots"],
+                "pipelined_snapshots_deferred": pipelined["snapshots_deferred"],
+                "static_trainer_step_ms": bare.step_seconds * 1000.0 / max(1, bare.stats.steps),
+                "static_trainer_ratio": bare.step_seconds * 1000.0 / max(1, bare.stats.steps) / bare.interleave.step_ms,
+                "control_step_ms_thread": threaded["step_ms"], "overhead_ratio_thread": threaded["ratio"],
+                "thread_packets_sent": threaded["packets_sent"], "thread_decisions": threaded["decisions"],
+                "thread_timeouts": threaded["timeouts"], "thread_commands_applied": threaded["commands_applied"],
+                "thread_skipped_inflight": threaded["decisions_skipped_inflight"],
+                "thread_decision_p50_ms": threaded["decision_p50_ms"],
+                "accuracy_static": static.summary(clean_shutdown=True)["final_val_accuracy"],
+                "accuracy_grown": grown["final_val_accuracy"], "accuracy_pipelined": pipelined["final_val_accuracy"],
+                "grown_seeds_fossilized": grown["seeds_fossilized"], "grown_seeds_culled": grown["seeds_culled"],
+                "grown_seed_parameters": grown["seed_parameters"], "host_parameters": grown["host_parameters"],
+                "grown_seeds_by_stage": grown["seeds_by_stage"],
+                "grown_rejected_by_reason": grown["rejected_by_reason"],
+                "grown_commands_by_type": grown["commands_by_type"], "grown_decision_p50_ms": grown["decision_p50_ms"],
+                "grown_step_ms": grown["step_ms"],
+            })
+            save(complete=False)
             # Wider hosts: one checkpoint per run (checkpoints are not timed; a 16-layer 4096-wide host
             # with Adam writes 3 GiB each).
             scale_host: dict[str, Any] = {"hidden_layers": args.scale_layers, "batch_size": args.scale_batch,
@@ -380,64 +426,24 @@ def main(argv: Sequence[str] | None = None) -> int:
                 scale_host["dataset_path"] = synthetic_dataset(var / "scale.npz", args.scale_samples,
                                                                args.scale_features)
             for width in widths:
-                result.update(overhead_at_width(var, server.url, secret, width,
-                                                pinning[1] if pinning is not None else None, rounds=args.rounds,
+                result.update(overhead_at_width(var, server.url, secret, width, fleet_cores, rounds=args.rounds,
                                                 epochs=args.scale_epochs, host=scale_host))
+                result[f"goal_overhead_met_w{width}"] = result[f"overhead_ratio_w{width}"] <= GOAL_RATIO
+                save(complete=False)
             if widths and args.answered_rounds > 0:  # the widest host again, with a budget Tamiyo meets
                 stop_service(procs.pop())  # this Tamiyo's germinations become PAUSE: the model stays the same
                 procs.append(start_service("esper.tamiyo", {**env, **NO_GROWTH}, var, fleet_cores))
                 time.sleep(5)
-                result.update(overhead_at_width(var, server.url, secret, max(widths),
-                                                pinning[1] if pinning is not None else None,
+                result.update(overhead_at_width(var, server.url, secret, max(widths), fleet_cores,
                                                 rounds=args.answered_rounds, epochs=args.scale_epochs, host=scale_host,
                                                 budget_ms=ANSWERED_BUDGET_MS, tag=ANSWERED))
+                save(complete=False)
         finally:
             for p in procs:
                 stop_service(p)
-        result.update({
-            "plain_step_ms": pipelined["plain_step_ms"], "plain_step_ms_separate_runs": [plain_ms, plain_ms_again],
-            "steps": steps, "control_step_ms": pipelined["step_ms"], "overhead_ratio": pipelined["ratio"],
-            "goal_overhead_ratio": GOAL_RATIO, "goal_overhead_met": pipelined["ratio"] <= GOAL_RATIO,
-            **{f"goal_overhead_met_w{w}": result[f"overhead_ratio_w{w}"] <= GOAL_RATIO for w in widths},
-            "pipelined_decisions": pipelined["decisions"], "pipelined_timeouts": pipelined["timeouts"],
-            "pipelined_commands_applied": pipelined["commands_applied"],
-            "pipelined_skipped_inflight": pipelined["decisions_skipped_inflight"],
-            "pipelined_decision_p50_ms": pipelined["decision_p50_ms"],
-            "pipelined_packets_sent": pipelined["packets_sent"],
-            "pipelined_conservative_steps": pipelined["conservative_steps"],
-            "pipelined_snapshots": pipelined["snapshots"],
-            "pipelined_snapshots_deferred": pipelined["snapshots_deferred"],
-            "static_trainer_step_ms": bare.step_seconds * 1000.0 / max(1, bare.stats.steps),
-            "static_trainer_ratio": bare.step_seconds * 1000.0 / max(1, bare.stats.steps) / bare.interleave.step_ms,
-            "control_step_ms_thread": threaded["step_ms"], "overhead_ratio_thread": threaded["ratio"],
-            "thread_packets_sent": threaded["packets_sent"], "thread_decisions": threaded["decisions"],
-            "thread_timeouts": threaded["timeouts"], "thread_commands_applied": threaded["commands_applied"],
-            "thread_skipped_inflight": threaded["decisions_skipped_inflight"],
-            "thread_decision_p50_ms": threaded["decision_p50_ms"],
-            "pinned": pinning is not None,
-            "trainer_cores": sorted(pinning[0]) if pinning else None,
-            "fleet_cores": sorted(pinning[1]) if pinning else None,
-            "accuracy_static": static.summary(clean_shutdown=True)["final_val_accuracy"],
-            "accuracy_grown": grown["final_val_accuracy"], "accuracy_pipelined": pipelined["final_val_accuracy"],
-            "grown_seeds_fossilized": grown["seeds_fossilized"], "grown_seeds_culled": grown["seeds_culled"],
-            "grown_seed_parameters": grown["seed_parameters"], "host_parameters": grown["host_parameters"],
-            "grown_seeds_by_stage": grown["seeds_by_stage"], "grown_rejected_by_reason": grown["rejected_by_reason"],
-            "grown_commands_by_type": grown["commands_by_type"], "grown_decision_p50_ms": grown["decision_p50_ms"],
-            "grown_step_ms": grown["step_ms"],
-        })
         result.update(rollback_latency(var))
-    result.update(git_state())
-    result.update({"redis_version": redis_version(server.url), "torch": str(torch.__version__),
-                   "python": sys.version.split()[0], "when": dt.datetime.now(dt.UTC).isoformat(),
-                   "cpu_count": os.cpu_count(), "device": device.type, "widths": widths,
-                   "kernel_widths": kernel_widths,
-                   "scale_epochs": args.scale_epochs, "scale_layers": args.scale_layers,
-                   "scale_batch": args.scale_batch, "scale_samples": args.scale_samples,
-                   "scale_features": args.scale_features if args.scale_samples else DIGITS_FEATURES,
-                   "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None})
     server.stop()
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
+    save(complete=True)
     answered = [f"overhead_ratio_w{max(widths)}{ANSWERED}", f"w{max(widths)}{ANSWERED}_commands_applied_runs"
                 ] if widths and args.answered_rounds > 0 else []
     for k in ("overhead_ratio", "overhead_ratio_thread", *(f"overhead_ratio_w{w}" for w in widths), *answered,
