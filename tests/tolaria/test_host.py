@@ -70,6 +70,15 @@ def test_setting_a_slot_changes_outputs_and_clearing_restores_them() -> None:
     assert torch.equal(host(x), before)
 
 
+def test_slot_modules_is_a_live_view_of_the_slots() -> None:
+    host = make_model()
+    view = host.slot_modules
+    assert list(view) == list(host.slot_names)
+    added = AddOne()
+    host.set_slot("hidden2", added)
+    assert view["hidden2"] is added and dict(view) == dict(host.slots.items())
+
+
 def test_slot_modules_are_part_of_the_state_dict_but_not_host_parameters() -> None:
     host = make_model()
     seed = nn.Linear(6, 6)

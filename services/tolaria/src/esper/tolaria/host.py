@@ -18,8 +18,8 @@ at ~0.88, and a seed in the 64-wide input slot gives it the nonlinear features i
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterator, Sequence
-from typing import Final
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Final, cast
 
 import torch
 from torch import nn
@@ -73,6 +73,12 @@ class HostNetwork(nn.Module):
     def slot_names(self) -> tuple[str, ...]:
         """Slots in forward order (shallow first)."""
         return self._slot_names
+
+    @property
+    def slot_modules(self) -> Mapping[str, nn.Module]:
+        """The modules in the slots by name, live (a property's lookup skips `Module.__getattr__`,
+        which `self.slots` goes through: the trainer looks at every step)."""
+        return cast("Mapping[str, nn.Module]", self._modules["slots"]._modules)  # type: ignore[union-attr]
 
     def slot_shapes(self) -> dict[str, SlotShape]:
         """Activations at each slot: a vector slot of `width` channels (the input slot: the features)."""
