@@ -115,21 +115,27 @@ class TrainingSignals:
                            grad_norm_ewma=self.grad.mean, grad_var=self.grad.var)
 
 
-def _gradient_norms(parameters: Iterable[torch.Tensor], device: torch.device | None = None) -> list[torch.Tensor]:
-    """The L2 norm of each gradient present (one fused kernel), as float32 on `device` (default: the
-    first gradient's): the global norm is their hypotenuse, taken on the host after the one read."""
+def _gradient_norms(parameters: Iterable[torch.Tensor]) -> list[torch.Tensor]:
+    """The L2 norm of each gradient present (one fused kernel), each in its gradient's dtype and on its
+    device: the global norm is their hypotenuse, taken on the host after the one read."""
     grads = [p.grad for p in parameters if p.grad is not None]  # leaves outside autograd: no detach needed
-    if not grads:
-        return []
-    device = grads[0].device if device is None else device
-    return [n if n.dtype == torch.float32 and n.device == device else n.to(device, torch.float32)
-            for n in torch._foreach_norm(grads, 2.0)]
+    return list(torch._foreach_norm(grads, 2.0)) if grads else []
+
+
+def _read(parts: list[torch.Tensor], device: torch.device) -> list[float]:
+    """0-d tensors read in one copy. `torch.stack` promotes mixed dtypes itself; tensors on another
+    device (gradients elsewhere than the loss: rare) are gathered onto `device` only when it refuses
+    them, so the usual step pays no per-tensor check."""
+    try:
+        return torch.stack(parts).tolist()
+    except RuntimeError:
+        return torch.stack([t.to(device) for t in parts]).tolist()
 
 
 def gradient_norm(parameters: Iterable[torch.Tensor]) -> float:
     """Global L2 norm of the gradients present (0.0 when none); one device sync."""
     norms = _gradient_norms(parameters)
-    return math.hypot(*torch.stack(norms).tolist()) if norms else 0.0
+    return math.hypot(*_read(norms, norms[0].device)) if norms else 0.0
 
 
 def _correct_count(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -153,13 +159,14 @@ def step_readings(loss: torch.Tensor, parameters: Iterable[torch.Tensor], logits
     the packet. Here the loss, the per-gradient norms and the correct count are stacked on the device
     and copied once; the sums (global norm, accuracy) are a few floats, cheaper on the host than as
     more tensor ops, each of which costs a dispatch on every step."""
-    norms = _gradient_norms(parameters, loss.device)
-    parts = [loss.detach().reshape(()).float(), *norms]
+    norms = _gradient_norms(parameters)
+    head = loss.detach()
+    parts = [head if head.dim() == 0 else head.reshape(()), *norms]
     batch = None
     if logits is not None and labels is not None:
         parts.append(_correct_count(logits.detach(), labels))
         batch = len(labels)
-    values = torch.stack(parts).tolist()
+    values = _read(parts, loss.device)
     accuracy = None if batch is None else values[-1] / batch
     return values[0], math.hypot(*values[1:1 + len(norms)]), accuracy
 
