@@ -374,6 +374,8 @@ class Trainer:
 
     def _apply_lr_policy(self) -> None:
         s = self.settings
+        if s.lr_policy == "off":  # the default: nothing to schedule (the call below reads seven settings)
+            return
         lr = scheduled_lr(s.lr_policy, self.base_lr, step=self.step, epoch=self.epoch, total_steps=self.total_steps,
                           warmup_steps=s.lr_warmup_steps, step_epochs=s.lr_step_epochs, gamma=s.lr_step_gamma)
         if lr is not None:
