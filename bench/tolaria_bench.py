@@ -431,7 +431,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 result[f"goal_overhead_met_w{width}"] = result[f"overhead_ratio_w{width}"] <= GOAL_RATIO
                 save(complete=False)
             if widths and args.answered_rounds > 0:  # the widest host again, with a budget Tamiyo meets
-                stop_service(procs.pop())  # this Tamiyo's germinations become PAUSE: the model stays the same
+                stop_service(procs.pop())  # Tamiyo (started last); the next one grows nothing: the same model
                 procs.append(start_service("esper.tamiyo", {**env, **NO_GROWTH}, var, fleet_cores))
                 time.sleep(5)
                 result.update(overhead_at_width(var, server.url, secret, max(widths), fleet_cores,

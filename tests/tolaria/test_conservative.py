@@ -229,8 +229,6 @@ async def _run(ts: TolariaSettings, registry: CollectorRegistry, *, step_clock: 
     return trainer
 
 
-
-
 @pytest.mark.parametrize("mode", ["sync", "pipelined"])
 async def test_no_tamiyo_enters_conservative_mode_after_exactly_failures_timeouts(
         make_client: ClientFactory, settings: OonaSettings, tmp_path: Path, mode: str) -> None:

@@ -92,7 +92,7 @@ def test_step_readings_read_loss_norm_and_accuracy_together() -> None:
     labels = torch.tensor([0, 1, 1, 1])
     assert step_readings(torch.tensor(1.5), [a, b], logits, labels) == (1.5, 5.0, 0.75)
     assert step_readings(torch.tensor(1.5), [a, b]) == (1.5, 5.0, None)  # no logits: no accuracy
-    d = torch.nn.Parameter(torch.zeros(1, dtype=torch.float64))  # another dtype: its norm is cast to stack
+    d = torch.nn.Parameter(torch.zeros(1, dtype=torch.float64))  # another dtype: the stack promotes it
     d.grad = torch.tensor([12.0], dtype=torch.float64)
     assert step_readings(torch.tensor(1.5), [a, b, d], logits, labels) == (1.5, 13.0, 0.75)
     inf = torch.nn.Parameter(torch.zeros(1))
