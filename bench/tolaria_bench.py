@@ -333,6 +333,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.environ["TOLARIA_DEVICE"] = args.device  # every TolariaSettings of this process reads it
     device = TolariaSettings().torch_device()
     widths: list[int] = args.widths
+    # The widest host, run again with answered decisions (None: no such run).
+    answered_width = max(widths) if widths and args.answered_rounds > 0 else None
     kernel_widths: list[int] = widths if args.kernel_widths is None else args.kernel_widths
     torch.set_num_threads(1)
     pinning = plan_pinning(not args.no_pin)
@@ -430,11 +432,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                                                 epochs=args.scale_epochs, host=scale_host))
                 result[f"goal_overhead_met_w{width}"] = result[f"overhead_ratio_w{width}"] <= GOAL_RATIO
                 save(complete=False)
-            if widths and args.answered_rounds > 0:  # the widest host again, with a budget Tamiyo meets
+            if answered_width is not None:  # the widest host again, with a budget Tamiyo meets
                 stop_service(procs.pop())  # Tamiyo (started last); the next one grows nothing: the same model
                 procs.append(start_service("esper.tamiyo", {**env, **NO_GROWTH}, var, fleet_cores))
                 time.sleep(5)
-                result.update(overhead_at_width(var, server.url, secret, max(widths), fleet_cores,
+                result.update(overhead_at_width(var, server.url, secret, answered_width, fleet_cores,
                                                 rounds=args.answered_rounds, epochs=args.scale_epochs, host=scale_host,
                                                 budget_ms=ANSWERED_BUDGET_MS, tag=ANSWERED))
                 save(complete=False)
@@ -444,8 +446,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         result.update(rollback_latency(var))
     server.stop()
     save(complete=True)
-    answered = [f"overhead_ratio_w{max(widths)}{ANSWERED}", f"w{max(widths)}{ANSWERED}_commands_applied_runs"
-                ] if widths and args.answered_rounds > 0 else []
+    answered = [] if answered_width is None else [f"overhead_ratio_w{answered_width}{ANSWERED}",
+                                                  f"w{answered_width}{ANSWERED}_commands_applied_runs"]
     for k in ("overhead_ratio", "overhead_ratio_thread", *(f"overhead_ratio_w{w}" for w in widths), *answered,
               *(f"w{w}_overhead_ms_per_step" for w in widths), *(f"w{w}_plain_step_ms_runs" for w in widths),
               "plain_step_ms", "control_step_ms",
