@@ -216,13 +216,13 @@ class Trainer:
         self._apply_lr_policy()
         if not self.host.training:  # after validation; `_snapshot` re-applies it when a seed joins
             self.host.train()
+        self.optimizer.zero_grad(set_to_none=True)
         logits = self.host(xb)
         loss = F.cross_entropy(logits, yb)
         if s.fault_nan_at_step and self.step == s.fault_nan_at_step:
             loss = loss * float("nan")
         aux = self.kasmina.auxiliary_loss()
         total = loss if aux is None else loss + aux
-        self.optimizer.zero_grad(set_to_none=True)
         total.backward()  # type: ignore[no-untyped-call]
         # One read of the device per step (`step_readings`), before the optimizer step; the batch accuracy
         # rides along when this step will likely send a packet (no request in flight), else it is read
