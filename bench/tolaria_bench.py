@@ -73,6 +73,7 @@ import torch.nn.functional as F
 from esper.core.redis_server import EmbeddedRedis
 from esper.tolaria.bus import BusThread
 from esper.tolaria.data import epoch_generator, iter_batches, load_dataset
+from esper.tolaria.heap import keep_freed_memory
 from esper.tolaria.host import build_host
 from esper.tolaria.rollback import RollbackManager
 from esper.tolaria.settings import TolariaSettings
@@ -331,7 +332,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="features of the synthetic dataset (--scale-samples)")
     args = parser.parse_args(argv)
     os.environ["TOLARIA_DEVICE"] = args.device  # every TolariaSettings of this process reads it
-    device = TolariaSettings().torch_device()
+    process_settings = TolariaSettings()
+    device = process_settings.torch_device()
+    # As `python -m esper.tolaria` does; the plain loops share the process, so they run on the same heap.
+    heap = keep_freed_memory(process_settings.malloc_keep_mb)
     widths: list[int] = args.widths
     # The widest host, run again with answered decisions (None: no such run).
     answered_width = max(widths) if widths and args.answered_rounds > 0 else None
@@ -354,6 +358,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "scale_layers": args.scale_layers, "scale_batch": args.scale_batch, "scale_samples": args.scale_samples,
         "scale_features": args.scale_features if args.scale_samples else DIGITS_FEATURES,
         "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+        "heap_kept_mb": heap.keep_mb if heap.applied else 0, "heap_reason": heap.reason,
         "pinned": pinning is not None,
         "trainer_cores": sorted(pinning[0]) if pinning else None,
         "fleet_cores": sorted(pinning[1]) if pinning else None,

@@ -17,6 +17,7 @@ from prometheus_client import CollectorRegistry
 from esper.core.health_server import HealthServer
 from esper.core.logging import configure_logging, get_logger
 from esper.tolaria.bus import BusThread
+from esper.tolaria.heap import keep_freed_memory
 from esper.tolaria.settings import TolariaSettings
 from esper.tolaria.trainer import Trainer
 
@@ -28,6 +29,8 @@ EXIT_HALTED = 3
 def run_training(settings: TolariaSettings, *, static: bool = False) -> tuple[int, dict[str, Any]]:
     """Train once; returns (exit code, summary). `static`: no control plane at all (baseline)."""
     configure_logging(level=settings.log_level, fmt=settings.log_format, service="tolaria")
+    heap = keep_freed_memory(settings.malloc_keep_mb)
+    log.info("heap", kept_mb=heap.keep_mb, applied=heap.applied, reason=heap.reason or None)
     registry = CollectorRegistry()
     bus = None if static else BusThread(settings, registry=registry)
     http: HealthServer | None = None
@@ -48,7 +51,7 @@ def run_training(settings: TolariaSettings, *, static: bool = False) -> tuple[in
         clean = True
     finally:
         signal.signal(signal.SIGTERM, previous)
-        summary = trainer.summary(clean_shutdown=clean)
+        summary = trainer.summary(clean_shutdown=clean) | {"heap_kept_mb": heap.keep_mb if heap.applied else 0}
         trainer.close()
         if bus is not None:
             if http is not None:

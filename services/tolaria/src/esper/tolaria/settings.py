@@ -85,6 +85,10 @@ class TolariaSettings(OonaSettings):
                                  description="`step` policy: LR multiplier per decay")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", validation_alias=_t("device"),
                                                    description="auto picks CUDA when present")
+    malloc_keep_mb: int = Field(1024, ge=0, le=2047, validation_alias=_t("malloc_keep_mb"),
+                                description="glibc: keep up to this much freed memory and serve large blocks from "
+                                            "the heap, so a CPU step's gradients and optimizer temporaries do not "
+                                            "page-fault every step (heap.py); 0 = glibc's defaults")
 
     # -- decisions (ARCHITECTURE §5) ---------------------------------------------------------------
     decision_mode: DecisionMode = Field("pipelined", validation_alias=_t("decision_mode"),
