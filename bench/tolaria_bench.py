@@ -23,6 +23,9 @@ Run: `.venv/bin/python bench/tolaria_bench.py --out bench/results/tolaria.json` 
   the trainer's bus thread (`thread_*` keys); `static_trainer_step_ms` is the trainer with no control
   plane at all (grad norm, signals, rollback snapshots), which splits the overhead into the trainer's
   own work and the bus's.
+- heap: the process keeps freed memory as `python -m esper.tolaria` does (`TOLARIA_MALLOC_KEEP_MB`,
+  `heap_kept_mb`; 0 runs the bench on glibc's defaults). `control_faults_per_step`,
+  `plain_faults_per_step` and `w<width>_*faults_per_step_runs` are the minor page faults of a step.
 - answered (`overhead_ratio_w<widest>_answered`): at the 5 ms budget Tamiyo, sharing the fleet core,
   times out or answers BREAKER_OPEN to nearly every packet, so the runs above apply no command. The
   widest host runs again with a 30 ms budget (`ANSWERED_BUDGET_MS`), where its replies are commands
@@ -55,6 +58,7 @@ import contextlib
 import datetime as dt
 import json
 import os
+import resource
 import secrets
 import signal
 import statistics
@@ -101,6 +105,12 @@ GROWTH_HOST: dict[str, Any] = {"hidden_width": 4, "hidden_layers": 1, "input_slo
 DIGITS_FEATURES = 64  # the input slot's width
 
 
+def minor_faults() -> int:
+    """Page faults of the calling thread so far (Linux; 0 elsewhere): read outside the timed windows, they
+    show what `TOLARIA_MALLOC_KEEP_MB` does (`*faults_per_step`)."""
+    return resource.getrusage(resource.RUSAGE_THREAD).ru_minflt if hasattr(resource, "RUSAGE_THREAD") else 0
+
+
 def sync(device: torch.device) -> None:
     """Wait for the queued kernels (CUDA); a no-op on the CPU, where every op has finished already."""
     if device.type == "cuda":
@@ -119,7 +129,7 @@ class PlainLoop:
         self.host = build_host(self.data.meta, hidden=settings.host_hidden(), input_slot=settings.input_slot,
                                seed=settings.seed).to(self.device)
         self.opt = make_optimizer(settings, self.host.parameters())
-        self.seconds, self.steps = 0.0, 0
+        self.seconds, self.steps, self.faults = 0.0, 0, 0
 
     def epoch(self, epoch: int, read: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], object] | None = None,
               ) -> None:
@@ -127,6 +137,7 @@ class PlainLoop:
         `read(loss, logits, labels)`, when given, runs before each `opt.step()` (scripts/gpu_step_profile.py)."""
         self.host.train()
         sync(self.device)
+        faults = minor_faults()
         t0 = time.perf_counter()
         for xb, yb in iter_batches(self.data.x_train, self.data.y_train, self.settings.batch_size,
                                    generator=epoch_generator(self.settings.seed, epoch)):
@@ -140,10 +151,15 @@ class PlainLoop:
             self.steps += 1
         sync(self.device)
         self.seconds += time.perf_counter() - t0
+        self.faults += minor_faults() - faults
 
     @property
     def step_ms(self) -> float:
         return self.seconds * 1000.0 / max(1, self.steps)
+
+    @property
+    def faults_per_step(self) -> float:
+        return self.faults / max(1, self.steps)
 
 
 def plain_loop(settings: TolariaSettings) -> tuple[float, int]:
@@ -163,12 +179,15 @@ class TimedTrainer(Trainer):
     time drifts by tens of percent between runs."""
 
     step_seconds = 0.0
+    step_faults = 0
     interleave: PlainLoop | None = None
 
     def train_step(self, xb: torch.Tensor, yb: torch.Tensor) -> None:
+        faults = minor_faults()
         t0 = time.perf_counter()
         super().train_step(xb, yb)
         self.step_seconds += time.perf_counter() - t0
+        self.step_faults += minor_faults() - faults
 
     def end_epoch(self) -> None:
         t0 = time.perf_counter()
@@ -248,6 +267,8 @@ def run_fleet(var: Path, url: str, secret: str, *, mode: str, budget_ms: float,
     out["step_ms"] = trainer.step_seconds * 1000.0 / max(1, trainer.stats.steps)
     out["plain_step_ms"] = trainer.interleave.step_ms
     out["ratio"] = out["step_ms"] / out["plain_step_ms"]
+    out["faults_per_step"] = trainer.step_faults / max(1, trainer.stats.steps)
+    out["plain_faults_per_step"] = trainer.interleave.faults_per_step
     out["packets_sent"] = trainer.decisions.sent if trainer.decisions is not None else 0
     out["snapshots"] = trainer.rollback.taken
     out["snapshots_deferred"] = trainer.rollback.deferred
@@ -286,7 +307,7 @@ def overhead_at_width(var: Path, url: str, secret: str, width: int, sidecar_core
     for key in ("ratio", "step_ms", "plain_step_ms", "packets_sent", "decisions", "timeouts", "failures_by_reason",
                 "decision_p50_ms", "commands_applied", "commands_by_type", "commands_stale", "seeds_fossilized",
                 "seeds_culled", "seed_parameters", "snapshots", "snapshots_rejected", "rejected_by_reason",
-                "step_failures"):
+                "step_failures", "faults_per_step", "plain_faults_per_step"):
         out[f"{k}{key}_runs"] = [r[key] for r in runs]
     out[f"{k}overhead_ms_per_step"] = statistics.median(r["step_ms"] - r["plain_step_ms"] for r in runs)
     return out
@@ -345,10 +366,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     server = EmbeddedRedis()
     server.start()
     if pinning is not None:
-        trainer_cores, fleet_cores = pinning
-        os.sched_setaffinity(0, trainer_cores)  # before the bus threads start: they inherit it
+        os.sched_setaffinity(0, pinning[0])  # before the bus threads start: they inherit it
         if server.pid is not None:
-            pin_process(server.pid, fleet_cores)
+            pin_process(server.pid, pinning[1])
     secret = secrets.token_hex(16)
     result: dict[str, Any] = {
         "epochs": EPOCHS, "hidden_width": WIDTH, "accuracy_epochs": GROWTH_EPOCHS, "accuracy_host": GROWTH_HOST,
@@ -407,6 +427,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "pipelined_packets_sent": pipelined["packets_sent"],
                 "pipelined_conservative_steps": pipelined["conservative_steps"],
                 "pipelined_snapshots": pipelined["snapshots"],
+                "control_faults_per_step": pipelined["faults_per_step"],
+                "plain_faults_per_step": pipelined["plain_faults_per_step"],
                 "pipelined_snapshots_deferred": pipelined["snapshots_deferred"],
                 "static_trainer_step_ms": bare.step_seconds * 1000.0 / max(1, bare.stats.steps),
                 "static_trainer_ratio": bare.step_seconds * 1000.0 / max(1, bare.stats.steps) / bare.interleave.step_ms,
