@@ -6,7 +6,7 @@ temporaries (Adam's `denom`, one per parameter). glibc serves a large block with
 and gives it back on `free`, and it trims the top of the heap when more than its trim threshold is
 free there. The next step then faults those pages in again, one 4 KiB page at a time.
 
-Session 15 measured this on the bench's 1024 x 2 host (docs/tolaria.md): 200-700 minor faults a
+Session 15 measured this on the bench's 1024 x 2 host (docs/tolaria.md): 200-1300 minor faults a
 step, ~2 µs each on this VM and ~10 µs for pages the VM had never touched. The number depends on
 where the heap's live blocks happen to lie, so the trainer and a plain loop in the same process
 differ by hundreds of faults a step. With freed memory kept, both fall to almost none.

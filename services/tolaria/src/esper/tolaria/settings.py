@@ -22,6 +22,7 @@ from pydantic_settings import SettingsConfigDict
 from esper.core.errors import ConfigurationError
 from esper.leyline import command_channel
 from esper.oona.settings import OonaSettings
+from esper.tolaria.heap import MAX_KEEP_MB
 
 __all__ = ["OPTIMIZER_FAMILY_INDEX", "DecisionMode", "LrPolicy", "OptimizerName", "TolariaSettings",
            "default_run_id"]
@@ -85,7 +86,7 @@ class TolariaSettings(OonaSettings):
                                  description="`step` policy: LR multiplier per decay")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", validation_alias=_t("device"),
                                                    description="auto picks CUDA when present")
-    malloc_keep_mb: int = Field(1024, ge=0, le=2047, validation_alias=_t("malloc_keep_mb"),
+    malloc_keep_mb: int = Field(1024, ge=0, le=MAX_KEEP_MB, validation_alias=_t("malloc_keep_mb"),
                                 description="glibc: keep up to this much freed memory and serve large blocks from "
                                             "the heap, so a CPU step's gradients and optimizer temporaries do not "
                                             "page-fault every step (heap.py); 0 = glibc's defaults")
