@@ -27,6 +27,7 @@ from torch import Tensor
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 from tolaria_bench import PlainLoop, TimedTrainer, synthetic_dataset
 
+from esper.tolaria.heap import keep_freed_memory
 from esper.tolaria.metrics import step_readings
 from esper.tolaria.settings import TolariaSettings
 
@@ -44,7 +45,9 @@ def main() -> int:
     ap.add_argument("--epochs", type=int, default=6)
     ap.add_argument("--out", type=Path, default=Path("/tmp/step_profile.json"))
     args = ap.parse_args()
-    out: dict[str, Any] = vars(args) | {"out": str(args.out)}
+    # The trainer's process keeps freed heap memory (`python -m esper.tolaria`, the bench): so does this one.
+    heap = keep_freed_memory(TolariaSettings().malloc_keep_mb)
+    out: dict[str, Any] = vars(args) | {"out": str(args.out), "heap_kept_mb": heap.keep_mb if heap.applied else 0}
     with tempfile.TemporaryDirectory() as tmp:
         data = synthetic_dataset(Path(tmp) / "d.npz", args.samples, args.features) if args.samples else None
 
