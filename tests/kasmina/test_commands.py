@@ -195,6 +195,20 @@ def test_execution_rejections(kasmina: Kasmina, reason: str) -> None:
     _rejected(kasmina, EXECUTION_CASES[reason](), reason)
 
 
+def test_enum_numbers_this_schema_does_not_define_are_rejections(kasmina: Kasmina) -> None:
+    """Proto3 keeps an enum number it does not know (a newer Tamiyo's, a forged command's). Naming it
+    in the rejection and its event used to raise ValueError, past the trainer's `except CommandRejected`."""
+    with pytest.raises(CommandRejected) as info:
+        kasmina.apply_command(command(kind=99))
+    assert (info.value.reason, info.value.detail) == ("unsupported_command", "UNKNOWN_99")
+    assert [(e["reason"], e["command_type"]) for e in events(kasmina, "command_rejected")] == [
+        ("unsupported_command", "UNKNOWN_99")]
+    assert _rejected(kasmina, command(op=77, keys=KEYS), "unsupported_operation").detail == "UNKNOWN_77"
+    unsigned = Kasmina(keys=None, kernels=KarnKernelSource(), clock_ms=clock)
+    unsigned.register_host(TinyHost())
+    _rejected(unsigned, command(kind=99), "verifier_unavailable")
+
+
 def test_gate_g0_failure_is_reported(kasmina: Kasmina) -> None:
     with pytest.raises(CommandRejected):
         kasmina.apply_command(command(params={"alpha": float("inf")}))

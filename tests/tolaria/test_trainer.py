@@ -14,11 +14,11 @@ from esper.core.clock import now_ms
 from esper.karn import CATALOGUE, SlotShape
 from esper.kasmina import add_seed_params
 from esper.leyline import CHANNELS, decode_envelope, pb, sign_command, unpack_as
-from esper.oona import OonaSettings
+from esper.oona import Consumer, Delivery, OonaSettings
 from esper.tezzeret.forge import forge_once
 from esper.tolaria.bus import BusThread
 from esper.tolaria.commands import CEILING, FLOOR, MAX_STEP, adjust_lr
-from esper.tolaria.decisions import Decision
+from esper.tolaria.decisions import Decision, ask
 from esper.tolaria.settings import TolariaSettings
 from esper.tolaria.trainer import Trainer
 from esper.urza.library import UrzaLibrary
@@ -103,6 +103,8 @@ def test_faults_need_opt_in(tmp_path: Path) -> None:
     ({"lr_delta": 0.0}, 1e-3),
     ({"lr_delta": math.log(1.5)}, 1.5e-3),
     ({"lr_delta": 5.0}, 1e-3 * MAX_STEP),  # one command moves at most MAX_STEP x
+    ({"lr_delta": 800.0}, 1e-3 * MAX_STEP),  # exp overflows a float: still one bounded step, no crash
+    ({"lr_delta": -800.0}, 1e-3 / MAX_STEP),
     ({"learning_rate": 1e-9}, 1e-3 / MAX_STEP),
     ({"lr_delta": float("nan")}, 1e-3),
 ])
@@ -111,6 +113,26 @@ def test_optimizer_commands_are_bounded(hyper: dict[str, float], expected: float
     assert change.new == pytest.approx(expected)
     assert adjust_lr(1e-3 * CEILING, 1e-3, {"lr_delta": 1.0}).new == pytest.approx(1e-3 * CEILING)
     assert adjust_lr(1e-3 / FLOOR, 1e-3, {"lr_delta": -1.0}).new == pytest.approx(1e-3 / FLOOR)
+
+
+async def test_a_failure_reason_this_schema_does_not_define_is_a_failure_not_a_crash(
+        make_client: ClientFactory) -> None:
+    """A newer Tamiyo's DecisionFailure reason (proto3 keeps the number): `ask` names it instead of
+    raising through the bus thread's future into the training thread."""
+    trainer, tamiyo = await make_client("trainer"), await make_client("tamiyo")
+
+    async def handler(d: Delivery) -> pb.DecisionFailure:
+        return pb.DecisionFailure(packet_id=d.message_as(pb.SystemStatePacket).packet_id,
+                                  reason=99)  # type: ignore[arg-type]
+
+    stop = asyncio.Event()
+    task = asyncio.create_task(Consumer(tamiyo, "state", group="tamiyo", handler=handler).run(stop))
+    try:
+        d = await ask(trainer, pb.SystemStatePacket(packet_id="p-1", global_step=1), 1, 2000.0)
+    finally:
+        stop.set()
+        await task
+    assert (d.kind, d.detail, d.packet_id) == ("failure", "UNKNOWN_99", "p-1")
 
 
 def _germinate(keys: object, seed_id: str, blueprint: str, command_id: str) -> pb.AdaptationCommand:

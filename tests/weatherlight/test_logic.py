@@ -51,6 +51,14 @@ def test_halt_never_decays() -> None:
     assert mode.name(1e6) == "HALT"
 
 
+def test_a_level_this_schema_does_not_define_keeps_the_mode_readable() -> None:
+    """A newer peer's level (proto3 keeps the number) is named, not raised on every later read."""
+    mode = SystemMode(hold_s=60.0)
+    mode.observe(99, 0.0)  # type: ignore[arg-type]
+    assert mode.name(1.0) == "UNKNOWN_99"
+    assert mode.name(61.0) == "NORMAL"
+
+
 def test_resolve_puts_oona_first_and_refuses_unknown_names() -> None:
     assert [s.name for s in resolve(["tamiyo", "oona", "urza", "tamiyo"])] == ["oona", "tamiyo", "urza"]
     with pytest.raises(ConfigurationError, match="nope"):

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from typing import TypeVar
+from typing import Any, Protocol, TypeVar
 
 from google.protobuf.message import DecodeError, Message
 
@@ -51,6 +51,20 @@ def message_type_of(message: Message) -> pb.BusMessageType.ValueType:
         return _TYPE_BY_NAME[message.DESCRIPTOR.full_name]
     except KeyError as e:
         raise UnknownTypeError(f"{message.DESCRIPTOR.full_name} is not a bus payload") from e
+
+
+class _EnumWrapper(Protocol):
+    def Name(self, number: Any) -> str: ...  # protobuf's spelling
+
+
+def enum_name(enum: _EnumWrapper, value: int) -> str:
+    """`enum.Name(value)`, or `UNKNOWN_<value>` for a number this schema does not define. Proto3 keeps
+    unknown enum numbers (a newer peer's, or a forged message's) and `Name` raises on them; naming a
+    value in a rejection, a log line or a counter must not be what crashes a service."""
+    try:
+        return enum.Name(value)
+    except ValueError:
+        return f"UNKNOWN_{value}"
 
 
 def new_message_id() -> str:

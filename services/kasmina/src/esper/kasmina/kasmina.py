@@ -77,7 +77,7 @@ from esper.kasmina.record import SeedRecord
 from esper.kasmina.settings import KasminaSettings
 from esper.kasmina.slot import SeedSlot, SlotStepStats, probe_kernel
 from esper.kasmina.validation import CommandValidator, parse_germination
-from esper.leyline import SigningKeys, pb
+from esper.leyline import SigningKeys, enum_name, pb
 
 __all__ = ["CommandAction", "CommandOutcome", "Kasmina", "allowed_blend_modes"]
 
@@ -231,7 +231,7 @@ class Kasmina:
             self.commands_rejected += 1
             level = _ERROR if e.reason in _SECURITY_ERRORS else _WARNING
             self._emit("command_rejected", level, e.detail or e.reason, reason=e.reason, command_id=cmd.command_id,
-                       command_type=pb.CommandType.Name(cmd.command_type), seed_id=cmd.target_seed_id,
+                       command_type=enum_name(pb.CommandType, cmd.command_type), seed_id=cmd.target_seed_id,
                        step=self._step)
             log.warning("command rejected", reason=e.reason, command_id=cmd.command_id, detail=e.detail[:200])
             raise
@@ -248,7 +248,7 @@ class Kasmina:
             self._emergency_cleanup(cmd)
         if kind in TRAINER_COMMANDS:
             return CommandOutcome(cmd.command_id, kind, "for_trainer", cmd.target_seed_id, for_trainer=cmd)
-        raise CommandRejected("unsupported_command", pb.CommandType.Name(kind), command_id=cmd.command_id)
+        raise CommandRejected("unsupported_command", enum_name(pb.CommandType, kind), command_id=cmd.command_id)
 
     def _target(self, cmd: pb.AdaptationCommand) -> SeedRecord:
         if not cmd.target_seed_id:
@@ -284,7 +284,7 @@ class Kasmina:
                                       command_id=cmd.command_id, seed_id=rec.seed_id)
             self._fossilize(rec, "command_fossilize")
             return CommandOutcome(cmd.command_id, cmd.command_type, "fossilized", rec.seed_id)
-        raise CommandRejected("unsupported_operation", pb.SeedOperation.Name(op), command_id=cmd.command_id,
+        raise CommandRejected("unsupported_operation", enum_name(pb.SeedOperation, op), command_id=cmd.command_id,
                               seed_id=rec.seed_id)
 
     def _germinate(self, cmd: pb.AdaptationCommand) -> CommandOutcome:

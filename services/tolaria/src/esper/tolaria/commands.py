@@ -32,7 +32,10 @@ def adjust_lr(current: float, base: float, hyperparameters: Mapping[str, float])
         requested = float(hyperparameters["learning_rate"])
     else:
         delta = float(hyperparameters.get("lr_delta", 0.0))
-        requested = current * math.exp(delta) if math.isfinite(delta) else current
+        try:
+            requested = current * math.exp(delta) if math.isfinite(delta) else current
+        except OverflowError:  # a finite delta past ~709.78: the step bound below still applies
+            requested = math.inf
     stepped = min(max(requested, current / MAX_STEP), current * MAX_STEP)
     new = min(max(stepped, base / FLOOR), base * CEILING)
     return LrChange(current, new, requested, clamped=not math.isclose(new, requested, rel_tol=1e-9))

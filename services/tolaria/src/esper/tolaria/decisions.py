@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from esper.core.telemetry import build_event, build_telemetry_packet
-from esper.leyline import pb
+from esper.leyline import LeylineError, enum_name, pb
 from esper.oona import OonaClient, OonaError
 from esper.oona.errors import RequestTimeoutError
 from esper.tolaria.bus import BusThread
@@ -151,12 +151,15 @@ async def ask(client: OonaClient, packet: pb.SystemStatePacket, step: int, budge
         return Decision(step, packet.packet_id, "timeout", _ms(t0), detail=str(e))
     except OonaError as e:
         return Decision(step, packet.packet_id, "error", _ms(t0), detail=f"{type(e).__name__}: {e}")
-    msg = reply.message()
+    try:
+        msg = reply.message()
+    except LeylineError as e:  # a payload this schema cannot decode (a newer peer's): an error, not a crash
+        return Decision(step, packet.packet_id, "error", _ms(t0), detail=f"{type(e).__name__}: {e}")
     if isinstance(msg, pb.AdaptationCommand):
         return Decision(step, packet.packet_id, "command", _ms(t0), command=msg)
     if isinstance(msg, pb.DecisionFailure):
         return Decision(step, packet.packet_id, "failure", _ms(t0), failure=msg,
-                        detail=pb.DecisionFailureReason.Name(msg.reason))
+                        detail=enum_name(pb.DecisionFailureReason, msg.reason))
     return Decision(step, packet.packet_id, "error", _ms(t0), detail=f"unexpected reply {type(msg).__name__}")
 
 

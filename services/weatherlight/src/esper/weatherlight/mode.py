@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import cast
 
-from esper.leyline import pb
+from esper.leyline import enum_name, pb
 
 
 @dataclass(slots=True)
@@ -32,5 +32,6 @@ class SystemMode:
 
     def name(self, now_s: float) -> str:
         level = self.level(now_s)
-        return "NORMAL" if level == pb.EMERGENCY_LEVEL_UNSPECIFIED else pb.EmergencyLevel.Name(level).removeprefix(
-            "EMERGENCY_LEVEL_")
+        if level == pb.EMERGENCY_LEVEL_UNSPECIFIED:
+            return "NORMAL"
+        return enum_name(pb.EmergencyLevel, level).removeprefix("EMERGENCY_LEVEL_")

@@ -23,7 +23,7 @@ from esper.core.errors import ConfigurationError, EsperError
 from esper.core.logging import get_logger
 from esper.core.redis_server import EmbeddedRedis, free_port
 from esper.core.telemetry import build_event, build_telemetry_packet
-from esper.leyline import pb
+from esper.leyline import enum_name, pb
 from esper.oona import Consumer, Delivery, OonaClient, OonaMetrics, PublishError
 from esper.weatherlight.backoff import restart_delay_s
 from esper.weatherlight.fleet import TRAINER, ServiceSpec, child_env
@@ -208,7 +208,7 @@ class Supervisor:
     async def on_emergency(self, delivery: Delivery) -> None:
         signal_ = delivery.message_as(pb.EmergencySignal)
         self.mode.observe(signal_.level, time.monotonic())
-        level = pb.EmergencyLevel.Name(signal_.level).removeprefix("EMERGENCY_LEVEL_").lower()
+        level = enum_name(pb.EmergencyLevel, signal_.level).removeprefix("EMERGENCY_LEVEL_").lower()
         self.metrics.signals.labels(level).inc()
         log.warning("emergency signal", level=level, origin=signal_.origin, reason=signal_.reason,
                     mode=self.mode.name(time.monotonic()))
