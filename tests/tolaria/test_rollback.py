@@ -8,7 +8,7 @@ import pytest
 import torch
 from prometheus_client import CollectorRegistry
 
-from esper.tolaria.checkpoint import CheckpointStore
+from esper.tolaria.checkpoint import CheckpointError, CheckpointStore
 from esper.tolaria.instruments import TolariaMetrics
 from esper.tolaria.rollback import (
     RollbackDeadlineExceeded,
@@ -162,6 +162,30 @@ def test_nothing_to_restore_is_a_typed_error_that_changes_nothing(tmp_path: Path
     with pytest.raises(RollbackError) as info:
         RollbackManager(fast_cap_bytes=BIG, checkpoints=CheckpointStore(tmp_path)).rollback(model, opt)
     assert info.value.reason == "unavailable" and "no checkpoint saved" in info.value.detail
+    assert_same(before.model, dict(model.state_dict()))
+
+
+def test_the_checkpoint_tier_never_restores_another_runs_weights(tmp_path: Path) -> None:
+    """Runs share the checkpoint directory. Run B, before its first save, finds only run A's
+    checkpoint (same shapes): it is passed over as `foreign_run`, said so, and nothing is restored."""
+    a_model, a_opt = _reference_after(5)
+    CheckpointStore(tmp_path, run_id="run-a").save_training(a_model, a_opt, epoch=9, step=900)
+    model, opt = _reference_after(1)
+    before = capture_state(model, opt)
+    store_b = CheckpointStore(tmp_path, run_id="run-b")
+    with pytest.raises(RollbackError) as info:
+        RollbackManager(fast_cap_bytes=BIG, checkpoints=store_b).rollback(model, opt)
+    assert info.value.reason == "unavailable" and not info.value.restored
+    assert "1 checkpoints failed verification" in info.value.detail
+    assert_same(before.model, dict(model.state_dict()))
+    with pytest.raises(CheckpointError) as refused:
+        store_b.load(store_b.history()[0])
+    assert refused.value.reason == "foreign_run" and "run-a" in refused.value.detail
+    # ... and once B has saved, its own checkpoint serves, with A's still passed over behind it
+    store_b.save_training(model, opt, epoch=0, step=1)
+    train_steps(model, opt, 3, seed=4)
+    result = RollbackManager(fast_cap_bytes=BIG, checkpoints=store_b).rollback(model, opt)
+    assert (result.tier, result.step) == ("checkpoint", 1)
     assert_same(before.model, dict(model.state_dict()))
 
 

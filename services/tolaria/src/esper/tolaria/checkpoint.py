@@ -76,6 +76,7 @@ CheckpointErrorReason = Literal[
     "bad_sidecar",  # the sidecar does not parse or names another file
     "checksum_mismatch",  # the file's bytes do not hash to the sidecar's sha256
     "pointer_mismatch",  # sidecar and file agree, but not with the pointer (swapped or replayed files)
+    "foreign_run",  # a verified checkpoint another run wrote into this directory
     "unsafe_content",  # torch.load(weights_only=True) refused it (pickled objects, code)
     "unreadable",  # not a torch archive (verified bytes that are still not a checkpoint)
     "bad_format",  # loads, but is not our dict (format, fields, types)
@@ -391,11 +392,17 @@ class CheckpointStore:
     # -- load --------------------------------------------------------------------------------------
 
     def load(self, info: CheckpointInfo) -> Checkpoint:
-        """One retained checkpoint, verified against its sidecar *and* the pointer's sha256."""
-        ckpt = read_checkpoint(self.directory / info.file, expected_sha256=info.sha256)
+        """One retained checkpoint, verified against its sidecar *and* the pointer's sha256, and written
+        by this store's run (when it has a run id). Runs share `TOLARIA_VAR_DIR/checkpoints`, and the
+        pointer's history carries an earlier run's entries until retention drops them: a rollback that
+        restored one would put another run's weights into this one whenever the shapes happen to fit."""
+        path = self.directory / info.file
+        ckpt = read_checkpoint(path, expected_sha256=info.sha256)
         if (ckpt.epoch, ckpt.step) != (info.epoch, info.step):
-            raise CheckpointError("pointer_mismatch", f"{info.file} holds epoch {ckpt.epoch} step {ckpt.step}",
-                                  self.directory / info.file)
+            raise CheckpointError("pointer_mismatch", f"{info.file} holds epoch {ckpt.epoch} step {ckpt.step}", path)
+        if self.run_id and ckpt.run_id != self.run_id:
+            raise CheckpointError("foreign_run", f"{info.file} belongs to run {ckpt.run_id!r}, not {self.run_id!r}",
+                                  path)
         return ckpt
 
     def load_latest(self) -> Checkpoint | None:
