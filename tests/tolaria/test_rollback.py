@@ -165,6 +165,16 @@ def test_nothing_to_restore_is_a_typed_error_that_changes_nothing(tmp_path: Path
     assert_same(before.model, dict(model.state_dict()))
 
 
+def test_time_spent_before_a_retry_counts_against_the_same_deadline() -> None:
+    model, opt = _reference_after(1)
+    mgr = RollbackManager(fast_cap_bytes=BIG, deadline_ms=250.0, clock=FakeClock())
+    mgr.snapshot(model, opt, step=1, epoch=0)
+    assert mgr.rollback(model, opt, spent_ms=200.0).elapsed_ms == pytest.approx(200.0)
+    with pytest.raises(RollbackDeadlineExceeded) as info:
+        mgr.rollback(model, opt, spent_ms=300.0)  # the first try already took the whole budget
+    assert info.value.restored and info.value.elapsed_ms == pytest.approx(300.0)
+
+
 def test_the_checkpoint_tier_never_restores_another_runs_weights(tmp_path: Path) -> None:
     """Runs share the checkpoint directory. Run B, before its first save, finds only run A's
     checkpoint (same shapes): it is passed over as `foreign_run`, said so, and nothing is restored."""

@@ -4,6 +4,7 @@ against a real Tamiyo and a real Urza over the bus (decisions, a signed germinat
 from __future__ import annotations
 
 import asyncio
+import itertools
 import math
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from esper.tezzeret.forge import forge_once
 from esper.tolaria.bus import BusThread
 from esper.tolaria.commands import CEILING, FLOOR, MAX_STEP, adjust_lr
 from esper.tolaria.decisions import Decision, ask
+from esper.tolaria.rollback import RollbackManager
 from esper.tolaria.settings import TolariaSettings
 from esper.tolaria.trainer import Trainer
 from esper.urza.library import UrzaLibrary
@@ -89,6 +91,21 @@ def test_nan_step_is_rolled_back_and_escalated(tmp_path: Path) -> None:
     assert summary["emergencies"] == 1 and summary["emergency_level"] == pb.EMERGENCY_LEVEL_ELEVATED
     assert summary["steps"] == math.ceil(trainer.data.meta.train_size / s.batch_size) - 1  # the bad step
     assert all(torch.isfinite(p).all() for p in trainer.host.parameters())
+
+
+def test_a_late_rollback_escalates_to_halt_and_restarts_the_loss_statistics(tmp_path: Path) -> None:
+    """Restored past `TOLARIA_ROLLBACK_DEADLINE_MS`: counted, HALT, and the EWMAs restart from the
+    restored weights (they did not, and a retry's miss was counted as a plain failure, without HALT)."""
+    trainer = Trainer(_settings(tmp_path, epochs=1), bus=None)
+    trainer.run()
+    clock = itertools.count(0.0, 0.2)  # every read of the clock is 200 ms later: the restore ends late
+    trainer.rollback = RollbackManager(fast_cap_bytes=1 << 30, deadline_ms=250.0, checkpoints=trainer.checkpoints,
+                                       clock=lambda: float(next(clock)))
+    assert trainer.signals.loss.count > 0
+    trainer._do_rollback("test")
+    assert trainer.stats.rollbacks["deadline_missed"] == 1
+    assert trainer.emergency.level == pb.EMERGENCY_LEVEL_HALT and trainer.emergency.halted
+    assert trainer.signals.loss.count == 0
 
 
 def test_faults_need_opt_in(tmp_path: Path) -> None:

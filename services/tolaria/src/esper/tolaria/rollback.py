@@ -261,13 +261,14 @@ class RollbackManager:
     # -- rollback ----------------------------------------------------------------------------------
 
     def rollback(self, model: nn.Module, optimizer: torch.optim.Optimizer | None, *,
-                 to_step: int | None = None) -> RollbackResult:
+                 to_step: int | None = None, spent_ms: float = 0.0) -> RollbackResult:
         """Restore the newest state at or before `to_step` (newest of all if None), fast tier first.
+        `spent_ms`: what this rollback already took before this call (a retry): one deadline covers both.
 
         Raises RollbackDeadlineExceeded (maybe restored, see `.restored`/`.result`) or RollbackError
         ("unavailable": no snapshot and no usable checkpoint; "state_mismatch": none fits the model).
         """
-        t0 = self._clock()
+        t0 = self._clock() - spent_ms / 1000.0
 
         def elapsed_ms() -> float:
             return (self._clock() - t0) * 1000.0

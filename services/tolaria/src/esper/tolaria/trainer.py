@@ -433,26 +433,31 @@ class Trainer:
             self._do_rollback(reason)
 
     def _do_rollback(self, reason: str) -> None:
+        """Restore the last good state. When none fits the model (seeds changed it since), every seed is
+        culled and the rollback retried once, inside what is left of the same deadline; a miss on either
+        try escalates to HALT (`TOLARIA_EMERGENCY_L4_ON_ROLLBACK_DEADLINE`)."""
+        t0 = time.perf_counter()
         try:
-            result = self.rollback.rollback(self.host, self.optimizer)
+            try:
+                result = self.rollback.rollback(self.host, self.optimizer)
+            except RollbackError as e:
+                if e.reason != "state_mismatch":
+                    raise
+                self.kasmina.cull_all("rollback")
+                result = self.rollback.rollback(self.host, self.optimizer,
+                                                spent_ms=(time.perf_counter() - t0) * 1000.0)
         except RollbackDeadlineExceeded as e:
             self.stats.rollbacks["deadline_missed"] += 1
+            if e.restored:  # restored, late: the loss statistics restart from the restored weights
+                self.signals.reset()
             if self.settings.emergency_l4_on_rollback_deadline:
                 self.emergency.escalate(pb.EMERGENCY_LEVEL_HALT, "rollback_deadline")
-            log.error("rollback missed its deadline", error=str(e))
+            log.error("rollback missed its deadline", error=str(e), restored=e.restored)
             return
         except RollbackError as e:
-            if e.reason == "state_mismatch":  # seeds changed the model since: drop them and retry once
-                self.kasmina.cull_all("rollback")
-                try:
-                    result = self.rollback.rollback(self.host, self.optimizer)
-                except RollbackError as again:
-                    self.stats.rollbacks[f"failed_{again.reason}"] += 1
-                    return
-            else:
-                self.stats.rollbacks[f"failed_{e.reason}"] += 1
-                log.warning("nothing to roll back to", reason=reason, error=str(e))
-                return
+            self.stats.rollbacks[f"failed_{e.reason}"] += 1
+            log.warning("nothing to roll back to", reason=reason, error=str(e))
+            return
         self.stats.rollbacks[result.tier] += 1
         self.signals.reset()
         self._event("rollback", _WARNING, f"{result.tier} tier restored step {result.step} in "
