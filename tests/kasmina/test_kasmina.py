@@ -4,6 +4,7 @@ optimizer bookkeeping and the exported SeedState/telemetry."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 
 import pytest
@@ -110,6 +111,38 @@ async def test_full_path_to_fossilized() -> None:
         rig.k.apply_command(command())  # a fossil slot never hosts another seed
     rig.k.retire(SEED)
     assert rig.k.stage(SEED) == S.SEED_STAGE_TERMINATED
+
+
+def _refused_nan_step(rig: Rig) -> None:
+    """What the trainer does with a batch whose loss is NaN: forward and backward, then no optimizer
+    step and no `advance` (the step is refused)."""
+    x, y = rig.batch
+    bad = x.clone()
+    bad[0, 0] = float("nan")
+    rig.opt.zero_grad(set_to_none=True)
+    loss = torch.nn.functional.cross_entropy(rig.model(bad), y)
+    extra = rig.k.auxiliary_loss()
+    assert extra is not None and not torch.isfinite(loss)
+    (loss + extra).backward()
+    rig.opt.zero_grad(set_to_none=True)
+
+
+@pytest.mark.parametrize("discard", [True, False])
+async def test_a_refused_step_leaves_nothing_in_the_seeds_observations(discard: bool) -> None:
+    """A NaN batch the trainer refuses: its seed observations (isolation norms, local loss, latency)
+    used to be merged into the next step's, so Kasmina's isolation telemetry read NaN."""
+    rig = Rig()
+    await rig.germinate()
+    rig.until(S.SEED_STAGE_TRAINING)
+    _refused_nan_step(rig)
+    if discard:
+        rig.k.discard_step()  # what the trainer's refusal does
+    rig.step()
+    host_norm = next(m.value for m in rig.k.metrics() if m.name == "kasmina.seed.isolation.host_norm")
+    if discard:
+        assert math.isfinite(host_norm) and host_norm > 0
+    else:  # the control: what the trainer published before it discarded the refused step
+        assert math.isnan(host_norm)
 
 
 async def test_no_benefit_culls_back_to_dormant() -> None:

@@ -144,6 +144,10 @@ class GradProbe:
         total = float(torch.stack(list(sq.values())).sum())
         return True, total**0.5
 
+    def discard(self) -> None:
+        """Drop what arrived since the last collect, unread."""
+        self._sq = {}
+
     def remove(self) -> None:
         for h in self._handles:
             h.remove()

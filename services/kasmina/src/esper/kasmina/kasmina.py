@@ -459,6 +459,13 @@ class Kasmina:
                 total = aux if total is None else total + aux.to(total.device)
         return total
 
+    def discard_step(self) -> None:
+        """The trainer refused this step (non-finite, loss spike) and never applied it: forget what the
+        seeds observed in it (local losses, latencies, gradient norms, isolation), or the next step's
+        gates would judge a seed on a batch that was thrown away (a NaN batch culled a healthy seed)."""
+        for rec in self._records.values():
+            rec.slot.discard_step()
+
     def advance(self, step: int, *, epoch: int | None = None, loss: float | None = None) -> None:
         """Step boundary: attach fetched kernels, evaluate gates, advance alpha schedules and stages.
 

@@ -196,6 +196,12 @@ class SeedSlot(nn.Module):
         aux, self._aux = self._aux, None
         return aux
 
+    def discard_step(self) -> None:
+        """Forget this step's observations without reading them (a step the trainer refused)."""
+        if self._grads is not None:
+            self._grads.discard()
+        self._reset_step()
+
     def collect(self) -> SlotStepStats:
         """This step's observations (one device sync per reduction), then start a new step."""
         observed, norm = self._grads.collect() if self._grads is not None else (False, 0.0)

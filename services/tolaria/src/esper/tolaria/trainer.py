@@ -424,6 +424,7 @@ class Trainer:
     def _step_failure(self, reason: str, loss: float) -> None:
         """A bad step is never applied: escalate, roll back to the last good state, keep training."""
         self.optimizer.zero_grad(set_to_none=True)
+        self.kasmina.discard_step()  # nor is what the seeds saw in it evidence for their gates
         self.stats.step_failures[reason] += 1
         self._epoch_failed = True
         self._event("loss_spike" if reason == "loss_spike" else "step_failure", _WARNING,
