@@ -19,7 +19,8 @@ Delivery, in submission order (`seq`):
   the head and retries with exponential backoff. Each signal has a fixed `message_id`, so a retry of
   a publish that did land is deduplicated by consumers.
 - Memory holds `memory_cap` signals; past it the oldest move to a SQLite spill file (WAL journal,
-  `synchronous=FULL`, as Tamiyo's field-report outbox), so the disk holds the older part of the
+  `synchronous=FULL`, as Tamiyo's field-report outbox), and while publishing fails all of memory
+  does (a kill -9 during an outage loses nothing spilled), so the disk holds the older part of the
   queue and memory the newer. Disk is drained first. `close()` moves what is left in memory to disk,
   and a new publisher on the same file picks it all up (restart of the emitter).
 - Past `spill_cap` rows on disk, the oldest signals are dropped (newer ones carry higher levels);
@@ -455,8 +456,12 @@ class EmergencyPublisher:
         return True
 
     def _spill_overflow(self) -> None:
+        """Memory past its cap goes to disk; while publishing fails (an outage) all of it does. The
+        trainer escalates a few times a run at most, so the cap alone would keep every signal of an
+        outage in memory, and a kill -9 before Redis came back would lose them without a count."""
         with self._lock:
-            n = len(self._memory) - self._memory_cap
+            outage = not self._connected and self._failures > 0
+            n = len(self._memory) - (0 if outage else self._memory_cap)
             moving = [self._memory.popleft() for _ in range(n)] if n > 0 else []
         if moving and self._store(moving):
             self._gauge()
@@ -559,6 +564,7 @@ class EmergencyPublisher:
                     continue
                 except Exception as e:  # PublishError, breaker open, Redis errors: an outage, retry the head
                     self._failed(e)
+                    self._spill_overflow()  # now, not after the backoff: what waits in memory goes to disk
                     await self._sleep(backoff)
                     backoff = min(backoff * 2, self._retry_max_s)
                     continue
