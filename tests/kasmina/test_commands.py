@@ -12,6 +12,7 @@ import torch
 
 from esper.core.errors import DependencyViolationError
 from esper.kasmina import ANNOTATION_REASONS, SECURITY_REASONS, CommandRejected, Kasmina, parse_germination
+from esper.kasmina.validation import CommandValidator
 from esper.leyline import pb, sign_command
 from esper.tamiyo.gnn import PolicyOutputs
 from esper.tamiyo.policy import BlendModeSettings, decide
@@ -91,6 +92,23 @@ def test_verifier_unavailable_without_keys() -> None:
     k = Kasmina(keys=None, kernels=KarnKernelSource(), clock_ms=clock)
     k.register_host(TinyHost())
     _rejected(k, command(), "verifier_unavailable")
+
+
+def test_a_replay_the_full_nonce_cache_forgot_is_refused_as_stale() -> None:
+    """More commands than the nonce cache holds within the freshness window: an id is dropped while
+    its command is still fresh. Its replay must not pass; a command issued after that is accepted."""
+    now = [NOW_MS]
+    v = CommandValidator(KEYS, nonce_capacity=2, max_future_ms=100, clock_ms=lambda: now[0])
+    first = command(kind=pb.COMMAND_PAUSE, seed_id="", issued_at_ms=NOW_MS)
+    for i, cmd in enumerate([first, *(command(kind=pb.COMMAND_PAUSE, seed_id="", issued_at_ms=NOW_MS + 1000 * k)
+                                      for k in (1, 2))]):
+        now[0] = NOW_MS + 1000 * i
+        v.validate(cmd)  # the third drops the first's id, 2 s into its 60 s of freshness
+    now[0] = NOW_MS + 2500
+    with pytest.raises(CommandRejected) as info:
+        v.validate(first)
+    assert info.value.reason == "stale_command" and "nonce cache full" in info.value.detail
+    v.validate(command(kind=pb.COMMAND_PAUSE, seed_id="", issued_at_ms=NOW_MS + 2500))
 
 
 def test_nonce_replayed(kasmina: Kasmina) -> None:

@@ -48,7 +48,7 @@ def check_freshness(
 class BoundedTTLMap:
     """Insertion-ordered map that forgets entries past `ttl_ms` or beyond `capacity` (oldest first)."""
 
-    __slots__ = ("_capacity", "_items", "_ttl_ms")
+    __slots__ = ("_capacity", "_forgotten_ms", "_items", "_ttl_ms")
 
     def __init__(self, *, capacity: int, ttl_ms: int) -> None:
         if capacity <= 0 or ttl_ms <= 0:
@@ -56,6 +56,13 @@ class BoundedTTLMap:
         self._capacity = capacity
         self._ttl_ms = ttl_ms
         self._items: OrderedDict[str, tuple[str, int]] = OrderedDict()
+        self._forgotten_ms: int | None = None
+
+    @property
+    def forgotten_until_ms(self) -> int | None:
+        """The newest put time of an entry dropped for capacity before its TTL ran out: a key put at or
+        before it may have been forgotten early (None: nothing live was ever dropped)."""
+        return self._forgotten_ms
 
     def __len__(self) -> int:
         """Entries held; expired ones are dropped on the next `put`."""
@@ -65,8 +72,11 @@ class BoundedTTLMap:
         items = self._items
         while items:
             key, (_, at) = next(iter(items.items()))
-            if len(items) <= self._capacity and now_ms - at <= self._ttl_ms:
+            live = now_ms - at <= self._ttl_ms
+            if len(items) <= self._capacity and live:
                 break
+            if live:
+                self._forgotten_ms = at if self._forgotten_ms is None else max(self._forgotten_ms, at)
             del items[key]
 
     def get(self, key: str, now_ms: int) -> str | None:

@@ -74,8 +74,11 @@ class CommandValidator:
     """Signature, id, nonce and freshness checks (the prototype's order and codes).
 
     Nonces (command ids) are remembered for ``nonce_ttl_ms`` after acceptance. ``nonce_capacity``
-    must exceed the number of commands that can arrive within ``max_age_ms``, or a fresh command could
-    be forgotten before it goes stale.
+    should exceed the number of commands that can arrive within ``max_age_ms``. If more arrive, ids
+    are forgotten before their commands go stale, and a replay of one could pass the nonce check: so
+    a command that may have been forgotten (issued no later than ``max_future_ms`` after the newest
+    id dropped early) is refused as stale. The check fails closed, at the cost of refusing a command
+    delayed that long, and only once the cache has overflowed.
     """
 
     def __init__(self, keys: SigningKeys | None, *, nonce_ttl_ms: int = NONCE_TTL_MS, nonce_capacity: int = 16_384,
@@ -110,6 +113,11 @@ class CommandValidator:
                 raise CommandRejected("issued_in_future", f"{issued - now} ms ahead", command_id=cid)
             if now - issued > self._max_age_ms:
                 raise CommandRejected("stale_command", f"{now - issued} ms old", command_id=cid)
+            forgotten = self._nonces.forgotten_until_ms
+            if forgotten is not None and issued <= forgotten + self._max_future_ms:
+                raise CommandRejected("stale_command", f"issued before the replay window still remembered "
+                                      f"(nonce cache full: ids up to {now - forgotten} ms old dropped)",
+                                      command_id=cid)
         else:
             raise CommandRejected("missing_timestamp", command_id=cid)
 
