@@ -238,6 +238,36 @@ async def test_kernel_wait_fixes_the_attach_step(make_client: ClientFactory, set
             await asyncio.to_thread(bus.stop)
 
 
+async def test_a_cull_command_leaves_a_fast_snapshot_that_fits(make_client: ClientFactory, settings: OonaSettings,
+                                                               tmp_path: Path) -> None:
+    """A CULL applied between steps changes the model. The ring held only snapshots with the seed, so a
+    step failing before the next boundary missed the fast tier (state_mismatch) and fell back to the
+    last checkpoint, up to an epoch back. Now the cull is followed by a snapshot of the model as it is."""
+    us = _forged_urza(settings, tmp_path, "BP002")
+    ts = _settings(tmp_path, redis_url=settings.redis_url, leyline_secret=settings.leyline_secret, epochs=1,
+                   artifact_dir=us.artifact_dir, run_id="run-cull", kernel_wait_ms=5000.0)
+    async with running_urza(us):
+        bus = BusThread(ts)
+        bus.start()
+        trainer = Trainer(ts, bus=bus)
+        try:
+            seed_id = _germinate_bp002_at_step_1(trainer, bus, "run-cull", "cmd-grow")
+            await asyncio.to_thread(trainer._start_kernel_fetches)
+            trainer.step = 2
+            trainer.train_step(trainer.data.x_train[:32], trainer.data.y_train[:32])  # attaches, snapshots step 3
+            assert trainer.summary(clean_shutdown=True)["seed_parameters"] > 0 and len(trainer.rollback.ring)
+            cull = _germinate(bus.client.keys, seed_id, "BP002", "cmd-cull")
+            cull.seed_operation.operation = pb.SEED_OP_CULL
+            trainer._take_decision(Decision(3, "run-cull-3", "command", 1.0,
+                                            command=sign_command(cull, bus.client.keys)))
+            assert trainer.summary(clean_shutdown=True)["seed_parameters"] == 0
+            result = trainer.rollback.rollback(trainer.host, trainer.optimizer)
+            assert (result.tier, result.step) == ("fast", 3)
+        finally:
+            trainer.close()
+            await asyncio.to_thread(bus.stop)
+
+
 def test_resource_metrics_report_memory() -> None:
     from esper.tolaria.trainer import resource_metrics
 

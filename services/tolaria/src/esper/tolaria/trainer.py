@@ -150,6 +150,7 @@ class Trainer:
         self._epoch_failed = False
         self._structure: tuple[str, ...] = ()
         self._quick_structure: tuple[object, ...] = ()
+        self._applied_step = 0  # the step whose update the weights hold
         self._train_loss_sum, self._train_loss_steps = 0.0, 0  # applied steps of the current epoch
         self._stop = False
         self._pending_events: list[pb.TelemetryEvent] = []
@@ -237,6 +238,7 @@ class Trainer:
             self._step_failure(reason, loss_v)
             return
         self.optimizer.step()
+        self._applied_step = self.step
         self._train_loss_sum += loss_v
         self._train_loss_steps += 1
         if s.fault_step_delay_ms:  # drills: a step as long as a real model's (sleeps, so the bus thread runs)
@@ -327,6 +329,7 @@ class Trainer:
         except CommandRejected as e:
             self.stats.rejected[e.reason] += 1
             return
+        self._snapshot_if_restructured()
         self.stats.commands[pb.CommandType.Name(d.command.command_type)] += 1
         if outcome.for_trainer is not None:
             self._trainer_command(outcome.for_trainer)
@@ -460,6 +463,7 @@ class Trainer:
             log.warning("nothing to roll back to", reason=reason, error=str(e))
             return
         self.stats.rollbacks[result.tier] += 1
+        self._applied_step = result.step
         self.signals.reset()
         self._event("rollback", _WARNING, f"{result.tier} tier restored step {result.step} in "
                     f"{result.elapsed_ms:.2f} ms", reason=reason, tier=result.tier, restored_step=result.step)
@@ -471,17 +475,31 @@ class Trainer:
         Seeds change the structure by filling or emptying a slot, and the optimizer's by adding or
         dropping parameter groups: a cheap key of those (object ids) is compared every step; the full
         key (every state-dict name) is compared whenever a snapshot is due, before it is taken."""
+        self._restructured()
+        if self.rollback.due(self.step):
+            self._check_structure()
+            self.rollback.snapshot(self.host, self.optimizer, step=self.step, epoch=self.epoch, force=True)
+
+    def _restructured(self) -> bool:
+        """Did a seed change the model's or the optimizer's structure since the last look? If so, the
+        ring's snapshots that no longer fit are dropped."""
         # `_modules.get`, not `getattr`: a submodule read through `Module.__getattr__` costs ~1 us each
         # (2.4 us for this key that way, 0.5 us this way, warm; a few times more after a wide step).
         quick = (len(self.optimizer.param_groups),
                  *[(id(m), id(m._modules.get("seed"))) for m in self.host.slot_modules.values()])
-        if quick != self._quick_structure:
-            self._quick_structure = quick
-            self._check_structure()
-            self.host.train(self.host.training)  # a module that just joined follows the host's mode
-        if self.rollback.due(self.step):
-            self._check_structure()
-            self.rollback.snapshot(self.host, self.optimizer, step=self.step, epoch=self.epoch, force=True)
+        if quick == self._quick_structure:
+            return False
+        self._quick_structure = quick
+        self._check_structure()
+        self.host.train(self.host.training)  # a module that just joined follows the host's mode
+        return True
+
+    def _snapshot_if_restructured(self) -> None:
+        """After a command that changed the model (a cull): the ring's snapshots still hold the seed, so
+        a step that failed before the next boundary's check would miss the fast tier and restore the last
+        checkpoint, up to an epoch back. The weights now are the last applied step's, less the seed."""
+        if self._restructured():
+            self.rollback.snapshot(self.host, self.optimizer, step=self._applied_step, epoch=self.epoch, force=True)
 
     def _check_structure(self) -> None:
         structure = (*tuple(self.host.state_dict().keys()), str(len(self.optimizer.param_groups)))
