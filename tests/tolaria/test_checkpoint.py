@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from esper.leyline import SigningKeys
 from esper.tolaria.checkpoint import (
     POINTER_FILE,
     CheckpointError,
@@ -144,6 +145,49 @@ def test_tampered_checkpoints_are_refused_with_a_reason(tmp_path: Path, tamper: 
     with pytest.raises(CheckpointError):
         store.restore_latest(model, opt)
     assert_same(before, dict(model.state_dict()))  # nothing was loaded
+
+
+KEYS = SigningKeys(key_id="k1", secret=b"s" * 32)
+
+
+def test_a_signed_checkpoint_rewritten_consistently_without_the_key_is_refused(tmp_path: Path) -> None:
+    """Hashes alone let whoever can write the directory substitute weights (file, sidecar and pointer
+    rewritten together). A keyed store also checks a MAC of the sidecar line, before reading the file."""
+    model, opt = _trained()
+    store = CheckpointStore(tmp_path, run_id="run-a", keys=KEYS)
+    info = store.save_training(model, opt, epoch=1, step=5)
+    assert (tmp_path / f"{info.file}.mac").read_text().startswith("k1 ")
+    assert store.load_latest() is not None  # its own checkpoint verifies
+    rotated = SigningKeys(key_id="k2", secret=b"t" * 32, previous_key_id="k1", previous_secret=b"s" * 32)
+    assert CheckpointStore(tmp_path, run_id="run-a", keys=rotated).load_latest() is not None  # previous key verifies
+
+    other, other_opt = _trained(steps=7)
+    forged = encode_checkpoint(other.state_dict(), other_opt.state_dict(), epoch=1, step=5, run_id="run-a")
+    _rewrite_consistently(tmp_path / info.file, forged)
+    with pytest.raises(CheckpointError) as refused:
+        store.load_latest()
+    assert refused.value.reason == "bad_signature" and "does not verify" in refused.value.detail
+    assert CheckpointStore(tmp_path, run_id="run-a").load_latest() is not None  # hashes alone would take it
+
+    (tmp_path / f"{info.file}.mac").unlink()
+    with pytest.raises(CheckpointError, match="unsigned") as unsigned:
+        store.load_latest()
+    assert unsigned.value.reason == "bad_signature"
+    wrong = SigningKeys(key_id="k9", secret=b"u" * 32)
+    signed_elsewhere = CheckpointStore(tmp_path / "b", run_id="run-a", keys=wrong)
+    other_info = signed_elsewhere.save_training(model, opt, epoch=1, step=6)
+    with pytest.raises(CheckpointError, match="unknown key"):
+        CheckpointStore(tmp_path / "b", run_id="run-a", keys=KEYS).load(other_info)
+
+
+def test_retention_prunes_the_mac_files_too(tmp_path: Path) -> None:
+    model, opt = _trained()
+    store = CheckpointStore(tmp_path, keep=1, run_id="run-a", keys=KEYS)
+    first = store.save_training(model, opt, epoch=0, step=1)
+    second = store.save_training(model, opt, epoch=0, step=2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        [POINTER_FILE, second.file, f"{second.file}.sha256", f"{second.file}.mac"])
+    assert first.file != second.file
 
 
 def test_swapped_file_with_a_valid_sidecar_fails_the_pointer(tmp_path: Path) -> None:

@@ -4,6 +4,7 @@ Layout of a checkpoint directory (`<var_dir>/checkpoints`):
 
     ckpt-s<step>-e<epoch>-<sha12>.pt          torch.save of a plain dict (below); the name embeds its hash
     ckpt-s<step>-e<epoch>-<sha12>.pt.sha256   sidecar: "<sha256 hex>  <file name>\\n" (sha256sum format)
+    ckpt-s<step>-e<epoch>-<sha12>.pt.mac      with a signing key: "<key id> <HMAC-SHA256 of the sidecar line>\\n"
     latest.json                               pointer: the newest checkpoint and the last K, written last
 
 A save writes the checkpoint to a temp file, fsyncs, renames, fsyncs the directory; then the sidecar
@@ -16,6 +17,11 @@ A load verifies before it deserialises: the sidecar must exist and parse, the fi
 match it (and the pointer's, when loading through the pointer), and only then is the file read with
 `torch.load(weights_only=True)`. Every refusal is a `CheckpointError` with a `reason`.
 
+A hash only shows that the bytes are what the sidecar and the pointer say: whoever can write the
+directory can rewrite all three. A store given the run's signing keys (the trainer passes the Leyline
+keys) also writes a MAC of the sidecar line and refuses, on load, a checkpoint whose MAC is missing or
+wrong (`bad_signature`), so a tampered checkpoint needs the secret too. The previous key verifies.
+
 The payload is a dict of tensors, numbers, strings, lists and dicts only: format, model state dict,
 optimizer state dict, epoch, step, run id, creation time and `extra` (JSON-like values and tensors,
 e.g. Kasmina's seed bookkeeping). Rebuilding the architecture (grafted seeds) is the caller's job
@@ -25,6 +31,7 @@ before `load_state_dict`; a mismatch is a typed `StateMismatchError` from `esper
 from __future__ import annotations
 
 import hashlib
+import hmac
 import io
 import json
 import pickle
@@ -41,6 +48,7 @@ from esper.core.clock import now_ms
 from esper.core.errors import EsperError
 from esper.core.files import write_bytes_atomic
 from esper.core.logging import get_logger
+from esper.leyline import SigningKeys, hmac_sha256
 from esper.tolaria.state import TrainingState, restore_state, tensor_nbytes
 
 __all__ = [
@@ -62,6 +70,7 @@ __all__ = [
 CHECKPOINT_FORMAT: Final[int] = 1
 POINTER_FILE: Final[str] = "latest.json"
 SIDECAR_SUFFIX: Final[str] = ".sha256"
+MAC_SUFFIX: Final[str] = ".mac"
 _KIND: Final[str] = "esper.tolaria.checkpoint"
 _NAME_RE: Final = re.compile(r"^ckpt-s\d{10}-e\d{6}-[0-9a-f]{12}\.pt$")
 _SIDECAR_RE: Final = re.compile(r"^([0-9a-f]{64})  (\S+)\n?$")
@@ -77,6 +86,7 @@ CheckpointErrorReason = Literal[
     "checksum_mismatch",  # the file's bytes do not hash to the sidecar's sha256
     "pointer_mismatch",  # sidecar and file agree, but not with the pointer (swapped or replayed files)
     "foreign_run",  # a verified checkpoint another run wrote into this directory
+    "bad_signature",  # a keyed store: the .mac is missing, names an unknown key, or does not verify
     "unsafe_content",  # torch.load(weights_only=True) refused it (pickled objects, code)
     "unreadable",  # not a torch archive (verified bytes that are still not a checkpoint)
     "bad_format",  # loads, but is not our dict (format, fields, types)
@@ -234,6 +244,30 @@ def _sidecar(path: Path) -> Path:
     return path.with_name(path.name + SIDECAR_SUFFIX)
 
 
+def _mac_path(path: Path) -> Path:
+    return path.with_name(path.name + MAC_SUFFIX)
+
+
+def _sidecar_line(sha: str, name: str) -> bytes:
+    return f"{sha}  {name}\n".encode("ascii")
+
+
+def _verify_mac(path: Path, sha: str, keys: SigningKeys) -> None:
+    """The `.mac` next to `path` must be a MAC, under a key we hold, of the sidecar line for `sha`."""
+    mac_file = _mac_path(path)
+    try:
+        key_id, _, mac = mac_file.read_text(encoding="ascii").strip().partition(" ")
+    except FileNotFoundError as e:
+        raise CheckpointError("bad_signature", f"{mac_file.name} does not exist (an unsigned checkpoint)", path) from e
+    except (OSError, UnicodeDecodeError) as e:
+        raise CheckpointError("bad_signature", f"{mac_file.name}: {e}", path) from e
+    secret = keys.secret_for(key_id)
+    if secret is None:
+        raise CheckpointError("bad_signature", f"{mac_file.name} names unknown key {key_id!r}", path)
+    if not hmac.compare_digest(mac, hmac_sha256(secret, _sidecar_line(sha, path.name)).hex()):
+        raise CheckpointError("bad_signature", f"{mac_file.name} does not verify", path)
+
+
 def _read_sidecar(path: Path) -> str:
     side = _sidecar(path)
     try:
@@ -281,12 +315,15 @@ class CheckpointStore:
     from a worker thread with a captured `TrainingState` (`save_state`) so training can go on.
     """
 
-    def __init__(self, directory: Path | str, *, keep: int = 3, run_id: str = "") -> None:
+    def __init__(self, directory: Path | str, *, keep: int = 3, run_id: str = "",
+                 keys: SigningKeys | None = None) -> None:
+        """`keys`: sign every checkpoint and load only signed ones (module docstring); None: hashes only."""
         if keep < 1:
             raise ValueError(f"keep must be >= 1, got {keep}")
         self.directory = Path(directory)
         self.keep = keep
         self.run_id = run_id
+        self.keys = keys
 
     @property
     def pointer_path(self) -> Path:
@@ -308,7 +345,10 @@ class CheckpointStore:
             self.directory.mkdir(parents=True, exist_ok=True)
             path = self.directory / name
             write_bytes_atomic(path, data)
-            write_bytes_atomic(_sidecar(path), f"{sha}  {name}\n".encode("ascii"))
+            write_bytes_atomic(_sidecar(path), _sidecar_line(sha, name))
+            if self.keys is not None:
+                mac = hmac_sha256(self.keys.secret, _sidecar_line(sha, name)).hex()
+                write_bytes_atomic(_mac_path(path), f"{self.keys.key_id} {mac}\n".encode("ascii"))
             history = [info, *[h for h in self._history_or_empty() if h.file != name]][: self.keep]
             pointer = {"format": CHECKPOINT_FORMAT, "run_id": self.run_id, "latest": info.to_json(),
                        "history": [h.to_json() for h in history], "written_at_ms": now_ms()}
@@ -331,7 +371,7 @@ class CheckpointStore:
     def _prune(self, keep: set[str]) -> None:
         for entry in self.directory.iterdir():
             name = entry.name
-            base = name.removesuffix(SIDECAR_SUFFIX)
+            base = name.removesuffix(SIDECAR_SUFFIX).removesuffix(MAC_SUFFIX)
             stale_tmp = name.startswith(".") and name.endswith(".tmp") and (".ckpt-" in name or POINTER_FILE in name)
             if (_NAME_RE.match(base) and base not in keep) or stale_tmp:
                 entry.unlink(missing_ok=True)
@@ -397,6 +437,8 @@ class CheckpointStore:
         pointer's history carries an earlier run's entries until retention drops them: a rollback that
         restored one would put another run's weights into this one whenever the shapes happen to fit."""
         path = self.directory / info.file
+        if self.keys is not None:  # before anything is read: the pointer's sha is what the MAC vouches for
+            _verify_mac(path, info.sha256, self.keys)
         ckpt = read_checkpoint(path, expected_sha256=info.sha256)
         if (ckpt.epoch, ckpt.step) != (info.epoch, info.step):
             raise CheckpointError("pointer_mismatch", f"{info.file} holds epoch {ckpt.epoch} step {ckpt.step}", path)

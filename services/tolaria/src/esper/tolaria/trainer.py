@@ -134,7 +134,13 @@ class Trainer:
             self.decisions = DecisionClient(bus, budget_ms=s.tamiyo_step_timeout_ms)
         self.conservative = ConservativeMode(failure_threshold=s.decision_breaker_failures,
                                              reset_timeout_s=s.decision_breaker_reset_s, clock=clock)
-        self.checkpoints = CheckpointStore(s.checkpoint_dir, keep=s.checkpoint_keep, run_id=s.run_id)
+        # Signed with the Leyline keys when the run has them (always, with a bus); a static run without a
+        # secret has hashed checkpoints only, and says so.
+        ckpt_keys = s.signing_keys() if s.leyline_secret is not None else None
+        if ckpt_keys is None:
+            log.warning("checkpoints are hashed, not signed: ESPER_LEYLINE_SECRET is not set",
+                        directory=str(s.checkpoint_dir))
+        self.checkpoints = CheckpointStore(s.checkpoint_dir, keep=s.checkpoint_keep, run_id=s.run_id, keys=ckpt_keys)
         self.rollback = RollbackManager.from_settings(s, checkpoints=self.checkpoints, metrics=self.metrics)
         publisher = None
         if bus is not None and s.emergency_enabled:
