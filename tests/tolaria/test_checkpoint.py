@@ -180,6 +180,14 @@ def test_a_signed_checkpoint_rewritten_consistently_without_the_key_is_refused(t
         CheckpointStore(tmp_path / "b", run_id="run-a", keys=KEYS).load(other_info)
 
 
+def test_a_file_retention_cannot_delete_does_not_fail_the_save(tmp_path: Path) -> None:
+    model, opt = _trained()
+    (tmp_path / "ckpt-s0000000001-e000000-000000000000.pt").mkdir(parents=True)  # unlink raises on it
+    store = CheckpointStore(tmp_path, keep=1)
+    info = store.save_training(model, opt, epoch=0, step=2)  # saved and pointed at, though pruning failed
+    assert store.latest_info() == info and store.load_latest() is not None
+
+
 def test_retention_prunes_the_mac_files_too(tmp_path: Path) -> None:
     model, opt = _trained()
     store = CheckpointStore(tmp_path, keep=1, run_id="run-a", keys=KEYS)

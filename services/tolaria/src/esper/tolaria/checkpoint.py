@@ -369,12 +369,18 @@ class CheckpointStore:
         return self.save(dict(model.state_dict()), opt_state, epoch=epoch, step=step, extra=extra)
 
     def _prune(self, keep: set[str]) -> None:
-        for entry in self.directory.iterdir():
-            name = entry.name
-            base = name.removesuffix(SIDECAR_SUFFIX).removesuffix(MAC_SUFFIX)
-            stale_tmp = name.startswith(".") and name.endswith(".tmp") and (".ckpt-" in name or POINTER_FILE in name)
-            if (_NAME_RE.match(base) and base not in keep) or stale_tmp:
-                entry.unlink(missing_ok=True)
+        """Delete what the pointer no longer lists. The save has landed by now: a file that cannot be
+        deleted is logged and tried again at the next save, not raised as a failed checkpoint."""
+        try:
+            for entry in self.directory.iterdir():
+                name = entry.name
+                base = name.removesuffix(SIDECAR_SUFFIX).removesuffix(MAC_SUFFIX)
+                stale = name.startswith(".") and name.endswith(".tmp") and (".ckpt-" in name or POINTER_FILE in name)
+                if (_NAME_RE.match(base) and base not in keep) or stale:
+                    entry.unlink(missing_ok=True)
+        except OSError as e:
+            log.warning("checkpoint retention could not delete an old file; retrying at the next save",
+                        error=str(e), directory=str(self.directory))
 
     # -- pointer -----------------------------------------------------------------------------------
 
