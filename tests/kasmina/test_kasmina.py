@@ -145,6 +145,19 @@ async def test_a_refused_step_leaves_nothing_in_the_seeds_observations(discard: 
         assert math.isnan(host_norm)
 
 
+async def test_a_kernel_fetched_for_an_earlier_germination_is_never_attached() -> None:
+    """The bus thread's write of a finished fetch can land after the trainer re-germinated the slot
+    with another kernel: the boundary attaches only the kernel the seed now wants, and fetches again."""
+    rig = Rig()
+    await rig.germinate()
+    rec = rig.k._records[SEED]
+    assert rec.fetch_state == "ready" and rec.fetched is not None
+    rec.kernel_id = "BP005@v8"  # what a re-germination between the fetch's check and its write leaves
+    rig.step()
+    assert rig.model.slot.seed is None and rec.fetched is None
+    assert rig.k.pending_kernels() == [SEED]
+
+
 async def test_no_benefit_culls_back_to_dormant() -> None:
     rig = Rig()
     await rig.germinate()

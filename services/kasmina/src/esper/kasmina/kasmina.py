@@ -410,6 +410,13 @@ class Kasmina:
         if rec.fetch_state != "ready" or rec.fetched is None or rec.spec is None:
             return
         fetched = rec.fetched
+        if fetched.kernel_id != rec.kernel_id:
+            # A fetch for an earlier germination of this slot landed between its generation check and
+            # its write (the bus thread, while the trainer re-germinated): never attach it; fetch again.
+            log.warning("stale kernel fetch discarded", seed_id=rec.seed_id, fetched=fetched.kernel_id,
+                        wanted=rec.kernel_id)
+            rec.fetched, rec.fetch_state = None, "pending"
+            return
         g0 = gate_g0_sanity(seed_id=rec.seed_id, registered=True, blueprint_id=fetched.blueprint_id,
                             kernel_finite=_finite_module(fetched.module))
         if not g0.passed:
