@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from esper.kasmina import Kasmina, KasminaSettings
+from esper.kasmina.errors import KernelFetchError
 from esper.kasmina.optim import SEED_GROUP_KEY, seed_group
 from esper.leyline import pb
 from tests.kasmina._helpers import (
@@ -145,17 +146,20 @@ async def test_a_refused_step_leaves_nothing_in_the_seeds_observations(discard: 
         assert math.isnan(host_norm)
 
 
-async def test_a_kernel_fetched_for_an_earlier_germination_is_never_attached() -> None:
-    """The bus thread's write of a finished fetch can land after the trainer re-germinated the slot
-    with another kernel: the boundary attaches only the kernel the seed now wants, and fetches again."""
+@pytest.mark.parametrize("outcome", ["ready", "failed"])
+async def test_a_fetch_outcome_for_an_earlier_germination_is_never_used(outcome: str) -> None:
+    """The bus thread's write of a finished fetch can land after the trainer re-germinated the slot: the
+    boundary neither attaches that kernel nor culls the new seed for that failure; it fetches again."""
     rig = Rig()
     await rig.germinate()
     rec = rig.k._records[SEED]
-    assert rec.fetch_state == "ready" and rec.fetched is not None
-    rec.kernel_id = "BP005@v8"  # what a re-germination between the fetch's check and its write leaves
+    assert rec.fetch_state == "ready" and rec.fetched is not None and rec.fetch_generation == rec.generation
+    if outcome == "failed":
+        rec.fetched, rec.fetch_error, rec.fetch_state = None, KernelFetchError("timeout"), "failed"
+    rec.generation += 1  # what a re-germination between the fetch's generation check and its write leaves
     rig.step()
-    assert rig.model.slot.seed is None and rec.fetched is None
-    assert rig.k.pending_kernels() == [SEED]
+    assert rig.model.slot.seed is None and rec.fetched is None and rec.fetch_error is None
+    assert rig.k.stage(SEED) == S.SEED_STAGE_GERMINATED and rig.k.pending_kernels() == [SEED]
 
 
 async def test_no_benefit_culls_back_to_dormant() -> None:

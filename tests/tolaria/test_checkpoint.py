@@ -188,6 +188,15 @@ def test_a_file_retention_cannot_delete_does_not_fail_the_save(tmp_path: Path) -
     assert store.latest_info() == info and store.load_latest() is not None
 
 
+@pytest.mark.parametrize("key_id", ["k 1", "clé", "k1"])
+def test_any_key_id_signs_and_verifies(tmp_path: Path, key_id: str) -> None:
+    model, opt = _trained()
+    keys = SigningKeys(key_id=key_id, secret=b"s" * 32)
+    store = CheckpointStore(tmp_path, run_id="run-a", keys=keys)
+    store.save_training(model, opt, epoch=0, step=1)
+    assert store.load_latest() is not None
+
+
 def test_retention_prunes_the_mac_files_too(tmp_path: Path) -> None:
     model, opt = _trained()
     store = CheckpointStore(tmp_path, keep=1, run_id="run-a", keys=KEYS)

@@ -165,14 +165,28 @@ def test_nothing_to_restore_is_a_typed_error_that_changes_nothing(tmp_path: Path
     assert_same(before.model, dict(model.state_dict()))
 
 
-def test_time_spent_before_a_retry_counts_against_the_same_deadline() -> None:
-    model, opt = _reference_after(1)
-    mgr = RollbackManager(fast_cap_bytes=BIG, deadline_ms=250.0, clock=FakeClock())
-    mgr.snapshot(model, opt, step=1, epoch=0)
-    assert mgr.rollback(model, opt, spent_ms=200.0).elapsed_ms == pytest.approx(200.0)
-    with pytest.raises(RollbackDeadlineExceeded) as info:
-        mgr.rollback(model, opt, spent_ms=300.0)  # the first try already took the whole budget
-    assert info.value.restored and info.value.elapsed_ms == pytest.approx(300.0)
+def test_a_checkpoint_from_before_a_seed_is_restored_once_the_seed_is_dropped(tmp_path: Path) -> None:
+    """`on_mismatch` (the trainer culls its seeds) runs once, and the checkpoint already read is
+    restored again: one read, one deadline. Without it the mismatch is the typed error."""
+    model, opt = _reference_after(2)
+    store = _store_with(tmp_path, model, opt, 2)
+    ref_model, ref_opt = _reference_after(2)
+    model.set_slot("hidden1", torch.nn.Linear(6, 6))  # a seed grafted after the checkpoint
+    train_steps(model, opt, 2, seed=9)
+    with pytest.raises(RollbackError) as info:
+        RollbackManager(fast_cap_bytes=BIG, checkpoints=store).rollback(model, opt)
+    assert info.value.reason == "state_mismatch"
+    dropped: list[str] = []
+
+    def cull() -> None:
+        dropped.append("hidden1")
+        model.clear_slot("hidden1")
+
+    clock = FakeClock(tick=0.15)  # 150 ms a read: the restore lands past the 250 ms deadline, restored
+    with pytest.raises(RollbackDeadlineExceeded) as late:
+        RollbackManager(fast_cap_bytes=BIG, checkpoints=store, clock=clock).rollback(model, opt, on_mismatch=cull)
+    assert dropped == ["hidden1"] and late.value.restored and late.value.tier == "checkpoint"
+    assert_state_equal(model, opt, ref_model, ref_opt)
 
 
 def test_the_checkpoint_tier_never_restores_another_runs_weights(tmp_path: Path) -> None:

@@ -95,7 +95,7 @@ def test_nan_step_is_rolled_back_and_escalated(tmp_path: Path) -> None:
 
 def test_a_late_rollback_escalates_to_halt_and_restarts_the_loss_statistics(tmp_path: Path) -> None:
     """Restored past `TOLARIA_ROLLBACK_DEADLINE_MS`: counted, HALT, and the EWMAs restart from the
-    restored weights (they did not, and a retry's miss was counted as a plain failure, without HALT)."""
+    restored weights (they did not)."""
     trainer = Trainer(_settings(tmp_path, epochs=1), bus=None)
     trainer.run()
     clock = itertools.count(0.0, 0.2)  # every read of the clock is 200 ms later: the restore ends late

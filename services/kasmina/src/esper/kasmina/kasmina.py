@@ -392,14 +392,22 @@ class Kasmina:
             log.exception("kernel source raised", seed_id=rec.seed_id, kernel_id=rec.kernel_id)
             error = KernelFetchError("internal_error", repr(e)[:300], kernel_id=rec.kernel_id)
         else:
-            if rec.generation == generation:
-                rec.fetched, rec.fetch_state = fetched, "ready"
+            if rec.generation == generation:  # the state last: the boundary reads it first
+                rec.fetch_generation, rec.fetched = generation, fetched
+                rec.fetch_state = "ready"
             return
         if rec.generation == generation:
-            rec.fetch_error, rec.fetch_state = error, "failed"
+            rec.fetch_generation, rec.fetch_error = generation, error
+            rec.fetch_state = "failed"
 
     def _settle_fetch(self, rec: SeedRecord) -> None:
         """At a step boundary: attach a fetched kernel (G0 weights, G3 interface) or fail the germination."""
+        if rec.fetch_state in ("ready", "failed") and rec.fetch_generation != rec.generation:
+            # An earlier germination's fetch wrote its outcome between its generation check and the
+            # write (the bus thread, while the trainer re-germinated): never attach or fail on it.
+            log.warning("stale kernel fetch discarded", seed_id=rec.seed_id, kernel_id=rec.kernel_id)
+            rec.fetched, rec.fetch_error, rec.fetch_state = None, None, "pending"
+            return
         if rec.fetch_state == "failed":
             err = rec.fetch_error
             reason = err.reason if err is not None else "unknown"
@@ -410,13 +418,6 @@ class Kasmina:
         if rec.fetch_state != "ready" or rec.fetched is None or rec.spec is None:
             return
         fetched = rec.fetched
-        if fetched.kernel_id != rec.kernel_id:
-            # A fetch for an earlier germination of this slot landed between its generation check and
-            # its write (the bus thread, while the trainer re-germinated): never attach it; fetch again.
-            log.warning("stale kernel fetch discarded", seed_id=rec.seed_id, fetched=fetched.kernel_id,
-                        wanted=rec.kernel_id)
-            rec.fetched, rec.fetch_state = None, "pending"
-            return
         g0 = gate_g0_sanity(seed_id=rec.seed_id, registered=True, blueprint_id=fetched.blueprint_id,
                             kernel_finite=_finite_module(fetched.module))
         if not g0.passed:

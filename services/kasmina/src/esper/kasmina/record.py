@@ -38,6 +38,7 @@ class SeedRecord:
     fetch_state: FetchState = "none"
     fetched: FetchedKernel | None = None
     fetch_error: KernelFetchError | None = None
+    fetch_generation: int = -1  # the germination the ready/failed fetch was for (a late write is stale)
     kernel_latency_ms: float = 0.0
     risk: float = 0.0
     allowed_blend: tuple[str, ...] = ()

@@ -23,8 +23,9 @@ class KasminaSettings(BaseSettings):
 
     # -- command validation (prototype: nonce TTL 300 s, 5 s ahead, 60 s old) -------------------------
     nonce_ttl_s: float = Field(300.0, gt=0, validation_alias=_k("nonce_ttl_s"), description="command ids remembered")
-    nonce_capacity: int = Field(16_384, ge=1, validation_alias=_k("nonce_capacity"),
-                                description="command ids remembered at most (must exceed commands per max_age_s)")
+    nonce_capacity: int = Field(16_384, ge=1024, validation_alias=_k("nonce_capacity"),
+                                description="command ids remembered at most (should exceed commands per max_age_s; "
+                                            "past it, commands issued before a dropped id are refused as stale)")
     max_future_s: float = Field(5.0, ge=0, validation_alias=_k("max_future_s"),
                                 description="commands issued further ahead are rejected (issued_in_future)")
     max_age_s: float = Field(60.0, gt=0, validation_alias=_k("max_age_s"),

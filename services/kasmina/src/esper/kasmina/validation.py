@@ -8,7 +8,8 @@ Security checks, in the prototype's order (REFERENCE_PROTOTYPE §4), each with i
 4. ``missing_command_id``;
 5. ``nonce_replayed`` — this command_id was accepted in the last 300 s;
 6. ``issued_in_future`` — ``issued_at`` more than 5 s ahead of this clock;
-7. ``stale_command`` — ``issued_at`` more than 60 s old;
+7. ``stale_command`` — ``issued_at`` more than 60 s old, or (only after the nonce cache overflowed)
+   not later than 5 s after an id it had to drop while still fresh (`CommandValidator`);
 8. ``missing_timestamp`` — no ``issued_at``.
 
 Then, for SEED/GERMINATE, the annotations Tamiyo attaches (``policy.annotate_blend_mode``):

@@ -256,7 +256,8 @@ def _verify_mac(path: Path, sha: str, keys: SigningKeys) -> None:
     """The `.mac` next to `path` must be a MAC, under a key we hold, of the sidecar line for `sha`."""
     mac_file = _mac_path(path)
     try:
-        key_id, _, mac = mac_file.read_text(encoding="ascii").strip().partition(" ")
+        # The key id is the operator's (any text, spaces included); the MAC is hex, after the last space.
+        key_id, _, mac = mac_file.read_text(encoding="utf-8").rstrip("\n").rpartition(" ")
     except FileNotFoundError as e:
         raise CheckpointError("bad_signature", f"{mac_file.name} does not exist (an unsigned checkpoint)", path) from e
     except (OSError, UnicodeDecodeError) as e:
@@ -348,7 +349,7 @@ class CheckpointStore:
             write_bytes_atomic(_sidecar(path), _sidecar_line(sha, name))
             if self.keys is not None:
                 mac = hmac_sha256(self.keys.secret, _sidecar_line(sha, name)).hex()
-                write_bytes_atomic(_mac_path(path), f"{self.keys.key_id} {mac}\n".encode("ascii"))
+                write_bytes_atomic(_mac_path(path), f"{self.keys.key_id} {mac}\n".encode())
             history = [info, *[h for h in self._history_or_empty() if h.file != name]][: self.keep]
             pointer = {"format": CHECKPOINT_FORMAT, "run_id": self.run_id, "latest": info.to_json(),
                        "history": [h.to_json() for h in history], "written_at_ms": now_ms()}

@@ -261,14 +261,16 @@ class RollbackManager:
     # -- rollback ----------------------------------------------------------------------------------
 
     def rollback(self, model: nn.Module, optimizer: torch.optim.Optimizer | None, *,
-                 to_step: int | None = None, spent_ms: float = 0.0) -> RollbackResult:
+                 to_step: int | None = None, on_mismatch: Callable[[], object] | None = None) -> RollbackResult:
         """Restore the newest state at or before `to_step` (newest of all if None), fast tier first.
-        `spent_ms`: what this rollback already took before this call (a retry): one deadline covers both.
+        `on_mismatch`: called once when the checkpoint does not fit the model (seeds grafted since it was
+        saved: the trainer culls them); the checkpoint already read is then restored again, inside the
+        same deadline.
 
         Raises RollbackDeadlineExceeded (maybe restored, see `.restored`/`.result`) or RollbackError
         ("unavailable": no snapshot and no usable checkpoint; "state_mismatch": none fits the model).
         """
-        t0 = self._clock() - spent_ms / 1000.0
+        t0 = self._clock()
 
         def elapsed_ms() -> float:
             return (self._clock() - t0) * 1000.0
@@ -301,7 +303,13 @@ class RollbackManager:
             raise self._fail("unavailable", f"fast tier missed ({fast_miss}); checkpoint tier: {e}",
                              elapsed_ms()) from e
         try:
-            ckpt.restore(model, optimizer)
+            try:
+                ckpt.restore(model, optimizer)
+            except StateMismatchError:
+                if on_mismatch is None:
+                    raise
+                on_mismatch()
+                ckpt.restore(model, optimizer)
         except StateMismatchError as e:
             raise self._fail("state_mismatch", f"fast tier missed ({fast_miss}); checkpoint {ckpt.info.file}: {e}",
                              elapsed_ms()) from e

@@ -443,22 +443,16 @@ class Trainer:
             self._do_rollback(reason)
 
     def _do_rollback(self, reason: str) -> None:
-        """Restore the last good state. When none fits the model (seeds changed it since), every seed is
-        culled and the rollback retried once, inside what is left of the same deadline; a miss on either
-        try escalates to HALT (`TOLARIA_EMERGENCY_L4_ON_ROLLBACK_DEADLINE`)."""
-        t0 = time.perf_counter()
+        """Restore the last good state. A checkpoint saved before seeds joined does not fit the model: the
+        seeds are culled and the same checkpoint restored, inside the one deadline; a miss escalates to
+        HALT (`TOLARIA_EMERGENCY_L4_ON_ROLLBACK_DEADLINE`)."""
         try:
-            try:
-                result = self.rollback.rollback(self.host, self.optimizer)
-            except RollbackError as e:
-                if e.reason != "state_mismatch":
-                    raise
-                self.kasmina.cull_all("rollback")
-                result = self.rollback.rollback(self.host, self.optimizer,
-                                                spent_ms=(time.perf_counter() - t0) * 1000.0)
+            result = self.rollback.rollback(self.host, self.optimizer,
+                                            on_mismatch=lambda: self.kasmina.cull_all("rollback"))
         except RollbackDeadlineExceeded as e:
             self.stats.rollbacks["deadline_missed"] += 1
-            if e.restored:  # restored, late: the loss statistics restart from the restored weights
+            if e.result is not None:  # restored, late: the statistics restart from the restored weights
+                self._applied_step = e.result.step
                 self.signals.reset()
             if self.settings.emergency_l4_on_rollback_deadline:
                 self.emergency.escalate(pb.EMERGENCY_LEVEL_HALT, "rollback_deadline")
