@@ -67,6 +67,8 @@ def test_g1_passes() -> None:
     (GradientObservation(True, 1.0, 2e-6), "isolation_violation"),
     (GradientObservation(True, 1.0, -2e-6), "isolation_violation"),
     (GradientObservation(True, 1.0, math.nan), "isolation_violation"),
+    (GradientObservation(True, 1.0, 0.0, 1e-9), "isolation_violation"),  # a dot of 0 hides it: alpha 1
+    (GradientObservation(True, 1.0, 0.0, math.nan), "isolation_violation"),
 ])
 def test_g1_fails(obs: GradientObservation, reason: str) -> None:
     _failed(gate_g1_gradient_health(obs, max_grad_norm=1e3), pb.SEED_GATE_G1_GRADIENT_HEALTH, reason)

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from esper.kasmina import BlendSpec, SeedSlot
+from esper.kasmina.gates import GradientObservation, gate_g1_gradient_health
 from tests.kasmina._helpers import TinyHost, data
 
 THRESHOLD = 1e-6
@@ -87,6 +88,33 @@ def test_deliberate_leak_is_detected(mode: str) -> None:
     if mode == "train":  # the leak changes the host's gradients: exactly what isolation forbids
         expected = _host_grads(plain, with_aux=False)
         assert not all(torch.equal(expected[k], got[k]) for k in expected)
+
+
+@pytest.mark.parametrize("scale", [1.0, 1e-4])
+def test_a_leak_the_dot_cannot_see_still_fails_g1(scale: float) -> None:
+    """At alpha 1 (SHADOWING, PROBATIONARY) the host branch carries no gradient, so the dot is exactly 0
+    while the seed pushes gradient into the host; and the dot shrinks with the loss squared. The seed
+    branch's own gradient is exactly 0 when isolated, so G1 judges by it too."""
+    plain, seeded = _pair()
+    seeded.slot.attach(_seed(), BlendSpec())
+    seeded.slot.start_blending(1.0 if scale == 1.0 else 0.4)
+    seeded.slot.leak_gradients = True
+    x, y = data()
+    seeded.zero_grad(set_to_none=True)
+    (scale * F.cross_entropy(seeded(x), y)).backward()
+    stats = seeded.slot.collect()
+    assert abs(stats.isolation.dot) <= THRESHOLD and stats.isolation.seed_norm > 0  # the dot says "holds"
+    assert not stats.isolation.holds()
+    g1 = gate_g1_gradient_health(GradientObservation(True, stats.grad_norm, stats.isolation.dot,
+                                                     stats.isolation.seed_norm))
+    assert (g1.passed, g1.reason) == (False, "isolation_violation")
+    isolated = copy.deepcopy(plain)
+    isolated.slot.attach(_seed(), BlendSpec())
+    isolated.slot.start_blending(1.0)
+    isolated.zero_grad(set_to_none=True)
+    F.cross_entropy(isolated(x), y).backward()
+    held = isolated.slot.collect().isolation
+    assert held.seed_norm == 0.0 and held.holds()
 
 
 def test_fossil_is_part_of_the_host() -> None:

@@ -109,11 +109,13 @@ def gate_g0_sanity(*, seed_id: str, registered: bool, blueprint_id: str,
 
 @dataclass(frozen=True, slots=True)
 class GradientObservation:
-    """One step of a seed: whether gradients reached it, their norm, and the isolation dot product."""
+    """One step of a seed: whether gradients reached it, their norm, the isolation dot product and the
+    gradient the seed branch sent toward the host (`IsolationStats.seed_norm`)."""
 
     grads_observed: bool
     grad_norm: float
     isolation_dot: float
+    isolation_seed_norm: float = 0.0
 
 
 def gate_g1_gradient_health(obs: GradientObservation, *, isolation_threshold: float = 1e-6,
@@ -126,6 +128,12 @@ def gate_g1_gradient_health(obs: GradientObservation, *, isolation_threshold: fl
         return _fail(G1, "gradient_explosion", f"grad norm {obs.grad_norm:.4g} > {max_grad_norm:g}")
     if not math.isfinite(obs.isolation_dot) or abs(obs.isolation_dot) > isolation_threshold:
         return _fail(G1, "isolation_violation", f"|host·seed| = {abs(obs.isolation_dot):.4g} > {isolation_threshold:g}")
+    # The dot is blind where the host branch carries no gradient (alpha 1: SHADOWING, PROBATIONARY) and
+    # scales with the loss squared. An isolated seed consumes h.detach(), so its branch sends exactly
+    # nothing toward the host: any gradient there is a leak, whatever the dot says.
+    if not math.isfinite(obs.isolation_seed_norm) or obs.isolation_seed_norm > 0.0:
+        return _fail(G1, "isolation_violation", f"the seed branch sent gradient {obs.isolation_seed_norm:.4g} toward "
+                                                f"the host (|host·seed| = {abs(obs.isolation_dot):.4g})")
     return _ok(G1)
 
 

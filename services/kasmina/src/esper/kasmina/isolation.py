@@ -6,10 +6,13 @@ the branch the host path uses and the branch the seed consumes. After backward,
 
     dot = Σ ⟨∂L/∂h|host branch, ∂L/∂h|seed branch⟩
 
-and isolation holds when ``|dot| ≤ 1e-6``. The seed normally consumes ``h.detach()``, so its branch
-carries no gradient at all and the dot is exactly 0; the deliberate-leak switch (tests only) feeds it
-``h`` itself and the dot becomes the overlap of the two gradients. Norms of both branches are kept
-too (``host_norm``, ``seed_norm`` — the latter is the gradient the seed pushes toward the host).
+and isolation holds when ``|dot| ≤ 1e-6`` and the seed branch carries no gradient at all. The seed
+normally consumes ``h.detach()``, so its branch carries nothing and the dot is exactly 0; the
+deliberate-leak switch (tests only) feeds it ``h`` itself and the dot becomes the overlap of the two
+gradients. Norms of both branches are kept too (``host_norm``, ``seed_norm`` — the latter is the
+gradient the seed pushes toward the host). The dot alone is blind when the host branch carries no
+gradient (a blend at alpha 1, as in SHADOWING and PROBATIONARY) and scales with the loss squared, so
+G1 also fails on any ``seed_norm`` above zero.
 
 Hooks store tensors; nothing syncs with the device until ``collect()`` (once per step, from
 ``Kasmina.advance``).
@@ -37,7 +40,8 @@ class IsolationStats:
     samples: int = 0  # forward passes whose backward reached the slot
 
     def holds(self, threshold: float = 1e-6) -> bool:
-        return abs(self.dot) <= threshold
+        """The dot within `threshold` and no gradient at all on the seed branch (G1's rule)."""
+        return abs(self.dot) <= threshold and self.seed_norm == 0.0
 
 
 class _Pair:

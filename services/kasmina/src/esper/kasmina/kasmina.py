@@ -522,7 +522,8 @@ class Kasmina:
             rec.isolation = stats.isolation
         if stats.trained:
             g1 = gate_g1_gradient_health(
-                GradientObservation(stats.grads_observed, stats.grad_norm, stats.isolation.dot),
+                GradientObservation(stats.grads_observed, stats.grad_norm, stats.isolation.dot,
+                                    stats.isolation.seed_norm),
                 isolation_threshold=self.settings.isolation_threshold, max_grad_norm=self.settings.max_grad_norm)
             if not g1.passed:
                 if g1.reason == "isolation_violation":
