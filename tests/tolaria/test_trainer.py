@@ -19,7 +19,7 @@ from esper.oona import Consumer, Delivery, OonaSettings
 from esper.tezzeret.forge import forge_once
 from esper.tolaria.bus import BusThread
 from esper.tolaria.commands import CEILING, FLOOR, MAX_STEP, adjust_lr
-from esper.tolaria.decisions import Decision, ask
+from esper.tolaria.decisions import Decision, DecisionClient, ask
 from esper.tolaria.rollback import RollbackManager
 from esper.tolaria.settings import TolariaSettings
 from esper.tolaria.trainer import Trainer
@@ -150,6 +150,30 @@ async def test_a_failure_reason_this_schema_does_not_define_is_a_failure_not_a_c
         stop.set()
         await task
     assert (d.kind, d.detail, d.packet_id) == ("failure", "UNKNOWN_99", "p-1")
+
+
+async def test_a_redis_error_reply_is_an_error_decision_not_a_crash(make_client: ClientFactory,
+                                                                    settings: OonaSettings) -> None:
+    """A real Redis refusing writes (OOM past `maxmemory`; MISCONF and READONLY look the same) answers
+    the request's XADD with an error reply, which Oona does not wrap: `ask` still returns an outcome, on
+    the bus thread too, instead of raising into the training thread."""
+    client = await make_client("trainer")
+    await client.redis.config_set("maxmemory", "1")
+    try:
+        direct = await ask(client, pb.SystemStatePacket(packet_id="p-1"), 1, 500.0)
+        bus = BusThread(TolariaSettings(redis_url=settings.redis_url, leyline_secret=settings.leyline_secret,
+                                        metrics_port=-1))
+        await asyncio.to_thread(bus.start)
+        try:
+            dc = DecisionClient(bus, budget_ms=500.0)
+            assert dc.submit(pb.SystemStatePacket(packet_id="p-2"), 2)
+            threaded = await asyncio.to_thread(dc.wait)
+        finally:
+            await asyncio.to_thread(bus.stop)
+    finally:
+        await client.redis.config_set("maxmemory", "0")
+    assert direct.kind == "error" and "OutOfMemory" in direct.detail
+    assert threaded is not None and (threaded.kind, threaded.step, threaded.packet_id) == ("error", 2, "p-2")
 
 
 def _germinate(keys: object, seed_id: str, blueprint: str, command_id: str) -> pb.AdaptationCommand:

@@ -16,11 +16,14 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Literal
 
+from esper.core.logging import get_logger
 from esper.core.telemetry import build_event, build_telemetry_packet
 from esper.leyline import LeylineError, enum_name, pb
 from esper.oona import OonaClient, OonaError
 from esper.oona.errors import RequestTimeoutError
 from esper.tolaria.bus import BusThread
+
+log = get_logger("esper.tolaria.decisions")
 
 Kind = Literal["command", "failure", "timeout", "error"]
 TimeoutEvent = Literal["", "published", "rate_limited"]
@@ -115,6 +118,7 @@ class DecisionClient(OneInFlight):
         super().__init__(budget_ms=budget_ms)
         self.bus = bus
         self._inflight: concurrent.futures.Future[Decision] | None = None
+        self._sent: tuple[int, str] = (0, "")  # (step, packet_id) of the request in flight
 
     def _pending(self) -> bool:
         return self._inflight is not None
@@ -123,18 +127,19 @@ class DecisionClient(OneInFlight):
         fut = self._inflight
         if fut is None or timeout_s <= 0:
             return fut is None or fut.done()
-        try:
-            fut.result(timeout_s)
-        except concurrent.futures.TimeoutError:
-            return False
-        return True
+        return bool(concurrent.futures.wait([fut], timeout=timeout_s).done)  # never raises the request's error
 
     def _take(self) -> Decision:
         assert self._inflight is not None
         fut, self._inflight = self._inflight, None
-        return fut.result()
+        try:
+            return fut.result()
+        except BaseException as e:  # `ask` returns every outcome; this is a cancelled or broken future
+            step, packet_id = self._sent
+            return Decision(step, packet_id, "error", 0.0, detail=f"decision request failed: {type(e).__name__}: {e}")
 
     def _send(self, packet: pb.SystemStatePacket, step: int) -> bool:
+        self._sent = (step, packet.packet_id)
         self._inflight = self.bus.submit(self._ask(packet, step))
         return True
 
@@ -150,6 +155,9 @@ async def ask(client: OonaClient, packet: pb.SystemStatePacket, step: int, budge
     except RequestTimeoutError as e:
         return Decision(step, packet.packet_id, "timeout", _ms(t0), detail=str(e))
     except OonaError as e:
+        return Decision(step, packet.packet_id, "error", _ms(t0), detail=f"{type(e).__name__}: {e}")
+    except Exception as e:  # a Redis error reply (OOM, MISCONF, READONLY) is not wrapped by Oona: still an outcome
+        log.warning("decision request failed", error=f"{type(e).__name__}: {e}", packet_id=packet.packet_id)
         return Decision(step, packet.packet_id, "error", _ms(t0), detail=f"{type(e).__name__}: {e}")
     try:
         msg = reply.message()

@@ -34,7 +34,7 @@ from typing import Any
 from esper.core.logging import get_logger
 from esper.core.telemetry import packet_priority
 from esper.leyline import pb
-from esper.oona import EmergencyRateLimitedError, OonaClient, OonaMetrics, OonaSettings, PublishError
+from esper.oona import EmergencyRateLimitedError, OonaClient, OonaMetrics, OonaSettings
 from esper.tolaria.decisions import Decision, OneInFlight, ask, timeout_telemetry
 
 log = get_logger("esper.tolaria.sidecar")
@@ -84,7 +84,7 @@ async def _report_timeout(client: OonaClient, d: Decision) -> Decision:
     except EmergencyRateLimitedError as e:
         log.warning("tamiyo_timeout event refused by the emergency lane's cap", error=str(e))
         return dataclasses.replace(d, timeout_event="rate_limited")
-    except PublishError as e:
+    except Exception as e:  # PublishError, a Redis error reply: the event is the trainer's to publish
         log.warning("tamiyo_timeout event not published by the sidecar; the trainer will", error=str(e))
         return d
     return dataclasses.replace(d, timeout_event="published")
