@@ -4,8 +4,10 @@ against a real Tamiyo and a real Urza over the bus (decisions, a signed germinat
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import math
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -237,29 +239,37 @@ async def test_loop_against_real_tamiyo_and_urza(make_client: ClientFactory, set
     assert {"tolaria", "kasmina"} <= sources
 
 
-@pytest.mark.parametrize(("wait_ms", "attached_next_boundary"), [(5000.0, True), (0.001, False)])
-async def test_kernel_wait_fixes_the_attach_step(make_client: ClientFactory, settings: OonaSettings, tmp_path: Path,
-                                                 wait_ms: float, attached_next_boundary: bool) -> None:
-    """TOLARIA_KERNEL_WAIT_MS: the boundary after a germination waits for its kernel, so it attaches at the
-    next boundary whatever Urza's timing; a wait that runs out is counted, and the fetch goes on."""
+@contextlib.asynccontextmanager
+async def _trainer_with_urza(settings: OonaSettings, tmp_path: Path, run_id: str,
+                             kernel_wait_ms: float) -> AsyncIterator[tuple[Trainer, BusThread]]:
+    """A one-epoch trainer on its bus, beside a real Urza serving BP002 kernels; closed after."""
     us = _forged_urza(settings, tmp_path, "BP002")
     ts = _settings(tmp_path, redis_url=settings.redis_url, leyline_secret=settings.leyline_secret, epochs=1,
-                   artifact_dir=us.artifact_dir, run_id="run-wait", kernel_wait_ms=wait_ms)
+                   artifact_dir=us.artifact_dir, run_id=run_id, kernel_wait_ms=kernel_wait_ms)
     async with running_urza(us):
         bus = BusThread(ts)
         bus.start()
         trainer = Trainer(ts, bus=bus)
         try:
-            seed_id = _germinate_bp002_at_step_1(trainer, bus, "run-wait", "cmd-wait")
-            assert trainer.kasmina.pending_kernels() == [seed_id]
-            await asyncio.to_thread(trainer._start_kernel_fetches)
-            assert trainer.stats.budget_misses["kernel_wait"] == (0 if attached_next_boundary else 1)
-            if attached_next_boundary:  # (a wait that ran out says nothing about when the fetch lands)
-                trainer.kasmina.advance(2)  # the next boundary
-                assert sum(p.numel() for name, p in trainer.host.named_parameters() if ".seed." in name) > 0
+            yield trainer, bus
         finally:
             trainer.close()
             await asyncio.to_thread(bus.stop)
+
+
+@pytest.mark.parametrize(("wait_ms", "attached_next_boundary"), [(5000.0, True), (0.001, False)])
+async def test_kernel_wait_fixes_the_attach_step(make_client: ClientFactory, settings: OonaSettings, tmp_path: Path,
+                                                 wait_ms: float, attached_next_boundary: bool) -> None:
+    """TOLARIA_KERNEL_WAIT_MS: the boundary after a germination waits for its kernel, so it attaches at the
+    next boundary whatever Urza's timing; a wait that runs out is counted, and the fetch goes on."""
+    async with _trainer_with_urza(settings, tmp_path, "run-wait", wait_ms) as (trainer, bus):
+        seed_id = _germinate_bp002_at_step_1(trainer, bus, "run-wait", "cmd-wait")
+        assert trainer.kasmina.pending_kernels() == [seed_id]
+        await asyncio.to_thread(trainer._start_kernel_fetches)
+        assert trainer.stats.budget_misses["kernel_wait"] == (0 if attached_next_boundary else 1)
+        if attached_next_boundary:  # (a wait that ran out says nothing about when the fetch lands)
+            trainer.kasmina.advance(2)  # the next boundary
+            assert sum(p.numel() for name, p in trainer.host.named_parameters() if ".seed." in name) > 0
 
 
 async def test_a_cull_command_leaves_a_fast_snapshot_that_fits(make_client: ClientFactory, settings: OonaSettings,
@@ -267,29 +277,19 @@ async def test_a_cull_command_leaves_a_fast_snapshot_that_fits(make_client: Clie
     """A CULL applied between steps changes the model. The ring held only snapshots with the seed, so a
     step failing before the next boundary missed the fast tier (state_mismatch) and fell back to the
     last checkpoint, up to an epoch back. Now the cull is followed by a snapshot of the model as it is."""
-    us = _forged_urza(settings, tmp_path, "BP002")
-    ts = _settings(tmp_path, redis_url=settings.redis_url, leyline_secret=settings.leyline_secret, epochs=1,
-                   artifact_dir=us.artifact_dir, run_id="run-cull", kernel_wait_ms=5000.0)
-    async with running_urza(us):
-        bus = BusThread(ts)
-        bus.start()
-        trainer = Trainer(ts, bus=bus)
-        try:
-            seed_id = _germinate_bp002_at_step_1(trainer, bus, "run-cull", "cmd-grow")
-            await asyncio.to_thread(trainer._start_kernel_fetches)
-            trainer.step = 2
-            trainer.train_step(trainer.data.x_train[:32], trainer.data.y_train[:32])  # attaches, snapshots step 3
-            assert trainer.summary(clean_shutdown=True)["seed_parameters"] > 0 and len(trainer.rollback.ring)
-            cull = _germinate(bus.client.keys, seed_id, "BP002", "cmd-cull")
-            cull.seed_operation.operation = pb.SEED_OP_CULL
-            trainer._take_decision(Decision(3, "run-cull-3", "command", 1.0,
-                                            command=sign_command(cull, bus.client.keys)))
-            assert trainer.summary(clean_shutdown=True)["seed_parameters"] == 0
-            result = trainer.rollback.rollback(trainer.host, trainer.optimizer)
-            assert (result.tier, result.step) == ("fast", 3)
-        finally:
-            trainer.close()
-            await asyncio.to_thread(bus.stop)
+    async with _trainer_with_urza(settings, tmp_path, "run-cull", 5000.0) as (trainer, bus):
+        seed_id = _germinate_bp002_at_step_1(trainer, bus, "run-cull", "cmd-grow")
+        await asyncio.to_thread(trainer._start_kernel_fetches)
+        trainer.step = 2
+        trainer.train_step(trainer.data.x_train[:32], trainer.data.y_train[:32])  # attaches, snapshots step 3
+        assert trainer.summary(clean_shutdown=True)["seed_parameters"] > 0 and len(trainer.rollback.ring)
+        cull = _germinate(bus.client.keys, seed_id, "BP002", "cmd-cull")
+        cull.seed_operation.operation = pb.SEED_OP_CULL
+        trainer._take_decision(Decision(3, "run-cull-3", "command", 1.0,
+                                        command=sign_command(cull, bus.client.keys)))
+        assert trainer.summary(clean_shutdown=True)["seed_parameters"] == 0
+        result = trainer.rollback.rollback(trainer.host, trainer.optimizer)
+        assert (result.tier, result.step) == ("fast", 3)
 
 
 def test_resource_metrics_report_memory() -> None:
