@@ -175,6 +175,45 @@ def publishers() -> Iterator[list[EmergencyPublisher]]:
         p.close(timeout_s=5.0)
 
 
+def test_an_undecodable_spilled_row_is_dropped_and_counted_not_fatal(
+        settings: OonaSettings, redis_url: str, tmp_path: Path, publishers: list[EmergencyPublisher]) -> None:
+    """A damaged row at the head used to raise out of the publisher thread at every start: no later
+    signal, HALT included, went out again."""
+    from esper.tolaria.emergency import _Item
+
+    spill = tmp_path / "spill.db"
+    store = SpillStore(spill)
+    store.append([_Item(1, "m1", sig("r1")), _Item(2, "m2", sig("r2")), _Item(3, "m3", sig("r3"))], cap=10)
+    store._db.execute("UPDATE spill SET payload = ? WHERE seq = 2", (b"\xff\xff\xff\xff not protobuf",))
+    store.close()
+    metrics = TolariaMetrics(CollectorRegistry())
+    pub = EmergencyPublisher(settings, spill_path=spill, metrics=metrics)
+    publishers.append(pub)
+    pub.start()
+    pub.submit(sig("halt", HALT))
+    assert pub.flush(15.0)
+    assert reasons(redis_url) == ["r1", "r3", "halt"]
+    stats = pub.stats()
+    assert (stats.alive, stats.published, stats.dropped, stats.pending) == (True, 3, {"corrupt": 1}, 0)
+    assert metrics.emergency_dropped.labels("corrupt")._value.get() == 1
+    assert SpillStore(spill).count() == 0
+
+
+def test_an_unreadable_spill_file_is_moved_aside_and_delivery_goes_on(
+        settings: OonaSettings, redis_url: str, tmp_path: Path, publishers: list[EmergencyPublisher]) -> None:
+    spill = tmp_path / "spill.db"
+    spill.write_bytes(b"not a database " * 512)
+    pub = EmergencyPublisher(settings, spill_path=spill)
+    publishers.append(pub)
+    moved = [p.name for p in tmp_path.iterdir() if p.name.startswith("spill.db.corrupt-")]
+    assert len(moved) == 1 and (tmp_path / moved[0]).read_bytes() == b"not a database " * 512  # kept, not deleted
+    stats = pub.stats()
+    assert stats.dropped == {"corrupt": 1} and stats.last_error is not None and moved[0] in stats.last_error
+    pub.start()
+    pub.submit(sig("after", NOTICE))
+    assert pub.flush(15.0) and reasons(redis_url) == ["after"]
+
+
 def test_controller_broadcasts_escalations_in_order_on_the_emergency_lane(
         settings: OonaSettings, redis_url: str, tmp_path: Path, publishers: list[EmergencyPublisher]) -> None:
     pub = EmergencyPublisher(settings, spill_path=tmp_path / "spill.db")

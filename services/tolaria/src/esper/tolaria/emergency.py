@@ -25,7 +25,8 @@ Delivery, in submission order (`seq`):
   and a new publisher on the same file picks it all up (restart of the emitter).
 - Past `spill_cap` rows on disk, the oldest signals are dropped (newer ones carry higher levels);
   if the thread is wedged and memory reaches max(4 x `memory_cap`, `memory_cap` + 64), the oldest
-  in memory are dropped.
+  in memory are dropped. A spilled row that no longer decodes is deleted and dropped (`corrupt`),
+  and a spill file SQLite cannot open is moved aside and counted once: damage never stops delivery.
   Every drop is counted by reason (metric, `stats()`), logged, and reported with a telemetry event
   (`tolaria.emergency.dropped`, HIGH) as soon as a publish succeeds again.
 """
@@ -42,6 +43,8 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final, Literal, TypeAlias
+
+from google.protobuf.message import DecodeError
 
 from esper.core.logging import get_logger
 from esper.core.telemetry import build_event, build_metric, build_telemetry_packet
@@ -86,7 +89,7 @@ MAX_REASON_CHARS: Final = 512
 MAX_ATTRIBUTES: Final = 16
 MAX_ATTRIBUTE_CHARS: Final = 256
 
-DropReason = Literal["queue_full", "spill_full"]
+DropReason = Literal["queue_full", "spill_full", "corrupt"]
 
 log = get_logger("esper.tolaria.emergency")
 
@@ -189,15 +192,40 @@ CREATE TABLE IF NOT EXISTS spill (
 
 class SpillStore:
     """Signals waiting on disk, ordered by `seq`. SQLite WAL + synchronous=FULL: a committed row
-    survives kill -9 and power loss. One connection; callers serialise access (the publisher's lock)."""
+    survives kill -9 and power loss. One connection; callers serialise access (the publisher's lock).
+
+    Damage never stops delivery: a file SQLite cannot read is moved aside (`quarantined` names where)
+    and a fresh one started; a row whose payload does not decode is deleted by `head` and counted in
+    `corrupt_rows`. Either would otherwise kill the publisher at every start, HALT signals included."""
 
     def __init__(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
-        self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
-        self._db.executescript(_SCHEMA)
+        self.quarantined: Path | None = None
+        self.corrupt_rows = 0
+        try:
+            self._db = self._open(path)
+        except sqlite3.DatabaseError as e:
+            self.quarantined = path.with_name(f"{path.name}.corrupt-{time.time_ns() // 1_000_000}")
+            for part in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
+                if part.exists():
+                    part.rename(part.with_name(self.quarantined.name + part.name.removeprefix(path.name)))
+            log.error("emergency spill file unreadable; moved aside, starting a fresh one", path=str(path),
+                      moved_to=str(self.quarantined), error=str(e))
+            self._db = self._open(path)
+
+    @staticmethod
+    def _open(path: Path) -> sqlite3.Connection:
+        db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=FULL")
+            db.executescript(_SCHEMA)
+            db.execute("SELECT COUNT(*) FROM spill").fetchone()
+        except sqlite3.DatabaseError:
+            db.close()
+            raise
+        return db
 
     def close(self) -> None:
         self._db.close()
@@ -209,10 +237,16 @@ class SpillStore:
         return int(self._db.execute("SELECT COALESCE(MAX(seq), 0) FROM spill").fetchone()[0])
 
     def head(self) -> _Item | None:
-        row = self._db.execute("SELECT seq, message_id, payload FROM spill ORDER BY seq LIMIT 1").fetchone()
-        if row is None:
-            return None
-        return _Item(int(row[0]), str(row[1]), pb.EmergencySignal.FromString(row[2]), on_disk=True)
+        """The oldest row that decodes; undecodable rows before it are deleted (`corrupt_rows`)."""
+        while (row := self._db.execute("SELECT seq, message_id, payload FROM spill ORDER BY seq LIMIT 1"
+                                       ).fetchone()) is not None:
+            try:
+                return _Item(int(row[0]), str(row[1]), pb.EmergencySignal.FromString(row[2]), on_disk=True)
+            except (DecodeError, TypeError, ValueError) as e:
+                self.delete(int(row[0]))
+                self.corrupt_rows += 1
+                log.error("undecodable emergency signal in the spill file deleted", seq=int(row[0]), error=str(e))
+        return None
 
     def seqs(self) -> list[int]:
         return [int(r[0]) for r in self._db.execute("SELECT seq FROM spill ORDER BY seq")]
@@ -316,6 +350,9 @@ class EmergencyPublisher:
         self._ready = threading.Event()
         self._stopping = False
         self._closed = False
+        if self._spill.quarantined is not None:  # counted once: how many signals it held is unknowable
+            self._last_error = f"spill file unreadable, moved to {self._spill.quarantined}"
+            self._drop("corrupt", 1, self._last_error)
         if self._disk_count:
             log.warning("emergency signals waiting on disk from an earlier run", count=self._disk_count,
                         path=str(spill_path))
@@ -471,7 +508,14 @@ class EmergencyPublisher:
             on_disk = self._disk_count > 0
         if on_disk:
             with self._db_lock:
+                before = self._spill.corrupt_rows
                 item = self._spill.head()
+                corrupt = self._spill.corrupt_rows - before
+            if corrupt:
+                with self._lock:
+                    self._disk_count -= corrupt
+                    self._drop("corrupt", corrupt, f"{corrupt} undecodable rows in {self._spill.path}")
+                self._gauge()
             if item is not None:
                 return item
         with self._lock:
