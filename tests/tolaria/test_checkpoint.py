@@ -180,6 +180,21 @@ def test_a_signed_checkpoint_rewritten_consistently_without_the_key_is_refused(t
         CheckpointStore(tmp_path / "b", run_id="run-a", keys=KEYS).load(other_info)
 
 
+def test_a_mac_damaged_into_non_ascii_is_refused_and_the_older_checkpoint_serves(tmp_path: Path) -> None:
+    """`hmac.compare_digest` raises TypeError on non-ASCII str: a rotted `.mac` escaped the store's
+    typed error, so the rollback crashed instead of passing over to the older checkpoint."""
+    model, opt = _trained()
+    store = CheckpointStore(tmp_path, run_id="run-a", keys=KEYS)
+    store.save_training(model, opt, epoch=1, step=2)
+    newest = store.save_training(model, opt, epoch=2, step=4)
+    (tmp_path / f"{newest.file}.mac").write_text("k1 " + "é" * 64 + "\n", encoding="utf-8")
+    with pytest.raises(CheckpointError) as refused:
+        store.load(newest)
+    assert refused.value.reason == "bad_signature"
+    ckpt, skipped = store.load_at_or_before(None)
+    assert ckpt.step == 2 and [e.reason for e in skipped] == ["bad_signature"]
+
+
 def test_a_file_retention_cannot_delete_does_not_fail_the_save(tmp_path: Path) -> None:
     model, opt = _trained()
     (tmp_path / "ckpt-s0000000001-e000000-000000000000.pt").mkdir(parents=True)  # unlink raises on it

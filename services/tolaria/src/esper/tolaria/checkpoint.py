@@ -265,7 +265,8 @@ def _verify_mac(path: Path, sha: str, keys: SigningKeys) -> None:
     secret = keys.secret_for(key_id)
     if secret is None:
         raise CheckpointError("bad_signature", f"{mac_file.name} names unknown key {key_id!r}", path)
-    if not hmac.compare_digest(mac, hmac_sha256(secret, _sidecar_line(sha, path.name)).hex()):
+    # Compared as bytes: `compare_digest` raises TypeError on str with non-ASCII characters (a damaged file).
+    if not hmac.compare_digest(mac.encode("utf-8"), hmac_sha256(secret, _sidecar_line(sha, path.name)).hex().encode()):
         raise CheckpointError("bad_signature", f"{mac_file.name} does not verify", path)
 
 
