@@ -95,6 +95,88 @@ def test_nan_step_is_rolled_back_and_escalated(tmp_path: Path) -> None:
     assert all(torch.isfinite(p).all() for p in trainer.host.parameters())
 
 
+def _state(trainer: Trainer) -> tuple[dict[str, torch.Tensor], list[torch.Tensor]]:
+    """Copies of the host's weights and every Adam buffer, to compare bit for bit."""
+    weights = {k: v.detach().clone() for k, v in trainer.host.state_dict().items()}
+    buffers = [t.clone() for st in trainer.optimizer.state.values() for t in st.values() if isinstance(t, torch.Tensor)]
+    return weights, buffers
+
+
+def _same(a: tuple[dict[str, torch.Tensor], list[torch.Tensor]],
+          b: tuple[dict[str, torch.Tensor], list[torch.Tensor]]) -> bool:
+    return (a[0].keys() == b[0].keys() and all(torch.equal(a[0][k], b[0][k]) for k in a[0])
+            and len(a[1]) == len(b[1]) and all(torch.equal(x, y) for x, y in zip(a[1], b[1], strict=True)))
+
+
+def _batch(trainer: Trainer, i: int, *, poison: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    xb, yb = trainer.data.x_train[32 * i:32 * (i + 1)].clone(), trainer.data.y_train[32 * i:32 * (i + 1)]
+    if poison:
+        xb[0, 0] = float("nan")  # a bad batch: non-finite loss, the step is refused
+    return xb, yb
+
+
+def test_a_failed_step_restores_the_snapshot_bit_for_bit(tmp_path: Path) -> None:
+    """Snapshots at steps 3 and 6: step 5 fails, so the weights and Adam state are step 3's exactly, not
+    step 4's (a refused step is never applied, so finite weights alone would not show a restore)."""
+    trainer = Trainer(_settings(tmp_path, epochs=1, rollback_snapshot_steps=3, rollback_snapshot_overhead=0.0),
+                      bus=None)
+    for i in range(3):
+        trainer.train_step(*_batch(trainer, i))
+    at_3 = _state(trainer)
+    trainer.train_step(*_batch(trainer, 3))
+    assert not _same(_state(trainer), at_3)
+    trainer.train_step(*_batch(trainer, 4, poison=True))
+    assert trainer.stats.step_failures == {"non_finite": 1} and trainer.stats.rollbacks == {"fast": 1}
+    assert trainer._applied_step == 3 and _same(_state(trainer), at_3)
+
+
+def test_a_snapshot_of_broken_weights_is_passed_over_when_it_fails_again(tmp_path: Path) -> None:
+    """The update of step 4 breaks the weights (NaN), and step 4's snapshot holds them. Step 5 fails and
+    restores them; step 6 fails on them again before any step was applied, so the rollback goes back
+    past them, to step 3, and training goes on. Restoring the newest each time failed every step after."""
+    trainer = Trainer(_settings(tmp_path, epochs=1, rollback_snapshot_overhead=0.0), bus=None)  # every step
+
+    def diverge(_opt: object, _args: object, _kwargs: object) -> None:
+        if trainer.step == 4:
+            with torch.no_grad():
+                next(trainer.host.parameters()).fill_(float("nan"))
+
+    trainer.optimizer.register_step_post_hook(diverge)  # type: ignore[arg-type]
+    for i in range(3):
+        trainer.train_step(*_batch(trainer, i))
+    at_3 = _state(trainer)
+    for i in range(3, 10):
+        trainer.train_step(*_batch(trainer, i))
+    assert trainer.stats.step_failures == {"non_finite": 2} and trainer.stats.rollbacks == {"fast": 2}
+    assert trainer.stats.steps == 3 + 1 + 4  # steps 1-4, then 7-10 on step 3's weights
+    assert all(torch.isfinite(p).all() for p in trainer.host.parameters())
+    trainer2 = Trainer(_settings(tmp_path / "b", epochs=1), bus=None)
+    for i in range(3):
+        trainer2.train_step(*_batch(trainer2, i))
+    assert _same(_state(trainer2), at_3)  # the reference run agrees on step 3 (same seed, same batches)
+
+
+def test_stopping_checkpoints_even_off_the_cadence(tmp_path: Path) -> None:
+    """SIGTERM (`stop`) mid-epoch 3 with a checkpoint every 2 epochs: the state it stops with is saved
+    (it was not: the newest checkpoint was epoch 2's). The last epoch of a run is saved too."""
+    trainer = Trainer(_settings(tmp_path, epochs=4, checkpoint_every_epochs=2), bus=None)
+    per_epoch = math.ceil(trainer.data.meta.train_size / trainer.settings.batch_size)
+    step = trainer.train_step
+
+    def stop_in_epoch_3(xb: torch.Tensor, yb: torch.Tensor) -> None:
+        step(xb, yb)
+        if trainer.step == 2 * per_epoch + 3:
+            trainer.stop()
+
+    trainer.train_step = stop_in_epoch_3  # type: ignore[method-assign]
+    trainer.run()
+    assert sorted((c.epoch, c.step) for c in trainer.checkpoints.history()) == [(2, 2 * per_epoch),
+                                                                              (3, 2 * per_epoch + 3)]
+    last = Trainer(_settings(tmp_path / "b", epochs=3, checkpoint_every_epochs=2), bus=None)
+    last.run()
+    assert sorted(c.epoch for c in last.checkpoints.history()) == [2, 3]
+
+
 def test_a_late_rollback_escalates_to_halt_and_restarts_the_loss_statistics(tmp_path: Path) -> None:
     """Restored past `TOLARIA_ROLLBACK_DEADLINE_MS`: counted, HALT, and the EWMAs restart from the
     restored weights (they did not)."""

@@ -157,6 +157,7 @@ class Trainer:
         self._structure: tuple[str, ...] = ()
         self._quick_structure: tuple[object, ...] = ()
         self._applied_step = 0  # the step whose update the weights hold
+        self._restored_step: int | None = None  # a rollback's restored step, until a step is applied on it
         self._train_loss_sum, self._train_loss_steps = 0.0, 0  # applied steps of the current epoch
         self._stop = False
         self._pending_events: list[pb.TelemetryEvent] = []
@@ -245,6 +246,7 @@ class Trainer:
             return
         self.optimizer.step()
         self._applied_step = self.step
+        self._restored_step = None  # the restored state passed a step: it was good
         self._train_loss_sum += loss_v
         self._train_loss_steps += 1
         if s.fault_step_delay_ms:  # drills: a step as long as a real model's (sleeps, so the bus thread runs)
@@ -443,16 +445,20 @@ class Trainer:
             self._do_rollback(reason)
 
     def _do_rollback(self, reason: str) -> None:
-        """Restore the last good state. A checkpoint saved before seeds joined does not fit the model: the
-        seeds are culled and the same checkpoint restored, inside the one deadline; a miss escalates to
-        HALT (`TOLARIA_EMERGENCY_L4_ON_ROLLBACK_DEADLINE`)."""
+        """Restore the last good state: the newest one, or, when the state just restored failed again
+        before any step was applied, one older than it (a snapshot taken of weights the update had
+        already broken would otherwise be restored over and over). A checkpoint saved before seeds
+        joined does not fit the model: the seeds are culled and the same checkpoint restored, inside the
+        one deadline; a miss escalates to HALT (`TOLARIA_EMERGENCY_L4_ON_ROLLBACK_DEADLINE`)."""
+        restored = self._restored_step
         try:
             result = self.rollback.rollback(self.host, self.optimizer,
+                                            to_step=None if restored is None else restored - 1,
                                             on_mismatch=lambda: self.kasmina.cull_all("rollback"))
         except RollbackDeadlineExceeded as e:
             self.stats.rollbacks["deadline_missed"] += 1
             if e.result is not None:  # restored, late: the statistics restart from the restored weights
-                self._applied_step = e.result.step
+                self._applied_step = self._restored_step = e.result.step
                 self.signals.reset()
             if self.settings.emergency_l4_on_rollback_deadline:
                 self.emergency.escalate(pb.EMERGENCY_LEVEL_HALT, "rollback_deadline")
@@ -463,7 +469,7 @@ class Trainer:
             log.warning("nothing to roll back to", reason=reason, error=str(e))
             return
         self.stats.rollbacks[result.tier] += 1
-        self._applied_step = result.step
+        self._applied_step = self._restored_step = result.step
         self.signals.reset()
         self._event("rollback", _WARNING, f"{result.tier} tier restored step {result.step} in "
                     f"{result.elapsed_ms:.2f} ms", reason=reason, tier=result.tier, restored_step=result.step)
@@ -530,7 +536,10 @@ class Trainer:
                 self.emergency.escalate(pb.EMERGENCY_LEVEL_HALT, "failed_epochs")
         else:
             self.failed_epochs = 0
-        if self.epoch % s.checkpoint_every_epochs == 0 or self.emergency.halted:
+        # Also on the way out (HALT, SIGTERM, the last epoch): stopping must not lose the epochs since the
+        # cadence's last checkpoint.
+        if (self.epoch % s.checkpoint_every_epochs == 0 or self.emergency.halted or self._stop
+                or self.epoch == s.epochs):
             try:
                 with self.metrics.checkpoint_seconds.time():
                     self.checkpoints.save_training(self.host, self.optimizer, epoch=self.epoch, step=self.step)
