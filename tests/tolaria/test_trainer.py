@@ -156,6 +156,29 @@ def test_a_snapshot_of_broken_weights_is_passed_over_when_it_fails_again(tmp_pat
     assert _same(_state(trainer2), at_3)  # the reference run agrees on step 3 (same seed, same batches)
 
 
+def test_a_loss_spike_after_warm_up_is_refused_rolled_back_and_escalated(tmp_path: Path) -> None:
+    s = _settings(tmp_path, epochs=1, loss_spike_warmup_steps=6, rollback_snapshot_overhead=0.0)
+    trainer = Trainer(s, bus=None)
+    for i in range(6):
+        trainer.train_step(*_batch(trainer, i))
+    ewma = trainer.signals.loss.mean
+    limit = max(s.loss_spike_factor * ewma, ewma + s.loss_spike_min_delta)  # both must be exceeded
+    assert trainer._step_problem(limit * 1.001, 1.0) == "loss_spike"
+    assert trainer._step_problem(limit * 0.999, 1.0) is None
+    assert trainer._step_problem(float("inf"), 1.0) == trainer._step_problem(1.0, float("nan")) == "non_finite"
+    before = _state(trainer)
+    xb, yb = _batch(trainer, 6)
+    trainer.train_step(xb * 1000.0, yb)  # finite, but far above the EWMA
+    assert trainer.stats.step_failures == {"loss_spike": 1} and trainer.stats.rollbacks == {"fast": 1}
+    assert trainer.emergency.level == pb.EMERGENCY_LEVEL_ELEVATED
+    assert _same(_state(trainer), before)  # restored to step 6, the newest snapshot: the spike never applied
+    early = Trainer(_settings(tmp_path / "b", epochs=1, loss_spike_warmup_steps=6), bus=None)
+    for i in range(5):
+        early.train_step(*_batch(early, i))
+    early.train_step(xb * 1000.0, yb)  # the same batch inside the warm-up: trained on
+    assert early.stats.step_failures == {} and early.stats.steps == 6
+
+
 def test_stopping_checkpoints_even_off_the_cadence(tmp_path: Path) -> None:
     """SIGTERM (`stop`) mid-epoch 3 with a checkpoint every 2 epochs: the state it stops with is saved
     (it was not: the newest checkpoint was epoch 2's). The last epoch of a run is saved too."""
