@@ -179,6 +179,23 @@ def test_a_loss_spike_after_warm_up_is_refused_rolled_back_and_escalated(tmp_pat
     assert early.stats.step_failures == {} and early.stats.steps == 6
 
 
+def test_a_refused_step_is_discarded_by_kasmina_too(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """What the seeds observed in a refused step must not reach their gates (Kasmina's tests show a NaN
+    batch culling a healthy seed when it does): the trainer hands every refusal to `discard_step`."""
+    trainer = Trainer(_settings(tmp_path, epochs=1), bus=None)
+    discarded: list[int] = []
+    real = trainer.kasmina.discard_step
+
+    def discard_step() -> None:
+        discarded.append(trainer.step)
+        real()
+
+    monkeypatch.setattr(trainer.kasmina, "discard_step", discard_step)
+    for i in range(3):
+        trainer.train_step(*_batch(trainer, i, poison=i == 1))
+    assert discarded == [2] and trainer.stats.step_failures == {"non_finite": 1}
+
+
 def test_stopping_checkpoints_even_off_the_cadence(tmp_path: Path) -> None:
     """SIGTERM (`stop`) mid-epoch 3 with a checkpoint every 2 epochs: the state it stops with is saved
     (it was not: the newest checkpoint was epoch 2's). The last epoch of a run is saved too."""
