@@ -24,7 +24,9 @@ def run(static: Annotated[bool, typer.Option(help="train the host alone: no Tami
     from pydantic import ValidationError
 
     from esper.core.errors import ConfigurationError
-    from esper.tolaria.service import run_training
+    from esper.kasmina import KasminaSettings
+    from esper.tolaria.data import DatasetError
+    from esper.tolaria.service import load_training_data, run_training
     from esper.tolaria.settings import TolariaSettings
 
     try:
@@ -32,10 +34,17 @@ def run(static: Annotated[bool, typer.Option(help="train the host alone: no Tami
         if not static:
             settings.signing_keys()
             settings.require_redis_url()
+        settings.torch_device()
+        KasminaSettings()  # the trainer builds Kasmina's own (KASMINA_*): a bad value is exit 2 here too
     except (ConfigurationError, ValidationError) as e:
         typer.echo(f"tolaria: configuration error: {e}", err=True)
         raise typer.Exit(2) from None
-    code, summary = run_training(settings, static=static)
+    try:  # before anything starts: a bad TOLARIA_DATASET_PATH is a configuration error, not a traceback
+        dataset = load_training_data(settings)
+    except DatasetError as e:
+        typer.echo(f"tolaria: configuration error: TOLARIA_DATASET_PATH: {e}", err=True)
+        raise typer.Exit(2) from None
+    code, summary = run_training(settings, static=static, dataset=dataset)
     typer.echo(json.dumps(summary, sort_keys=True))
     raise typer.Exit(code)
 

@@ -3,7 +3,7 @@
 Digits (1797 8x8 images, 10 classes, shipped inside scikit-learn: no download) is split into a
 stratified train/validation pair with `random_state=seed`. A `.npz` holds `x` and `y` and optionally
 `x_val` and `y_val`; without the latter it is split like digits. Every problem with a file is a
-`DatasetError` whose `reason` names it (see `DatasetErrorReason`), raised before any tensor is built.
+`DatasetError` whose `reason` names it (see `DatasetErrorReason`), raised before a `Dataset` exists.
 
 Features are standardised with the *training* split's per-feature mean and std (constant features
 keep std 1), and those statistics travel with the dataset so new inputs can be scaled the same way.
@@ -12,8 +12,10 @@ The data is small, so batches come from a plain index permutation (`iter_batches
 
 from __future__ import annotations
 
+import lzma
 import math
 import zipfile
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +30,7 @@ from sklearn.model_selection import train_test_split  # type: ignore[import-unty
 from esper.core.errors import EsperError
 
 __all__ = [
+    "MAX_CLASSES",
     "NPZ_KEYS",
     "Dataset",
     "DatasetError",
@@ -43,18 +46,29 @@ __all__ = [
 
 DatasetErrorReason = Literal[
     "missing_file",  # the path does not exist or is not a file
-    "unreadable",  # not an .npz archive numpy can open
+    "unreadable",  # not an .npz archive of .npy arrays numpy can read (corrupt, truncated, a bare .npy)
     "missing_key",  # x or y absent, or only one of x_val / y_val given
     "unexpected_key",  # a key other than x, y, x_val, y_val (a typo would otherwise be ignored)
     "bad_dtype",  # features not real numbers, labels not integers, object arrays
     "bad_shape",  # x not (N, ...), y not (N,), lengths differ, x_val features differ from x
     "empty",  # no samples
-    "non_finite",  # NaN or inf in features
-    "label_range",  # a label < 0 or >= num_classes, or fewer than two classes
+    "non_finite",  # NaN or inf in features, or values that overflow float32 (as stored or once standardised)
+    "label_range",  # a label < 0 or >= num_classes, fewer than two distinct labels, over MAX_CLASSES classes
     "split",  # no stratified split possible (a class with a single sample, validation too small)
 ]
 
 NPZ_KEYS = frozenset({"x", "y", "x_val", "y_val"})
+
+MAX_CLASSES = 65_536
+"""Most classes a dataset may have: num_classes = max(y) + 1 sizes the output layer, so one stray huge
+label would otherwise ask for a billion-way head and die in torch's allocator instead of here."""
+
+_NPY_MAGIC = b"\x93NUMPY"
+_ZIP_MAGICS = (b"PK\x03\x04", b"PK\x05\x06")  # a member first, or an empty archive (as np.load checks)
+_UNREADABLE_ERRORS = (OSError, ValueError, EOFError, MemoryError, NotImplementedError, zipfile.BadZipFile, zlib.error,
+                      lzma.LZMAError)
+"""What a corrupt, truncated or odd archive raises while numpy reads it (MemoryError: a header that
+declares more data than any machine holds)."""
 
 
 class DatasetError(EsperError, ValueError):
@@ -134,14 +148,19 @@ def _build(name: str, source: Literal["digits", "npz"], x_tr: FloatArray, y_tr: 
         std = torch.where(std > 1e-8, std, torch.ones_like(std))  # constant features (digits' blank border)
     else:
         mean, std = torch.zeros(x_train.shape[1:]), torch.ones(x_train.shape[1:])
+    x_train, x_val = (x_train - mean) / std, (x_val - mean) / std
+    for label, t in (("training mean", mean), ("training std", std), ("standardised x", x_train),
+                     ("standardised validation x", x_val)):
+        if not torch.isfinite(t).all():  # e.g. a float32 mean of values near 3e38 overflows
+            raise DatasetError("non_finite", f"{name}: {label} overflows float32; rescale the features")
     input_shape = tuple(int(d) for d in x_train.shape[1:])
     meta = DatasetMeta(name=name, source=source, num_features=math.prod(input_shape), num_classes=num_classes,
                        input_shape=input_shape, train_size=len(x_train), val_size=len(x_val), seed=seed,
                        val_fraction=val_fraction)
     return Dataset(
-        x_train=(x_train - mean) / std,
+        x_train=x_train,
         y_train=torch.from_numpy(np.ascontiguousarray(y_tr, dtype=np.int64)),
-        x_val=(x_val - mean) / std,
+        x_val=x_val,
         y_val=torch.from_numpy(np.ascontiguousarray(y_va, dtype=np.int64)),
         feature_mean=mean, feature_std=std, meta=meta,
     )
@@ -156,31 +175,80 @@ def load_digits_dataset(*, seed: int = 0, val_fraction: float = 0.2, standardise
                   val_fraction=val_fraction, standardise=standardise)
 
 
+def _member_fits(zf: zipfile.ZipFile, key: str) -> str | None:
+    """Why `key`'s .npy header cannot be right (None if it can): checked before numpy allocates its shape."""
+    name = f"{key}.npy" if f"{key}.npy" in zf.namelist() else key
+    info = zf.getinfo(name)
+    if info.flag_bits & 0x1:  # zipfile would raise RuntimeError for want of a password
+        return f"member {name!r} is encrypted"
+    with zf.open(info) as fh:
+        if fh.read(len(_NPY_MAGIC)) != _NPY_MAGIC:
+            return f"member {name!r} is not a .npy array"
+        fh.seek(0)
+        version = np.lib.format.read_magic(fh)
+        if version == (1, 0):
+            shape, _, dtype = np.lib.format.read_array_header_1_0(fh)
+        elif version == (2, 0):
+            shape, _, dtype = np.lib.format.read_array_header_2_0(fh)
+        else:
+            return None  # another .npy version: numpy validates it (and a MemoryError is caught)
+        held = info.file_size - fh.tell()
+    declared = math.prod(shape) * dtype.itemsize
+    if not dtype.hasobject and declared > held:  # object arrays: refused as bad_dtype when read
+        return f"member {name!r} declares shape {shape} of {dtype} ({declared} bytes) but holds {held} bytes"
+    return None
+
+
+def _read_members(path: Path, archive: np.lib.npyio.NpzFile) -> dict[str, np.ndarray]:
+    """The archive's arrays, by key, each header checked before numpy allocates what it declares."""
+    keys = set(archive.files)
+    unexpected = sorted(keys - NPZ_KEYS)
+    if unexpected:
+        raise DatasetError("unexpected_key", f"{path}: unexpected keys {unexpected}; allowed {sorted(NPZ_KEYS)}")
+    for required in ("x", "y"):
+        if required not in keys:
+            raise DatasetError("missing_key", f"{path}: no {required!r} array")
+    if ("x_val" in keys) != ("y_val" in keys):
+        raise DatasetError("missing_key", f"{path}: x_val and y_val must be given together")
+    if archive.zip is None:  # only after close
+        raise DatasetError("unreadable", f"{path}: archive closed")
+    arrays: dict[str, np.ndarray] = {}
+    for k in sorted(keys):
+        problem = _member_fits(archive.zip, k)
+        if problem is not None:
+            raise DatasetError("unreadable", f"{path}: {problem}")
+        try:
+            value = archive[k]
+        except ValueError as e:
+            if "allow_pickle" not in str(e):
+                raise  # truncated data and the like: unreadable
+            raise DatasetError("bad_dtype", f"{path}: {k}: {e}") from e
+        if not isinstance(value, np.ndarray):  # a member numpy hands back as raw bytes
+            raise DatasetError("unreadable", f"{path}: member {k!r} is not a .npy array")
+        arrays[k] = value
+    return arrays
+
+
 def _read_npz(path: Path) -> dict[str, np.ndarray]:
     if not path.is_file():
         raise DatasetError("missing_file", f"{path} does not exist or is not a file")
     try:
-        with np.load(path, allow_pickle=False) as archive:
-            if not isinstance(archive, np.lib.npyio.NpzFile):
-                raise DatasetError("unreadable", f"{path} is a single .npy array, not an .npz archive")
-            keys = set(archive.files)
-            unexpected = sorted(keys - NPZ_KEYS)
-            if unexpected:
-                raise DatasetError("unexpected_key", f"{path}: unexpected keys {unexpected}; "
-                                                     f"allowed {sorted(NPZ_KEYS)}")
-            for required in ("x", "y"):
-                if required not in keys:
-                    raise DatasetError("missing_key", f"{path}: no {required!r} array")
-            if ("x_val" in keys) != ("y_val" in keys):
-                raise DatasetError("missing_key", f"{path}: x_val and y_val must be given together")
-            try:
-                return {k: archive[k] for k in sorted(keys)}
-            except ValueError as e:  # "Object arrays cannot be loaded when allow_pickle=False"
-                raise DatasetError("bad_dtype", f"{path}: {e}") from e
+        with path.open("rb") as fh:
+            magic = fh.read(len(_NPY_MAGIC))
+        if magic == _NPY_MAGIC:  # np.load would read the whole array first
+            raise DatasetError("unreadable", f"{path} is a single .npy array, not an .npz archive")
+        if not magic.startswith(_ZIP_MAGICS):  # np.load would try it as a pickle and blame allow_pickle
+            raise DatasetError("unreadable", f"{path} is not an .npz (zip) archive")
+        loaded = np.load(path, allow_pickle=False)
+        if not isinstance(loaded, np.lib.npyio.NpzFile):
+            raise DatasetError("unreadable", f"{path} is not an .npz archive")
+        with loaded as archive:
+            return _read_members(path, archive)
     except DatasetError:
         raise
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
-        raise DatasetError("unreadable", f"{path}: {type(e).__name__}: {e}") from e
+    except _UNREADABLE_ERRORS as e:
+        kind = type(e).__name__ if type(e).__module__ == "builtins" else f"{type(e).__module__}.{type(e).__name__}"
+        raise DatasetError("unreadable", f"{path}: {kind}: {e}") from e
 
 
 def _check_pair(name: str, x: np.ndarray, y: np.ndarray) -> None:
@@ -199,6 +267,11 @@ def _check_pair(name: str, x: np.ndarray, y: np.ndarray) -> None:
         raise DatasetError("empty", f"{xs} has no samples or no features (shape {x.shape})")
     if not np.isfinite(x).all():
         raise DatasetError("non_finite", f"{xs} contains {int((~np.isfinite(x)).sum())} NaN/inf values")
+    with np.errstate(over="ignore"):  # the model trains in float32: 1e39 would become inf there
+        overflow = int((~np.isfinite(x.astype(np.float32))).sum())
+    if overflow:
+        raise DatasetError("non_finite", f"{xs} has {overflow} values beyond float32's range "
+                                         f"(|x| > {float(np.finfo(np.float32).max):.3g})")
 
 
 def _check_labels(name: str, y: np.ndarray, num_classes: int) -> None:
@@ -207,11 +280,26 @@ def _check_labels(name: str, y: np.ndarray, num_classes: int) -> None:
         raise DatasetError("label_range", f"{name} labels span [{lo}, {hi}], allowed [0, {num_classes - 1}]")
 
 
+def _num_classes(y: np.ndarray, num_classes: int | None) -> int:
+    """max(y) + 1 unless given; at least two distinct training labels and at most MAX_CLASSES classes."""
+    lo, hi = int(y.min()), int(y.max())
+    if lo < 0:
+        raise DatasetError("label_range", f"y labels span [{lo}, {hi}]; labels must be >= 0")
+    if lo == hi:  # max(y) + 1 counts classes that never occur: a lone label 7 is not 8 classes
+        raise DatasetError("label_range", f"y holds a single distinct label ({lo}); need at least two classes")
+    classes = hi + 1 if num_classes is None else num_classes
+    if not 2 <= classes <= MAX_CLASSES:
+        raise DatasetError("label_range", f"{classes} classes (y labels span [{lo}, {hi}]); "
+                                          f"allowed 2 to {MAX_CLASSES}")
+    return classes
+
+
 def load_npz_dataset(path: Path | str, *, seed: int = 0, val_fraction: float = 0.2, num_classes: int | None = None,
                      standardise: bool = True) -> Dataset:
     """A user's `.npz` (keys `x`, `y`, optional `x_val`, `y_val`), validated; see `DatasetErrorReason`.
 
-    `num_classes` defaults to max(y) + 1 over the training labels; validation labels must fit it.
+    `num_classes` defaults to max(y) + 1 over the training labels (at most `MAX_CLASSES`); validation
+    labels must fit it.
     """
     path = Path(path)
     arrays = _read_npz(path)
@@ -223,9 +311,7 @@ def load_npz_dataset(path: Path | str, *, seed: int = 0, val_fraction: float = 0
         _check_pair("val", x_va, y_va)
         if x_va.shape[1:] != x.shape[1:]:
             raise DatasetError("bad_shape", f"x_val samples are {x_va.shape[1:]}, x samples are {x.shape[1:]}")
-    classes = int(y.max()) + 1 if num_classes is None else num_classes
-    if classes < 2:
-        raise DatasetError("label_range", f"need at least two classes, got {classes}")
+    classes = _num_classes(y, num_classes)
     _check_labels("y", y, classes)
     if has_val:
         _check_labels("y_val", y_va, classes)

@@ -2,7 +2,8 @@
 
 The trainer runs in the main thread; the bus (decisions, kernels, telemetry, /metrics) on the bus
 thread. SIGTERM finishes the current step, checkpoints and exits cleanly. Exit codes: 0 run finished,
-3 the run halted on an emergency (HALT), 2 configuration error (from `serve_or_exit`-style checks).
+3 the run halted on an emergency (HALT), 2 configuration error: settings, device or dataset, all
+checked by the CLI before anything starts (a bad `.npz` is one line on stderr, not a traceback).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from prometheus_client import CollectorRegistry
 from esper.core.health_server import HealthServer
 from esper.core.logging import configure_logging, get_logger
 from esper.tolaria.bus import BusThread
+from esper.tolaria.data import Dataset, load_dataset
 from esper.tolaria.heap import keep_freed_memory
 from esper.tolaria.settings import TolariaSettings
 from esper.tolaria.trainer import Trainer
@@ -26,8 +28,19 @@ log = get_logger("esper.tolaria.service")
 EXIT_HALTED = 3
 
 
-def run_training(settings: TolariaSettings, *, static: bool = False) -> tuple[int, dict[str, Any]]:
-    """Train once; returns (exit code, summary). `static`: no control plane at all (baseline)."""
+def load_training_data(settings: TolariaSettings) -> Dataset:
+    """The run's dataset; raises `DatasetError` for a bad TOLARIA_DATASET_PATH, so callers check it first."""
+    return load_dataset(settings.dataset_path, seed=settings.seed, val_fraction=settings.val_fraction)
+
+
+def run_training(settings: TolariaSettings, *, static: bool = False,
+                 dataset: Dataset | None = None) -> tuple[int, dict[str, Any]]:
+    """Train once; returns (exit code, summary). `static`: no control plane at all (baseline).
+
+    `dataset`: already loaded (the CLI does, to report a bad file as a configuration error); loaded
+    here otherwise, before the bus starts, so a `DatasetError` leaves no thread behind.
+    """
+    data = dataset if dataset is not None else load_training_data(settings)
     configure_logging(level=settings.log_level, fmt=settings.log_format, service="tolaria")
     heap = keep_freed_memory(settings.malloc_keep_mb)
     log.info("heap", kept_mb=heap.keep_mb, applied=heap.applied, reason=heap.reason or None)
@@ -36,7 +49,12 @@ def run_training(settings: TolariaSettings, *, static: bool = False) -> tuple[in
     http: HealthServer | None = None
     if bus is not None:
         bus.start()
-    trainer = Trainer(settings, bus=bus, registry=registry)
+    try:
+        trainer = Trainer(settings, bus=bus, registry=registry, dataset=data)
+    except BaseException:
+        if bus is not None:
+            bus.stop()
+        raise
 
     def health() -> tuple[bool, Mapping[str, object]]:
         return True, {"epoch": trainer.epoch, "step": trainer.step, "halted": trainer.emergency.halted}

@@ -6,18 +6,31 @@ accepts its own name in code (`TolariaSettings(epochs=3)`).
 
 Deviation from the prototype: rollback and emergency broadcasting default to *on* (the prototype had
 both off): ARCHITECTURE §6 makes them part of the failure semantics, and the drills rely on them.
+
+An empty variable means unset (`TOLARIA_PROFILER_DIR=` in a compose file is not the current directory).
+Tolaria owns the `TOLARIA_` namespace, so a `TOLARIA_*` name no field reads (a typo such as
+`TOLARIA_EPOCH`) and two aliases of one field with different values are a `ConfigurationError`, in
+the environment or `.env`; the shared `ESPER_*` base keeps ignoring unknown names (other processes).
 """
 
 from __future__ import annotations
 
+import difflib
 import os
 import secrets
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from pydantic import AliasChoices, Field, field_validator, model_validator
-from pydantic_settings import SettingsConfigDict
+from pydantic.fields import FieldInfo
+from pydantic_settings import (
+    BaseSettings,
+    DotEnvSettingsSource,
+    EnvSettingsSource,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
 
 from esper.core.errors import ConfigurationError
 from esper.leyline import command_channel
@@ -26,6 +39,8 @@ from esper.tolaria.heap import MAX_KEEP_MB
 
 __all__ = ["OPTIMIZER_FAMILY_INDEX", "DecisionMode", "LrPolicy", "OptimizerName", "TolariaSettings",
            "default_run_id"]
+
+_PREFIX = "TOLARIA_"
 
 OptimizerName = Literal["sgd", "adam", "adamw"]
 LrPolicy = Literal["off", "constant", "cosine", "step"]
@@ -44,9 +59,57 @@ def default_run_id() -> str:
     return f"run-{secrets.token_hex(4)}"
 
 
+def _env_names(field: FieldInfo) -> tuple[str, ...]:
+    alias = field.validation_alias
+    if isinstance(alias, str):
+        return (alias.upper(),)
+    if isinstance(alias, AliasChoices):
+        return tuple(str(a).upper() for a in alias.choices)
+    return ()
+
+
+class _TolariaNamesCheck(PydanticBaseSettingsSource):
+    """Contributes no values: refuses unknown `TOLARIA_*` names and conflicting aliases before validation.
+
+    pydantic-settings drops a name no field reads and takes the first alias it finds, so a typo or a
+    stale second alias would otherwise change nothing, silently.
+    """
+
+    def __init__(self, settings_cls: type[BaseSettings], *sources: PydanticBaseSettingsSource) -> None:
+        super().__init__(settings_cls)
+        self._sources = sources
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        return None, field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        seen: dict[str, tuple[str, str]] = {}  # NAME -> (value, where); the environment wins over .env
+        for source in reversed(self._sources):
+            if isinstance(source, EnvSettingsSource):
+                where = ".env" if isinstance(source, DotEnvSettingsSource) else "the environment"
+                seen.update({k.upper(): (str(v), where) for k, v in source.env_vars.items() if v is not None})
+        fields = [_env_names(f) for f in self.settings_cls.model_fields.values()]
+        known = {name for names in fields for name in names}
+        unknown = sorted(k for k in seen if k.startswith(_PREFIX) and k not in known)
+        if unknown:
+            def hint(name: str) -> str:  # compared without the shared prefix, which would make all names close
+                near = difflib.get_close_matches(name.removeprefix(_PREFIX), [k.removeprefix(_PREFIX) for k in known],
+                                                  n=1)
+                return f"{name} ({seen[name][1]}{f'; did you mean {_PREFIX}{near[0]}?' if near else ''})"
+
+            raise ConfigurationError(f"unknown Tolaria setting {', '.join(map(hint, unknown))}: no TOLARIA_* knob "
+                                     f"has this name (docs/tolaria.md, Settings)")
+        for names in fields:
+            given = {n: seen[n] for n in names if n in seen}
+            if len({value for value, _ in given.values()}) > 1:
+                raise ConfigurationError("conflicting aliases of one setting: " + ", ".join(
+                    f"{n}={v!r} ({where})" for n, (v, where) in given.items()) + "; set only one")
+        return {}
+
+
 class TolariaSettings(OonaSettings):
     model_config = SettingsConfigDict(env_prefix="ESPER_", env_file=".env", env_file_encoding="utf-8",
-                                      extra="ignore", populate_by_name=True)
+                                      extra="ignore", populate_by_name=True, env_ignore_empty=True)
 
     service_name: str = Field("tolaria", description="process name in logs, metrics, heartbeats and envelopes")
 
@@ -57,7 +120,7 @@ class TolariaSettings(OonaSettings):
                                       description=".npz with x, y (optional x_val, y_val); unset = sklearn digits")
     val_fraction: float = Field(0.2, gt=0.0, lt=1.0, validation_alias=_t("val_fraction"),
                                 description="stratified validation share when the data brings no x_val")
-    seed: int = Field(0, ge=0, validation_alias=_t("seed"),
+    seed: int = Field(0, ge=0, le=2**32 - 1, validation_alias=_t("seed"),  # numpy/sklearn's random_state range
                       description="seeds the split, the host's initial weights and the batch order")
     hidden_width: int = Field(32, ge=1, le=4096, validation_alias=_t("hidden_width"),
                               description="width of the host's hidden layers (small, so growth can help)")
@@ -190,6 +253,16 @@ class TolariaSettings(OonaSettings):
     profiler_dir: Path | None = Field(None, validation_alias=_t("profiler_dir"),
                                       description="torch.profiler traces go here; unset = profiler off. Must be "
                                                   "a writable directory (or creatable under one)")
+
+    @classmethod
+    def settings_customise_sources(cls, settings_cls: type[BaseSettings], init_settings: PydanticBaseSettingsSource,
+                                   env_settings: PydanticBaseSettingsSource,
+                                   dotenv_settings: PydanticBaseSettingsSource,
+                                   file_secret_settings: PydanticBaseSettingsSource
+                                   ) -> tuple[PydanticBaseSettingsSource, ...]:
+        """The default sources, after a check of the `TOLARIA_*` names they hold (`_TolariaNamesCheck`)."""
+        return (_TolariaNamesCheck(settings_cls, env_settings, dotenv_settings), init_settings, env_settings,
+                dotenv_settings, file_secret_settings)
 
     @field_validator("run_id")
     @classmethod
