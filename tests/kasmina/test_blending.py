@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -78,6 +79,44 @@ def test_apply_blend_dispatches_per_spec() -> None:
     spec = BlendSpec(mode="CONFIDENCE", gate=0.5, alpha_lo=0.0, alpha_hi=1.0)
     close(apply_blend(HOST, SEED, 0.5, spec), [[1.5, 2.75]])  # a = 0.25
     assert spec.effective_alpha(0.5) == 0.25 and BlendSpec().effective_alpha(2.0) == 1.0
+    # CHANNEL: the mean of the per-channel weights, (0.5·1.0 + 0.5·0.2) / 2
+    assert BlendSpec(mode="CHANNEL", alpha_vec=(1.0, 0.2)).effective_alpha(0.5) == pytest.approx(0.3)
+
+
+BAD = torch.tensor([[math.inf, math.nan]])  # a diverged seed's output
+
+
+def test_a_seed_at_weight_zero_leaves_the_host_exactly() -> None:
+    # 0·inf is NaN: a weight-0 seed must not turn the host's activations into NaN
+    assert torch.equal(blend_convex(HOST, BAD, 0.0), HOST)
+    assert torch.equal(blend_convex(HOST, BAD, -0.5), HOST)  # clamped to 0
+    assert torch.equal(blend_residual(HOST, BAD, 0.0), HOST)
+    assert torch.equal(blend_channel(HOST, BAD, 1.0, torch.tensor([0.0, 0.0])), HOST)
+    assert torch.equal(blend_confidence(HOST, BAD, 1.0, 0.0), HOST)
+    assert torch.equal(apply_blend(HOST, BAD, 1.0, BlendSpec(mode="CONFIDENCE", gate=0.0)), HOST)
+    # per-channel: channel 0 weighs 0 (host), channel 1 weighs 0.5: 0.5·5 + 0.5·2 = 3.5
+    mixed = blend_channel(HOST, torch.tensor([[math.nan, 5.0]]), 1.0, torch.tensor([0.0, 0.5]))
+    assert torch.equal(mixed, torch.tensor([[1.0, 3.5]]))
+    # per-sample gate [0, 1]: sample 0 is its host row, sample 1 the seed's
+    host2, seed2 = torch.tensor([[1.0, 2.0], [3.0, 4.0]]), torch.tensor([[math.nan, math.inf], [7.0, 8.0]])
+    rows = torch.tensor([[1.0, 2.0], [7.0, 8.0]])
+    assert torch.equal(blend_confidence(host2, seed2, 1.0, torch.tensor([0.0, 1.0])), rows)
+    assert torch.equal(blend_convex(host2, seed2, torch.tensor([[0.0], [1.0]])), rows)
+
+
+def test_a_seed_at_weight_zero_still_receives_a_zero_gradient() -> None:
+    # G1 culls a trained seed whose parameters saw no gradient at all: alpha 0 (a linear schedule's
+    # first blend step) must give them a gradient of 0, not none; the host branch keeps its gradient 1.
+    w = torch.tensor(2.0, requires_grad=True)
+    host = torch.tensor([[1.0, 2.0]], requires_grad=True)
+    blends: list[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = [
+        lambda h, s: blend_convex(h, s, 0.0), lambda h, s: blend_residual(h, s, 0.0),
+        lambda h, s: blend_channel(h, s, 1.0, torch.tensor([0.0, 0.0]))]
+    for blend in blends:
+        w.grad, host.grad = None, None
+        blend(host, w * host.detach()).sum().backward()
+        assert w.grad is not None and float(w.grad) == 0.0
+        assert host.grad is not None and torch.equal(host.grad, torch.ones(1, 2))
 
 
 def test_tanh_schedule_is_the_prototypes() -> None:

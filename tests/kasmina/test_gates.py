@@ -60,6 +60,8 @@ def test_g1_passes() -> None:
 
 
 @pytest.mark.parametrize(("obs", "reason"), [
+    (GradientObservation(True, 0.5, 0.0, output_finite=False), "non_finite_output"),
+    (GradientObservation(False, 0.0, 0.0, output_finite=False), "non_finite_output"),  # judged first
     (GradientObservation(False, 0.0, 0.0), "no_gradients"),
     (GradientObservation(True, math.nan, 0.0), "non_finite_gradients"),
     (GradientObservation(True, math.inf, 0.0), "non_finite_gradients"),
@@ -92,6 +94,21 @@ def test_g2_fails(losses: list[float], latencies: list[float], reason: str) -> N
     result = gate_g2_stability(losses=losses, latencies_ms=latencies, window=4, max_loss_ratio=2.0,
                                latency_budget_ms=50.0)
     _failed(result, pb.SEED_GATE_G2_STABILITY, reason)
+
+
+@pytest.mark.parametrize(("ratio", "late", "passed"), [
+    (2.0, 1.9, True),  # late-half mean 1.9 <= 2 x early-half mean 1.0
+    (2.0, 2.1, False),  # 2.1 > 2 x 1.0
+    (3.0, 2.9, True),  # the ratio is the setting's, not a constant
+    (3.0, 3.1, False),
+])
+def test_g2_allows_a_rise_up_to_max_loss_ratio(ratio: float, late: float, passed: bool) -> None:
+    result = gate_g2_stability(losses=[1.0, 1.0, late, late], latencies_ms=[1.0] * 4, window=4,
+                               max_loss_ratio=ratio)
+    if passed:
+        assert result.passed, result
+    else:
+        _failed(result, pb.SEED_GATE_G2_STABILITY, "loss_diverged")
 
 
 # -- G3 -----------------------------------------------------------------------------------------------

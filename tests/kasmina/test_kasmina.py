@@ -146,6 +146,62 @@ async def test_a_refused_step_leaves_nothing_in_the_seeds_observations(discard: 
         assert math.isnan(host_norm)
 
 
+def _tolaria_step(rig: Rig, x: torch.Tensor | None = None) -> float:
+    """Tolaria's step: a non-finite loss or gradient norm is refused (no optimizer step, `discard_step`,
+    no `advance`); otherwise applied and advanced. Returns the task loss."""
+    x, y = rig.batch if x is None else (x, rig.batch[1])
+    rig.model.train()
+    rig.opt.zero_grad(set_to_none=True)
+    loss = torch.nn.functional.cross_entropy(rig.model(x), y)
+    extra = rig.k.auxiliary_loss()
+    (loss if extra is None else loss + extra).backward()
+    grads = [p.grad.detach().float().pow(2).sum() for g in rig.opt.param_groups for p in g["params"]
+             if p.grad is not None]
+    rig.i += 1
+    if not (math.isfinite(loss.item()) and math.isfinite(float(torch.stack(grads).sum()))):
+        rig.opt.zero_grad(set_to_none=True)
+        rig.k.discard_step()
+    else:
+        rig.opt.step()
+        rig.k.advance(rig.i, loss=loss.item())
+    return loss.item()
+
+
+@pytest.mark.parametrize("weight", ["zero", "blended"])
+async def test_a_seed_whose_output_goes_non_finite_is_culled_by_g1(weight: str) -> None:
+    """A seed that overflows on finite input: blended in, every step it runs in is non-finite and
+    refused, so `advance` never ran and the seed was never culled. At weight 0 it harms nothing (the
+    host's output is exact, the step is applied) until its weight rises: that first step is refused,
+    and the refusal culls it."""
+    rig = Rig()
+    # linear from alpha 0 with the ramp at the window's very end: alpha stays exactly 0 while BLENDING
+    params = {"alpha": 0.0, "blending_schedule_start": 1.0, "blending_schedule_end": 1.0}
+    await rig.germinate(annotations={"blending_method": "linear"}, params=params)
+    rig.until(S.SEED_STAGE_BLENDING if weight == "zero" else S.SEED_STAGE_SHADOWING)
+    assert rig.model.slot.alpha == (0.0 if weight == "zero" else 1.0)
+    nan_batch = rig.batch[0].clone()
+    nan_batch[0, 0] = math.nan
+    assert math.isnan(_tolaria_step(rig, nan_batch))  # a NaN *batch* is not the seed's fault: it stays
+    assert rig.model.slot.seed is not None
+    events(rig.k)
+    with torch.no_grad():
+        for p in rig.model.slot.seed.parameters():
+            p.mul_(1e38)  # finite weights whose output overflows
+    loss = _tolaria_step(rig)
+    if weight == "zero":
+        assert math.isfinite(loss) and rig.model.slot.seed is not None  # not mixed in: nothing to refuse
+        rig.model.slot.alpha = 0.25  # the ramp's next value
+        loss = _tolaria_step(rig)
+    assert math.isnan(loss)
+    assert rig.k.stage(SEED) == S.SEED_STAGE_CULLED and rig.model.slot.seed is None
+    assert seed_group(rig.opt, SEED) is None
+    evs = events(rig.k)
+    assert [(e["gate"], e["reason"]) for e in evs if e["event"] == "gate_failure"] == [
+        ("G1_GRADIENT_HEALTH", "non_finite_output")]
+    assert [e["reason"] for e in evs if e["event"] == "seed_culled"] == ["gate_g1"]
+    assert math.isfinite(_tolaria_step(rig))  # the host trains on alone
+
+
 @pytest.mark.parametrize("outcome", ["ready", "failed"])
 async def test_a_fetch_outcome_for_an_earlier_germination_is_never_used(outcome: str) -> None:
     """The bus thread's write of a finished fetch can land after the trainer re-germinated the slot: the
@@ -227,6 +283,27 @@ async def test_g1_isolation_violation_culls_with_a_high_priority_event() -> None
     assert [(e["gate"], e["reason"]) for e in evs if e["event"] == "gate_failure"] == [
         ("G1_GRADIENT_HEALTH", "isolation_violation")]
     assert {s.seed_id: s for s in rig.k.seed_states()}[SEED].metrics["isolation_violations"] == 1.0
+
+
+async def test_a_new_seed_in_the_slot_starts_with_no_isolation_violations() -> None:
+    """The count is per seed: the culled seed's violation stays visible until the slot's next seed, which
+    used to inherit it; the global metric keeps every seed's."""
+    rig = Rig()
+    await rig.germinate(blueprint="BP002")
+    rig.step()
+    rig.model.slot.leak_gradients = True
+    rig.model.slot.seed.fc2.weight.data.normal_()  # type: ignore[union-attr]
+    rig.step()
+    assert rig.k.stage(SEED) == S.SEED_STAGE_CULLED
+    rig.model.slot.leak_gradients = False
+    rig.until(S.SEED_STAGE_DORMANT)
+    assert rig.k.seed_states()[0].metrics["isolation_violations"] == 1.0
+    await rig.germinate(blueprint="BP002")
+    rig.step(2)
+    assert rig.k.stage(SEED) == S.SEED_STAGE_TRAINING
+    metrics = {m.name: m.value for m in rig.k.metrics()}
+    assert rig.k.seed_states()[0].metrics["isolation_violations"] == 0.0
+    assert metrics["kasmina.seed.isolation_violations"] == 0.0 and metrics["kasmina.isolation.violations"] == 1.0
 
 
 async def test_g2_latency_over_budget() -> None:
@@ -333,6 +410,27 @@ async def test_kernel_fetch_failure_fails_the_germination() -> None:
     assert rig.k.stage(SEED) == S.SEED_STAGE_DORMANT
 
 
+@pytest.mark.parametrize("failure", ["artifact_not_found", "timeout"])
+async def test_a_failed_kernel_fetch_is_a_g4_fallback_rejection(failure: str) -> None:
+    """No kernel means the seed could only run on a substitute: G4 rejects that (terminal), through the
+    gate path (`gate_failure` + CRITICAL `fallback_status_rejected`), and nothing is ever attached."""
+    rig = Rig(source=KarnKernelSource(fail=failure))
+    await rig.germinate()
+    rig.step()
+    assert rig.k.stage(SEED) == S.SEED_STAGE_CULLED and rig.model.slot.seed is None
+    evs = events(rig.k)
+    gate = [e for e in evs if e["event"] == "gate_failure"]
+    assert [(e["gate"], e["reason"], e["fetch_reason"], e["seed_id"]) for e in gate] == [
+        ("G4_SYSTEM_IMPACT", "fallback_status_rejected", failure, SEED)]
+    critical = [e for e in evs if e["event"] == "fallback_status_rejected"]
+    assert [(e["seed_id"], e["_level"]) for e in critical] == [(SEED, str(pb.TELEMETRY_LEVEL_CRITICAL))]
+    assert [e["reason"] for e in evs if e["event"] == "germination_failed"] == [failure]
+    assert [e["reason"] for e in evs if e["event"] == "seed_culled"] == [f"kernel_{failure}"]
+    rig.step(4)  # through the embargo to DORMANT: no substitute kernel at any boundary
+    assert rig.k.stage(SEED) == S.SEED_STAGE_DORMANT and rig.model.slot.seed is None
+    assert all(e["event"] != "kernel_attached" for e in evs + events(rig.k)) and seed_group(rig.opt, SEED) is None
+
+
 async def test_cull_before_the_kernel_arrives_drops_it() -> None:
     rig = Rig()
     rig.k.apply_command(command())
@@ -375,6 +473,33 @@ async def test_channel_and_confidence_blending_in_the_slot() -> None:
     rig2.until(S.SEED_STAGE_SHADOWING)
     state = {s.seed_id: s for s in rig2.k.seed_states()}[SEED]
     assert state.metrics["alpha"] == pytest.approx(0.5)  # sigmoid(2) = 0.88, clamped to alpha_hi
+
+
+def _alphas(rig: Rig) -> tuple[float, float]:
+    """(SeedState alpha, the kasmina.seed.alpha metric)."""
+    (state,) = rig.k.seed_states()
+    return state.metrics["alpha"], next(m.value for m in rig.k.metrics() if m.name == "kasmina.seed.alpha")
+
+
+async def test_exported_alpha_is_the_weight_the_slot_applies() -> None:
+    """0 until the slot blends (a TRAINING seed's output is the host's); CHANNEL: the mean per-channel
+    weight; the metric the same number."""
+    rig = Rig()
+    await rig.germinate(annotations={"blend_mode": "CHANNEL", "alpha_vec": "[1,0.5,0.25,0,0,0,0,0.25]"})
+    rig.until(S.SEED_STAGE_TRAINING)
+    assert _alphas(rig) == (0.0, 0.0)
+    rig.until(S.SEED_STAGE_SHADOWING)  # alpha 1: weights [1, .5, .25, 0, 0, 0, 0, .25], mean 2/8
+    assert _alphas(rig) == (0.25, 0.25)
+
+    rig2 = Rig()
+    await rig2.germinate(annotations={"blend_mode": "CONFIDENCE", "confidence_logits": "[2.0, 1.0]",
+                                      "alpha_lo": "0.3"})
+    rig2.until(S.SEED_STAGE_TRAINING)
+    assert _alphas(rig2) == (0.0, 0.0)  # alpha_lo applies to a blend, and there is none yet
+    rig2.until(S.SEED_STAGE_SHADOWING)  # alpha 1 · sigmoid(4·(2 - 1 - 0.2)), within [0.3, 1]
+    gate = 1.0 / (1.0 + math.exp(-3.2))
+    exported, metric = _alphas(rig2)
+    assert exported == pytest.approx(gate, abs=1e-6) and metric == pytest.approx(gate, abs=1e-6)
 
 
 async def test_seed_state_and_telemetry_export() -> None:

@@ -37,7 +37,7 @@ from esper.kasmina.isolation import IsolationMonitor, IsolationStats
 from esper.kasmina.kasmina import CommandAction, CommandOutcome, Kasmina, allowed_blend_modes
 from esper.kasmina.kernels import FetchedKernel, KernelClient, KernelSource, KernelStats
 from esper.kasmina.lifecycle import TRANSITIONS, SeedLifecycle, Transition, is_legal, stage_name
-from esper.kasmina.optim import add_seed_params, rebuild_optimizer, remove_seed_params
+from esper.kasmina.optim import add_seed_params, remove_seed_params
 from esper.kasmina.settings import KasminaSettings
 from esper.kasmina.slot import SeedSlot, SlotMode, seed_id_for
 from esper.kasmina.validation import ANNOTATION_REASONS, SECURITY_REASONS, CommandValidator, parse_germination
@@ -92,7 +92,6 @@ __all__ = [
     "gate_name",
     "is_legal",
     "parse_germination",
-    "rebuild_optimizer",
     "remove_seed_params",
     "seed_id_for",
     "stage_name",

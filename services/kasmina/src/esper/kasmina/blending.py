@@ -9,6 +9,9 @@ With ``h`` the host activations at the slot and ``s = seed(h)``:
   ``g = sigmoid(k·(top1 - top2 - τ))`` over logits (Tamiyo's, sent with the command; k = 4, τ = 0.2
   unless the command says otherwise). A per-sample logits batch gives a per-sample gate.
 
+Wherever the seed's weight is 0 (alpha 0, an ``alpha_vec`` entry 0, a gate 0) the output is exactly ``h``:
+a non-finite seed output that is not mixed in never reaches the host (``0·inf`` would be NaN).
+
 alpha itself follows a schedule over the blend window (``AlphaSchedule``). The functions here are plain
 math: which branch is detached (isolation) is the slot's business, not theirs.
 """
@@ -59,15 +62,27 @@ def _clamp01(value: float) -> float:
 # -- the blends ----------------------------------------------------------------------------------
 
 
+def _host_where_zero(weight: float | Tensor, host: Tensor, seed: Tensor, blended: Tensor) -> Tensor:
+    """``blended``, but exactly ``host`` wherever the seed's weight is 0: ``0·inf`` is NaN, and a seed
+    that is not mixed in must not poison the host. The seed stays in the graph (a zero gradient, not
+    none), so G1 still sees its gradients arrive at alpha 0."""
+    if isinstance(weight, Tensor):
+        return torch.where(weight == 0, host, blended)
+    if weight != 0:
+        return blended
+    return torch.where(torch.zeros((), dtype=torch.bool, device=host.device), seed, host)
+
+
 def blend_convex(host: Tensor, seed: Tensor, alpha: float | Tensor) -> Tensor:
-    """``alpha·seed + (1 - alpha)·host`` (a float alpha is clamped to [0, 1])."""
+    """``alpha·seed + (1 - alpha)·host`` (a float alpha is clamped to [0, 1]); the host where alpha is 0."""
     a = _clamp01(alpha) if isinstance(alpha, float | int) else alpha
-    return a * seed + (1.0 - a) * host
+    return _host_where_zero(a, host, seed, a * seed + (1.0 - a) * host)
 
 
 def blend_residual(host: Tensor, seed: Tensor, alpha: float) -> Tensor:
-    """``host + alpha·seed``."""
-    return host + _clamp01(alpha) * seed
+    """``host + alpha·seed``; the host where alpha is 0."""
+    a = _clamp01(alpha)
+    return _host_where_zero(a, host, seed, host + a * seed)
 
 
 def _channel_view(vec: Tensor, ref: Tensor) -> Tensor:
@@ -82,7 +97,7 @@ def blend_channel(host: Tensor, seed: Tensor, alpha: float, alpha_vec: Tensor) -
     if host.dim() < 2 or alpha_vec.numel() != host.shape[1]:
         raise ValueError(f"alpha_vec has {alpha_vec.numel()} entries for {tuple(host.shape)} activations")
     a = _channel_view((_clamp01(alpha) * alpha_vec.to(device=seed.device, dtype=seed.dtype)).clamp(0.0, 1.0), seed)
-    return a * seed + (1.0 - a) * host
+    return _host_where_zero(a, host, seed, a * seed + (1.0 - a) * host)
 
 
 def confidence_gate(logits: Tensor, k: float = DEFAULT_GATE_K, tau: float = DEFAULT_GATE_TAU) -> Tensor:
@@ -110,7 +125,7 @@ def blend_confidence(host: Tensor, seed: Tensor, alpha: float, gate: float | Ten
         a = (_clamp01(alpha) * gate.detach().to(device=seed.device, dtype=seed.dtype)).clamp(alpha_lo, alpha_hi)
         if a.dim() > 0:
             a = a.reshape(a.shape + (1,) * (seed.dim() - a.dim()))
-        return a * seed + (1.0 - a) * host
+        return _host_where_zero(a, host, seed, a * seed + (1.0 - a) * host)
     return blend_convex(host, seed, min(alpha_hi, max(alpha_lo, _clamp01(alpha) * gate)))
 
 
@@ -192,9 +207,12 @@ class BlendSpec:
         return AlphaSchedule(self.schedule, total_steps, self.schedule_start, self.schedule_end, self.alpha_start)
 
     def effective_alpha(self, alpha: float) -> float:
-        """The scalar alpha actually applied (CONFIDENCE gates and clamps it; CHANNEL scales per channel)."""
+        """The seed's weight in a blend at ``alpha`` as one number: CONFIDENCE gates and clamps it,
+        CHANNEL gives the mean of its clamped per-channel weights."""
         if self.mode == "CONFIDENCE" and self.gate is not None:
             return min(self.alpha_hi, max(self.alpha_lo, _clamp01(alpha) * self.gate))
+        if self.mode == "CHANNEL" and self.alpha_vec:
+            return sum(_clamp01(_clamp01(alpha) * v) for v in self.alpha_vec) / len(self.alpha_vec)
         return _clamp01(alpha)
 
 

@@ -5,9 +5,10 @@ What each gate guards, and its checks (reason code on failure):
 - **G0 sanity** (DORMANT -> GERMINATED, and the kernel at attach): seed id (``missing_seed_id``), slot
   registered (``unknown_seed``), blueprint id (``missing_blueprint_id``), finite command parameters
   (``non_finite_parameters``), finite kernel weights (``non_finite_kernel_parameters``).
-- **G1 gradient health** (GERMINATED -> TRAINING, then every step while isolated): gradients arrived
-  (``no_gradients``), finite (``non_finite_gradients``), bounded (``gradient_explosion``), isolation
-  holds, |host·seed| <= threshold (``isolation_violation``).
+- **G1 gradient health** (GERMINATED -> TRAINING, then every step while isolated): the seed's output
+  finite wherever its input was (``non_finite_output``), gradients arrived (``no_gradients``), finite
+  (``non_finite_gradients``), bounded (``gradient_explosion``), isolation holds, |host·seed| <=
+  threshold (``isolation_violation``).
 - **G2 stability** (TRAINING -> BLENDING): a full window (``insufficient_window``), finite local loss
   (``non_finite_loss``), no divergence (``loss_diverged``), p95 seed latency within budget
   (``latency_over_budget``).
@@ -16,10 +17,10 @@ What each gate guards, and its checks (reason code on failure):
   dtype (``dtype_mismatch``) fit the host slot, finite output (``non_finite_output``), every
   ``mesh_host_layers`` layer registered (``mesh_coverage_missing``), blend mode allowed for the
   blueprint (``blend_mode_not_allowed``).
-- **G4 system impact** (SHADOWING -> PROBATIONARY; the status rule on every step): status is not a
-  fallback (``fallback_status_rejected``, terminal), no isolation violations
-  (``isolation_violations``), a loss signal exists (``missing_loss_signal``), no regression against
-  the host-only baseline (``loss_regression``).
+- **G4 system impact** (SHADOWING -> PROBATIONARY; the status rule on every step; a failed kernel
+  fetch, which leaves only a fallback): status is not a fallback (``fallback_status_rejected``,
+  terminal), no isolation violations (``isolation_violations``), a loss signal exists
+  (``missing_loss_signal``), no regression against the host-only baseline (``loss_regression``).
 - **G5 reset** (RESETTING -> DORMANT): no kernel attached (``kernel_still_attached``), no seed
   parameters left in the optimizer (``optimizer_state_left``), no hooks left (``hooks_left``).
 
@@ -109,17 +110,23 @@ def gate_g0_sanity(*, seed_id: str, registered: bool, blueprint_id: str,
 
 @dataclass(frozen=True, slots=True)
 class GradientObservation:
-    """One step of a seed: whether gradients reached it, their norm, the isolation dot product and the
-    gradient the seed branch sent toward the host (`IsolationStats.seed_norm`)."""
+    """One step of a seed: whether gradients reached it, their norm, the isolation dot product, the
+    gradient the seed branch sent toward the host (`IsolationStats.seed_norm`), and whether its output
+    stayed finite on finite input."""
 
     grads_observed: bool
     grad_norm: float
     isolation_dot: float
     isolation_seed_norm: float = 0.0
+    output_finite: bool = True
 
 
 def gate_g1_gradient_health(obs: GradientObservation, *, isolation_threshold: float = 1e-6,
                             max_grad_norm: float = 1e3) -> GateResult:
+    # First: a seed that turns finite activations into NaN/inf poisons every step it runs in, so the
+    # trainer refuses them all and its gradients are never read (Kasmina.discard_step judges it).
+    if not obs.output_finite:
+        return _fail(G1, "non_finite_output", "the seed's output was non-finite on finite input")
     if not obs.grads_observed:
         return _fail(G1, "no_gradients", "the seed trained but no gradient reached its parameters")
     if not math.isfinite(obs.grad_norm):

@@ -45,6 +45,7 @@ from esper.karn.template import KarnError
 from esper.kasmina.blending import BLEND_MODES, SCHEDULE_KINDS, BlendSpec
 from esper.kasmina.errors import CommandRejected, KernelFetchError
 from esper.kasmina.gates import (
+    FALLBACK_STATUS,
     GateResult,
     GradientObservation,
     gate_g0_sanity,
@@ -160,6 +161,7 @@ class Kasmina:
         self._host_layers: set[str] = set()
         self._events: deque[pb.TelemetryEvent] = deque(maxlen=_EVENT_BUFFER)
         self._events_dropped = 0
+        self._isolation_violations = 0  # every seed's, ever (a record's count restarts with each seed)
         self._fetch_task: asyncio.Task[int] | None = None
         self._step = 0
         self._epoch = 0
@@ -311,7 +313,7 @@ class Kasmina:
             kid = resolve_kernel_id(op.blueprint_id, rec.slot.shape)
         except KernelFetchError as e:
             raise CommandRejected(e.reason, e.detail, command_id=cmd.command_id, seed_id=rec.seed_id) from e
-        rec.clear_seed()
+        rec.clear_seed(new_seed=True)
         rec.command_id, rec.blueprint_id, rec.kernel_id = cmd.command_id, op.blueprint_id, kid
         rec.spec, rec.mesh_layers, rec.performance_status = spec, germ.mesh_layers, germ.performance_status
         rec.schedule = spec.alpha_schedule(self.settings.blend_steps)
@@ -413,7 +415,10 @@ class Kasmina:
             reason = err.reason if err is not None else "unknown"
             self._emit("germination_failed", _ERROR, err.detail if err is not None else reason, seed_id=rec.seed_id,
                        reason=reason, kernel_id=rec.kernel_id)
-            self._cull(rec, f"kernel_{reason}")
+            # No kernel: the seed could only run on a substitute, and G4 rejects a fallback for good.
+            g4 = gate_g4_system_impact(performance_status=FALLBACK_STATUS, check_regression=False)
+            g4 = dataclasses.replace(g4, detail=f"kernel fetch failed ({reason}); no substitute kernel is attached")
+            self._cull(rec, f"kernel_{reason}", gate=g4, fetch_reason=reason, kernel_id=rec.kernel_id)
             return
         if rec.fetch_state != "ready" or rec.fetched is None or rec.spec is None:
             return
@@ -470,9 +475,15 @@ class Kasmina:
     def discard_step(self) -> None:
         """The trainer refused this step (non-finite, loss spike) and never applied it: forget what the
         seeds observed in it (local losses, latencies, gradient norms, isolation), or the next step's
-        gates would judge a seed on a batch that was thrown away (a NaN batch culled a healthy seed)."""
+        gates would judge a seed on a batch that was thrown away (a NaN batch culled a healthy seed).
+
+        A seed whose output went non-finite on finite input is culled here (G1 ``non_finite_output``):
+        it makes every step it runs in non-finite, so no step it takes part in reaches ``advance``."""
         for rec in self._records.values():
             rec.slot.discard_step()
+            if rec.stage in ACTIVE_STAGES and rec.slot.output_nonfinite:
+                g1 = gate_g1_gradient_health(GradientObservation(False, 0.0, 0.0, output_finite=False))
+                self._cull(rec, "gate_g1", gate=g1)
 
     def advance(self, step: int, *, epoch: int | None = None, loss: float | None = None) -> None:
         """Step boundary: attach fetched kernels, evaluate gates, advance alpha schedules and stages.
@@ -528,6 +539,7 @@ class Kasmina:
             if not g1.passed:
                 if g1.reason == "isolation_violation":
                     rec.isolation_violations += 1
+                    self._isolation_violations += 1
                     self._emit("isolation_violation", _WARNING, g1.detail, seed_id=rec.seed_id,
                                dot=f"{stats.isolation.dot:.6g}", host_norm=f"{stats.isolation.host_norm:.6g}",
                                seed_norm=f"{stats.isolation.seed_norm:.6g}")
@@ -624,10 +636,11 @@ class Kasmina:
 
     # -- terminal moves ----------------------------------------------------------------------------
 
-    def _cull(self, rec: SeedRecord, reason: str, *, gate: GateResult | None = None) -> None:
-        """Remove the seed now (slot back to identity, its optimizer state dropped) → CULLED."""
+    def _cull(self, rec: SeedRecord, reason: str, *, gate: GateResult | None = None, **gate_attributes: object) -> None:
+        """Remove the seed now (slot back to identity, its optimizer state dropped) → CULLED.
+        ``gate_attributes`` go on the ``gate_failure`` event."""
         if gate is not None:
-            self._gate_failure(rec, gate)
+            self._gate_failure(rec, gate, **gate_attributes)
         rec.slot.detach_seed()
         removed = remove_seed_params(self.optimizer, rec.seed_id) if self.optimizer is not None else 0
         blueprint = rec.blueprint_id
@@ -714,9 +727,9 @@ class Kasmina:
     def _gate_passed(self, rec: SeedRecord, result: GateResult) -> None:
         self._emit("gate_event", _INFO, f"{result.name} passed", seed_id=rec.seed_id, gate=result.name, passed=True)
 
-    def _gate_failure(self, rec: SeedRecord, result: GateResult) -> None:
+    def _gate_failure(self, rec: SeedRecord, result: GateResult, **attributes: object) -> None:
         self._emit("gate_failure", _ERROR, result.detail or result.reason, seed_id=rec.seed_id, gate=result.name,
-                   reason=result.reason, stage=stage_name(rec.stage), step=self._step)
+                   reason=result.reason, stage=stage_name(rec.stage), step=self._step, **attributes)
         if result.reason == "mesh_coverage_missing":
             self._emit("mesh_coverage_missing", _WARNING, result.detail, seed_id=rec.seed_id, missing=result.detail)
         elif result.reason == "fallback_status_rejected":
@@ -731,15 +744,21 @@ class Kasmina:
         group = seed_group(self.optimizer, seed_id) if self.optimizer is not None else None
         return float(group["lr"]) if group is not None and "lr" in group else 0.0
 
+    @staticmethod
+    def _applied_alpha(rec: SeedRecord) -> float:
+        """The seed's weight in the slot's output: 0 unless the slot blends it (a TRAINING seed's output
+        is the host's, whatever alpha the command asked for)."""
+        slot = rec.slot
+        return slot.spec.effective_alpha(slot.alpha) if slot.mode in ("blend", "fossil") else 0.0
+
     def seed_states(self) -> list[pb.SeedState]:
         """One ``SeedState`` per registered slot (dormant ones too: Tamiyo chooses among them)."""
         out = []
         for rec in self._records.values():
             spec = rec.spec
             attached = rec.kernel_attached
-            alpha = spec.effective_alpha(rec.slot.alpha) if spec is not None and attached else 0.0
             metrics = {
-                "alpha": alpha,
+                "alpha": self._applied_alpha(rec),
                 "alpha_steps": float(rec.blend_step),
                 "alpha_total_steps": float(rec.schedule.total_steps if rec.schedule else self.settings.blend_steps),
                 "alpha_schedule_index": float(SCHEDULE_KINDS.index(spec.schedule)) if spec is not None else -1.0,
@@ -773,7 +792,7 @@ class Kasmina:
             sid = rec.seed_id
             points += [
                 build_metric("kasmina.seed.stage", float(rec.stage), seed_id=sid),
-                build_metric("kasmina.seed.alpha", rec.slot.alpha if rec.kernel_attached else 0.0, seed_id=sid),
+                build_metric("kasmina.seed.alpha", self._applied_alpha(rec), seed_id=sid),
                 build_metric("kasmina.seed.alpha_steps", float(rec.blend_step), seed_id=sid),
                 build_metric("kasmina.seed.kernel_attached", 1.0 if rec.kernel_attached else 0.0, seed_id=sid),
                 build_metric("kasmina.seed.last_kernel_latency_ms", rec.kernel_latency_ms, unit="ms", seed_id=sid),
@@ -787,7 +806,7 @@ class Kasmina:
         points += [
             build_metric("kasmina.seeds.active", float(sum(r.stage in ACTIVE_STAGES for r in records))),
             build_metric("kasmina.seeds.fossilized", float(sum(r.stage == FOSSILIZED for r in records))),
-            build_metric("kasmina.isolation.violations", float(sum(r.isolation_violations for r in records))),
+            build_metric("kasmina.isolation.violations", float(self._isolation_violations)),
             build_metric("kasmina.commands.applied_total", float(self.commands_applied)),
             build_metric("kasmina.commands.rejected_total", float(self.commands_rejected)),
             build_metric("kasmina.telemetry.events_dropped_total", float(self._events_dropped)),

@@ -1,21 +1,21 @@
-"""Optimizer migration when seed parameters join or leave the model.
+"""Optimizer migration when seed parameters join or leave the model, in place, keeping every surviving
+parameter's state (SGD momentum buffers, Adam/AdamW moments and step counts) untouched.
 
-Two ways, both keeping every surviving parameter's state (SGD momentum buffers, Adam/AdamW moments
-and step counts) untouched:
+At a step boundary ``add_seed_params`` appends one param group tagged with the seed id, copying the
+host's current hyperparameters (group 0: lr, momentum, betas, weight decay...), and
+``remove_seed_params`` drops that group and its state. The trainer's optimizer object, and any
+reference to it, stays valid.
 
-- in place (what Kasmina does at a step boundary): ``add_seed_params`` appends one param group tagged
-  with the seed id, copying the host's current hyperparameters (group 0: lr, momentum, betas, weight
-  decay...), and ``remove_seed_params`` drops that group and its state. The trainer's optimizer
-  object, and any reference to it, stays valid. (An LR scheduler built before a seed joined schedules
-  only the groups it knew: the seed group keeps the lr it was given.)
-- ``rebuild_optimizer``: a new optimizer of the same class over new param groups, with the state of
-  every parameter present in both carried over by identity.
+An LR scheduler built before a seed joined does *not* leave the seed's group alone: it walks every
+group the optimizer has now (torch 2.13: StepLR, ExponentialLR and CosineAnnealingLR move the seed's lr
+too; LambdaLR raises, it has fewer base lrs than groups). A trainer with a scheduler must rebuild it (or
+register the new group with it) when a seed joins or leaves; Tolaria has none, it sets every group's lr
+itself (``set_lr``).
 """
 
 from __future__ import annotations
 
-import inspect
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable
 from typing import Any, Final
 
 from torch import Tensor, nn
@@ -26,7 +26,6 @@ __all__ = [
     "SEED_GROUP_KEY",
     "add_seed_params",
     "mark_fossil",
-    "rebuild_optimizer",
     "remove_seed_params",
     "seed_group",
     "seed_param_count",
@@ -101,22 +100,6 @@ def mark_fossil(optimizer: Optimizer, seed_id: str) -> bool:
         return False
     group[FOSSIL_GROUP_KEY] = seed_id
     return True
-
-
-def rebuild_optimizer(optimizer: Optimizer, param_groups: Sequence[Mapping[str, Any]]) -> Optimizer:
-    """A new optimizer of ``type(optimizer)`` over ``param_groups`` (each a dict with ``params``; other
-    keys override the old defaults), with the state of every parameter that was in the old one."""
-    accepted = inspect.signature(type(optimizer).__init__).parameters
-    defaults = {k: v for k, v in optimizer.defaults.items() if k in accepted}
-    groups = [{**g, "params": list(g["params"])} for g in param_groups]
-    new = type(optimizer)(groups, **defaults)
-    old_state = optimizer.state
-    for group in new.param_groups:
-        for p in group["params"]:
-            state: Mapping[str, Any] | None = old_state.get(p)
-            if state:
-                new.state[p] = dict(state)
-    return new
 
 
 def state_tensors(optimizer: Optimizer, param: Tensor) -> dict[str, Tensor]:

@@ -69,8 +69,10 @@ class SeedRecord:
     def kernel_attached(self) -> bool:
         return self.slot.seed is not None
 
-    def clear_seed(self) -> None:
-        """Forget everything about the current seed (after a cull, before a germination)."""
+    def clear_seed(self, *, new_seed: bool = False) -> None:
+        """Forget everything about the current seed (after a cull, before a germination). Its isolation
+        violations stay readable after a cull (they are why it went) until ``new_seed``: a new seed in
+        the slot starts from 0."""
         self.command_id = self.blueprint_id = self.kernel_id = ""
         self.spec = None
         self.schedule = None
@@ -88,3 +90,5 @@ class SeedRecord:
         for window in (self.local_losses, self.latencies_ms, self.baseline_losses, self.shadow_losses):
             window.clear()
         self.evidence.clear()
+        if new_seed:
+            self.isolation_violations = 0

@@ -92,6 +92,7 @@ class SeedSlot(nn.Module):
         self._latencies: deque[float] = deque(maxlen=_LATENCY_WINDOW)
         self._trained = False
         self._alpha_vec: Tensor | None = None
+        self._last_io: tuple[Tensor, Tensor] | None = None  # the last forward's (input, seed output)
         self._dtype = torch.float32
         self._device = torch.device("cpu")
 
@@ -134,6 +135,7 @@ class SeedSlot(nn.Module):
         t0 = time.perf_counter()
         out = seed(seed_in)
         self._latencies.append((time.perf_counter() - t0) * 1000.0)
+        state["_last_io"] = (x, out)  # references only: judged if the trainer refuses the step
         self._trained = self._trained or grad_on
         if self.mode == "train":
             # Learn what makes the blend start where the host is: y = a·s + (1-a)·h wants s ≈ h;
@@ -144,6 +146,17 @@ class SeedSlot(nn.Module):
             self._local.append(local.detach())
             return host
         return apply_blend(host, out, self.alpha, self.spec, alpha_vec=self._vec(x))
+
+    @property
+    def output_nonfinite(self) -> bool:
+        """Did the last forward turn finite input into a non-finite seed output? Read only when the
+        trainer refuses a step (Kasmina.discard_step): such a seed makes every step it weighs in
+        non-finite, the trainer refuses them all, and this is then the only evidence against it. Kept
+        out of the forward, where even two reductions cost ~20 us a step on a small host."""
+        if self._last_io is None:
+            return False
+        x, out = self._last_io
+        return bool(torch.isfinite(x).all()) and not bool(torch.isfinite(out).all())
 
     def _vec(self, ref: Tensor) -> Tensor | None:
         if self.spec.alpha_vec is None:
@@ -163,6 +176,7 @@ class SeedSlot(nn.Module):
         self.seed = module
         self.spec = spec
         self._alpha_vec = None
+        self._last_io = None
         self.alpha = 0.0
         self.mode = "train"
         self._grads = GradProbe(list(module.parameters()))
@@ -176,6 +190,7 @@ class SeedSlot(nn.Module):
         """Merge for good: alpha fixed, the seed sees the live activations, monitoring hooks removed."""
         self.mode = "fossil"
         self.alpha = alpha
+        self._last_io = None
         self._remove_probe()
         self._reset_step()
 
@@ -187,6 +202,7 @@ class SeedSlot(nn.Module):
         self.alpha = 0.0
         self.spec = BlendSpec()
         self._alpha_vec = None
+        self._last_io = None
         self._remove_probe()
         self._reset_step()
         return module
@@ -197,7 +213,8 @@ class SeedSlot(nn.Module):
         return aux
 
     def discard_step(self) -> None:
-        """Forget this step's observations without reading them (a step the trainer refused)."""
+        """Forget this step's observations without reading them (a step the trainer refused), except
+        what ``output_nonfinite`` reads."""
         if self._grads is not None:
             self._grads.discard()
         self._reset_step()
@@ -209,6 +226,7 @@ class SeedSlot(nn.Module):
         local = tuple(float(v) for v in torch.stack(list(self._local)).tolist()) if self._local else ()
         stats = SlotStepStats(trained=self._trained, grads_observed=observed, grad_norm=norm, isolation=isolation,
                               local_losses=local, latencies_ms=tuple(self._latencies))
+        self._last_io = None
         self._reset_step()
         return stats
 
