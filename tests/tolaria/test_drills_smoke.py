@@ -24,4 +24,5 @@ def test_unknown_drill_exits_2(capsys: pytest.CaptureFixture[str]) -> None:
 def test_emergency_drill_passes() -> None:
     ok, evidence = run_drill(DRILLS["emergency"], timeout_s=180)
     assert ok, evidence
-    assert "rollbacks {'fast': 1}" in evidence and "EMERGENCY_LEVEL_ELEVATED" in evidence
+    assert "rollbacks {'fast': 3} restoring steps ['9', '15', '14']" in evidence
+    assert "EMERGENCY_LEVEL_ELEVATED" in evidence

@@ -237,6 +237,8 @@ def test_faults_need_opt_in(tmp_path: Path) -> None:
         _settings(tmp_path, fault_nan_at_step=3)
     with pytest.raises(Exception, match="ESPER_ENABLE_FAULT_INJECTION"):
         _settings(tmp_path, fault_step_delay_ms=30.0)
+    with pytest.raises(Exception, match="ESPER_ENABLE_FAULT_INJECTION"):
+        _settings(tmp_path, fault_corrupt_weights_at_step=15)
     assert _settings(tmp_path, enable_fault_injection=True, fault_step_delay_ms=30.0).fault_step_delay_ms == 30.0
 
 

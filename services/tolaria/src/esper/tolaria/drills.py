@@ -32,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import math
 import os
 import secrets
 import signal
@@ -141,8 +142,14 @@ def _events(url: str, lane: str, *, source: str | None = None) -> list[dict[str,
 async def drill_emergency() -> DrillResult:
     with _fleet() as (fleet, server):
         failures = 3
+        # Step 10's loss is NaN (refused, restored). Step 15's update writes NaN into the weights, and
+        # with a snapshot every step (overhead budget 0) step 15's snapshot holds them: step 16 fails and
+        # restores them, step 17 fails on them again and the rollback goes back past them, to step 14.
+        # A rollback that restored nothing would leave every later step failing.
         proc = fleet.start("tolaria", "esper.tolaria", "run", ESPER_ENABLE_FAULT_INJECTION="1",
-                           TOLARIA_FAULT_NAN_AT_STEP="10", TOLARIA_EPOCHS="2", TAMIYO_STEP_TIMEOUT_MS="5",
+                           TOLARIA_FAULT_NAN_AT_STEP="10", TOLARIA_FAULT_CORRUPT_WEIGHTS_AT_STEP="15",
+                           TOLARIA_ROLLBACK_SNAPSHOT_OVERHEAD="0",
+                           TOLARIA_EPOCHS="2", TAMIYO_STEP_TIMEOUT_MS="5",
                            TOLARIA_DECISION_BREAKER_FAILURES=str(failures),
                            # ~2 ms steps would end the run before `failures` timeouts (each takes 5 ms
                            # plus the bus thread's wake-up) were even seen: give the steps real length.
@@ -159,8 +166,16 @@ async def drill_emergency() -> DrillResult:
             problems.append(f"tolaria exit {rc}: {fleet.tail('tolaria')}")
         if s.get("epochs") != 2:
             problems.append(f"epochs {s.get('epochs')} of 2")
-        if s.get("step_failures") != {"non_finite": 1} or s.get("rollbacks") != {"fast": 1}:
+        if s.get("step_failures") != {"non_finite": 3} or s.get("rollbacks") != {"fast": 3}:
             problems.append(f"step failures {s.get('step_failures')}, rollbacks {s.get('rollbacks')}")
+        restored = [e.get("restored_step") for e in _events(server.url, "normal", source="tolaria")
+                    + _events(server.url, "emergency", source="tolaria") if e.get("event") == "rollback"]
+        if restored != ["9", "15", "14"]:
+            problems.append(f"rollbacks restored steps {restored}, not 9, 15 (the broken snapshot), then 14")
+        if not (isinstance(s.get("final_val_loss"), float) and math.isfinite(s["final_val_loss"])
+                and s.get("final_val_accuracy", 0.0) > 0.2):  # chance is 0.1; NaN weights give a NaN loss
+            problems.append(f"training did not go on from good weights: validation loss {s.get('final_val_loss')}, "
+                            f"accuracy {s.get('final_val_accuracy')}")
         if not (s.get("timeouts", 0) > 0 and s.get("decision_commands") == 0):
             problems.append(f"decisions without a Tamiyo: {s.get('timeouts')} timeouts, "
                             f"{s.get('decision_commands')} commands")
@@ -182,10 +197,10 @@ async def drill_emergency() -> DrillResult:
             problems.append("no decision skipped in conservative mode")
         evidence = (f"rc {rc}; {s.get('epochs')} epochs, {s.get('steps')} steps, val accuracy "
                     f"{s.get('final_val_accuracy')}; step failures {s.get('step_failures')}, rollbacks "
-                    f"{s.get('rollbacks')}; decisions: timeouts {s.get('timeouts')}, commands "
-                    f"{s.get('decision_commands')}; conservative mode: entries {s.get('conservative_entries')}, "
-                    f"steps {s.get('conservative_steps')}, skipped {s.get('decisions_skipped_conservative')}, "
-                    f"probes {probes}; EmergencySignals on the lane: "
+                    f"{s.get('rollbacks')} restoring steps {restored}; decisions: timeouts {s.get('timeouts')}, "
+                    f"commands {s.get('decision_commands')}; conservative mode: entries "
+                    f"{s.get('conservative_entries')}, steps {s.get('conservative_steps')}, skipped "
+                    f"{s.get('decisions_skipped_conservative')}, probes {probes}; EmergencySignals on the lane: "
                     f"{[(pb.EmergencyLevel.Name(x.level), x.reason) for x in signals]}; HIGH tamiyo_timeout events "
                     f"{len(high)}, HIGH conservative_mode_entered events {len(entered)}")
         return verdict(problems, evidence)
@@ -264,8 +279,11 @@ async def drill_fallback_rejection() -> DrillResult:
                               TAMIYO_STEP_TIMEOUT_MS="200", TOLARIA_EMERGENCY_ENABLED="false")
         rc = await _wait_exit(trainer, WAIT_S * 2)
         s = fleet.summary()
-        failed = [e for e in _events(server.url, "normal") + _events(server.url, "emergency")
-                  if e.get("event") == "germination_failed"]
+        events = _events(server.url, "normal") + _events(server.url, "emergency")
+        failed = [e for e in events if e.get("event") == "germination_failed"]
+        rejected = [e for e in events
+                    if e.get("event") == "gate_failure" and e.get("reason") == "fallback_status_rejected"]
+        attached = [e for e in events if e.get("event") == "kernel_attached"]
         reasons = sorted({e.get("reason", "") for e in failed})
         problems = []
         if rc != 0 or s.get("epochs") != 4:
@@ -274,12 +292,19 @@ async def drill_fallback_rejection() -> DrillResult:
             problems.append(f"Tamiyo ordered no germination ({s.get('commands_by_type')})")
         if not failed or reasons != ["artifact_not_found"]:
             problems.append(f"germination_failed events {len(failed)} with reasons {reasons}")
+        if (len(rejected) != len(failed) or {e.get("gate") for e in rejected} != {"G4_SYSTEM_IMPACT"}
+                or {e.get("fetch_reason") for e in rejected} != {"artifact_not_found"}):
+            problems.append(f"{len(rejected)} G4 fallback_status_rejected gate failures for {len(failed)} failed "
+                            f"germinations: {rejected[:3]}")
+        if attached:
+            problems.append(f"a kernel was attached without one in Urza: {attached[:3]}")
         if s.get("seed_parameters") != 0 or s.get("seeds_culled", 0) < len(failed) or s.get("seeds_fossilized"):
             problems.append(f"seed parameters {s.get('seed_parameters')}, culled {s.get('seeds_culled')}, "
                             f"fossilized {s.get('seeds_fossilized')}")
         evidence = (f"rc {rc}; {s.get('epochs')} epochs; commands {s.get('commands_by_type')}; germination_failed "
-                    f"events {len(failed)} (reasons {reasons}); seeds culled {s.get('seeds_culled')}, seed parameters "
-                    f"{s.get('seed_parameters')}, by stage {s.get('seeds_by_stage')}")
+                    f"events {len(failed)} (reasons {reasons}), G4 fallback_status_rejected gate failures "
+                    f"{len(rejected)}, kernels attached {len(attached)}; seeds culled {s.get('seeds_culled')}, "
+                    f"seed parameters {s.get('seed_parameters')}, by stage {s.get('seeds_by_stage')}")
         return verdict(problems, evidence)
 
 

@@ -245,6 +245,10 @@ class TolariaSettings(OonaSettings):
     enable_fault_injection: bool = Field(False, description="allow the TOLARIA_FAULT_* knobs (drills only)")
     fault_nan_at_step: int = Field(0, ge=0, validation_alias=_t("fault_nan_at_step"),
                                    description="make the loss NaN at this global step (drills); 0 = never")
+    fault_corrupt_weights_at_step: int = Field(
+        0, ge=0, validation_alias=_t("fault_corrupt_weights_at_step"),
+        description="write NaN into a host weight right after this global step's update (drills: a step "
+                    "that breaks the model; the next step fails and must be rolled back); 0 = never")
     fault_step_delay_ms: float = Field(0.0, ge=0.0, le=10_000.0, validation_alias=_t("fault_step_delay_ms"),
                                        description="sleep this long in every training step (drills: steps as long "
                                                    "as a real model's); 0 = never")
@@ -282,7 +286,8 @@ class TolariaSettings(OonaSettings):
 
     @model_validator(mode="after")
     def _faults_need_opt_in(self) -> TolariaSettings:
-        if (self.fault_nan_at_step or self.fault_step_delay_ms) and not self.enable_fault_injection:
+        if ((self.fault_nan_at_step or self.fault_step_delay_ms or self.fault_corrupt_weights_at_step)
+                and not self.enable_fault_injection):
             raise ConfigurationError("TOLARIA_FAULT_* knobs are set but ESPER_ENABLE_FAULT_INJECTION is not 1: "
                                      "refusing to start")
         return self

@@ -247,6 +247,9 @@ class Trainer:
         self.optimizer.step()
         self._applied_step = self.step
         self._restored_step = None  # the restored state passed a step: it was good
+        if s.fault_corrupt_weights_at_step == self.step:  # drills: an update that broke the model
+            with torch.no_grad():
+                next(iter(self.host.host_parameters())).fill_(float("nan"))
         self._train_loss_sum += loss_v
         self._train_loss_steps += 1
         if s.fault_step_delay_ms:  # drills: a step as long as a real model's (sleeps, so the bus thread runs)
