@@ -214,6 +214,26 @@ def test_an_unreadable_spill_file_is_moved_aside_and_delivery_goes_on(
     assert pub.flush(15.0) and reasons(redis_url) == ["after"]
 
 
+def test_a_busy_spill_file_is_an_error_not_moved_aside(tmp_path: Path) -> None:
+    """Only damage quarantines the file: one locked by another connection (a previous process still
+    writing) is fine, and moving it (and its -wal) aside would lose what it holds. Waits SQLite's 5 s."""
+    import sqlite3
+
+    from esper.tolaria.emergency import _Item
+
+    spill = tmp_path / "spill.db"
+    holder = SpillStore(spill)
+    holder.append([_Item(1, "m1", sig("r1"))], cap=10)
+    holder._db.execute("PRAGMA locking_mode=EXCLUSIVE")  # another process holding the file
+    holder._db.execute("BEGIN EXCLUSIVE")
+    with pytest.raises(sqlite3.OperationalError, match="locked"):
+        SpillStore(spill)
+    holder._db.execute("COMMIT")
+    holder.close()
+    assert not [p for p in tmp_path.iterdir() if ".corrupt-" in p.name]
+    assert SpillStore(spill).seqs() == [1]
+
+
 def test_controller_broadcasts_escalations_in_order_on_the_emergency_lane(
         settings: OonaSettings, redis_url: str, tmp_path: Path, publishers: list[EmergencyPublisher]) -> None:
     pub = EmergencyPublisher(settings, spill_path=tmp_path / "spill.db")

@@ -196,6 +196,64 @@ def test_a_refused_step_is_discarded_by_kasmina_too(tmp_path: Path, monkeypatch:
     assert discarded == [2] and trainer.stats.step_failures == {"non_finite": 1}
 
 
+def _trainer_with_local_seeds(tmp: Path) -> Trainer:
+    """A bus-less trainer whose Kasmina grafts real Karn kernels built in-process (no Urza)."""
+    from esper.kasmina import Kasmina, SeedSlot
+    from tests.kasmina._helpers import KEYS, KarnKernelSource, clock, fast_settings
+
+    trainer = Trainer(_settings(tmp, rollback_snapshot_overhead=0.0), bus=None)
+    for name, shape in trainer.host.slot_shapes().items():
+        trainer.host.set_slot(name, SeedSlot(name, shape).to(trainer.device))
+    trainer.kasmina = Kasmina(keys=KEYS, settings=fast_settings(training_steps=50), kernels=KarnKernelSource(),
+                              optimizer=trainer.optimizer, clock_ms=clock)
+    trainer.kasmina.register_host(trainer.host)
+    return trainer
+
+
+def test_a_seed_culled_for_breaking_a_step_costs_no_other_seed_and_no_progress(tmp_path: Path) -> None:
+    """Seed B's output overflows: the step is refused and Kasmina culls B. Every snapshot held B, so the
+    rollback missed the fast tier and fell back to the checkpoint, which held both seeds: A was culled
+    too and nothing restored. Now the model as it is (last applied step, less B) is snapshotted first."""
+    from esper.kasmina import seed_id_for
+    from tests.kasmina._helpers import command
+
+    trainer = _trainer_with_local_seeds(tmp_path)
+    a, b = (seed_id_for(n) for n in trainer.host.slot_names)
+    for sid in (a, b):
+        trainer.kasmina.apply_command(command(seed_id=sid))
+    assert asyncio.run(trainer.kasmina.fetch_kernels()) == 2
+    for i in range(10):
+        trainer.train_step(*_batch(trainer, i))
+    trainer.epoch = 1
+    trainer.end_epoch()  # a checkpoint holding both seeds
+    for i in range(10, 20):
+        trainer.train_step(*_batch(trainer, i % 10))
+    assert trainer.kasmina.stage(a) == trainer.kasmina.stage(b) == pb.SEED_STAGE_TRAINING
+    with torch.no_grad():
+        for p in trainer.host.slot_modules[trainer.host.slot_names[1]].seed.parameters():  # type: ignore[union-attr]
+            p.mul_(1e38)  # finite weights whose output overflows
+    trainer.train_step(*_batch(trainer, 0))
+    assert trainer.stats.step_failures == {"non_finite": 1} and trainer.stats.rollbacks == {"fast": 1}
+    assert trainer.kasmina.stage(b) == pb.SEED_STAGE_CULLED and trainer.kasmina.stage(a) == pb.SEED_STAGE_TRAINING
+    assert trainer._applied_step == 20
+    for i in range(1, 6):
+        trainer.train_step(*_batch(trainer, i))
+    assert trainer.stats.step_failures == {"non_finite": 1} and trainer.kasmina.stage(a) == pb.SEED_STAGE_TRAINING
+
+
+def test_a_rollback_command_after_a_failure_restores_the_newest_state(tmp_path: Path) -> None:
+    """The walk-back past a restored state is for a step that fails on it, not for Tamiyo's ROLLBACK
+    arriving next (it used to discard the good state just restored)."""
+    trainer = Trainer(_settings(tmp_path, epochs=1, rollback_snapshot_overhead=0.0), bus=None)
+    for i in range(5):
+        trainer.train_step(*_batch(trainer, i))
+    trainer.train_step(*_batch(trainer, 5, poison=True))
+    assert trainer._applied_step == 5
+    trainer._trainer_command(pb.AdaptationCommand(command_type=pb.COMMAND_ROLLBACK, command_id="c1"))
+    assert trainer._applied_step == 5 and trainer.rollback.ring.steps() == [1, 2, 3, 4, 5]
+    assert trainer.stats.rollbacks == {"fast": 2}
+
+
 def test_stopping_checkpoints_even_off_the_cadence(tmp_path: Path) -> None:
     """SIGTERM (`stop`) mid-epoch 3 with a checkpoint every 2 epochs: the state it stops with is saved
     (it was not: the newest checkpoint was epoch 2's). The last epoch of a run is saved too."""

@@ -205,7 +205,9 @@ class SpillStore:
         self.corrupt_rows = 0
         try:
             self._db = self._open(path)
-        except sqlite3.DatabaseError as e:
+        except sqlite3.OperationalError:
+            raise  # locked, read-only, I/O: the file may be fine (and in use); moving it aside would lose it
+        except sqlite3.DatabaseError as e:  # not a database, malformed
             self.quarantined = path.with_name(f"{path.name}.corrupt-{time.time_ns() // 1_000_000}")
             for part in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
                 if part.exists():

@@ -9,8 +9,9 @@ both off): ARCHITECTURE §6 makes them part of the failure semantics, and the dr
 
 An empty variable means unset (`TOLARIA_PROFILER_DIR=` in a compose file is not the current directory).
 Tolaria owns the `TOLARIA_` namespace, so a `TOLARIA_*` name no field reads (a typo such as
-`TOLARIA_EPOCH`) and two aliases of one field with different values are a `ConfigurationError`, in
-the environment or `.env`; the shared `ESPER_*` base keeps ignoring unknown names (other processes).
+`TOLARIA_EPOCH`), in the environment or `.env`, and two aliases of one field with different values
+in the same one are a `ConfigurationError` (the environment overrides `.env`, alias or not); the
+shared `ESPER_*` base keeps ignoring unknown names (other processes).
 """
 
 from __future__ import annotations
@@ -83,11 +84,13 @@ class _TolariaNamesCheck(PydanticBaseSettingsSource):
         return None, field_name, False
 
     def __call__(self) -> dict[str, Any]:
-        seen: dict[str, tuple[str, str]] = {}  # NAME -> (value, where); the environment wins over .env
-        for source in reversed(self._sources):
-            if isinstance(source, EnvSettingsSource):
-                where = ".env" if isinstance(source, DotEnvSettingsSource) else "the environment"
-                seen.update({k.upper(): (str(v), where) for k, v in source.env_vars.items() if v is not None})
+        given_in: list[tuple[str, dict[str, str]]] = [  # (where, NAME -> value) per source
+            (".env" if isinstance(source, DotEnvSettingsSource) else "the environment",
+             {k.upper(): str(v) for k, v in source.env_vars.items() if v is not None})
+            for source in self._sources if isinstance(source, EnvSettingsSource)]
+        seen: dict[str, str] = {}  # NAME -> where; the environment wins over .env
+        for where, values in reversed(given_in):
+            seen.update(dict.fromkeys(values, where))
         fields = [_env_names(f) for f in self.settings_cls.model_fields.values()]
         known = {name for names in fields for name in names}
         unknown = sorted(k for k in seen if k.startswith(_PREFIX) and k not in known)
@@ -95,15 +98,18 @@ class _TolariaNamesCheck(PydanticBaseSettingsSource):
             def hint(name: str) -> str:  # compared without the shared prefix, which would make all names close
                 near = difflib.get_close_matches(name.removeprefix(_PREFIX), [k.removeprefix(_PREFIX) for k in known],
                                                   n=1)
-                return f"{name} ({seen[name][1]}{f'; did you mean {_PREFIX}{near[0]}?' if near else ''})"
+                return f"{name} ({seen[name]}{f'; did you mean {_PREFIX}{near[0]}?' if near else ''})"
 
             raise ConfigurationError(f"unknown Tolaria setting {', '.join(map(hint, unknown))}: no TOLARIA_* knob "
                                      f"has this name (docs/tolaria.md, Settings)")
-        for names in fields:
-            given = {n: seen[n] for n in names if n in seen}
-            if len({value for value, _ in given.values()}) > 1:
-                raise ConfigurationError("conflicting aliases of one setting: " + ", ".join(
-                    f"{n}={v!r} ({where})" for n, (v, where) in given.items()) + "; set only one")
+        # Within one source only: across sources the environment overrides .env, alias or not, as it
+        # does for one name (an experiment's TOLARIA_LR over a .env's TOLARIA_LEARNING_RATE).
+        for where, values in given_in:
+            for names in fields:
+                given = {n: values[n] for n in names if n in values}
+                if len(set(given.values())) > 1:
+                    raise ConfigurationError(f"conflicting aliases of one setting in {where}: " + ", ".join(
+                        f"{n}={v!r}" for n, v in given.items()) + "; set only one")
         return {}
 
 

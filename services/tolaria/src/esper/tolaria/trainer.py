@@ -439,21 +439,23 @@ class Trainer:
         """A bad step is never applied: escalate, roll back to the last good state, keep training."""
         self.optimizer.zero_grad(set_to_none=True)
         self.kasmina.discard_step()  # nor is what the seeds saw in it evidence for their gates
+        if self._snapshot_if_restructured():  # Kasmina culled the seed that broke the step (G1)
+            self._restored_step = None  # the seed explains the failure, not the restored state
         self.stats.step_failures[reason] += 1
         self._epoch_failed = True
         self._event("loss_spike" if reason == "loss_spike" else "step_failure", _WARNING,
                     f"{reason} at step {self.step} (loss {loss})", reason=reason, step_index=self.step)
         self.emergency.escalate(epoch_failure_level(reason), reason, attributes={"step": self.step})
         if self.settings.rollback_enabled:
-            self._do_rollback(reason)
+            self._do_rollback(reason, walk_back=True)
 
-    def _do_rollback(self, reason: str) -> None:
-        """Restore the last good state: the newest one, or, when the state just restored failed again
-        before any step was applied, one older than it (a snapshot taken of weights the update had
+    def _do_rollback(self, reason: str, *, walk_back: bool = False) -> None:
+        """Restore the last good state: the newest one, or, for a failed step (`walk_back`) on the state
+        just restored, before any step was applied on it, one older than it (a snapshot taken of weights the update had
         already broken would otherwise be restored over and over). A checkpoint saved before seeds
         joined does not fit the model: the seeds are culled and the same checkpoint restored, inside the
         one deadline; a miss escalates to HALT (`TOLARIA_EMERGENCY_L4_ON_ROLLBACK_DEADLINE`)."""
-        restored = self._restored_step
+        restored = self._restored_step if walk_back else None
         try:
             result = self.rollback.rollback(self.host, self.optimizer,
                                             to_step=None if restored is None else restored - 1,
@@ -503,12 +505,15 @@ class Trainer:
         self.host.train(self.host.training)  # a module that just joined follows the host's mode
         return True
 
-    def _snapshot_if_restructured(self) -> None:
-        """After a command that changed the model (a cull): the ring's snapshots still hold the seed, so
-        a step that failed before the next boundary's check would miss the fast tier and restore the last
-        checkpoint, up to an epoch back. The weights now are the last applied step's, less the seed."""
-        if self._restructured():
-            self.rollback.snapshot(self.host, self.optimizer, step=self._applied_step, epoch=self.epoch, force=True)
+    def _snapshot_if_restructured(self) -> bool:
+        """After a command (or a refused step) that changed the model (a cull): the ring's snapshots still
+        hold the seed, so a rollback before the next boundary's check would miss the fast tier and
+        restore the last checkpoint, up to an epoch back (culling every other seed if that checkpoint
+        held seeds too). The weights now are the last applied step's, less the seed. True if taken."""
+        if not self._restructured():
+            return False
+        self.rollback.snapshot(self.host, self.optimizer, step=self._applied_step, epoch=self.epoch, force=True)
+        return True
 
     def _check_structure(self) -> None:
         structure = (*tuple(self.host.state_dict().keys()), str(len(self.optimizer.param_groups)))
