@@ -91,17 +91,14 @@ def test_a_seed_at_weight_zero_leaves_the_host_exactly() -> None:
     assert torch.equal(blend_convex(HOST, BAD, 0.0), HOST)
     assert torch.equal(blend_convex(HOST, BAD, -0.5), HOST)  # clamped to 0
     assert torch.equal(blend_residual(HOST, BAD, 0.0), HOST)
-    assert torch.equal(blend_channel(HOST, BAD, 1.0, torch.tensor([0.0, 0.0])), HOST)
-    assert torch.equal(blend_confidence(HOST, BAD, 1.0, 0.0), HOST)
+    assert torch.equal(blend_channel(HOST, BAD, 0.0, torch.tensor([0.5, 1.0])), HOST)
+    assert torch.equal(blend_confidence(HOST, BAD, 1.0, 0.0), HOST)  # a float gate of 0
+    assert torch.equal(blend_confidence(HOST, BAD, 0.0, torch.tensor([0.7])), HOST)  # per-sample, alpha 0
     assert torch.equal(apply_blend(HOST, BAD, 1.0, BlendSpec(mode="CONFIDENCE", gate=0.0)), HOST)
-    # per-channel: channel 0 weighs 0 (host), channel 1 weighs 0.5: 0.5·5 + 0.5·2 = 3.5
-    mixed = blend_channel(HOST, torch.tensor([[math.nan, 5.0]]), 1.0, torch.tensor([0.0, 0.5]))
+    # weighed in (alpha > 0), a finite seed blends as before: 0.5·5 + 0.5·2 = 3.5 in channel 1
+    mixed = blend_channel(HOST, torch.tensor([[3.0, 5.0]]), 1.0, torch.tensor([0.0, 0.5]))
     assert torch.equal(mixed, torch.tensor([[1.0, 3.5]]))
-    # per-sample gate [0, 1]: sample 0 is its host row, sample 1 the seed's
-    host2, seed2 = torch.tensor([[1.0, 2.0], [3.0, 4.0]]), torch.tensor([[math.nan, math.inf], [7.0, 8.0]])
-    rows = torch.tensor([[1.0, 2.0], [7.0, 8.0]])
-    assert torch.equal(blend_confidence(host2, seed2, 1.0, torch.tensor([0.0, 1.0])), rows)
-    assert torch.equal(blend_convex(host2, seed2, torch.tensor([[0.0], [1.0]])), rows)
+    assert not torch.isfinite(blend_residual(HOST, BAD, 0.5)).any()  # mixed in: non-finite, refused
 
 
 def test_a_seed_at_weight_zero_still_receives_a_zero_gradient() -> None:
@@ -111,7 +108,8 @@ def test_a_seed_at_weight_zero_still_receives_a_zero_gradient() -> None:
     host = torch.tensor([[1.0, 2.0]], requires_grad=True)
     blends: list[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = [
         lambda h, s: blend_convex(h, s, 0.0), lambda h, s: blend_residual(h, s, 0.0),
-        lambda h, s: blend_channel(h, s, 1.0, torch.tensor([0.0, 0.0]))]
+        lambda h, s: blend_channel(h, s, 0.0, torch.tensor([1.0, 1.0])),
+        lambda h, s: blend_confidence(h, s, 0.0, torch.tensor([0.9]))]
     for blend in blends:
         w.grad, host.grad = None, None
         blend(host, w * host.detach()).sum().backward()

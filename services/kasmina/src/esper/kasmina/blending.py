@@ -9,8 +9,12 @@ With ``h`` the host activations at the slot and ``s = seed(h)``:
   ``g = sigmoid(k·(top1 - top2 - τ))`` over logits (Tamiyo's, sent with the command; k = 4, τ = 0.2
   unless the command says otherwise). A per-sample logits batch gives a per-sample gate.
 
-Wherever the seed's weight is 0 (alpha 0, an ``alpha_vec`` entry 0, a gate 0) the output is exactly ``h``:
-a non-finite seed output that is not mixed in never reaches the host (``0·inf`` would be NaN).
+Where the scalar alpha leaves the seed a weight of 0 (alpha 0; CONFIDENCE with ``alpha_lo`` 0 or a
+float gate of 0) the output is exactly ``h``: a non-finite seed output that is not mixed in never
+reaches the host (``0·inf`` would be NaN). Per-channel and per-sample weights are not masked: that
+would cost two full-size ops on every step for a case (an ``alpha_vec`` entry or a sigmoid gate of
+exactly 0) that a live seed's other channels or samples make non-finite anyway, which the trainer
+refuses and Kasmina culls.
 
 alpha itself follows a schedule over the blend window (``AlphaSchedule``). The functions here are plain
 math: which branch is detached (isolation) is the slot's business, not theirs.
@@ -62,13 +66,11 @@ def _clamp01(value: float) -> float:
 # -- the blends ----------------------------------------------------------------------------------
 
 
-def _host_where_zero(weight: float | Tensor, host: Tensor, seed: Tensor, blended: Tensor) -> Tensor:
-    """``blended``, but exactly ``host`` wherever the seed's weight is 0: ``0·inf`` is NaN, and a seed
-    that is not mixed in must not poison the host. The seed stays in the graph (a zero gradient, not
-    none), so G1 still sees its gradients arrive at alpha 0."""
-    if isinstance(weight, Tensor):
-        return torch.where(weight == 0, host, blended)
-    if weight != 0:
+def _host_if_zero(zero: bool, host: Tensor, seed: Tensor, blended: Tensor) -> Tensor:
+    """``blended``, or exactly ``host`` when the seed weighs 0 (decided from Python scalars: no tensor
+    op on the common path). ``0·inf`` is NaN, and a seed that is not mixed in must not poison the host.
+    The seed stays in the graph (a zero gradient, not none), so G1 still sees gradients arrive at 0."""
+    if not zero:
         return blended
     return torch.where(torch.zeros((), dtype=torch.bool, device=host.device), seed, host)
 
@@ -76,13 +78,13 @@ def _host_where_zero(weight: float | Tensor, host: Tensor, seed: Tensor, blended
 def blend_convex(host: Tensor, seed: Tensor, alpha: float | Tensor) -> Tensor:
     """``alpha·seed + (1 - alpha)·host`` (a float alpha is clamped to [0, 1]); the host where alpha is 0."""
     a = _clamp01(alpha) if isinstance(alpha, float | int) else alpha
-    return _host_where_zero(a, host, seed, a * seed + (1.0 - a) * host)
+    return _host_if_zero(isinstance(a, float) and a == 0.0, host, seed, a * seed + (1.0 - a) * host)
 
 
 def blend_residual(host: Tensor, seed: Tensor, alpha: float) -> Tensor:
     """``host + alpha·seed``; the host where alpha is 0."""
     a = _clamp01(alpha)
-    return _host_where_zero(a, host, seed, host + a * seed)
+    return _host_if_zero(a == 0.0, host, seed, host + a * seed)
 
 
 def _channel_view(vec: Tensor, ref: Tensor) -> Tensor:
@@ -97,7 +99,7 @@ def blend_channel(host: Tensor, seed: Tensor, alpha: float, alpha_vec: Tensor) -
     if host.dim() < 2 or alpha_vec.numel() != host.shape[1]:
         raise ValueError(f"alpha_vec has {alpha_vec.numel()} entries for {tuple(host.shape)} activations")
     a = _channel_view((_clamp01(alpha) * alpha_vec.to(device=seed.device, dtype=seed.dtype)).clamp(0.0, 1.0), seed)
-    return _host_where_zero(a, host, seed, a * seed + (1.0 - a) * host)
+    return _host_if_zero(_clamp01(alpha) == 0.0, host, seed, a * seed + (1.0 - a) * host)
 
 
 def confidence_gate(logits: Tensor, k: float = DEFAULT_GATE_K, tau: float = DEFAULT_GATE_TAU) -> Tensor:
@@ -125,7 +127,8 @@ def blend_confidence(host: Tensor, seed: Tensor, alpha: float, gate: float | Ten
         a = (_clamp01(alpha) * gate.detach().to(device=seed.device, dtype=seed.dtype)).clamp(alpha_lo, alpha_hi)
         if a.dim() > 0:
             a = a.reshape(a.shape + (1,) * (seed.dim() - a.dim()))
-        return _host_where_zero(a, host, seed, a * seed + (1.0 - a) * host)
+        zero = _clamp01(alpha) == 0.0 and alpha_lo <= 0.0
+        return _host_if_zero(zero, host, seed, a * seed + (1.0 - a) * host)
     return blend_convex(host, seed, min(alpha_hi, max(alpha_lo, _clamp01(alpha) * gate)))
 
 
