@@ -18,7 +18,7 @@ from esper.tolaria.rollback import (
     SnapshotRing,
 )
 from esper.tolaria.settings import TolariaSettings
-from esper.tolaria.state import TrainingState, capture_state, live_nbytes
+from esper.tolaria.state import StateMismatchError, TrainingState, capture_state, live_nbytes, restore_state
 from tests.tolaria._helpers import assert_same, assert_state_equal, make_model, make_optimizer, train_steps
 
 BIG = 1 << 30
@@ -187,6 +187,35 @@ def test_a_checkpoint_from_before_a_seed_is_restored_once_the_seed_is_dropped(tm
         RollbackManager(fast_cap_bytes=BIG, checkpoints=store, clock=clock).rollback(model, opt, on_mismatch=cull)
     assert dropped == ["hidden1"] and late.value.restored and late.value.tier == "checkpoint"
     assert_state_equal(model, opt, ref_model, ref_opt)
+
+
+def _seeded(germinations: dict[str, str]) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    """The reference host with a Linear seed in each named slot, added to Adam as Kasmina adds them."""
+    from esper.kasmina import add_seed_params
+
+    model, opt = _reference_after(1)
+    for slot, germination in germinations.items():
+        torch.manual_seed(0)
+        model.set_slot(slot, torch.nn.Linear(6, 6) if slot == "hidden1" else torch.nn.Linear(5, 5))
+        add_seed_params(opt, f"seed-{slot}", model.slot(slot).parameters(), germination=germination)
+    train_steps(model, opt, 2, seed=4)
+    return model, opt
+
+
+@pytest.mark.parametrize("live", [{"hidden1": "cmd-b"}, {"hidden2": "cmd-2", "hidden1": "cmd-1"}])
+def test_a_state_of_other_seeds_of_the_same_shapes_is_refused(live: dict[str, str]) -> None:
+    """Keys, shapes and group sizes all fit, but the state belongs to other seeds: seed A's (culled,
+    then B germinated in the slot), or the same two seeds' groups in the other order. It used to load
+    A's weights and Adam moments into B, or one slot's moments and tags onto the other's parameters."""
+    saved_model, saved_opt = _seeded({"hidden1": "cmd-a"} if len(live) == 1 else {"hidden1": "cmd-1",
+                                                                                  "hidden2": "cmd-2"})
+    saved = capture_state(saved_model, saved_opt)
+    model, opt = _seeded(live)
+    before = capture_state(model, opt)
+    with pytest.raises(StateMismatchError, match="optimizer group"):
+        restore_state(model, opt, saved)
+    assert_same(before.model, dict(model.state_dict()))  # nothing was loaded
+    restore_state(model, opt, before)  # its own state still fits
 
 
 def test_the_checkpoint_tier_never_restores_another_runs_weights(tmp_path: Path) -> None:

@@ -515,6 +515,47 @@ def test_cosine_policy_drives_the_optimizer(tmp_path: Path) -> None:
     assert 0.0 <= lr < 0.01 * 0.05  # the last step of a one-epoch cosine: almost zero
 
 
+def _lr_command(**hyper: float) -> pb.AdaptationCommand:
+    cmd = pb.AdaptationCommand(command_type=pb.COMMAND_OPTIMIZER, command_id="c-lr")
+    cmd.optimizer_adjustment.hyperparameters.update(hyper)
+    return cmd
+
+
+def test_commands_under_a_schedule_bound_the_scale_that_persists(tmp_path: Path) -> None:
+    """The bounds held the rate of the moment: ten 'raise' commands in warm-up built a scale of 100
+    (10x the ceiling once warm-up ended), and a decrease at a scheduled rate below the floor jumped
+    to the floor. Now each command steps the schedule's scale by at most 2x, within [1/100, 10]."""
+    base = 0.01
+    trainer = Trainer(_settings(tmp_path, epochs=1, learning_rate=base, lr_policy="constant", lr_warmup_steps=1000),
+                      bus=None)
+    trainer.step = 1
+    trainer._apply_lr_policy()  # warm-up: base / 1000
+    for _ in range(10):
+        trainer._trainer_command(_lr_command(lr_delta=1.0))
+    assert trainer.lr_scale == CEILING
+    trainer.step = 1000
+    trainer._apply_lr_policy()
+    assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(base * CEILING)  # not base x 100
+    trainer.lr_scale, trainer.step = 1.0, 1
+    trainer._apply_lr_policy()
+    before = trainer.optimizer.param_groups[0]["lr"]
+    trainer._trainer_command(_lr_command(lr_delta=-0.5))  # a decrease below the floor's rate
+    assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(before * math.exp(-0.5))
+    trainer._trainer_command(_lr_command(learning_rate=before * 8))  # explicit rate: one 2x step toward it
+    assert trainer.lr_scale == pytest.approx(math.exp(-0.5) * MAX_STEP)
+
+
+def test_a_command_at_a_cosines_end_does_not_crash(tmp_path: Path) -> None:
+    """At the last step the cosine rate is exactly 0; the old code divided by it (ZeroDivisionError)."""
+    trainer = Trainer(_settings(tmp_path, epochs=1, lr_policy="cosine"), bus=None)
+    trainer.step = trainer.total_steps
+    trainer._apply_lr_policy()
+    assert trainer.optimizer.param_groups[0]["lr"] == 0.0
+    trainer._trainer_command(_lr_command(lr_delta=-0.1))
+    trainer._trainer_command(_lr_command(learning_rate=0.5))  # no factor reaches it from 0: nothing asked
+    assert trainer.lr_scale == pytest.approx(math.exp(-0.1)) and trainer.optimizer.param_groups[0]["lr"] == 0.0
+
+
 def test_budgets_are_reported_and_the_profiler_writes_a_trace(tmp_path: Path) -> None:
     s = _settings(tmp_path, epochs=1, epoch_budget_ms=1e-3, hook_budget_ms=1e-3, profiler_dir=tmp_path / "prof")
     trainer = Trainer(s, bus=None)

@@ -31,7 +31,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Final, Literal
+from typing import Any, Final, Literal
 
 import torch
 from torch import Tensor, nn
@@ -457,8 +457,8 @@ class Kasmina:
             self._emit("optimizer_unbound", _WARNING, "seed attached but no optimizer is bound: it cannot learn",
                        seed_id=rec.seed_id)
             return
-        overrides = {} if self.settings.seed_lr is None else {"lr": self.settings.seed_lr}
-        add_seed_params(self.optimizer, rec.seed_id, seed.parameters(), **overrides)
+        overrides: dict[str, Any] = {} if self.settings.seed_lr is None else {"lr": self.settings.seed_lr}
+        add_seed_params(self.optimizer, rec.seed_id, seed.parameters(), germination=rec.command_id, **overrides)
 
     # -- per step ----------------------------------------------------------------------------------
 

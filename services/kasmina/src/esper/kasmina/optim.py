@@ -23,7 +23,9 @@ from torch.optim import Optimizer
 
 __all__ = [
     "FOSSIL_GROUP_KEY",
+    "GERMINATION_KEY",
     "SEED_GROUP_KEY",
+    "SEED_TAG_KEYS",
     "add_seed_params",
     "mark_fossil",
     "remove_seed_params",
@@ -36,6 +38,10 @@ SEED_GROUP_KEY: Final[str] = "kasmina_seed"
 """Param-group key naming the seed a group belongs to."""
 FOSSIL_GROUP_KEY: Final[str] = "kasmina_fossil"
 """Set (to the seed id) on a fossilised seed's group: it is host now, and never removed by Kasmina."""
+GERMINATION_KEY: Final[str] = "kasmina_germination"
+"""The id of the command that germinated the group's seed: one slot's seeds share a seed id and shapes."""
+SEED_TAG_KEYS: Final[tuple[str, ...]] = (SEED_GROUP_KEY, FOSSIL_GROUP_KEY, GERMINATION_KEY)
+"""What a saved optimizer state must agree on, group by group, with the live one to be restored."""
 
 
 def _hyperparameters(optimizer: Optimizer) -> dict[str, Any]:
@@ -60,9 +66,11 @@ def seed_param_count(optimizer: Optimizer, seed_id: str) -> int:
                if g.get(SEED_GROUP_KEY) == seed_id and not g.get(FOSSIL_GROUP_KEY))
 
 
-def add_seed_params(optimizer: Optimizer, seed_id: str, params: Iterable[nn.Parameter],
+def add_seed_params(optimizer: Optimizer, seed_id: str, params: Iterable[nn.Parameter], *, germination: str = "",
                     **overrides: Any) -> dict[str, Any]:
-    """Append ``params`` as a new group tagged ``seed_id`` (host hyperparameters unless overridden)."""
+    """Append ``params`` as a new group tagged ``seed_id`` (host hyperparameters unless overridden) and,
+    when given, ``germination`` (the germinating command's id): saved states carry both tags, so a
+    restore can tell this seed from an earlier one of the same shape in the same slot."""
     plist = [p for p in params if p.requires_grad]
     if not plist:
         raise ValueError(f"{seed_id}: no trainable parameters to add")
@@ -72,6 +80,8 @@ def add_seed_params(optimizer: Optimizer, seed_id: str, params: Iterable[nn.Para
     if any(id(p) in known for p in plist):
         raise ValueError(f"{seed_id}: some parameters are already in the optimizer")
     group: dict[str, Any] = {**_hyperparameters(optimizer), **overrides, "params": plist, SEED_GROUP_KEY: seed_id}
+    if germination:
+        group[GERMINATION_KEY] = germination
     group.pop("initial_lr", None)  # an LR scheduler's bookkeeping for the host groups
     optimizer.add_param_group(group)
     return optimizer.param_groups[-1]

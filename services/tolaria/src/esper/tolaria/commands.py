@@ -3,6 +3,9 @@
 An OPTIMIZER command really changes the optimizer, but never by much at once and never far from
 where the run started: Tamiyo's `lr_delta` (or an explicit `learning_rate`) becomes a multiplicative
 step clamped to [1/MAX_STEP, MAX_STEP], and the result is clamped to [base/FLOOR, base*CEILING].
+Under a schedule (`TOLARIA_LR_POLICY` not `off`) the same bounds apply to the scale the schedule is
+multiplied by (base 1), which is what persists: bounding the rate of the moment instead let warm-up
+commands build a scale past the ceiling, and a decrease at a rate below the floor jump 10-10,000x.
 """
 
 from __future__ import annotations
@@ -39,6 +42,15 @@ def adjust_lr(current: float, base: float, hyperparameters: Mapping[str, float])
     stepped = min(max(requested, current / MAX_STEP), current * MAX_STEP)
     new = min(max(stepped, base / FLOOR), base * CEILING)
     return LrChange(current, new, requested, clamped=not math.isclose(new, requested, rel_tol=1e-9))
+
+
+def as_scale_request(hyperparameters: Mapping[str, float], current: float) -> dict[str, float]:
+    """An OPTIMIZER command as a step of the scale on a learning-rate schedule (`lr_delta`): an explicit
+    `learning_rate` asks for the factor that would reach it from the current rate (none from a rate of 0)."""
+    lr = hyperparameters.get("learning_rate")
+    if lr is not None and math.isfinite(lr):
+        return {"lr_delta": math.log(lr / current)} if lr > 0 and current > 0 else {}
+    return {"lr_delta": float(hyperparameters.get("lr_delta", 0.0))}
 
 
 def current_lr(optimizer: Optimizer) -> float:

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from esper.core.errors import EsperError
+from esper.kasmina.optim import SEED_TAG_KEYS
 
 __all__ = [
     "StateMismatchError",
@@ -116,6 +117,11 @@ def _check_optimizer(optimizer: torch.optim.Optimizer, state: Mapping[str, Any])
         ids = sg.get("params") if isinstance(sg, Mapping) else None
         if not isinstance(ids, list) or len(ids) != len(g["params"]):
             raise StateMismatchError("optimizer parameter group sizes differ from the saved state")
+        # Groups pair by position: their seed tags must agree too, or a state saved with seed A would load
+        # into seed B of the same shape (a later germination in the slot, or two slots' seeds reordered).
+        live_tags, saved_tags = ({k: grp.get(k) for k in SEED_TAG_KEYS} for grp in (g, sg))
+        if live_tags != saved_tags:
+            raise StateMismatchError(f"optimizer group of {live_tags}, saved state's of {saved_tags}")
         params.update(zip(ids, g["params"], strict=True))
     for pid, per_param in state["state"].items():
         if pid not in params or not isinstance(per_param, Mapping):

@@ -42,7 +42,7 @@ from esper.kasmina.settings import KasminaSettings
 from esper.leyline import pb
 from esper.tolaria.bus import BusThread
 from esper.tolaria.checkpoint import CheckpointError, CheckpointStore
-from esper.tolaria.commands import adjust_lr, current_lr, scheduled_lr, set_lr
+from esper.tolaria.commands import adjust_lr, as_scale_request, current_lr, scheduled_lr, set_lr
 from esper.tolaria.conservative import ConservativeMode, ModeChange
 from esper.tolaria.data import Dataset, epoch_generator, iter_batches, load_dataset
 from esper.tolaria.decisions import Decision, DecisionClient, OneInFlight, timeout_telemetry
@@ -372,14 +372,19 @@ class Trainer:
 
     def _trainer_command(self, cmd: pb.AdaptationCommand) -> None:
         if cmd.command_type == pb.COMMAND_OPTIMIZER:
-            change = adjust_lr(current_lr(self.optimizer), self.base_lr, cmd.optimizer_adjustment.hyperparameters)
-            if change.new != change.old:
+            hyper, old = cmd.optimizer_adjustment.hyperparameters, current_lr(self.optimizer)
+            if self.settings.lr_policy == "off":
+                change = adjust_lr(old, self.base_lr, hyper)
                 set_lr(self.optimizer, change.new)
-                self.lr_scale *= change.new / change.old
-                self.stats.lr_changes += 1
-            log.info("optimizer adjusted", old=change.old, new=change.new, requested=change.requested,
+            else:  # the scale on the schedule persists: it is what the bounds hold (commands.py)
+                change = adjust_lr(self.lr_scale, 1.0, as_scale_request(hyper, old))
+                self.lr_scale = change.new
+                self._apply_lr_policy()
+            new = current_lr(self.optimizer)
+            self.stats.lr_changes += change.new != change.old
+            log.info("optimizer adjusted", old=old, new=new, lr_scale=self.lr_scale, requested=change.requested,
                      clamped=change.clamped, command_id=cmd.command_id)
-            self._event("optimizer_adjusted", _INFO, f"lr {change.old:.3g} -> {change.new:.3g}",
+            self._event("optimizer_adjusted", _INFO, f"lr {old:.3g} -> {new:.3g}",
                         clamped=change.clamped, command_id=cmd.command_id)
         elif cmd.command_type == pb.COMMAND_ROLLBACK:
             self._do_rollback("command")
