@@ -218,6 +218,16 @@ def test_a_state_of_other_seeds_of_the_same_shapes_is_refused(live: dict[str, st
     restore_state(model, opt, before)  # its own state still fits
 
 
+def test_a_state_from_before_its_seed_fossilised_still_restores() -> None:
+    """The fossil tag is the seed's lifecycle, not its identity: the same seed, fossilised since."""
+    from esper.kasmina.optim import FOSSIL_GROUP_KEY
+
+    model, opt = _seeded({"hidden1": "cmd-a"})
+    saved = capture_state(model, opt)
+    opt.param_groups[1][FOSSIL_GROUP_KEY] = "seed-hidden1"
+    restore_state(model, opt, saved)
+
+
 def test_the_checkpoint_tier_never_restores_another_runs_weights(tmp_path: Path) -> None:
     """Runs share the checkpoint directory. Run B, before its first save, finds only run A's
     checkpoint (same shapes): it is passed over as `foreign_run`, said so, and nothing is restored."""

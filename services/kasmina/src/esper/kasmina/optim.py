@@ -25,7 +25,7 @@ __all__ = [
     "FOSSIL_GROUP_KEY",
     "GERMINATION_KEY",
     "SEED_GROUP_KEY",
-    "SEED_TAG_KEYS",
+    "SEED_IDENTITY_KEYS",
     "add_seed_params",
     "mark_fossil",
     "remove_seed_params",
@@ -40,8 +40,9 @@ FOSSIL_GROUP_KEY: Final[str] = "kasmina_fossil"
 """Set (to the seed id) on a fossilised seed's group: it is host now, and never removed by Kasmina."""
 GERMINATION_KEY: Final[str] = "kasmina_germination"
 """The id of the command that germinated the group's seed: one slot's seeds share a seed id and shapes."""
-SEED_TAG_KEYS: Final[tuple[str, ...]] = (SEED_GROUP_KEY, FOSSIL_GROUP_KEY, GERMINATION_KEY)
-"""What a saved optimizer state must agree on, group by group, with the live one to be restored."""
+SEED_IDENTITY_KEYS: Final[tuple[str, ...]] = (SEED_GROUP_KEY, GERMINATION_KEY)
+"""Which seed a group holds: a saved optimizer state must agree on it, group by group, to be restored.
+(Not the fossil tag: a seed fossilised since the state was saved is still that seed.)"""
 
 
 def _hyperparameters(optimizer: Optimizer) -> dict[str, Any]:

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from esper.core.errors import EsperError
-from esper.kasmina.optim import SEED_TAG_KEYS
+from esper.kasmina.optim import SEED_IDENTITY_KEYS
 
 __all__ = [
     "StateMismatchError",
@@ -119,7 +119,7 @@ def _check_optimizer(optimizer: torch.optim.Optimizer, state: Mapping[str, Any])
             raise StateMismatchError("optimizer parameter group sizes differ from the saved state")
         # Groups pair by position: their seed tags must agree too, or a state saved with seed A would load
         # into seed B of the same shape (a later germination in the slot, or two slots' seeds reordered).
-        live_tags, saved_tags = ({k: grp.get(k) for k in SEED_TAG_KEYS} for grp in (g, sg))
+        live_tags, saved_tags = ({k: grp.get(k) for k in SEED_IDENTITY_KEYS} for grp in (g, sg))
         if live_tags != saved_tags:
             raise StateMismatchError(f"optimizer group of {live_tags}, saved state's of {saved_tags}")
         params.update(zip(ids, g["params"], strict=True))
