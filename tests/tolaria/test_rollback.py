@@ -178,9 +178,11 @@ def test_a_checkpoint_from_before_a_seed_is_restored_once_the_seed_is_dropped(tm
     assert info.value.reason == "state_mismatch"
     dropped: list[str] = []
 
-    def cull() -> None:
+    def cull(saved: dict[str, torch.Tensor]) -> bool:
+        assert set(saved) == set(ref_model.state_dict())  # the checkpoint's state, read once
         dropped.append("hidden1")
         model.clear_slot("hidden1")
+        return True
 
     clock = FakeClock(tick=0.15)  # 150 ms a read: the restore lands past the 250 ms deadline, restored
     with pytest.raises(RollbackDeadlineExceeded) as late:

@@ -241,6 +241,28 @@ def test_a_seed_culled_for_breaking_a_step_costs_no_other_seed_and_no_progress(t
     assert trainer.stats.step_failures == {"non_finite": 1} and trainer.kasmina.stage(a) == pb.SEED_STAGE_TRAINING
 
 
+def test_a_checkpoint_that_culling_cannot_fit_costs_no_seed(tmp_path: Path) -> None:
+    """`on_mismatch` culled every active seed whatever the mismatch: for a checkpoint holding another
+    seed (or predating a fossil) the restore still failed, and the healthy seeds were lost for nothing."""
+    from esper.kasmina import seed_id_for
+    from tests.kasmina._helpers import command
+
+    trainer = _trainer_with_local_seeds(tmp_path)
+    sid = seed_id_for(trainer.host.slot_names[0])
+    trainer.kasmina.apply_command(command(seed_id=sid))
+    assert asyncio.run(trainer.kasmina.fetch_kernels()) == 1
+    for i in range(3):
+        trainer.train_step(*_batch(trainer, i))
+    assert trainer.kasmina.active_slots() == [trainer.host.slot_names[0]]
+    with_seed = dict(trainer.host.state_dict())
+    assert not trainer._cull_to_fit(with_seed | {"slots.hidden2.seed.w": torch.zeros(1)})  # a seed gone since
+    assert not trainer._cull_to_fit(with_seed)  # the same keys: culling would only remove them
+    assert trainer.kasmina.stage(sid) == pb.SEED_STAGE_TRAINING
+    before_seed = {k: v for k, v in with_seed.items() if ".seed." not in k}
+    assert trainer._cull_to_fit(before_seed)  # saved before the seed: culling it makes the state fit
+    assert trainer.kasmina.stage(sid) == pb.SEED_STAGE_CULLED and trainer.kasmina.active_slots() == []
+
+
 def test_a_rollback_command_after_a_failure_restores_the_newest_state(tmp_path: Path) -> None:
     """The walk-back past a restored state is for a step that fails on it, not for Tamiyo's ROLLBACK
     arriving next (it used to discard the good state just restored)."""

@@ -671,6 +671,10 @@ class Kasmina:
             self._gate_failure(rec, g5)
             self._transition(rec, TERMINATED, "gate_g5_failed")
 
+    def active_slots(self) -> list[str]:
+        """The host slots whose seed is active (germinated to probation; not fossils): what `cull_all` empties."""
+        return [r.slot.layer for r in self._records.values() if r.stage in ACTIVE_STAGES]
+
     def cull_all(self, reason: str = "rollback") -> list[str]:
         """Cull every active seed now (e.g. before the trainer restores a checkpoint taken without
         them); fossils stay, they are host. Returns the culled seed ids."""

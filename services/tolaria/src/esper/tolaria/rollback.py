@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Literal
 
@@ -261,11 +261,12 @@ class RollbackManager:
     # -- rollback ----------------------------------------------------------------------------------
 
     def rollback(self, model: nn.Module, optimizer: torch.optim.Optimizer | None, *,
-                 to_step: int | None = None, on_mismatch: Callable[[], object] | None = None) -> RollbackResult:
+                 to_step: int | None = None,
+                 on_mismatch: Callable[[Mapping[str, torch.Tensor]], bool] | None = None) -> RollbackResult:
         """Restore the newest state at or before `to_step` (newest of all if None), fast tier first.
-        `on_mismatch`: called once when the checkpoint does not fit the model (seeds grafted since it was
-        saved: the trainer culls them); the checkpoint already read is then restored again, inside the
-        same deadline.
+        `on_mismatch`: called once, with the checkpoint's model state, when it does not fit the model
+        (seeds grafted since it was saved: the trainer culls them if that makes it fit); when it returns
+        True the checkpoint already read is restored again, inside the same deadline.
 
         Raises RollbackDeadlineExceeded (maybe restored, see `.restored`/`.result`) or RollbackError
         ("unavailable": no snapshot and no usable checkpoint; "state_mismatch": none fits the model).
@@ -306,9 +307,8 @@ class RollbackManager:
             try:
                 ckpt.restore(model, optimizer)
             except StateMismatchError:
-                if on_mismatch is None:
+                if on_mismatch is None or not on_mismatch(ckpt.model_state):
                     raise
-                on_mismatch()
                 ckpt.restore(model, optimizer)
         except StateMismatchError as e:
             raise self._fail("state_mismatch", f"fast tier missed ({fast_miss}); checkpoint {ckpt.info.file}: {e}",

@@ -26,7 +26,7 @@ except ImportError:  # not on Windows
     resource = None  # type: ignore[assignment]
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -464,7 +464,7 @@ class Trainer:
         try:
             result = self.rollback.rollback(self.host, self.optimizer,
                                             to_step=None if restored is None else restored - 1,
-                                            on_mismatch=lambda: self.kasmina.cull_all("rollback"))
+                                            on_mismatch=self._cull_to_fit)
         except RollbackDeadlineExceeded as e:
             self.stats.rollbacks["deadline_missed"] += 1
             if e.result is not None:  # restored, late: the statistics restart from the restored weights
@@ -483,6 +483,17 @@ class Trainer:
         self.signals.reset()
         self._event("rollback", _WARNING, f"{result.tier} tier restored step {result.step} in "
                     f"{result.elapsed_ms:.2f} ms", reason=reason, tier=result.tier, restored_step=result.step)
+
+    def _cull_to_fit(self, saved: Mapping[str, torch.Tensor]) -> bool:
+        """A checkpoint that does not fit: cull the active seeds, but only if the model without them has
+        exactly the checkpoint's parameters. Otherwise (a fossil grafted since, or the checkpoint holds a
+        seed that is gone) culling them would restore nothing and lose them all the same."""
+        active = self.kasmina.active_slots()
+        prefixes = tuple(f"slots.{name}.seed." for name in active)
+        if not active or {k for k in self.host.state_dict() if not k.startswith(prefixes)} != set(saved):
+            return False
+        self.kasmina.cull_all("rollback")
+        return True
 
     def _snapshot(self) -> None:
         """Fast-tier snapshots must fit the model as it is: when a seed changed its structure, older
