@@ -3,6 +3,8 @@ artifact, Urza not running, and the breaker. Failures are typed; there is never 
 
 from __future__ import annotations
 
+import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -112,3 +114,45 @@ async def test_kernel_for_another_slot_is_refused(make_client: ClientFactory, tm
     with pytest.raises(KernelFetchError) as info:
         await client.fetch("BP002@v64", SLOT)
     assert info.value.reason == "slot_mismatch" and client.stats.requests == 0
+
+
+def _own_view(tmp_path: Path, artifact_ref: str) -> tuple[Path, Path]:
+    """Kasmina's own view of the shared artifact directory (a mount), and its path for the artifact."""
+    mine = tmp_path / "kasmina_mount"
+    shutil.copytree(tmp_path / "artifacts", mine)
+    return mine, ArtifactStore(mine).path_for(artifact_ref)
+
+
+async def test_an_os_error_reading_the_artifact_is_typed_and_counts_for_the_breaker(
+        make_client: ClientFactory, settings: OonaSettings, tmp_path: Path) -> None:
+    """A broken mount (here a symlink loop: ELOOP) escaped as a bare OSError, uncounted by the breaker."""
+    (record,) = forge(tmp_path, "BP002").registered
+    mine, path = _own_view(tmp_path, record.artifact_ref)
+    path.unlink()
+    os.symlink(path, path)
+    client = KernelClient(await make_client("kasmina"), ArtifactStore(mine), training_run_id="run-k")
+    async with running_urza(urza_settings(settings, tmp_path)):
+        for _ in range(3):
+            with pytest.raises(KernelFetchError) as info:
+                await client.fetch("BP002", SLOT)
+            assert info.value.reason == "artifact_io"
+    assert client.breaker.state == pb.CIRCUIT_STATE_OPEN and client.stats.errors == 3
+
+
+async def test_a_hung_artifact_read_fails_the_fetch_at_the_deadline(
+        make_client: ClientFactory, settings: OonaSettings, tmp_path: Path) -> None:
+    """The deadline covered only Urza's reply: a read that never returned (a FIFO standing in for a
+    stalled network mount) left the germination waiting for ever, with nothing reported."""
+    (record,) = forge(tmp_path, "BP002").registered
+    mine, path = _own_view(tmp_path, record.artifact_ref)
+    path.unlink()
+    os.mkfifo(path)
+    client = KernelClient(await make_client("kasmina"), ArtifactStore(mine), training_run_id="run-k",
+                          timeout_ms=300.0)
+    try:
+        async with running_urza(urza_settings(settings, tmp_path)):
+            with pytest.raises(KernelFetchError) as info:
+                await client.fetch("BP002", SLOT)
+        assert info.value.reason == "timeout" and "read" in info.value.detail
+    finally:
+        os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK))  # let the blocked reader thread finish (EOF)

@@ -40,7 +40,8 @@ class CommandRejected(DependencyViolationError):
 class KernelFetchError(DependencyViolationError):
     """A kernel could not be obtained (``reason``: ``timeout``, ``breaker_open``, ``bus_unavailable``,
     ``artifact_not_found``, ``missing_artifact``, ``checksum_mismatch``, ``artifact_format``,
-    ``slot_mismatch``, ``missing_id``, ``unexpected_reply``). There is never a fallback kernel."""
+    ``artifact_io``, ``rebuild_failed``, ``slot_mismatch``, ``missing_id``, ``unexpected_reply``).
+    There is never a fallback kernel."""
 
     def __init__(self, reason: str, detail: str = "", *, kernel_id: str = "") -> None:
         super().__init__(f"kernel {kernel_id or '?'}: {reason}" + (f" ({detail})" if detail else ""))

@@ -9,9 +9,12 @@
    digest Urza promised, ``weights_only`` loading) — file reads in a worker thread;
 3. the module rebuilt from Karn's trusted template code (``rebuild``) on the requested device.
 
-Any failure is a :class:`KernelFetchError` with Urza's or our reason code (``timeout``,
-``breaker_open``, ``bus_unavailable``, ``artifact_not_found``, ``missing_artifact``,
-``checksum_mismatch``, ``artifact_format``, ``slot_mismatch``, ``missing_id``, ``unexpected_reply``);
+The read and the rebuild each get ``timeout_ms`` too: a hung read (a stalled network mount) fails the
+fetch as ``timeout`` instead of leaving the germination waiting for ever (the worker thread itself
+cannot be stopped and finishes, or not, on its own). Any failure is a :class:`KernelFetchError` with
+Urza's or our reason code (``timeout``, ``breaker_open``, ``bus_unavailable``, ``artifact_not_found``,
+``missing_artifact``, ``checksum_mismatch``, ``artifact_format``, ``artifact_io`` (an OS error reading
+the file), ``rebuild_failed``, ``slot_mismatch``, ``missing_id``, ``unexpected_reply``);
 there is no fallback kernel. A circuit breaker (prototype: 3 failures, 2 successes, 60 s) counts
 the failures that say the *dependency* is unhealthy (timeouts, bus errors, bad or missing files),
 not a request for a blueprint that simply has no kernel.
@@ -23,9 +26,9 @@ import asyncio
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Final, Protocol
+from typing import Any, Final, Protocol, TypeVar
 
 import torch
 from torch import nn
@@ -40,11 +43,14 @@ from esper.urza.artifact import Artifact, TemplateLookup, kernel_id, rebuild
 from esper.urza.errors import UrzaError
 from esper.urza.store import ArtifactStore
 
+T = TypeVar("T")
+
 __all__ = ["BREAKER_REASONS", "FetchedKernel", "KernelClient", "KernelSource", "KernelStats", "resolve_kernel_id"]
 
 KERNEL_CHANNEL: Final[str] = "kernel.request"
 BREAKER_REASONS: Final[frozenset[str]] = frozenset(
-    {"timeout", "bus_unavailable", "missing_artifact", "checksum_mismatch", "artifact_format", "unexpected_reply"})
+    {"timeout", "bus_unavailable", "missing_artifact", "checksum_mismatch", "artifact_format", "artifact_io",
+     "unexpected_reply"})
 """Failures that count against the kernel-fetch breaker."""
 
 
@@ -130,9 +136,12 @@ class KernelClient:
             ready = await self.request_ready(kid)
             artifact, hit = await self._artifact(ready, slot)
             try:
-                module = await asyncio.to_thread(rebuild, artifact, torch.device(device), templates=self.templates)
+                module = await self._in_thread(kid, "rebuild", rebuild, artifact, torch.device(device),
+                                               templates=self.templates)
             except UrzaError as e:
                 raise KernelFetchError(e.reason, str(e)[:300], kernel_id=kid) from e
+            except (ValueError, TypeError, RuntimeError) as e:  # a device move, a template refusing params
+                raise KernelFetchError("rebuild_failed", f"{type(e).__name__}: {e}"[:300], kernel_id=kid) from e
         except KernelFetchError as e:
             self.stats.errors += 1
             if e.reason in BREAKER_REASONS:
@@ -157,6 +166,14 @@ class KernelClient:
             raise
         self.breaker.record_success()
         return artifact
+
+    async def _in_thread(self, kid: str, what: str, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """``fn`` in a worker thread, bounded by ``timeout_ms`` (KernelFetchError ``timeout`` past it)."""
+        try:
+            async with asyncio.timeout(self.timeout_ms / 1000.0):
+                return await asyncio.to_thread(fn, *args, **kwargs)
+        except TimeoutError as e:
+            raise KernelFetchError("timeout", f"artifact {what} took over {self.timeout_ms:g} ms", kernel_id=kid) from e
 
     def _admit(self, kid: str) -> None:
         if not self.breaker.allow():
@@ -201,10 +218,12 @@ class KernelClient:
             self.stats.cache_misses += 1
             self.stats.loads += 1
             try:
-                artifact = await asyncio.to_thread(self.store.load, ready.artifact_ref, ready.checksum,
-                                                   expected_guard_digest=ready.guard_digest)
+                artifact = await self._in_thread(kid, "read", self.store.load, ready.artifact_ref, ready.checksum,
+                                                 expected_guard_digest=ready.guard_digest)
             except UrzaError as e:
                 raise KernelFetchError(e.reason, str(e)[:300], kernel_id=kid) from e
+            except OSError as e:  # EIO, ELOOP, EACCES...: the store is unhealthy (counts for the breaker)
+                raise KernelFetchError("artifact_io", f"{type(e).__name__}: {e}"[:300], kernel_id=kid) from e
             self._cache[ready.checksum] = artifact
             while len(self._cache) > self.cache_size:
                 self._cache.popitem(last=False)
