@@ -578,6 +578,18 @@ def test_a_command_at_a_cosines_end_does_not_crash(tmp_path: Path) -> None:
     assert trainer.lr_scale == pytest.approx(math.exp(-0.1)) and trainer.optimizer.param_groups[0]["lr"] == 0.0
 
 
+def test_a_command_the_trainer_does_not_carry_out_is_not_counted_as_applied(tmp_path: Path) -> None:
+    """Kasmina hands CIRCUIT_BREAKER back to the trainer, which has no such knob: it was counted in
+    `commands_by_type` as applied, with no log line and no event."""
+    trainer = Trainer(_settings(tmp_path, epochs=1), bus=None)
+    breaker = pb.AdaptationCommand(command_type=pb.COMMAND_CIRCUIT_BREAKER, command_id="c-cb")
+    breaker.circuit_breaker.desired_state = pb.CIRCUIT_STATE_OPEN
+    assert not trainer._trainer_command(breaker)
+    assert trainer.stats.rejected == {"unsupported_by_trainer": 1}
+    assert [e.attributes["event"] for e in trainer._pending_events] == ["command_unsupported"]
+    assert trainer._trainer_command(_lr_command(lr_delta=0.1))  # carried out
+
+
 def test_budgets_are_reported_and_the_profiler_writes_a_trace(tmp_path: Path) -> None:
     s = _settings(tmp_path, epochs=1, epoch_budget_ms=1e-3, hook_budget_ms=1e-3, profiler_dir=tmp_path / "prof")
     trainer = Trainer(s, bus=None)

@@ -39,7 +39,7 @@ from esper.core.logging import get_logger
 from esper.core.telemetry import PRIORITY_INDICATOR, build_event, build_metric, build_telemetry_packet
 from esper.kasmina import CommandRejected, Kasmina, KernelClient, SeedSlot
 from esper.kasmina.settings import KasminaSettings
-from esper.leyline import pb
+from esper.leyline import enum_name, pb
 from esper.tolaria.bus import BusThread
 from esper.tolaria.checkpoint import CheckpointError, CheckpointStore
 from esper.tolaria.commands import adjust_lr, as_scale_request, current_lr, scheduled_lr, set_lr
@@ -341,9 +341,9 @@ class Trainer:
             self.stats.rejected[e.reason] += 1
             return
         self._snapshot_if_restructured()
-        self.stats.commands[pb.CommandType.Name(d.command.command_type)] += 1
-        if outcome.for_trainer is not None:
-            self._trainer_command(outcome.for_trainer)
+        if outcome.for_trainer is not None and not self._trainer_command(outcome.for_trainer):
+            return
+        self.stats.commands[enum_name(pb.CommandType, d.command.command_type)] += 1
 
     def _report_mode_changes(self) -> None:
         """Telemetry and metrics for the conservative-mode transitions since the last call."""
@@ -370,7 +370,9 @@ class Trainer:
                         step_index=self.step, conservative_steps=mode.steps, skipped=mode.skipped,
                         probes=mode.probes)
 
-    def _trainer_command(self, cmd: pb.AdaptationCommand) -> None:
+    def _trainer_command(self, cmd: pb.AdaptationCommand) -> bool:
+        """Apply a command Kasmina handed back; False (counted, evented) for one the trainer does not carry
+        out, so it is not counted as applied."""
         if cmd.command_type == pb.COMMAND_OPTIMIZER:
             hyper, old = cmd.optimizer_adjustment.hyperparameters, current_lr(self.optimizer)
             if self.settings.lr_policy == "off":
@@ -390,6 +392,13 @@ class Trainer:
             self._do_rollback("command")
         elif cmd.command_type == pb.COMMAND_EMERGENCY:
             self.emergency.escalate(pb.EMERGENCY_LEVEL_CONSERVATIVE, "tamiyo_emergency_command")
+        else:  # CIRCUIT_BREAKER: Tamiyo asks for a breaker state the trainer has no knob for (yet)
+            kind = enum_name(pb.CommandType, cmd.command_type)
+            self.stats.rejected["unsupported_by_trainer"] += 1
+            self._event("command_unsupported", _WARNING, f"{kind} is not carried out by the trainer",
+                        command_id=cmd.command_id, command_type=kind)
+            return False
+        return True
 
     def _apply_lr_policy(self) -> None:
         s = self.settings
