@@ -292,3 +292,17 @@ async def test_no_tamiyo_probes_after_each_reset_and_timeouts_stay_bounded(
     assert sum(e["event"] == "conservative_mode_entered" for _p, _l, e in events) == 1  # a re-open is no new entry
     assert sum(e["event"] == "tamiyo_timeout" for _p, _l, e in events) == s["timeouts"]
     assert registry.get_sample_value("tolaria_conservative_mode") == 1.0
+
+
+async def test_the_last_decision_of_a_run_is_counted_like_the_others(
+        make_client: ClientFactory, settings: OonaSettings, tmp_path: Path) -> None:
+    """Settled after the last step, it skipped the HIGH timeout event, the failure reasons and the
+    breaker: with no Tamiyo, one timeout more than events and breaker failures in every run."""
+    ts = _trainer_settings(tmp_path, settings, epochs=1, decision_transport="thread", tamiyo_step_timeout_ms=5.0,
+                           decision_breaker_failures=10_000)
+    trainer = await _run(ts, CollectorRegistry())
+    s = trainer.summary(clean_shutdown=True)
+    assert s["timeouts"] == s["decisions"] >= 1 and s["decision_commands"] == 0  # the last one among them
+    assert trainer.conservative.consecutive_failures == s["timeouts"]
+    events = await tolaria_events(make_client)
+    assert sum(e["event"] == "tamiyo_timeout" for _p, _l, e in events) == s["timeouts"]

@@ -314,9 +314,8 @@ class Trainer:
         self._take_decision(d)
         self._apply_ms += (time.perf_counter() - apply_t) * 1000.0
 
-    def _take_decision(self, d: Decision | None) -> None:
-        if d is None:
-            return
+    def _count_decision(self, d: Decision) -> None:
+        """Every outcome, applied or not: counters, the HIGH timeout event, the decision breaker."""
         self.stats.decisions[d.kind] += 1
         self.stats.decision_ms.append(d.latency_ms)
         if d.kind in ("failure", "error"):
@@ -325,6 +324,11 @@ class Trainer:
             self.bus.publish_telemetry(timeout_telemetry(d))
         self.conservative.record(d.kind)  # timeouts and errors count against the decision breaker
         self._report_mode_changes()
+
+    def _take_decision(self, d: Decision | None) -> None:
+        if d is None:
+            return
+        self._count_decision(d)
         if d.kind != "command" or d.command is None:
             return
         if self.conservative.active:  # a reply to a request sent before the breaker opened: not applied
@@ -430,12 +434,12 @@ class Trainer:
                         f"kernel not fetched within {self.settings.kernel_wait_ms:g} ms", step=self.step)
 
     def _settle_last_decision(self) -> None:
-        """The reply to the last packet is counted (not applied: training is over)."""
+        """The reply to the last packet is counted like any other, timeout event included (not applied:
+        training is over)."""
         if self.decisions is not None:
             d = self.decisions.wait()
             if d is not None:
-                self.stats.decisions[d.kind] += 1
-                self.stats.decision_ms.append(d.latency_ms)
+                self._count_decision(d)
 
     # -- failures and rollback ---------------------------------------------------------------------
 
