@@ -590,6 +590,23 @@ def test_a_command_the_trainer_does_not_carry_out_is_not_counted_as_applied(tmp_
     assert trainer._trainer_command(_lr_command(lr_delta=0.1))  # carried out
 
 
+def test_a_reply_is_as_old_at_either_look_of_one_boundary(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The end of step k and the start of step k+1 are one boundary (no update between them); a reply
+    taken at the second look was one step older, so TOLARIA_MAX_STALENESS_STEPS=0 dropped every
+    pipelined reply that missed the first. Stale is strictly more steps than the setting."""
+    trainer = Trainer(_settings(tmp_path, epochs=1, max_staleness_steps=0), bus=None)
+    seen: list[int] = []
+    monkeypatch.setattr(trainer, "_poll_decision", lambda: seen.append(trainer.step))
+    for i in range(3):
+        trainer.train_step(*_batch(trainer, i))
+    assert seen == [0, 1, 2]  # the start of steps 1-3 is the boundary after steps 0-2
+    trainer.step = 7
+    trainer._take_decision(Decision(6, "p-6", "command", 1.0, command=_lr_command(lr_delta=0.1)))
+    assert trainer.stats.stale == 1
+    trainer._take_decision(Decision(7, "p-7", "command", 1.0, command=_lr_command(lr_delta=0.1)))
+    assert trainer.stats.stale == 1  # the boundary's own packet: age 0, not stale (Kasmina judges it next)
+
+
 def test_budgets_are_reported_and_the_profiler_writes_a_trace(tmp_path: Path) -> None:
     s = _settings(tmp_path, epochs=1, epoch_budget_ms=1e-3, hook_budget_ms=1e-3, profiler_dir=tmp_path / "prof")
     trainer = Trainer(s, bus=None)

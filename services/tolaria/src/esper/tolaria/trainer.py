@@ -217,10 +217,10 @@ class Trainer:
     def train_step(self, xb: torch.Tensor, yb: torch.Tensor) -> None:
         s = self.settings
         t0 = time.perf_counter()
+        if s.decision_mode == "pipelined":  # at the boundary the last step's end-of-step look shares: the
+            self._apply_ms = 0.0            # same step number, so a reply's age does not depend on which look
+            self._poll_decision()           # took it (it counted one step more here, and staleness 0 lost all)
         self.step += 1
-        if s.decision_mode == "pipelined":
-            self._apply_ms = 0.0
-            self._poll_decision()
         self._apply_lr_policy()
         if not self.host.training:  # after validation; `_snapshot` re-applies it when a seed joins
             self.host.train()
