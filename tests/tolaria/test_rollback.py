@@ -178,8 +178,8 @@ def test_a_checkpoint_from_before_a_seed_is_restored_once_the_seed_is_dropped(tm
     assert info.value.reason == "state_mismatch"
     dropped: list[str] = []
 
-    def cull(saved: dict[str, torch.Tensor]) -> bool:
-        assert set(saved) == set(ref_model.state_dict())  # the checkpoint's state, read once
+    def cull(saved: TrainingState) -> bool:
+        assert set(saved.model) == set(ref_model.state_dict())  # the checkpoint's state, read once
         dropped.append("hidden1")
         model.clear_slot("hidden1")
         return True
@@ -228,6 +228,7 @@ def test_a_state_from_before_its_seed_fossilised_still_restores() -> None:
     saved = capture_state(model, opt)
     opt.param_groups[1][FOSSIL_GROUP_KEY] = "seed-hidden1"
     restore_state(model, opt, saved)
+    assert opt.param_groups[1][FOSSIL_GROUP_KEY] == "seed-hidden1"  # the saved group dict had none: kept
 
 
 def test_the_checkpoint_tier_never_restores_another_runs_weights(tmp_path: Path) -> None:

@@ -245,21 +245,27 @@ def test_a_checkpoint_that_culling_cannot_fit_costs_no_seed(tmp_path: Path) -> N
     """`on_mismatch` culled every active seed whatever the mismatch: for a checkpoint holding another
     seed (or predating a fossil) the restore still failed, and the healthy seeds were lost for nothing."""
     from esper.kasmina import seed_id_for
+    from esper.tolaria.state import TrainingState, capture_state
     from tests.kasmina._helpers import command
 
     trainer = _trainer_with_local_seeds(tmp_path)
+    trainer.train_step(*_batch(trainer, 0))
+    before = capture_state(trainer.host, trainer.optimizer)  # no seed yet
     sid = seed_id_for(trainer.host.slot_names[0])
     trainer.kasmina.apply_command(command(seed_id=sid))
     assert asyncio.run(trainer.kasmina.fetch_kernels()) == 1
-    for i in range(3):
+    for i in range(1, 4):
         trainer.train_step(*_batch(trainer, i))
     assert trainer.kasmina.active_slots() == [trainer.host.slot_names[0]]
-    with_seed = dict(trainer.host.state_dict())
-    assert not trainer._cull_to_fit(with_seed | {"slots.hidden2.seed.w": torch.zeros(1)})  # a seed gone since
-    assert not trainer._cull_to_fit(with_seed)  # the same keys: culling would only remove them
+    with_seed = capture_state(trainer.host, trainer.optimizer)
+    gone = TrainingState(with_seed.model | {"slots.hidden2.seed.w": torch.zeros(1)}, with_seed.optimizer, 0)
+    assert not trainer._cull_to_fit(gone)  # a seed gone since
+    assert not trainer._cull_to_fit(with_seed)  # the same parameters: culling would only remove them
+    other = {**before.optimizer, "param_groups": [*before.optimizer["param_groups"],
+                                                   {"params": [], "kasmina_seed": sid, "kasmina_germination": "old"}]}
+    assert not trainer._cull_to_fit(TrainingState(before.model, other, 0))  # another germination's group
     assert trainer.kasmina.stage(sid) == pb.SEED_STAGE_TRAINING
-    before_seed = {k: v for k, v in with_seed.items() if ".seed." not in k}
-    assert trainer._cull_to_fit(before_seed)  # saved before the seed: culling it makes the state fit
+    assert trainer._cull_to_fit(before)  # saved before the seed: culling it makes the state fit
     assert trainer.kasmina.stage(sid) == pb.SEED_STAGE_CULLED and trainer.kasmina.active_slots() == []
 
 
@@ -563,8 +569,12 @@ def test_commands_under_a_schedule_bound_the_scale_that_persists(tmp_path: Path)
     before = trainer.optimizer.param_groups[0]["lr"]
     trainer._trainer_command(_lr_command(lr_delta=-0.5))  # a decrease below the floor's rate
     assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(before * math.exp(-0.5))
-    trainer._trainer_command(_lr_command(learning_rate=before * 8))  # explicit rate: one 2x step toward it
+    trainer._trainer_command(_lr_command(learning_rate=base * 8))  # explicit rate: one 2x step toward it
     assert trainer.lr_scale == pytest.approx(math.exp(-0.5) * MAX_STEP)
+    trainer.lr_scale = 1.0
+    for _ in range(5):  # "the base rate", asked in warm-up: read against the schedule past its warm-up
+        trainer._trainer_command(_lr_command(learning_rate=base))
+    assert trainer.lr_scale == pytest.approx(1.0)  # not 10 (each compared with the warm-up's tiny rate)
 
 
 def test_a_command_at_a_cosines_end_does_not_crash(tmp_path: Path) -> None:

@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -262,9 +262,9 @@ class RollbackManager:
 
     def rollback(self, model: nn.Module, optimizer: torch.optim.Optimizer | None, *,
                  to_step: int | None = None,
-                 on_mismatch: Callable[[Mapping[str, torch.Tensor]], bool] | None = None) -> RollbackResult:
+                 on_mismatch: Callable[[TrainingState], bool] | None = None) -> RollbackResult:
         """Restore the newest state at or before `to_step` (newest of all if None), fast tier first.
-        `on_mismatch`: called once, with the checkpoint's model state, when it does not fit the model
+        `on_mismatch`: called once, with the checkpoint's state, when it does not fit the model
         (seeds grafted since it was saved: the trainer culls them if that makes it fit); when it returns
         True the checkpoint already read is restored again, inside the same deadline.
 
@@ -307,7 +307,7 @@ class RollbackManager:
             try:
                 ckpt.restore(model, optimizer)
             except StateMismatchError:
-                if on_mismatch is None or not on_mismatch(ckpt.model_state):
+                if on_mismatch is None or not on_mismatch(ckpt.training_state()):
                     raise
                 ckpt.restore(model, optimizer)
         except StateMismatchError as e:

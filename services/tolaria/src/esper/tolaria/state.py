@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from esper.core.errors import EsperError
-from esper.kasmina.optim import SEED_IDENTITY_KEYS
+from esper.kasmina.optim import FOSSIL_GROUP_KEY, SEED_IDENTITY_KEYS
 
 __all__ = [
     "StateMismatchError",
@@ -145,4 +145,8 @@ def restore_state(model: nn.Module, optimizer: torch.optim.Optimizer | None, sta
     with torch.no_grad():
         model.load_state_dict(state.model, strict=True)  # copies into the live tensors
     if optimizer is not None:
+        fossils = [g.get(FOSSIL_GROUP_KEY) for g in optimizer.param_groups]
         optimizer.load_state_dict(cpu_copy(state.optimizer))  # a copy: the optimizer may keep what it gets
+        for group, fossil in zip(optimizer.param_groups, fossils, strict=True):  # the group dicts are the
+            if fossil is not None:  # saved ones now: a seed fossilised since keeps its tag (it is host)
+                group[FOSSIL_GROUP_KEY] = fossil

@@ -26,7 +26,7 @@ except ImportError:  # not on Windows
     resource = None  # type: ignore[assignment]
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,7 +37,8 @@ from prometheus_client import CollectorRegistry
 from esper.core.breaker import CLOSED, CircuitBreaker
 from esper.core.logging import get_logger
 from esper.core.telemetry import PRIORITY_INDICATOR, build_event, build_metric, build_telemetry_packet
-from esper.kasmina import CommandRejected, Kasmina, KernelClient, SeedSlot
+from esper.kasmina import CommandRejected, Kasmina, KernelClient, SeedSlot, seed_id_for
+from esper.kasmina.optim import FOSSIL_GROUP_KEY, SEED_GROUP_KEY, SEED_IDENTITY_KEYS
 from esper.kasmina.settings import KasminaSettings
 from esper.leyline import enum_name, pb
 from esper.tolaria.bus import BusThread
@@ -54,6 +55,7 @@ from esper.tolaria.packet import build_packet
 from esper.tolaria.rollback import RollbackDeadlineExceeded, RollbackError, RollbackManager
 from esper.tolaria.settings import TolariaSettings
 from esper.tolaria.sidecar import SidecarDecisionClient
+from esper.tolaria.state import TrainingState
 from esper.urza.store import ArtifactStore
 
 log = get_logger("esper.tolaria.trainer")
@@ -382,8 +384,10 @@ class Trainer:
             if self.settings.lr_policy == "off":
                 change = adjust_lr(old, self.base_lr, hyper)
                 set_lr(self.optimizer, change.new)
-            else:  # the scale on the schedule persists: it is what the bounds hold (commands.py)
-                change = adjust_lr(self.lr_scale, 1.0, as_scale_request(hyper, old))
+            else:  # the scale on the schedule persists: it is what the bounds hold (commands.py). An explicit
+                # rate is read against the schedule past its warm-up, or a warm-up's tiny rate inflates it.
+                change = adjust_lr(self.lr_scale, 1.0,
+                                   as_scale_request(hyper, self._scheduled_lr(warmup=False) * self.lr_scale))
                 self.lr_scale = change.new
                 self._apply_lr_policy()
             new = current_lr(self.optimizer)
@@ -405,13 +409,16 @@ class Trainer:
         return True
 
     def _apply_lr_policy(self) -> None:
-        s = self.settings
-        if s.lr_policy == "off":  # the default: nothing to schedule (the call below reads seven settings)
+        if self.settings.lr_policy == "off":  # the default: nothing to schedule (the call below reads settings)
             return
+        set_lr(self.optimizer, self._scheduled_lr() * self.lr_scale)
+
+    def _scheduled_lr(self, *, warmup: bool = True) -> float:
+        s = self.settings
         lr = scheduled_lr(s.lr_policy, self.base_lr, step=self.step, epoch=self.epoch, total_steps=self.total_steps,
-                          warmup_steps=s.lr_warmup_steps, step_epochs=s.lr_step_epochs, gamma=s.lr_step_gamma)
-        if lr is not None:
-            set_lr(self.optimizer, lr * self.lr_scale)
+                          warmup_steps=s.lr_warmup_steps if warmup else 0, step_epochs=s.lr_step_epochs,
+                          gamma=s.lr_step_gamma)
+        return self.base_lr if lr is None else lr
 
     def _start_kernel_fetches(self) -> None:
         """Fetch pending kernels on the bus thread; they attach at the first boundary after they arrive.
@@ -497,13 +504,25 @@ class Trainer:
         self._event("rollback", _WARNING, f"{result.tier} tier restored step {result.step} in "
                     f"{result.elapsed_ms:.2f} ms", reason=reason, tier=result.tier, restored_step=result.step)
 
-    def _cull_to_fit(self, saved: Mapping[str, torch.Tensor]) -> bool:
-        """A checkpoint that does not fit: cull the active seeds, but only if the model without them has
-        exactly the checkpoint's parameters. Otherwise (a fossil grafted since, or the checkpoint holds a
-        seed that is gone) culling them would restore nothing and lose them all the same."""
+    def _cull_to_fit(self, saved: TrainingState) -> bool:
+        """A checkpoint that does not fit: cull the active seeds, but only if the model and optimizer
+        without them fit it (the parameters and their shapes, and which seed each optimizer group holds).
+        Otherwise (a fossil grafted since, the checkpoint holding a seed that is gone, or another
+        germination in a slot) culling them would restore nothing and lose them all the same."""
         active = self.kasmina.active_slots()
+        if not active:
+            return False
         prefixes = tuple(f"slots.{name}.seed." for name in active)
-        if not active or {k for k in self.host.state_dict() if not k.startswith(prefixes)} != set(saved):
+        live = {k: v for k, v in self.host.state_dict().items() if not k.startswith(prefixes)}
+        if live.keys() != saved.model.keys() or any(v.shape != saved.model[k].shape for k, v in live.items()):
+            return False
+        culled = {seed_id_for(name) for name in active}
+        groups = [g for g in self.optimizer.param_groups
+                  if g.get(SEED_GROUP_KEY) not in culled or g.get(FOSSIL_GROUP_KEY)]
+        saved_groups = saved.optimizer.get("param_groups", [])
+        if len(groups) != len(saved_groups) or any(
+                len(g["params"]) != len(sg.get("params", ())) or any(g.get(k) != sg.get(k) for k in SEED_IDENTITY_KEYS)
+                for g, sg in zip(groups, saved_groups, strict=False)):
             return False
         self.kasmina.cull_all("rollback")
         return True
