@@ -169,11 +169,26 @@ def test_annotation_rejections(kasmina: Kasmina, reason: str) -> None:
     {"blend_mode": "CHANNEL", "alpha_vec": "[0.5, 0.5]", "alpha_vec_len": "3"},
     {"blend_mode": "CHANNEL", "alpha_vec": "[]"},
     {"blend_mode": "CHANNEL", "alpha_vec": json.dumps([0.5] * 7)},  # the slot has 8 channels
+    {"blend_mode": "CHANNEL", "alpha_vec": "[" + "9" * 400 + "]"},  # an int no float holds: OverflowError
+    {"blend_mode": "CONFIDENCE", "confidence_logits": "[1, 2]", "gate_k": "0"},  # NaN on extreme logits
+    {"blend_mode": "CONFIDENCE", "confidence_logits": "[1, 2]", "gate_k": "-4"},  # the gate turned around
 ])
 def test_more_bad_annotations(kasmina: Kasmina, annotations: dict[str, str]) -> None:
+    """Each is a typed rejection with its event; some escaped as OverflowError or were accepted."""
     with pytest.raises(CommandRejected) as info:
         kasmina.apply_command(command(annotations=annotations))
     assert info.value.reason in {"invalid_confidence_logits", "invalid_gate_parameters", "invalid_alpha_vec"}
+    assert [e["reason"] for e in events(kasmina, "command_rejected")] == [info.value.reason]
+
+
+@pytest.mark.parametrize(("seconds", "nanos"), [(2**62, 0), (-(2**62), 0), (0, -5), (0, 2 * 10**9)])
+def test_a_timestamp_outside_the_protobuf_range_is_a_rejection(kasmina: Kasmina, seconds: int, nanos: int) -> None:
+    """`Timestamp.ToMilliseconds` raises ValueError on these: it escaped `apply_command` untyped."""
+    cmd = command(kind=pb.COMMAND_PAUSE, keys=None)
+    cmd.issued_at.seconds, cmd.issued_at.nanos = seconds, nanos
+    sign_command(cmd, KEYS)
+    _rejected_any(kasmina, cmd, "missing_timestamp")
+    assert [e["reason"] for e in events(kasmina, "command_rejected")] == ["missing_timestamp"]
 
 
 def test_parsed_annotations() -> None:
@@ -239,6 +254,9 @@ def test_germinate_twice_and_fossilize_early_are_illegal(kasmina: Kasmina) -> No
     events(kasmina)
     _rejected_any(kasmina, command(), "illegal_transition")
     _rejected_any(kasmina, command(op=pb.SEED_OP_FOSSILIZE), "illegal_transition")
+    # DORMANT is checked before G0: a bad germinate aimed at a live seed is no G0 failure of that seed
+    _rejected_any(kasmina, command(params={"alpha": float("inf")}), "illegal_transition")
+    assert events(kasmina, "gate_failure") == []
 
 
 def _rejected_any(kasmina: Kasmina, cmd: pb.AdaptationCommand, reason: str) -> None:

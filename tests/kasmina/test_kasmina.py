@@ -541,9 +541,13 @@ async def test_evidence_outside_probation_is_ignored_and_missing_evidence_culls(
 
 
 async def test_fossilize_command_needs_evidence() -> None:
-    rig = Rig(fast_settings(probation_steps=50))
+    """The automatic verdict's bar, the number of reports included (one report used to be enough)."""
+    rig = Rig(fast_settings(probation_steps=50, min_evidence=2))
     await rig.germinate()
     rig.until(S.SEED_STAGE_PROBATIONARY)
+    with pytest.raises(Exception, match="insufficient_evidence"):
+        rig.k.apply_command(command(op=pb.SEED_OP_FOSSILIZE))
+    rig.k.report_evidence(SEED, loss_with=0.3, loss_without=0.4)
     with pytest.raises(Exception, match="insufficient_evidence"):
         rig.k.apply_command(command(op=pb.SEED_OP_FOSSILIZE))
     rig.k.report_evidence(SEED, loss_with=0.3, loss_without=0.4)

@@ -280,9 +280,11 @@ class Kasmina:
         if op == pb.SEED_OP_FOSSILIZE:
             if rec.stage != PROBATIONARY:
                 raise self._illegal(cmd, rec, "fossilize")
-            improvement = _mean(rec.evidence)
-            if improvement is None or not improvement > self.settings.min_improvement:
-                raise CommandRejected("insufficient_evidence", f"mean improvement {improvement}",
+            improvement = _mean(rec.evidence)  # the automatic verdict's bar, count included
+            if (len(rec.evidence) < self.settings.min_evidence or improvement is None
+                    or not improvement > self.settings.min_improvement):
+                raise CommandRejected("insufficient_evidence", f"{len(rec.evidence)} reports (need "
+                                      f"{self.settings.min_evidence}), mean improvement {improvement}",
                                       command_id=cmd.command_id, seed_id=rec.seed_id)
             self._fossilize(rec, "command_fossilize")
             return CommandOutcome(cmd.command_id, cmd.command_type, "fossilized", rec.seed_id)
@@ -293,14 +295,14 @@ class Kasmina:
         germ = parse_germination(cmd)  # annotations first: "before anything runs"
         op = cmd.seed_operation
         rec = self._records.get(cmd.target_seed_id)
+        if rec is not None and rec.stage != DORMANT:  # the prototype's order: DORMANT, then G0 (a bad command
+            raise self._illegal(cmd, rec, "germinate")  # aimed at a live seed is no G0 failure of that seed)
         g0 = gate_g0_sanity(seed_id=cmd.target_seed_id, registered=rec is not None, blueprint_id=op.blueprint_id,
                             parameters=dict(op.parameters))
         if not g0.passed or rec is None:
             if rec is not None:
                 self._gate_failure(rec, g0)
             raise CommandRejected(g0.reason, g0.detail, command_id=cmd.command_id, seed_id=cmd.target_seed_id)
-        if rec.stage != DORMANT:
-            raise self._illegal(cmd, rec, "germinate")
         if self.kernels is None:
             raise CommandRejected("kernel_source_unavailable", "Kasmina has no kernel source",
                                   command_id=cmd.command_id, seed_id=rec.seed_id)

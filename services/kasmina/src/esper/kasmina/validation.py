@@ -109,7 +109,10 @@ class CommandValidator:
         self._nonces.put(cid, "1", now)
         has_ts = cmd.HasField("issued_at")
         if has_ts:
-            issued = cmd.issued_at.ToMilliseconds()
+            try:
+                issued = cmd.issued_at.ToMilliseconds()
+            except ValueError as e:  # seconds or nanos outside the Timestamp range: no time to judge it by
+                raise CommandRejected("missing_timestamp", f"invalid issued_at: {e}"[:200], command_id=cid) from e
             if issued - now > self._max_future_ms:
                 raise CommandRejected("issued_in_future", f"{issued - now} ms ahead", command_id=cid)
             if now - issued > self._max_age_ms:
@@ -173,6 +176,8 @@ def _float(ann: Mapping[str, str], key: str, default: float, cmd: pb.AdaptationC
 
 def _confidence(ann: Mapping[str, str], cmd: pb.AdaptationCommand) -> dict[str, float]:
     k = _float(ann, "gate_k", DEFAULT_GATE_K, cmd)
+    if k <= 0.0:  # 0 gives a NaN gate on extreme logits, a negative k turns the gate around
+        raise _reject("invalid_gate_parameters", f"gate_k must be > 0, got {k}", cmd)
     tau = _float(ann, "gate_tau", DEFAULT_GATE_TAU, cmd)
     lo = _float(ann, "alpha_lo", 0.0, cmd)
     hi = _float(ann, "alpha_hi", 1.0, cmd)
@@ -186,6 +191,8 @@ def _confidence(ann: Mapping[str, str], cmd: pb.AdaptationCommand) -> dict[str, 
         if len(logits) < 2:
             raise ValueError("need at least two logits")
         gate = confidence_gate_value(logits, k, tau)
+        if not math.isfinite(gate):
+            raise ValueError(f"the gate is {gate} for these logits")
     except (ValueError, OverflowError) as e:
         raise _reject("invalid_confidence_logits", str(e), cmd) from None
     return {"gate_k": k, "gate_tau": tau, "alpha_lo": lo, "alpha_hi": hi, "gate": gate}
@@ -197,7 +204,7 @@ def _alpha_vec(ann: Mapping[str, str], cmd: pb.AdaptationCommand) -> tuple[float
         raise _reject("missing_alpha_vec", "CHANNEL blending needs alpha_vec", cmd)
     try:
         vec = _number_list(text, limit=MAX_ALPHA_VEC)
-    except ValueError as e:
+    except (ValueError, OverflowError) as e:  # OverflowError: a JSON integer too large for a float
         raise _reject("invalid_alpha_vec", str(e), cmd) from None
     if any(not 0.0 <= v <= 1.0 for v in vec):
         raise _reject("invalid_alpha_vec", "entries must lie in [0, 1]", cmd)
