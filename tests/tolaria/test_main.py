@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import json
 import os
+import signal
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+
+from esper.oona import OonaSettings
 
 _OURS = ("ESPER_", "TOLARIA_", "TAMIYO_", "KASMINA_", "URZA_")
 
@@ -64,3 +70,52 @@ def test_empty_optional_paths_mean_unset_through_the_cli(tmp_path: Path) -> None
     assert proc.returncode == 0, proc.stderr[-2000:]  # was IsADirectoryError after the run: summary lost
     assert '"run_id"' in proc.stdout
     assert sorted(p.name for p in tmp_path.iterdir()) == ["var"]  # no profiler traces in the cwd
+
+
+def _start(tmp_path: Path, *args: str, **env: str) -> subprocess.Popen[str]:
+    base = {k: v for k, v in os.environ.items() if not k.upper().startswith(_OURS)}
+    base.update(TOLARIA_VAR_DIR=str(tmp_path / "var"), TOLARIA_MALLOC_KEEP_MB="0", ESPER_LOG_LEVEL="INFO",
+                TOLARIA_SUMMARY_JSON=str(tmp_path / "summary.json"), **env)
+    return subprocess.Popen([sys.executable, "-m", "esper.tolaria", "run", *args], cwd=tmp_path, env=base,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _when_training(proc: subprocess.Popen[str]) -> None:
+    """Wait (a liveness bound) until the run has logged its first epoch."""
+    assert proc.stderr is not None
+    for line in proc.stderr:
+        if "val_accuracy" in line:
+            return
+    raise AssertionError("the run ended before its first epoch")
+
+
+@pytest.mark.parametrize("signals", [(signal.SIGINT,), (signal.SIGTERM, signal.SIGTERM)])
+def test_ctrl_c_or_a_second_sigterm_still_checkpoints_and_writes_the_summary(
+        tmp_path: Path, signals: tuple[signal.Signals, ...]) -> None:
+    """SIGINT raised KeyboardInterrupt mid-step (no checkpoint since the cadence's last, no summary), and
+    a second SIGTERM during shutdown hit the default handler, restored first: exit -15, summary lost."""
+    proc = _start(tmp_path, "--static", TOLARIA_EPOCHS="500", TOLARIA_CHECKPOINT_EVERY_EPOCHS="1000")
+    _when_training(proc)
+    for sig in signals:
+        proc.send_signal(sig)
+        time.sleep(0.05)
+    out, _ = proc.communicate(timeout=100)
+    assert proc.returncode == 0, out[-500:]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["clean_shutdown"] and 0 < summary["epochs"] < 500 and json.loads(out) == summary
+    checkpoints = sorted((tmp_path / "var" / "checkpoints").glob("*.pt"))
+    assert len(checkpoints) == 1 and f"-e{summary['epochs']:06d}-" in checkpoints[0].name  # the epoch it stopped in
+
+
+def test_a_metrics_port_in_use_is_a_configuration_error(tmp_path: Path, settings: OonaSettings) -> None:
+    """It was a traceback (exit 1) after the trainer, its sidecar and its publisher were built, none closed."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        proc = _start(tmp_path, ESPER_REDIS_URL=settings.redis_url,
+                      ESPER_LEYLINE_SECRET=settings.signing_keys().secret.decode(),
+                      ESPER_METRICS_PORT=str(port), ESPER_METRICS_HOST="127.0.0.1", TOLARIA_EPOCHS="1")
+        out, err = proc.communicate(timeout=100)
+    assert proc.returncode == 2 and out == "" and "Traceback" not in err, err[-2000:]
+    assert f"tolaria: configuration error: ESPER_METRICS_PORT {port}" in err.strip().splitlines()[-1]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import signal
 import sys
 from typing import Annotated
 
@@ -26,7 +27,7 @@ def run(static: Annotated[bool, typer.Option(help="train the host alone: no Tami
     from esper.core.errors import ConfigurationError
     from esper.kasmina import KasminaSettings
     from esper.tolaria.data import DatasetError
-    from esper.tolaria.service import load_training_data, run_training
+    from esper.tolaria.service import TrainerStartError, load_training_data, run_training
     from esper.tolaria.settings import TolariaSettings
 
     try:
@@ -44,7 +45,16 @@ def run(static: Annotated[bool, typer.Option(help="train the host alone: no Tami
     except DatasetError as e:
         typer.echo(f"tolaria: configuration error: TOLARIA_DATASET_PATH: {e}", err=True)
         raise typer.Exit(2) from None
-    code, summary = run_training(settings, static=static, dataset=dataset)
+    try:
+        code, summary = run_training(settings, static=static, dataset=dataset)
+    except ConfigurationError as e:  # found while starting (a metrics port in use)
+        typer.echo(f"tolaria: configuration error: {e}", err=True)
+        raise typer.Exit(2) from None
+    except TrainerStartError as e:
+        typer.echo(f"tolaria: cannot start: {e}", err=True)
+        raise typer.Exit(1) from None
+    for sig in (signal.SIGTERM, signal.SIGINT):  # the run is over and saved: a late signal must not turn
+        signal.signal(sig, signal.SIG_IGN)       # its exit code into -15 while the interpreter winds down
     typer.echo(json.dumps(summary, sort_keys=True))
     raise typer.Exit(code)
 

@@ -52,9 +52,15 @@ class BusThread:
         self.loop.run_forever()
 
     def start(self, timeout_s: float = 30.0) -> None:
+        """Start the loop and connect; TimeoutError (the connect attempt cancelled) if Redis stays away."""
         sys.setswitchinterval(SWITCH_INTERVAL_S)
         self._thread.start()
-        self.call(self.client.connect(), timeout_s)
+        connecting = self.submit(self.client.connect())
+        try:
+            connecting.result(timeout_s)
+        except TimeoutError:
+            connecting.cancel()  # connect() retries for ever: not a task left pending on the stopped loop
+            raise
 
     def submit(self, coro: Coroutine[Any, Any, T]) -> concurrent.futures.Future[T]:
         return asyncio.run_coroutine_threadsafe(coro, self.loop)

@@ -1,9 +1,12 @@
 """`python -m esper.tolaria`: one training run, then exit with its summary.
 
 The trainer runs in the main thread; the bus (decisions, kernels, telemetry, /metrics) on the bus
-thread. SIGTERM finishes the current step, checkpoints and exits cleanly. Exit codes: 0 run finished,
-3 the run halted on an emergency (HALT), 2 configuration error: settings, device or dataset, all
-checked by the CLI before anything starts (a bad `.npz` is one line on stderr, not a traceback).
+thread. SIGTERM or SIGINT (Ctrl-C) finishes the current step, checkpoints and exits cleanly; both stay
+handled until the summary is written, so a second one during shutdown loses nothing. The summary is
+written (atomically) on every exit path, `clean_shutdown` false when the run raised. Exit codes: 0 run
+finished, 3 the run halted on an emergency (HALT), 2 configuration error: settings, device, dataset
+or a metrics port already in use, one line on stderr, not a traceback; 1 the bus could not reach
+Redis at start (`TrainerStartError`, one line too).
 """
 
 from __future__ import annotations
@@ -15,6 +18,8 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry
 
+from esper.core.errors import ConfigurationError, EsperError
+from esper.core.files import write_bytes_atomic
 from esper.core.health_server import HealthServer
 from esper.core.logging import configure_logging, get_logger
 from esper.tolaria.bus import BusThread
@@ -26,6 +31,10 @@ from esper.tolaria.trainer import Trainer
 log = get_logger("esper.tolaria.service")
 
 EXIT_HALTED = 3
+
+
+class TrainerStartError(EsperError):
+    """The run could not start: the bus did not reach Redis in time (nothing trained, nothing written)."""
 
 
 def load_training_data(settings: TolariaSettings) -> Dataset:
@@ -47,37 +56,56 @@ def run_training(settings: TolariaSettings, *, static: bool = False,
     registry = CollectorRegistry()
     bus = None if static else BusThread(settings, registry=registry)
     http: HealthServer | None = None
-    if bus is not None:
-        bus.start()
-    try:
-        trainer = Trainer(settings, bus=bus, registry=registry, dataset=data)
-    except BaseException:
-        if bus is not None:
-            bus.stop()
-        raise
+    trainer: Trainer | None = None
 
     def health() -> tuple[bool, Mapping[str, object]]:
+        if trainer is None:
+            return True, {"starting": True}
         return True, {"epoch": trainer.epoch, "step": trainer.step, "halted": trainer.emergency.halted}
 
-    if bus is not None and settings.metrics_port >= 0:
-        http = HealthServer(registry, health, host=settings.metrics_host, port=settings.metrics_port)
-        bus.call(http.start(), 10.0)
-    previous = signal.signal(signal.SIGTERM, lambda *_: trainer.stop())
+    try:
+        if bus is not None:
+            try:
+                bus.start()
+            except TimeoutError as e:  # connect() retries with backoff until the call gives up
+                raise TrainerStartError("the bus could not reach Redis (ESPER_REDIS_URL) within 30 s") from e
+            if settings.metrics_port >= 0:
+                server = HealthServer(registry, health, host=settings.metrics_host, port=settings.metrics_port)
+                try:
+                    bus.call(server.start(), 10.0)
+                except OSError as e:
+                    raise ConfigurationError(f"ESPER_METRICS_PORT {settings.metrics_port}: {e.strerror or e}") from e
+                http = server
+        trainer = Trainer(settings, bus=bus, registry=registry, dataset=data)
+    except BaseException:
+        _stop_bus(bus, http)
+        raise
+    # Handled until the summary is written: a signal during shutdown must not kill it half-done.
+    previous = {sig: signal.signal(sig, lambda *_: trainer.stop()) for sig in (signal.SIGTERM, signal.SIGINT)}
     clean = False
     try:
         trainer.run()
         clean = True
     finally:
-        signal.signal(signal.SIGTERM, previous)
         summary = trainer.summary(clean_shutdown=clean) | {"heap_kept_mb": heap.keep_mb if heap.applied else 0}
-        trainer.close()
-        if bus is not None:
-            if http is not None:
-                bus.call(http.stop(), 10.0)
-            bus.stop()
-    if settings.summary_json is not None:
-        settings.summary_json.parent.mkdir(parents=True, exist_ok=True)
-        settings.summary_json.write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
+        try:
+            trainer.close()
+            _stop_bus(bus, http)
+            if settings.summary_json is not None:
+                settings.summary_json.parent.mkdir(parents=True, exist_ok=True)
+                write_bytes_atomic(settings.summary_json,
+                                   (json.dumps(summary, indent=2, sort_keys=True) + "\n").encode())
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
     log.info("run finished", epochs=summary["epochs"], val_accuracy=summary["final_val_accuracy"],
              decisions=summary["decisions"], fossilized=summary["seeds_fossilized"], culled=summary["seeds_culled"])
     return (EXIT_HALTED if summary["halted"] else 0), summary
+
+
+def _stop_bus(bus: BusThread | None, http: HealthServer | None) -> None:
+    if bus is None:
+        return
+    if http is not None:
+        bus.call(http.stop(), 10.0)
+    bus.stop()

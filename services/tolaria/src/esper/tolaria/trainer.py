@@ -160,6 +160,7 @@ class Trainer:
         self._quick_structure: tuple[object, ...] = ()
         self._applied_step = 0  # the step whose update the weights hold
         self._restored_step: int | None = None  # a rollback's restored step, until a step is applied on it
+        self._checkpointed_step = -1  # the step of the last checkpoint this run wrote
         self._train_loss_sum, self._train_loss_steps = 0.0, 0  # applied steps of the current epoch
         self._stop = False
         self._pending_events: list[pb.TelemetryEvent] = []
@@ -191,6 +192,8 @@ class Trainer:
                 self.end_epoch()
                 if self._stop or self.emergency.halted:
                     break
+        if (self._stop or self.emergency.halted) and self._checkpointed_step != self.step:
+            self._save_checkpoint()  # the signal came after this epoch's end had decided not to save
         self._settle_last_decision()
         return self.stats
 
@@ -596,16 +599,20 @@ class Trainer:
         # cadence's last checkpoint.
         if (self.epoch % s.checkpoint_every_epochs == 0 or self.emergency.halted or self._stop
                 or self.epoch == s.epochs):
-            try:
-                with self.metrics.checkpoint_seconds.time():
-                    self.checkpoints.save_training(self.host, self.optimizer, epoch=self.epoch, step=self.step)
-                self.metrics.checkpoints.inc()
-            except CheckpointError as e:
-                self.metrics.checkpoint_errors.labels(e.reason).inc()
-                log.error("checkpoint not written", error=str(e))
+            self._save_checkpoint()
         log.info("epoch", epoch=self.epoch, val_loss=round(loss, 4), val_accuracy=round(acc, 4),
                  seeds=dict(Counter(_stage(st.stage) for st in self.kasmina.seed_states())))
         self._publish_epoch_telemetry(loss, acc)
+
+    def _save_checkpoint(self) -> None:
+        try:
+            with self.metrics.checkpoint_seconds.time():
+                self.checkpoints.save_training(self.host, self.optimizer, epoch=self.epoch, step=self.step)
+            self.metrics.checkpoints.inc()
+            self._checkpointed_step = self.step
+        except CheckpointError as e:
+            self.metrics.checkpoint_errors.labels(e.reason).inc()
+            log.error("checkpoint not written", error=str(e))
 
     def _report_evidence(self, loss_with: float) -> None:
         for st in self.kasmina.seed_states():
