@@ -11,7 +11,7 @@ tensors it is given as they are, so restoring the snapshot itself would let the 
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -25,6 +25,7 @@ __all__ = [
     "StateMismatchError",
     "TrainingState",
     "capture_state",
+    "check_fit",
     "check_state",
     "cpu_copy",
     "live_nbytes",
@@ -92,8 +93,7 @@ def live_nbytes(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> in
     return tensor_nbytes(dict(model.state_dict())) + (tensor_nbytes(optimizer.state) if optimizer is not None else 0)
 
 
-def _check_model(model: nn.Module, state: Mapping[str, torch.Tensor]) -> None:
-    live = model.state_dict()
+def _check_model(live: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor]) -> None:
     missing, unexpected = sorted(set(live) - set(state)), sorted(set(state) - set(live))
     if missing or unexpected:
         raise StateMismatchError(f"model keys differ: missing {missing[:5]}, unexpected {unexpected[:5]}")
@@ -106,9 +106,9 @@ def _check_model(model: nn.Module, state: Mapping[str, torch.Tensor]) -> None:
                                      f"live {tuple(tensor.shape)} {tensor.dtype}")
 
 
-def _check_optimizer(optimizer: torch.optim.Optimizer, state: Mapping[str, Any]) -> None:
-    groups, saved_groups = optimizer.param_groups, state.get("param_groups")
-    if not isinstance(saved_groups, list) or not isinstance(state.get("state"), Mapping):
+def _check_groups(groups: Sequence[Mapping[str, Any]], saved_groups: object) -> dict[int, torch.Tensor]:
+    """Saved parameter groups against live ones, by position; returns saved parameter id -> live tensor."""
+    if not isinstance(saved_groups, list):
         raise StateMismatchError("optimizer state lacks 'state' / 'param_groups'")
     if len(groups) != len(saved_groups):
         raise StateMismatchError(f"optimizer has {len(groups)} parameter groups, saved state {len(saved_groups)}")
@@ -123,6 +123,13 @@ def _check_optimizer(optimizer: torch.optim.Optimizer, state: Mapping[str, Any])
         if live_tags != saved_tags:
             raise StateMismatchError(f"optimizer group of {live_tags}, saved state's of {saved_tags}")
         params.update(zip(ids, g["params"], strict=True))
+    return params
+
+
+def _check_optimizer(optimizer: torch.optim.Optimizer, state: Mapping[str, Any]) -> None:
+    if not isinstance(state.get("state"), Mapping):
+        raise StateMismatchError("optimizer state lacks 'state' / 'param_groups'")
+    params = _check_groups(optimizer.param_groups, state.get("param_groups"))
     for pid, per_param in state["state"].items():
         if pid not in params or not isinstance(per_param, Mapping):
             raise StateMismatchError(f"optimizer state for unknown parameter {pid!r}")
@@ -132,9 +139,16 @@ def _check_optimizer(optimizer: torch.optim.Optimizer, state: Mapping[str, Any])
                                          f"live {tuple(params[pid].shape)}")
 
 
+def check_fit(tensors: Mapping[str, torch.Tensor], groups: Sequence[Mapping[str, Any]], state: TrainingState) -> None:
+    """`check_state`'s model and group checks for a model and optimizer as they would be (the trainer:
+    without the seeds it would cull), given as their tensors and parameter groups."""
+    _check_model(tensors, state.model)
+    _check_groups(groups, state.optimizer.get("param_groups"))
+
+
 def check_state(model: nn.Module, optimizer: torch.optim.Optimizer | None, state: TrainingState) -> None:
     """Raise StateMismatchError unless `state` can be loaded into `model` and `optimizer` as a whole."""
-    _check_model(model, state.model)
+    _check_model(model.state_dict(), state.model)
     if optimizer is not None:
         _check_optimizer(optimizer, state.optimizer)
 

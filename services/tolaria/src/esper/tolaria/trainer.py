@@ -38,7 +38,7 @@ from esper.core.breaker import CLOSED, CircuitBreaker
 from esper.core.logging import get_logger
 from esper.core.telemetry import PRIORITY_INDICATOR, build_event, build_metric, build_telemetry_packet
 from esper.kasmina import CommandRejected, Kasmina, KernelClient, SeedSlot, seed_id_for
-from esper.kasmina.optim import FOSSIL_GROUP_KEY, SEED_GROUP_KEY, SEED_IDENTITY_KEYS
+from esper.kasmina.optim import FOSSIL_GROUP_KEY, SEED_GROUP_KEY
 from esper.kasmina.settings import KasminaSettings
 from esper.leyline import enum_name, pb
 from esper.tolaria.bus import BusThread
@@ -55,7 +55,7 @@ from esper.tolaria.packet import build_packet
 from esper.tolaria.rollback import RollbackDeadlineExceeded, RollbackError, RollbackManager
 from esper.tolaria.settings import TolariaSettings
 from esper.tolaria.sidecar import SidecarDecisionClient
-from esper.tolaria.state import TrainingState
+from esper.tolaria.state import StateMismatchError, TrainingState, check_fit
 from esper.urza.store import ArtifactStore
 
 log = get_logger("esper.tolaria.trainer")
@@ -516,16 +516,12 @@ class Trainer:
         if not active:
             return False
         prefixes = tuple(f"slots.{name}.seed." for name in active)
-        live = {k: v for k, v in self.host.state_dict().items() if not k.startswith(prefixes)}
-        if live.keys() != saved.model.keys() or any(v.shape != saved.model[k].shape for k, v in live.items()):
-            return False
         culled = {seed_id_for(name) for name in active}
-        groups = [g for g in self.optimizer.param_groups
-                  if g.get(SEED_GROUP_KEY) not in culled or g.get(FOSSIL_GROUP_KEY)]
-        saved_groups = saved.optimizer.get("param_groups", [])
-        if len(groups) != len(saved_groups) or any(
-                len(g["params"]) != len(sg.get("params", ())) or any(g.get(k) != sg.get(k) for k in SEED_IDENTITY_KEYS)
-                for g, sg in zip(groups, saved_groups, strict=False)):
+        try:
+            check_fit({k: v for k, v in self.host.state_dict().items() if not k.startswith(prefixes)},
+                      [g for g in self.optimizer.param_groups
+                       if g.get(SEED_GROUP_KEY) not in culled or g.get(FOSSIL_GROUP_KEY)], saved)
+        except StateMismatchError:
             return False
         self.kasmina.cull_all("rollback")
         return True
