@@ -156,6 +156,35 @@ async def test_late_reply_is_discarded_and_counted(make_client: ClientFactory) -
     await task
 
 
+async def test_a_request_gives_up_at_its_deadline_while_the_reply_read_is_still_blocked(
+        make_client: ClientFactory) -> None:
+    """Redis times a blocked XREAD out on its own cron (every 100 ms at `hz 10`), not at its BLOCK:
+    a requester that waited for its own read kept a 5 ms request ~100 ms. Now the read stays blocked
+    in its task (never cancelled mid-reply) and the requester gives up at its own deadline; a reply
+    that lands afterwards is counted late and the next request is answered."""
+    trainer = await make_client("trainer", block_ms=10_000)
+    tamiyo = await make_client("tamiyo")
+    with pytest.raises(RequestTimeoutError):
+        await trainer.request("state", state("unanswered"), timeout_ms=5)
+    blocked = [c for c in (await tamiyo.redis.client_list()) if c["cmd"] == "xread" and "b" in c["flags"]]
+    assert len(blocked) == 1, "the request waited for its reply read to end instead of its own deadline"
+    assert trainer.metrics.request_timeouts.labels("state")._value.get() == 1
+
+    async def echo(d: Delivery) -> pb.DecisionFailure:
+        packet = d.message_as(pb.SystemStatePacket)
+        return pb.DecisionFailure(packet_id=packet.packet_id, reason=pb.DECISION_FAILURE_REASON_TIMEOUT_INFERENCE)
+
+    consumer = Consumer(tamiyo, "state", group="tamiyo", handler=echo)
+    stop = asyncio.Event()
+    task = asyncio.create_task(consumer.run(stop))
+    try:  # the unanswered request expired before the group saw it; the next one is answered
+        reply = await trainer.request("state", state("next"), timeout_ms=5_000)
+        assert reply.message_as(pb.DecisionFailure).packet_id == "pnext"
+    finally:
+        stop.set()
+        await task
+
+
 async def _reply_written(client: OonaClient) -> bool:
     return int(await client.redis.xlen(client.reply_stream)) >= 1
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import math
 import time
 import uuid
 from collections.abc import Mapping, Sequence
@@ -104,10 +103,9 @@ class OonaClient:
         self._telemetry_bucket = TokenBucket(settings.emergency_max_per_min)
         self._reply_stream = f"{REPLY_PREFIX}{sender}.{uuid.uuid4().hex[:12]}}}"
         self._pending: dict[str, asyncio.Future[Delivery]] = {}
-        # Replies are read by whichever waiting request holds `_reply_lock` (no listener task: the
-        # reply wakes its requester directly, one event-loop hop less on the hot path).
-        self._reply_lock = asyncio.Lock()
-        self._reply_reader_done: asyncio.Future[None] | None = None
+        # One reader task reads the reply stream while any request waits, and wakes each requester
+        # through its future; a requester gives up at its own deadline, whatever the read is doing.
+        self._reply_reader: asyncio.Task[None] | None = None
         self._reply_conn: Redis | None = None
         self._reply_last_id: bytes = b"0-0"
         self._reply_replay = ReplayCache(capacity=settings.replay_cache_size, ttl_ms=2 * settings.freshness_window_ms)
@@ -154,6 +152,11 @@ class OonaClient:
         for fut in self._pending.values():
             if not fut.done():
                 fut.set_exception(OonaError("client closed while the request was waiting"))
+        reader, self._reply_reader = self._reply_reader, None
+        if reader is not None and not reader.done():
+            reader.cancel()  # redis-py drops the connection of a cancelled read: nothing is left mid-reply
+            with contextlib.suppress(asyncio.CancelledError):
+                await reader
         if self._reply_conn is not None:
             with contextlib.suppress(*RETRYABLE):
                 await self._read_replies(block_ms=0)  # count replies that came after their requester gave up
@@ -339,35 +342,36 @@ class OonaClient:
         return reply
 
     async def _await_reply(self, fut: asyncio.Future[Delivery], deadline: Deadline) -> Delivery:
-        """Wait for `fut`, reading the reply stream ourselves whenever no other request is reading it.
+        """Wait for `fut` until the deadline, by the client's clock.
 
-        The reading request dispatches every reply it sees to its waiting future, so concurrent
-        requests share one reader; the others wake when their reply lands or the reader steps down.
-        The read BLOCKs at most until our deadline (capped by `block_ms`, under the socket timeout):
-        a command on the dedicated connection is never cancelled mid-reply.
+        The reader's XREAD BLOCK cannot keep the deadline: Redis times a blocked read out on its own
+        cron (every 100 ms at the default `hz 10`), so a 5 ms budget took ~100 ms when no reply came.
+        The read runs in its own task (`_read_loop`) and is never cancelled mid-reply; the requester
+        stops waiting at its deadline, and a reply that lands after it is counted as late.
         """
-        while not fut.done():
-            remaining_ms = deadline.remaining_ms()
-            if remaining_ms <= 0:
-                raise TimeoutError
-            if self._reply_lock.locked():
-                assert self._reply_reader_done is not None
-                await asyncio.wait((fut, self._reply_reader_done), timeout=remaining_ms / 1000.0,
-                                   return_when=asyncio.FIRST_COMPLETED)
-                continue
-            async with self._reply_lock:
-                self._reply_reader_done = asyncio.get_running_loop().create_future()
+        if self._reply_reader is None or self._reply_reader.done():
+            self._reply_reader = asyncio.create_task(self._read_loop(), name=f"oona-replies-{self.sender}")
+        async with asyncio.timeout(deadline.remaining_s()):  # at the deadline `fut` is cancelled: a late reply
+            return await fut
+
+    async def _read_loop(self) -> None:
+        """Read the reply stream while any request waits, dispatching each reply to its future."""
+        try:
+            while self._pending and not self._closed:
                 try:
-                    block = max(1, min(math.ceil(remaining_ms), self.settings.block_ms))
-                    await self._read_replies(block_ms=block)
+                    if await self._read_replies(block_ms=self.settings.block_ms):
+                        await asyncio.sleep(0)  # the woken requesters run before the next read is sent
                 except RETRYABLE as e:
                     log.warning("reply stream read failed", error=str(e), stream=self._reply_stream)
-                    await asyncio.sleep(min(0.05, deadline.remaining_s()))
-                finally:
-                    self._reply_reader_done.set_result(None)
-        return fut.result()
+                    await asyncio.sleep(0.05)
+        except Exception as e:  # a Redis error reply (OOM, MISCONF): every waiting request gets it, typed
+            log.warning("reply stream reader stopped", error=f"{type(e).__name__}: {e}", stream=self._reply_stream)
+            for fut in self._pending.values():
+                if not fut.done():
+                    fut.set_exception(e)
 
-    async def _read_replies(self, *, block_ms: int) -> None:
+    async def _read_replies(self, *, block_ms: int) -> bool:
+        """Read and dispatch what the reply stream holds past the last id; True when it held anything."""
         if self._reply_conn is None:
             self._reply_conn = self.blocking_connection()
         resp: Any = await self._reply_conn.xread({self._reply_stream: self._reply_last_id}, count=100,
@@ -376,6 +380,7 @@ class OonaClient:
             for entry_id, fields in entries:
                 self._reply_last_id = entry_id
                 await self._on_reply(entry_id.decode(), fields)
+        return bool(resp)
 
     def reply_entry(self, request: Delivery, message: Message) -> tuple[str, bytes] | None:
         """(stream, raw) of the signed reply to `request`, or None when it asked for no reply."""
