@@ -502,28 +502,6 @@ async def test_a_cull_command_leaves_a_fast_snapshot_that_fits(make_client: Clie
         assert (result.tier, result.step) == ("fast", 3)
 
 
-def test_resource_metrics_report_memory() -> None:
-    from esper.tolaria.trainer import resource_metrics
-
-    metrics = resource_metrics(torch.device("cpu"))
-    assert metrics["cpu_mem_peak_gb"] > 0.01  # this process has torch loaded: well above 10 MB
-    assert "gpu_mem_used_gb" not in metrics
-
-
-def test_resource_figures_are_read_once_per_interval() -> None:
-    from esper.tolaria.trainer import ResourceSampler
-
-    now = [100.0]
-    sampler = ResourceSampler(torch.device("cpu"), interval_s=1.0, clock=lambda: now[0])
-    first = sampler.read()
-    assert first["cpu_mem_peak_gb"] > 0.01
-    now[0] += 0.9
-    assert sampler.read() is first  # within the interval: the same reading, no system call
-    now[0] += 0.1
-    again = sampler.read()
-    assert again is not first and again["cpu_mem_peak_gb"] >= first["cpu_mem_peak_gb"]  # a peak never falls
-
-
 def test_lr_policies() -> None:
     from esper.tolaria.commands import scheduled_lr
 

@@ -19,11 +19,6 @@ import concurrent.futures
 import contextlib
 import math
 import statistics
-
-try:
-    import resource
-except ImportError:  # not on Windows
-    resource = None  # type: ignore[assignment]
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -52,6 +47,7 @@ from esper.tolaria.host import HostNetwork, build_host
 from esper.tolaria.instruments import TolariaMetrics
 from esper.tolaria.metrics import TrainingSignals, batch_accuracy, step_readings, training_metrics
 from esper.tolaria.packet import build_packet
+from esper.tolaria.resources import ResourceSampler
 from esper.tolaria.rollback import RollbackDeadlineExceeded, RollbackError, RollbackManager
 from esper.tolaria.settings import TolariaSettings
 from esper.tolaria.sidecar import SidecarDecisionClient
@@ -706,38 +702,6 @@ class Trainer:
         if publisher is not None:
             publisher.flush(timeout_s)
             publisher.close(timeout_s)
-
-
-class ResourceSampler:
-    """`resource_metrics` at most once per `interval_s`, the same figures in between: peak RSS and the
-    allocator's totals move slowly, and reading them for every packet (getrusage; on CUDA a driver
-    call) cost ~2-4 % of a 0.4 ms step (py-spy, width 32)."""
-
-    def __init__(self, device: torch.device, *, interval_s: float = 1.0,
-                 clock: Callable[[], float] = time.monotonic) -> None:
-        self.device = device
-        self.interval_s = interval_s
-        self._clock = clock
-        self._at = -math.inf  # the first read always samples
-        self._last: dict[str, float] = {}
-
-    def read(self) -> dict[str, float]:
-        now = self._clock()
-        if now - self._at >= self.interval_s:
-            self._last, self._at = resource_metrics(self.device), now
-        return self._last
-
-
-def resource_metrics(device: torch.device) -> dict[str, float]:
-    """Memory where the platform says: process peak RSS (GB) on Unix, allocator figures on CUDA."""
-    out: dict[str, float] = {}
-    if resource is not None:
-        out["cpu_mem_peak_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2  # Linux: KiB
-    if device.type == "cuda":
-        free, total = torch.cuda.mem_get_info(device)
-        out["gpu_mem_used_gb"] = (total - free) / 1024**3
-        out["gpu_mem_free_gb"] = free / 1024**3
-    return out
 
 
 def _last(values: list[float]) -> float | None:
