@@ -161,6 +161,7 @@ class Trainer:
         self._stop = False
         self._pending_events: list[pb.TelemetryEvent] = []
         self._apply_ms = 0.0
+        self._tamiyo_latency: dict[str, float] = {}  # the last decision's latency, once there is one
         self._escalations_seen = 0
 
     # -- the run -----------------------------------------------------------------------------------
@@ -290,7 +291,7 @@ class Trainer:
                 samples_per_s=len(yb) / max(step_ms / 1000.0, 1e-9), hook_latency_ms=hook_ms, signals=signals,
                 step_latency_ms=step_ms, optimizer_family_index=s.optimizer_family_index,
                 extra={"learning_rate": current_lr(self.optimizer), "kasmina.apply_ms": self._apply_ms,
-                       "kasmina.finalize_ms": finalize_ms, **self.resources.read()})
+                       "kasmina.finalize_ms": finalize_ms, **self._tamiyo_latency, **self.resources.read()})
             packet = build_packet(run_id=s.run_id, step=self.step, epoch=self.epoch, epochs_total=s.epochs,
                                   steps_total=self.total_steps,
                                   training_loss=loss_v, validation_loss=_last(self.stats.val_loss),
@@ -319,6 +320,7 @@ class Trainer:
         """Every outcome, applied or not: counters, the HIGH timeout event, the decision breaker."""
         self.stats.decisions[d.kind] += 1
         self.stats.decision_ms.append(d.latency_ms)
+        self._tamiyo_latency = {"tamiyo_latency_ms": d.latency_ms}  # the next packets' REFERENCE §6.5 figure
         if d.kind in ("failure", "error"):
             self.stats.failure_reasons[d.detail.removeprefix("DECISION_FAILURE_REASON_").lower()[:60]] += 1
         if d.kind == "timeout" and not d.timeout_event and self.bus is not None:  # not handled by the sidecar
