@@ -53,7 +53,8 @@ async def test_every_step_sends_the_documented_metrics(make_client: ClientFactor
     s = trainer.summary(clean_shutdown=True)
     assert s["steps"] == trainer.step == len(packets) >= 10 and s["decisions"] == s["steps"]
     assert [p.global_step for p in packets] == list(range(1, trainer.step + 1))
-    assert {p.training_run_id for p in packets} == {"run-packets"} and len({p.packet_id for p in packets}) == len(packets)
+    assert {p.training_run_id for p in packets} == {"run-packets"}
+    assert len({p.packet_id for p in packets}) == len(packets)
     for i, p in enumerate(packets):
         m = dict(p.training_metrics)
         assert set(m) >= DOCUMENTED, DOCUMENTED - set(m)
