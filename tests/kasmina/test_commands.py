@@ -202,6 +202,14 @@ def test_parsed_annotations() -> None:
     assert (plain.blend.mode, plain.blend.schedule, plain.mesh_layers) == ("CONVEX", "tanh", ())
 
 
+@pytest.mark.parametrize(("text", "names"), [
+    ("0", ("0",)), ("0, 3", ("0", "3")), ("decoder.7", ("decoder.7",)), ('["0"]', ("0",)), ('"fc1"', ("fc1",)),
+])
+def test_mesh_layers_named_by_number_are_names(text: str, names: tuple[str, ...]) -> None:
+    """nn.Sequential children are named "0", "1", ...: read as JSON, "0" was the number 0 and refused."""
+    assert parse_germination(command(annotations={"mesh_host_layers": text})).mesh_layers == names
+
+
 # -- commands that cannot execute ---------------------------------------------------------------------
 
 EXECUTION_CASES: dict[str, Callable[[], pb.AdaptationCommand]] = {

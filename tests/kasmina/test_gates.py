@@ -89,6 +89,7 @@ def test_g2_passes() -> None:
     ([1.0, math.nan, 1.0, 1.0], [1.0] * 4, "non_finite_loss"),
     ([1.0, 1.0, 2.5, 3.0], [1.0] * 4, "loss_diverged"),
     ([1.0] * 4, [1.0, 1.0, 1.0, 80.0], "latency_over_budget"),
+    ([1.0] * 4, [80.0, math.nan, 1.0, 1.0], "latency_over_budget"),  # a NaN sorts anywhere: not a p95
 ])
 def test_g2_fails(losses: list[float], latencies: list[float], reason: str) -> None:
     result = gate_g2_stability(losses=losses, latencies_ms=latencies, window=4, max_loss_ratio=2.0,

@@ -172,7 +172,9 @@ def gate_g2_stability(*, losses: Sequence[float], latencies_ms: Sequence[float],
     if last > max_loss_ratio * first + abs_tolerance:
         return _fail(G2, "loss_diverged", f"mean loss {first:.4g} → {last:.4g}")
     if latencies_ms:
-        p95 = _p95(list(latencies_ms[-window:]))
+        window_ms = list(latencies_ms[-window:])
+        # a NaN sorts anywhere: judged unmeasurable (over budget) before the order is trusted
+        p95 = _p95(window_ms) if all(math.isfinite(v) for v in window_ms) else math.nan
         if not math.isfinite(p95) or p95 > latency_budget_ms:
             return _fail(G2, "latency_over_budget", f"p95 {p95:.3f} ms > {latency_budget_ms:g} ms")
     return _ok(G2)

@@ -218,10 +218,12 @@ def _mesh_layers(ann: Mapping[str, str], cmd: pb.AdaptationCommand) -> tuple[str
     text = ann.get("mesh_host_layers", "").strip()
     if not text:
         return ()
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError:
-        data = text.split(",")
+    data: object = text.split(",")  # names, comma separated: "0" is a name (an nn.Sequential child), not JSON 0
+    if text[0] in '["{':
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise _reject("invalid_mesh_layers", f"mesh_host_layers is not valid JSON: {e}"[:200], cmd) from e
     if isinstance(data, str):
         data = [data]
     if not isinstance(data, list) or not all(isinstance(x, str) for x in data):
