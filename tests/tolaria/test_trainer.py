@@ -604,3 +604,32 @@ def test_budgets_are_reported_and_the_profiler_writes_a_trace(tmp_path: Path) ->
     assert summary["epochs"] == 1 and summary["step_failures"] == {}  # reported, not a failure
     traces = list((tmp_path / "prof").iterdir())
     assert traces and all(t.stat().st_size > 0 for t in traces)
+
+
+def test_a_seed_in_a_long_epoch_gets_its_verdict_from_evidence_not_a_no_evidence_cull(tmp_path: Path) -> None:
+    """Evidence comes at epoch ends only. With 180 steps an epoch (batch 8) and Kasmina's default grace
+    (20 + 100 steps past probation), a seed on probation from step 52 was culled `no_evidence` at step
+    172, eight steps before its first report. The trainer raises the grace to cover one report per epoch."""
+    from esper.kasmina import Kasmina, SeedSlot
+    from tests.kasmina._helpers import KEYS, KarnKernelSource, command
+
+    s = TolariaSettings(var_dir=tmp_path, epochs=2, batch_size=8, hidden_width=16, hidden_layers=1,
+                        rollback_enabled=False, emergency_enabled=False, metrics_port=-1)
+    trainer = Trainer(s, bus=None)
+    steps_per_epoch = math.ceil(trainer.data.meta.train_size / s.batch_size)
+    assert steps_per_epoch == 180 and trainer.kasmina.settings.evidence_grace_steps == steps_per_epoch
+    for name, shape in trainer.host.slot_shapes().items():
+        trainer.host.set_slot(name, SeedSlot(name, shape))
+    # the trainer's own Kasmina settings, with keys and a kernel source (bus=None builds it without them)
+    trainer.kasmina = Kasmina(keys=KEYS, settings=trainer.kasmina.settings, kernels=KarnKernelSource(),
+                              optimizer=trainer.optimizer)
+    trainer.kasmina.register_host(trainer.host)
+    seed = trainer.kasmina.seed_ids[0]
+    trainer.kasmina.apply_command(command(seed_id=seed, blueprint="BP002", issued_at_ms=now_ms()))
+    asyncio.run(trainer.kasmina.fetch_kernels())
+    trainer.run()
+    moves = {t.to_stage: (t.step, t.reason) for t in trainer.kasmina.history(seed)}
+    assert moves[pb.SEED_STAGE_PROBATIONARY][0] < steps_per_epoch - 120  # probation began early in the epoch
+    verdict = moves.get(pb.SEED_STAGE_FOSSILIZED) or moves.get(pb.SEED_STAGE_CULLED)
+    assert verdict is not None and verdict[1] in ("evidence_of_benefit", "no_benefit"), moves
+    assert verdict[0] == steps_per_epoch + 1  # the step after the first epoch's report

@@ -113,7 +113,8 @@ class Trainer:
         self.base_lr = s.learning_rate
         self.lr_scale = 1.0  # OPTIMIZER commands scale the scheduled rate (TOLARIA_LR_POLICY != off)
         self.total_steps = s.epochs * math.ceil(self.data.meta.train_size / s.batch_size)
-        ks = KasminaSettings()  # KASMINA_*: command validation, lifecycle windows, kernel cache and breaker
+        # KASMINA_*: command validation, lifecycle windows, kernel cache and breaker
+        ks = fit_evidence_grace(KasminaSettings(), math.ceil(self.data.meta.train_size / s.batch_size))
         kernels = None if bus is None else KernelClient(
             bus.client, ArtifactStore(s.artifact_dir), timeout_ms=s.kernel_timeout_ms, cache_size=ks.kernel_cache_size,
             training_run_id=s.run_id,
@@ -704,6 +705,20 @@ class Trainer:
         if publisher is not None:
             publisher.flush(timeout_s)
             publisher.close(timeout_s)
+
+
+def fit_evidence_grace(ks: KasminaSettings, steps_per_epoch: int) -> KasminaSettings:
+    """Kasmina culls a probationary seed `evidence_grace_steps` past probation without evidence, and this
+    trainer reports evidence at epoch ends only: a grace shorter than the `min_evidence` epochs a seed may
+    wait culled every seed that reached probation early in a long epoch (`no_evidence`), whatever it was
+    worth. The grace is raised to cover them, and the log says so."""
+    need = ks.min_evidence * steps_per_epoch
+    if ks.evidence_grace_steps >= need:
+        return ks
+    log.warning("KASMINA_EVIDENCE_GRACE_STEPS raised to cover the evidence cadence (one report per epoch)",
+                configured=ks.evidence_grace_steps, used=need, steps_per_epoch=steps_per_epoch,
+                min_evidence=ks.min_evidence)
+    return ks.model_copy(update={"evidence_grace_steps": need})
 
 
 def _last(values: list[float]) -> float | None:
