@@ -384,6 +384,46 @@ async def test_g4_loss_regression() -> None:
     assert [e["reason"] for e in events(rig.k) if e["event"] == "gate_failure"] == ["loss_regression"]
 
 
+def _shadow_on_harder_data(rig: Rig, *, paired: bool) -> None:
+    """Frozen host and seed (lr 0): TRAINING on the easy batch, then BLENDING and SHADOWING on a batch of
+    the host's least likely labels. The seed changes the loss by well under G4's tolerance there; only
+    the data got harder."""
+    x, y = rig.batch
+    with torch.no_grad():
+        hard = (x, rig.model(x).argmin(1))
+    for group in rig.opt.param_groups:
+        group["lr"] = 0.0
+    rig.until(S.SEED_STAGE_BLENDING)
+    while rig.k.stage(SEED) in (S.SEED_STAGE_BLENDING, S.SEED_STAGE_SHADOWING):
+        rig.i += 1
+        rig.opt.zero_grad(set_to_none=True)
+        loss = torch.nn.functional.cross_entropy(rig.model(hard[0]), hard[1])
+        loss.backward()
+        if paired and rig.k.shadowing():
+            with torch.no_grad(), rig.k.ablated(SEED):
+                without = float(torch.nn.functional.cross_entropy(rig.model(hard[0]), hard[1]))
+            assert abs(loss.item() - without) < 0.05 * without  # the seed's own effect: small
+            assert rig.k.report_shadow(SEED, loss_without=without)
+        rig.opt.step()
+        rig.k.advance(rig.i, loss=loss.item())
+
+
+async def test_g4_compares_the_same_batches_with_and_without_the_seed() -> None:
+    """Against the TRAINING-stage losses (other, easier batches) the harder data read as the seed's
+    regression and culled it; paired with the same batches' ablated losses it passes."""
+    rig = Rig(fast_settings(regression_tolerance=0.1))
+    await rig.germinate()
+    _shadow_on_harder_data(rig, paired=True)
+    assert rig.k.stage(SEED) == S.SEED_STAGE_PROBATIONARY
+    assert not [e for e in events(rig.k) if e["event"] == "gate_failure"]
+    assert not rig.k.report_shadow(SEED, loss_without=1.0)  # outside SHADOWING: ignored
+
+    unpaired = Rig(fast_settings(regression_tolerance=0.1))
+    await unpaired.germinate()
+    _shadow_on_harder_data(unpaired, paired=False)  # a caller that does not measure: the old baseline
+    assert [e["reason"] for e in events(unpaired.k) if e["event"] == "gate_failure"] == ["loss_regression"]
+
+
 async def test_g5_failure_retires_the_slot() -> None:
     rig = Rig(fast_settings(embargo_steps=0))
     await rig.germinate()

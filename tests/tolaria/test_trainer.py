@@ -630,6 +630,8 @@ def test_a_seed_in_a_long_epoch_gets_its_verdict_from_evidence_not_a_no_evidence
     trainer.run()
     moves = {t.to_stage: (t.step, t.reason) for t in trainer.kasmina.history(seed)}
     assert moves[pb.SEED_STAGE_PROBATIONARY][0] < steps_per_epoch - 120  # probation began early in the epoch
+    shadow = trainer.kasmina._records[seed]  # G4 was judged on the same batches with the seed ablated
+    assert len(shadow.shadow_host_losses) == len(shadow.shadow_losses) == trainer.kasmina.settings.shadow_steps
     verdict = moves.get(pb.SEED_STAGE_FOSSILIZED) or moves.get(pb.SEED_STAGE_CULLED)
     assert verdict is not None and verdict[1] in ("evidence_of_benefit", "no_benefit"), moves
     assert verdict[0] == steps_per_epoch + 1  # the step after the first epoch's report

@@ -594,9 +594,14 @@ class Kasmina:
             rec.shadow_losses.append(loss)
         if rec.stage_steps < s.shadow_steps:
             return
-        baseline = list(rec.baseline_losses)[-s.shadow_steps:]
+        observed = list(rec.shadow_losses)
+        if rec.shadow_host_losses:  # paired (`report_shadow`): the same batches with the seed ablated
+            n = min(len(observed), len(rec.shadow_host_losses))
+            observed, baseline = observed[-n:], list(rec.shadow_host_losses)[-n:]
+        else:  # unpaired: the host's own losses while the seed trained, on earlier batches
+            baseline = list(rec.baseline_losses)[-s.shadow_steps:]
         g4 = gate_g4_system_impact(performance_status=rec.performance_status, baseline_loss=_mean(baseline),
-                                   observed_loss=_mean(rec.shadow_losses), regression_tolerance=s.regression_tolerance)
+                                   observed_loss=_mean(observed), regression_tolerance=s.regression_tolerance)
         if self._gate(rec, g4, "gate_g4"):
             self._enter(rec, PROBATIONARY, "gate_g4")
 
@@ -672,6 +677,22 @@ class Kasmina:
         else:
             self._gate_failure(rec, g5)
             self._transition(rec, TERMINATED, "gate_g5_failed")
+
+    def shadowing(self) -> list[str]:
+        """The seeds in SHADOWING: for each, the trainer measures the step's loss with the seed ablated, on
+        the same batch and weights (`report_shadow`), so that G4 compares the host with and without it."""
+        return [r.seed_id for r in self._records.values() if r.stage == SHADOWING]
+
+    def report_shadow(self, seed_id: str, *, loss_without: float) -> bool:
+        """This step's task loss with `seed_id` ablated (call before `advance`, whose `loss` is the same
+        batch's with it). Without these reports G4 compares against the host's losses of the TRAINING
+        stage, taken earlier on other batches: harder data then reads as the seed's harm, easier as its
+        benefit. False (ignored) outside SHADOWING."""
+        rec = self._record(seed_id)
+        if rec.stage != SHADOWING:
+            return False
+        rec.shadow_host_losses.append(loss_without)
+        return True
 
     def active_slots(self) -> list[str]:
         """The host slots whose seed is active (germinated to probation; not fossils): what `cull_all` empties."""

@@ -55,6 +55,7 @@ class SeedRecord:
     latencies_ms: deque[float] = field(default_factory=lambda: deque(maxlen=_WINDOW))
     baseline_losses: deque[float] = field(default_factory=lambda: deque(maxlen=_WINDOW))
     shadow_losses: deque[float] = field(default_factory=lambda: deque(maxlen=_WINDOW))
+    shadow_host_losses: deque[float] = field(default_factory=lambda: deque(maxlen=_WINDOW))  # same batches, ablated
     evidence: list[float] = field(default_factory=list)  # loss_without - loss_with per validation report
 
     @property
@@ -87,7 +88,8 @@ class SeedRecord:
         self.stage_steps = self.blend_step = self.paused_steps = 0
         self.grad_norm = 0.0
         self.isolation = IsolationStats()
-        for window in (self.local_losses, self.latencies_ms, self.baseline_losses, self.shadow_losses):
+        for window in (self.local_losses, self.latencies_ms, self.baseline_losses, self.shadow_losses,
+                       self.shadow_host_losses):
             window.clear()
         self.evidence.clear()
         if new_seed:
