@@ -388,7 +388,7 @@ def _shadow_on_harder_data(rig: Rig, *, paired: bool) -> None:
     """Frozen host and seed (lr 0): TRAINING on the easy batch, then BLENDING and SHADOWING on a batch of
     the host's least likely labels. The seed changes the loss by well under G4's tolerance there; only
     the data got harder."""
-    x, y = rig.batch
+    x, _ = rig.batch
     with torch.no_grad():
         hard = (x, rig.model(x).argmin(1))
     for group in rig.opt.param_groups:

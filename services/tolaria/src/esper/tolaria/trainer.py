@@ -247,9 +247,7 @@ class Trainer:
         if reason is not None:
             self._step_failure(reason, loss_v)
             return
-        shadowing = self.kasmina.shadowing()
-        if shadowing:  # G4's host-alone loss: this batch, these weights (before the update)
-            self._report_shadow(shadowing, xb, yb)
+        self._report_shadow(xb, yb)  # G4's host-alone loss: this batch, these weights (before the update)
         self.optimizer.step()
         self._applied_step = self.step
         self._restored_step = None  # the restored state passed a step: it was good
@@ -612,12 +610,11 @@ class Trainer:
             self.metrics.checkpoint_errors.labels(e.reason).inc()
             log.error("checkpoint not written", error=str(e))
 
-    @torch.no_grad()
-    def _report_shadow(self, seeds: list[str], xb: torch.Tensor, yb: torch.Tensor) -> None:
+    def _report_shadow(self, xb: torch.Tensor, yb: torch.Tensor) -> None:
         """One forward per SHADOWING seed with it ablated (`shadow_steps` steps of its life), so G4 judges
         the seed on the batches it was blended on, not against losses of earlier batches."""
-        for seed_id in seeds:
-            with self.kasmina.ablated(seed_id):
+        for seed_id in self.kasmina.shadowing():
+            with torch.no_grad(), self.kasmina.ablated(seed_id):
                 loss_without = float(F.cross_entropy(self.host(xb), yb))
             self.kasmina.report_shadow(seed_id, loss_without=loss_without)
 
