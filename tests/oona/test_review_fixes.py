@@ -9,6 +9,7 @@ import time
 
 import pytest
 
+from esper.core.deadline import Deadline
 from esper.core.redis_server import EmbeddedRedis
 from esper.leyline import CHANNELS, encode_envelope, pack, pb, sign_envelope
 from esper.oona import Consumer, Delivery, OonaClient, OonaError, OonaSettings
@@ -87,6 +88,69 @@ async def test_close_fails_waiting_requests_with_a_typed_error(make_client: Clie
     with pytest.raises(OonaError, match="closed"):
         await pending
     assert not pending.cancelled()
+
+
+async def test_a_reply_dispatched_in_the_pass_its_deadline_fires_in_is_returned(make_client: ClientFactory) -> None:
+    """The reader sets the reply, then the due deadline timer runs in the same loop pass (the loop was
+    busy past the deadline): the request was cancelled with the reply in hand, a timeout that counted
+    the reply nowhere. The exact interleaving, built on a real client's wait."""
+    trainer = await make_client("trainer")
+    fut: asyncio.Future[Delivery] = asyncio.get_running_loop().create_future()
+    waiting = asyncio.create_task(trainer._await_reply(fut, Deadline.after_ms(20)))
+    await asyncio.sleep(0)  # the requester waits, its deadline timer armed
+    time.sleep(0.05)  # noqa: ASYNC251  # the loop is busy past the deadline (a GIL-starved bus thread, say)
+    await asyncio.sleep(0)  # this pass resumes us first, then runs the now-due timer
+    reply = object()
+    fut.set_result(reply)  # type: ignore[arg-type]  # the reader dispatches the reply in that same pass
+    assert await waiting is reply
+
+
+async def test_a_closed_client_refuses_a_request_at_once(make_client: ClientFactory) -> None:
+    """It published, waited out its whole deadline, and re-created the reply stream close() deleted."""
+    trainer = await make_client("trainer")
+    await trainer.close()
+    with pytest.raises(OonaError, match="closed"):
+        await trainer.request("state", state(1), timeout_ms=60_000)
+    probe = await make_client("probe")
+    assert await probe.redis.exists(trainer.reply_stream) == 0
+
+
+async def test_close_does_not_wait_out_a_blocked_reply_read_and_keeps_its_callers_cancel(
+        make_client: ClientFactory) -> None:
+    """One request answered, another still waiting: the reader has just sent its next XREAD BLOCK, where
+    a cancel can be swallowed (redis-py's wait_for on Python 3.11) and close() waited the whole BLOCK.
+    close() now closes the read's connection; and a cancel of the task running close() is not eaten."""
+    trainer = await make_client("trainer", block_ms=30_000)
+    tamiyo = await make_client("tamiyo")
+
+    async def answer_only_a(d: Delivery) -> pb.DecisionFailure | None:
+        packet = d.message_as(pb.SystemStatePacket)
+        return pb.DecisionFailure(packet_id=packet.packet_id) if packet.packet_id == "pa" else None
+
+    stop = asyncio.Event()
+    responder = asyncio.create_task(Consumer(tamiyo, "state", group="tamiyo", handler=answer_only_a).run(stop))
+    try:
+        a = asyncio.create_task(trainer.request("state", state("a"), timeout_ms=60_000))
+        b = asyncio.create_task(trainer.request("state", state("b"), timeout_ms=60_000))
+        await a
+        async with asyncio.timeout(10):  # a third of the BLOCK: close() did not wait the read out
+            await trainer.close()
+        with pytest.raises(OonaError, match="closed"):
+            await b
+    finally:
+        stop.set()
+        await responder
+    other = await make_client("other")
+    c = asyncio.create_task(other.request("state", state("c"), timeout_ms=60_000))
+    await asyncio.sleep(0.2)  # its reader is blocked in XREAD
+    closer = asyncio.create_task(other.close())
+    await asyncio.sleep(0)
+    closer.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await closer
+    assert isinstance((await asyncio.gather(c, return_exceptions=True))[0], OonaError)
+    await other.close()  # finishes the interrupted close
+    assert other._close_finished
 
 
 async def test_reclaim_counts_are_exact_when_own_pending_entries_crowd_the_range(make_client: ClientFactory) -> None:

@@ -110,6 +110,7 @@ class OonaClient:
         self._reply_last_id: bytes = b"0-0"
         self._reply_replay = ReplayCache(capacity=settings.replay_cache_size, ttl_ms=2 * settings.freshness_window_ms)
         self._closed = False
+        self._close_finished = False
 
     @classmethod
     def from_settings(
@@ -146,7 +147,9 @@ class OonaClient:
                 await asyncio.sleep(min(delay_s * attempt, 2.0))
 
     async def close(self) -> None:
-        if self._closed:
+        """Fail waiting requests, stop the reply reader, count late replies, delete the reply stream and
+        close the connections. A close() that was cancelled part way is finished by the next one."""
+        if self._close_finished:
             return
         self._closed = True
         for fut in self._pending.values():
@@ -154,15 +157,21 @@ class OonaClient:
                 fut.set_exception(OonaError("client closed while the request was waiting"))
         reader, self._reply_reader = self._reply_reader, None
         if reader is not None and not reader.done():
-            reader.cancel()  # redis-py drops the connection of a cancelled read: nothing is left mid-reply
-            with contextlib.suppress(asyncio.CancelledError):
-                await reader
+            # A cancelled read drops its connection, but on Python 3.11 redis-py's `wait_for` around the
+            # send swallows a cancel that lands there, and the read then runs its whole BLOCK: wait a
+            # moment, then close the connection under it (the reader sees the client closed and stops).
+            # `asyncio.wait`, not `await reader`: a cancel of the task running close() still propagates.
+            reader.cancel()
+            await asyncio.wait([reader], timeout=0.05)
         if self._reply_conn is not None:
-            with contextlib.suppress(*RETRYABLE):
-                await self._read_replies(block_ms=0)  # count replies that came after their requester gave up
+            await self._reply_conn.aclose()  # a read still blocked on it ends now
+            with contextlib.suppress(*RETRYABLE):  # count replies that came after their requester gave up
+                await self._read_replies(block_ms=0, conn=self.redis)
                 await self.redis.delete(self._reply_stream)
-            await self._reply_conn.aclose()
+        if reader is not None and not reader.done():
+            await asyncio.wait([reader], timeout=1.0)
         await self.redis.aclose()
+        self._close_finished = True
 
     async def __aenter__(self) -> OonaClient:
         await self.connect()
@@ -319,6 +328,8 @@ class OonaClient:
         Raises RequestTimeoutError at the deadline. A reply that arrives after its requester gave up
         is discarded and counted (`oona_late_replies_total`) when the reply stream is next read.
         """
+        if self._closed:  # it would publish, wait out its deadline, and re-create the deleted reply stream
+            raise OonaError("client closed: no request can be made")
         chan = _as_channel(ch)
         deadline = Deadline.after_ms(timeout_ms)
         correlation_id = new_message_id()
@@ -351,8 +362,13 @@ class OonaClient:
         """
         if self._reply_reader is None or self._reply_reader.done():
             self._reply_reader = asyncio.create_task(self._read_loop(), name=f"oona-replies-{self.sender}")
-        async with asyncio.timeout(deadline.remaining_s()):  # at the deadline `fut` is cancelled: a late reply
-            return await fut
+        try:
+            async with asyncio.timeout(deadline.remaining_s()):  # at the deadline `fut` is cancelled: a late reply
+                return await fut
+        except TimeoutError:
+            if fut.done() and not fut.cancelled():  # dispatched in the loop pass the deadline fired in: it made it
+                return fut.result()
+            raise
 
     async def _read_loop(self) -> None:
         """Read the reply stream while any request waits, dispatching each reply to its future."""
@@ -362,6 +378,8 @@ class OonaClient:
                     if await self._read_replies(block_ms=self.settings.block_ms):
                         await asyncio.sleep(0)  # the woken requesters run before the next read is sent
                 except RETRYABLE as e:
+                    if self._closed:  # close() closed the connection under the read
+                        return
                     log.warning("reply stream read failed", error=str(e), stream=self._reply_stream)
                     await asyncio.sleep(0.05)
         except Exception as e:  # a Redis error reply (OOM, MISCONF): every waiting request gets it, typed
@@ -370,12 +388,14 @@ class OonaClient:
                 if not fut.done():
                     fut.set_exception(e)
 
-    async def _read_replies(self, *, block_ms: int) -> bool:
-        """Read and dispatch what the reply stream holds past the last id; True when it held anything."""
-        if self._reply_conn is None:
-            self._reply_conn = self.blocking_connection()
-        resp: Any = await self._reply_conn.xread({self._reply_stream: self._reply_last_id}, count=100,
-                                                 block=block_ms or None)
+    async def _read_replies(self, *, block_ms: int, conn: Redis | None = None) -> bool:
+        """Read and dispatch what the reply stream holds past the last id; True when it held anything.
+        The blocking reads use the reader's own connection; `conn` serves one that does not block."""
+        if conn is None:
+            if self._reply_conn is None:
+                self._reply_conn = self.blocking_connection()
+            conn = self._reply_conn
+        resp: Any = await conn.xread({self._reply_stream: self._reply_last_id}, count=100, block=block_ms or None)
         for _stream, entries in resp or ():
             for entry_id, fields in entries:
                 self._reply_last_id = entry_id
