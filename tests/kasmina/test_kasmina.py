@@ -384,7 +384,23 @@ async def test_g4_loss_regression() -> None:
     assert [e["reason"] for e in events(rig.k) if e["event"] == "gate_failure"] == ["loss_regression"]
 
 
-def _shadow_on_harder_data(rig: Rig, *, paired: bool) -> None:
+def _paused_easy_steps(rig: Rig, easy: tuple[torch.Tensor, torch.Tensor]) -> None:
+    """A PAUSE mid-shadow, then paused steps on easy batches, each reported (as a careless caller
+    would) and then refused or counted nowhere: none of them may enter G4's pairs."""
+    assert rig.k.apply_command(command(pb.COMMAND_PAUSE)).action == "paused"
+    assert rig.k.shadowing() == []  # paused: no report asked for
+    for _ in range(3):
+        rig.i += 1
+        with torch.no_grad():
+            loss = float(torch.nn.functional.cross_entropy(rig.model(easy[0]), easy[1]))
+        assert rig.k.report_shadow(SEED, loss_without=loss * 0.5)  # a wrong report that must not stick
+        rig.k.advance(rig.i, loss=loss)
+    rig.k.report_shadow(SEED, loss_without=0.0)
+    rig.k.discard_step()  # a refused step's report is dropped too
+
+
+def _shadow_on_harder_data(rig: Rig, *, paired: bool,
+                           pause_on: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
     """Frozen host and seed (lr 0): TRAINING on the easy batch, then BLENDING and SHADOWING on a batch of
     the host's least likely labels. The seed changes the loss by well under G4's tolerance there; only
     the data got harder."""
@@ -404,6 +420,9 @@ def _shadow_on_harder_data(rig: Rig, *, paired: bool) -> None:
                 without = float(torch.nn.functional.cross_entropy(rig.model(hard[0]), hard[1]))
             assert abs(loss.item() - without) < 0.05 * without  # the seed's own effect: small
             assert rig.k.report_shadow(SEED, loss_without=without)
+            if pause_on is not None:  # once, after the first shadow step's report
+                _paused_easy_steps(rig, pause_on)
+                pause_on = None
         rig.opt.step()
         rig.k.advance(rig.i, loss=loss.item())
 
@@ -411,11 +430,14 @@ def _shadow_on_harder_data(rig: Rig, *, paired: bool) -> None:
 async def test_g4_compares_the_same_batches_with_and_without_the_seed() -> None:
     """Against the TRAINING-stage losses (other, easier batches) the harder data read as the seed's
     regression and culled it; paired with the same batches' ablated losses it passes."""
-    rig = Rig(fast_settings(regression_tolerance=0.1))
+    rig = Rig(fast_settings(regression_tolerance=0.1, shadow_steps=4))
     await rig.germinate()
-    _shadow_on_harder_data(rig, paired=True)
+    _shadow_on_harder_data(rig, paired=True, pause_on=rig.batch)
     assert rig.k.stage(SEED) == S.SEED_STAGE_PROBATIONARY
-    assert not [e for e in events(rig.k) if e["event"] == "gate_failure"]
+    evs = events(rig.k)
+    assert not [e for e in evs if e["event"] == "gate_failure"]
+    [g4] = [e for e in evs if e["event"] == "gate_event" and e["gate"] == "G4_SYSTEM_IMPACT"]
+    assert (g4["baseline"], g4["steps"]) == ("paired", "4")  # the four counted shadow steps, paired by step
     assert not rig.k.report_shadow(SEED, loss_without=1.0)  # outside SHADOWING: ignored
 
     unpaired = Rig(fast_settings(regression_tolerance=0.1))

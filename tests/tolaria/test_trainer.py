@@ -20,7 +20,16 @@ from esper.leyline import CHANNELS, decode_envelope, pb, sign_command, unpack_as
 from esper.oona import Consumer, Delivery, OonaSettings
 from esper.tezzeret.forge import forge_once
 from esper.tolaria.bus import BusThread
-from esper.tolaria.commands import CEILING, FLOOR, MAX_STEP, adjust_lr
+from esper.tolaria.commands import (
+    CEILING,
+    FLOOR,
+    MAX_STEP,
+    MOMENTUM_MAX,
+    WEIGHT_DECAY_MAX,
+    OptimizerCommandRefused,
+    adjust_lr,
+    check_hyperparameters,
+)
 from esper.tolaria.decisions import Decision, DecisionClient, ask
 from esper.tolaria.rollback import RollbackManager
 from esper.tolaria.settings import TolariaSettings
@@ -566,6 +575,51 @@ def test_a_command_at_a_cosines_end_does_not_crash(tmp_path: Path) -> None:
     assert trainer.lr_scale == pytest.approx(math.exp(-0.1)) and trainer.optimizer.param_groups[0]["lr"] == 0.0
 
 
+@pytest.mark.parametrize(("hyper", "reason"), [
+    ({}, "no_hyperparameters"),
+    ({"beta2": 0.9}, "unsupported_hyperparameter"),
+    ({"lr_delta": 0.1, "bogus": 1.0}, "unsupported_hyperparameter"),  # nothing of it applies
+    ({"lr_delta": float("nan")}, "invalid_hyperparameter"),
+    ({"learning_rate": -1.0}, "invalid_hyperparameter"),
+    ({"learning_rate": 0.0}, "invalid_hyperparameter"),
+    ({"weight_decay": -0.1}, "invalid_hyperparameter"),
+    ({"momentum": 1.0}, "invalid_hyperparameter"),
+])
+def test_an_optimizer_command_that_would_change_nothing_meant_is_refused(
+        tmp_path: Path, hyper: dict[str, float], reason: str) -> None:
+    """Names other than the rate were ignored and the command counted as applied, and a learning_rate of
+    -1 halved the rate (the 2x step bound) with the default policy."""
+    with pytest.raises(OptimizerCommandRefused) as caught:
+        check_hyperparameters(hyper)
+    assert caught.value.reason == reason
+    trainer = Trainer(_settings(tmp_path, epochs=1), bus=None)
+    before = [dict(g) for g in trainer.optimizer.param_groups]
+    assert not trainer._optimizer_command(_lr_command(**hyper))
+    assert trainer.stats.rejected == {reason: 1} and [dict(g) for g in trainer.optimizer.param_groups] == before
+    [event] = [e.attributes for e in trainer._pending_events]
+    assert (event["event"], event["reason"], event["command_type"]) == ("command_rejected", reason, "COMMAND_OPTIMIZER")
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam", "adamw"])
+def test_weight_decay_and_momentum_commands_change_every_group_within_bounds(tmp_path: Path, optimizer: str) -> None:
+    trainer = Trainer(_settings(tmp_path, epochs=1, optimizer=optimizer), bus=None)
+    add_seed_params(trainer.optimizer, "seed-x", [torch.nn.Parameter(torch.zeros(3))])  # a seed's group too
+    lr = trainer.optimizer.param_groups[0]["lr"]
+    assert trainer._optimizer_command(_lr_command(weight_decay=0.5, momentum=0.5))
+    for group in trainer.optimizer.param_groups:
+        assert group["weight_decay"] == WEIGHT_DECAY_MAX  # 0.5 asked: clamped
+        assert (group["betas"][0] if "betas" in group else group["momentum"]) == 0.5
+        assert group["lr"] == lr  # no rate asked, none changed
+    assert trainer._optimizer_command(_lr_command(momentum=0.999))
+    group = trainer.optimizer.param_groups[0]
+    assert (group["betas"][0] if "betas" in group else group["momentum"]) == MOMENTUM_MAX
+    events = [e.attributes for e in trainer._pending_events]  # old and new on the event, not only in its text
+    assert [(e["hyperparameter"], e["old"], e["new"], e["clamped"]) for e in events] == [
+        ("weight_decay", "0", "0.1", "True"), ("momentum", "0.9", "0.5", "False"), ("momentum", "0.5", "0.99", "True")]
+    trainer.run()  # the optimizer steps with the new values
+    assert trainer.stats.steps > 0 and trainer.stats.rejected == {}
+
+
 def test_a_command_the_trainer_does_not_carry_out_is_not_counted_as_applied(tmp_path: Path) -> None:
     """Kasmina hands CIRCUIT_BREAKER back to the trainer, which has no such knob: it was counted in
     `commands_by_type` as applied, with no log line and no event."""
@@ -615,7 +669,14 @@ def test_a_seed_in_a_long_epoch_gets_its_verdict_from_evidence_not_a_no_evidence
 
     s = TolariaSettings(var_dir=tmp_path, epochs=2, batch_size=8, hidden_width=16, hidden_layers=1,
                         rollback_enabled=False, emergency_enabled=False, metrics_port=-1)
-    trainer = Trainer(s, bus=None)
+    class KeepsEvents(Trainer):  # no bus: the epoch's events would be dropped
+        kept: list[dict[str, str]] = []
+
+        def _publish_epoch_telemetry(self, loss: float, acc: float) -> None:
+            self.kept.extend(dict(e.attributes) for e in self._pending_events)
+            super()._publish_epoch_telemetry(loss, acc)
+
+    trainer = KeepsEvents(s, bus=None)
     steps_per_epoch = math.ceil(trainer.data.meta.train_size / s.batch_size)
     assert steps_per_epoch == 180 and trainer.kasmina.settings.evidence_grace_steps == steps_per_epoch
     for name, shape in trainer.host.slot_shapes().items():
@@ -630,8 +691,8 @@ def test_a_seed_in_a_long_epoch_gets_its_verdict_from_evidence_not_a_no_evidence
     trainer.run()
     moves = {t.to_stage: (t.step, t.reason) for t in trainer.kasmina.history(seed)}
     assert moves[pb.SEED_STAGE_PROBATIONARY][0] < steps_per_epoch - 120  # probation began early in the epoch
-    shadow = trainer.kasmina._records[seed]  # G4 was judged on the same batches with the seed ablated
-    assert len(shadow.shadow_host_losses) == len(shadow.shadow_losses) == trainer.kasmina.settings.shadow_steps
+    [g4] = [e for e in trainer.kept if e["event"] == "gate_event" and e["gate"] == "G4_SYSTEM_IMPACT"]
+    assert (g4["baseline"], g4["steps"]) == ("paired", str(trainer.kasmina.settings.shadow_steps))  # same batches
     verdict = moves.get(pb.SEED_STAGE_FOSSILIZED) or moves.get(pb.SEED_STAGE_CULLED)
     assert verdict is not None and verdict[1] in ("evidence_of_benefit", "no_benefit"), moves
     assert verdict[0] == steps_per_epoch + 1  # the step after the first epoch's report

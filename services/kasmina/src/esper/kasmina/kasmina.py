@@ -483,6 +483,7 @@ class Kasmina:
         it makes every step it runs in non-finite, so no step it takes part in reaches ``advance``."""
         for rec in self._records.values():
             rec.slot.discard_step()
+            rec.shadow_pending = None
             if rec.stage in ACTIVE_STAGES and rec.slot.output_nonfinite:
                 g1 = gate_g1_gradient_health(GradientObservation(False, 0.0, 0.0, output_finite=False))
                 self._cull(rec, "gate_g1", gate=g1)
@@ -497,6 +498,7 @@ class Kasmina:
             self._epoch = epoch
         for rec in self._records.values():
             self._advance_seed(rec, loss)
+            rec.shadow_pending = None  # this step's report was paired, or its step did not count
 
     def _advance_seed(self, rec: SeedRecord, loss: float | None) -> None:
         stage = rec.stage
@@ -592,17 +594,18 @@ class Kasmina:
         s = self.settings
         if loss is not None:
             rec.shadow_losses.append(loss)
+            if rec.shadow_pending is not None:
+                rec.shadow_pairs.append((loss, rec.shadow_pending))
         if rec.stage_steps < s.shadow_steps:
             return
-        observed = list(rec.shadow_losses)
-        if rec.shadow_host_losses:  # paired (`report_shadow`): the same batches with the seed ablated
-            n = min(len(observed), len(rec.shadow_host_losses))
-            observed, baseline = observed[-n:], list(rec.shadow_host_losses)[-n:]
+        if rec.shadow_pairs:  # paired (`report_shadow`): the same steps' batches with the seed ablated
+            observed, baseline = [w for w, _ in rec.shadow_pairs], [h for _, h in rec.shadow_pairs]
         else:  # unpaired: the host's own losses while the seed trained, on earlier batches
-            baseline = list(rec.baseline_losses)[-s.shadow_steps:]
+            observed, baseline = list(rec.shadow_losses), list(rec.baseline_losses)[-s.shadow_steps:]
         g4 = gate_g4_system_impact(performance_status=rec.performance_status, baseline_loss=_mean(baseline),
                                    observed_loss=_mean(observed), regression_tolerance=s.regression_tolerance)
-        if self._gate(rec, g4, "gate_g4"):
+        if self._gate(rec, g4, "gate_g4", baseline="paired" if rec.shadow_pairs else "training_stage",
+                      steps=len(observed)):
             self._enter(rec, PROBATIONARY, "gate_g4")
 
     def _step_probation(self, rec: SeedRecord, stats: SlotStepStats, loss: float | None) -> None:
@@ -634,11 +637,12 @@ class Kasmina:
         self._transition(rec, stage, reason)
         rec.stage_steps = 0
 
-    def _gate(self, rec: SeedRecord, result: GateResult, cull_reason: str) -> bool:
+    def _gate(self, rec: SeedRecord, result: GateResult, cull_reason: str, **attributes: object) -> bool:
+        """Pass or cull; `attributes` go on the gate's event either way (what it was judged on)."""
         if result.passed:
-            self._gate_passed(rec, result)
+            self._gate_passed(rec, result, **attributes)
             return True
-        self._cull(rec, cull_reason, gate=result)
+        self._cull(rec, cull_reason, gate=result, **attributes)
         return False
 
     # -- terminal moves ----------------------------------------------------------------------------
@@ -681,7 +685,7 @@ class Kasmina:
     def shadowing(self) -> list[str]:
         """The seeds in SHADOWING: for each, the trainer measures the step's loss with the seed ablated, on
         the same batch and weights (`report_shadow`), so that G4 compares the host with and without it."""
-        return [r.seed_id for r in self._records.values() if r.stage == SHADOWING]
+        return [r.seed_id for r in self._records.values() if r.stage == SHADOWING and not r.paused_steps]
 
     def report_shadow(self, seed_id: str, *, loss_without: float) -> bool:
         """This step's task loss with `seed_id` ablated (call before `advance`, whose `loss` is the same
@@ -691,7 +695,7 @@ class Kasmina:
         rec = self._record(seed_id)
         if rec.stage != SHADOWING:
             return False
-        rec.shadow_host_losses.append(loss_without)
+        rec.shadow_pending = loss_without
         return True
 
     def active_slots(self) -> list[str]:
@@ -751,8 +755,9 @@ class Kasmina:
                    seed_id=rec.seed_id, from_stage=stage_name(t.from_stage), to_stage=stage_name(t.to_stage),
                    step=t.step, epoch=t.epoch, reason=reason)
 
-    def _gate_passed(self, rec: SeedRecord, result: GateResult) -> None:
-        self._emit("gate_event", _INFO, f"{result.name} passed", seed_id=rec.seed_id, gate=result.name, passed=True)
+    def _gate_passed(self, rec: SeedRecord, result: GateResult, **attributes: object) -> None:
+        self._emit("gate_event", _INFO, f"{result.name} passed", seed_id=rec.seed_id, gate=result.name, passed=True,
+                   **attributes)
 
     def _gate_failure(self, rec: SeedRecord, result: GateResult, **attributes: object) -> None:
         self._emit("gate_failure", _ERROR, result.detail or result.reason, seed_id=rec.seed_id, gate=result.name,

@@ -55,7 +55,10 @@ class SeedRecord:
     latencies_ms: deque[float] = field(default_factory=lambda: deque(maxlen=_WINDOW))
     baseline_losses: deque[float] = field(default_factory=lambda: deque(maxlen=_WINDOW))
     shadow_losses: deque[float] = field(default_factory=lambda: deque(maxlen=_WINDOW))
-    shadow_host_losses: deque[float] = field(default_factory=lambda: deque(maxlen=_WINDOW))  # same batches, ablated
+    # (loss with the seed, loss with it ablated) of the same SHADOWING step: `report_shadow` holds its
+    # value in `shadow_pending` until that step is counted (a paused, refused or lossless step drops it)
+    shadow_pairs: deque[tuple[float, float]] = field(default_factory=lambda: deque(maxlen=_WINDOW))
+    shadow_pending: float | None = None
     evidence: list[float] = field(default_factory=list)  # loss_without - loss_with per validation report
 
     @property
@@ -88,9 +91,10 @@ class SeedRecord:
         self.stage_steps = self.blend_step = self.paused_steps = 0
         self.grad_norm = 0.0
         self.isolation = IsolationStats()
-        for window in (self.local_losses, self.latencies_ms, self.baseline_losses, self.shadow_losses,
-                       self.shadow_host_losses):
+        for window in (self.local_losses, self.latencies_ms, self.baseline_losses, self.shadow_losses):
             window.clear()
+        self.shadow_pairs.clear()
+        self.shadow_pending = None
         self.evidence.clear()
         if new_seed:
             self.isolation_violations = 0

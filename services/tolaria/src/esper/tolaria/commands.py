@@ -6,6 +6,11 @@ step clamped to [1/MAX_STEP, MAX_STEP], and the result is clamped to [base/FLOOR
 Under a schedule (`TOLARIA_LR_POLICY` not `off`) the same bounds apply to the scale the schedule is
 multiplied by (base 1), which is what persists: bounding the rate of the moment instead let warm-up
 commands build a scale past the ceiling, and a decrease at a rate below the floor jump 10-10,000x.
+
+`weight_decay` and `momentum` (SGD's momentum, Adam's beta1) are set as given, clamped to
+[0, WEIGHT_DECAY_MAX] and [0, MOMENTUM_MAX]. Any other name, a non-finite value, a rate <= 0, a
+momentum outside [0, 1) or no hyperparameter at all refuses the whole command
+(`OptimizerCommandRefused`): it was counted as applied and changed nothing.
 """
 
 from __future__ import annotations
@@ -19,6 +24,61 @@ from torch.optim import Optimizer
 MAX_STEP = 2.0  # one command changes the learning rate by at most 2x either way
 FLOOR = 100.0  # never below base / 100
 CEILING = 10.0  # never above base * 10
+WEIGHT_DECAY_MAX = 0.1
+MOMENTUM_MAX = 0.99
+LR_KEYS = ("learning_rate", "lr_delta")
+SET_KEYS = ("weight_decay", "momentum")  # set as given, within their bounds
+
+
+class OptimizerCommandRefused(ValueError):
+    """An OPTIMIZER command the trainer will not carry out; `reason` is the counted code."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(detail)
+        self.reason = reason
+
+
+@dataclass(frozen=True, slots=True)
+class HyperChange:
+    name: str
+    old: float
+    new: float
+    clamped: bool
+
+
+def check_hyperparameters(hyperparameters: Mapping[str, float]) -> None:
+    """Refuse (OptimizerCommandRefused) what would change nothing or something unmeant, before any of it applies."""
+    if not hyperparameters:
+        raise OptimizerCommandRefused("no_hyperparameters", "the command names no hyperparameter")
+    unknown = sorted(set(hyperparameters) - {*LR_KEYS, *SET_KEYS})
+    if unknown:
+        raise OptimizerCommandRefused("unsupported_hyperparameter", f"not carried out: {', '.join(unknown)}"[:200])
+    bad = sorted(k for k, v in hyperparameters.items() if not math.isfinite(v))
+    if bad:
+        raise OptimizerCommandRefused("invalid_hyperparameter", f"non-finite {', '.join(bad)}")
+    if hyperparameters.get("learning_rate", 1.0) <= 0:
+        raise OptimizerCommandRefused("invalid_hyperparameter", "learning_rate must be > 0")
+    if hyperparameters.get("weight_decay", 0.0) < 0:
+        raise OptimizerCommandRefused("invalid_hyperparameter", "weight_decay must be >= 0")
+    if not 0.0 <= hyperparameters.get("momentum", 0.0) < 1.0:
+        raise OptimizerCommandRefused("invalid_hyperparameter", "momentum must be in [0, 1)")
+
+
+def set_hyperparameter(optimizer: Optimizer, name: str, value: float) -> HyperChange:
+    """`weight_decay` or `momentum` on every group (seeds' too), clamped to its bound."""
+    new = min(value, WEIGHT_DECAY_MAX if name == "weight_decay" else MOMENTUM_MAX)
+    old = _read(optimizer.param_groups[0], name)
+    for group in optimizer.param_groups:
+        if name == "momentum" and "betas" in group:
+            group["betas"] = (new, group["betas"][1])
+        else:
+            group[name] = new
+    return HyperChange(name, old, new, clamped=new != value)
+
+
+def _read(group: Mapping[str, object], name: str) -> float:
+    value = group["betas"][0] if name == "momentum" and "betas" in group else group.get(name, 0.0)  # type: ignore[index]
+    return float(value)  # type: ignore[arg-type]
 
 
 @dataclass(frozen=True, slots=True)

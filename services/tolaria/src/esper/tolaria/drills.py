@@ -42,7 +42,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, Literal
 
 from esper.core import drills as core_drills
 from esper.core.drills import Drill, DrillResult, verdict
@@ -120,7 +120,8 @@ async def _wait_exit(proc: subprocess.Popen[bytes], timeout_s: float) -> int | N
         return None
 
 
-def _stream_messages(url: str, stream: str) -> list[Any]:
+def _stream_entries(url: str, stream: str) -> list[tuple[tuple[int, int], Any]]:
+    """(entry id as (ms, seq), envelope) of every entry, oldest first."""
     import redis
 
     client = redis.Redis.from_url(url)
@@ -128,14 +129,27 @@ def _stream_messages(url: str, stream: str) -> list[Any]:
         rows: Any = client.xrange(stream)
     finally:
         client.close()
-    return [decode_envelope(fields[b"payload"]) for _id, fields in rows or []]
+    return [(_entry_key(entry_id), decode_envelope(fields[b"payload"])) for entry_id, fields in rows or []]
+
+
+def _entry_key(entry_id: bytes) -> tuple[int, int]:
+    ms, _, seq = entry_id.decode().partition("-")
+    return int(ms), int(seq or 0)
+
+
+def _stream_messages(url: str, stream: str) -> list[Any]:
+    return [env for _key, env in _stream_entries(url, stream)]
 
 
 def _events(url: str, lane: str, *, source: str | None = None) -> list[dict[str, str]]:
-    """Event attributes on one telemetry lane; `source`: only packets from that subsystem (Tamiyo
-    names some events as Tolaria does, `conservative_mode_entered` for one)."""
-    stream = CHANNELS["telemetry"].stream("emergency" if lane == "emergency" else "normal")
-    packets = [unpack_as(env, pb.TelemetryPacket) for env in _stream_messages(url, stream)]
+    """Event attributes on one telemetry lane ("both": the two lanes merged in the order Redis stored
+    them); `source`: only packets from that subsystem (Tamiyo names some events as Tolaria does,
+    `conservative_mode_entered` for one)."""
+    lanes: tuple[Literal["normal", "emergency"], ...] = (
+        ("normal", "emergency") if lane == "both" else ("emergency" if lane == "emergency" else "normal",))
+    entries = sorted((entry for name in lanes for entry in _stream_entries(url, CHANNELS["telemetry"].stream(name))),
+                     key=lambda entry: entry[0])
+    packets = [unpack_as(env, pb.TelemetryPacket) for _key, env in entries]
     return [dict(e.attributes) for p in packets if source is None or p.source_subsystem == source for e in p.events]
 
 
@@ -168,8 +182,10 @@ async def drill_emergency() -> DrillResult:
             problems.append(f"epochs {s.get('epochs')} of 2")
         if s.get("step_failures") != {"non_finite": 3} or s.get("rollbacks") != {"fast": 3}:
             problems.append(f"step failures {s.get('step_failures')}, rollbacks {s.get('rollbacks')}")
-        restored = [e.get("restored_step") for e in _events(server.url, "normal", source="tolaria")
-                    + _events(server.url, "emergency", source="tolaria") if e.get("event") == "rollback"]
+        # in the order they happened: a rollback's event rides the emergency lane once the client is in
+        # conservative mode, so one lane after the other was ordered by when the breaker opened
+        restored = [e.get("restored_step") for e in _events(server.url, "both", source="tolaria")
+                    if e.get("event") == "rollback"]
         if restored != ["9", "15", "14"]:
             problems.append(f"rollbacks restored steps {restored}, not 9, 15 (the broken snapshot), then 14")
         if not (isinstance(s.get("final_val_loss"), float) and math.isfinite(s["final_val_loss"])
@@ -250,7 +266,7 @@ async def drill_tamiyo_crash() -> DrillResult:
             problems.append(f"trainer rc {rc}, epochs {s.get('epochs')} of 40: {fleet.tail('tolaria')}")
         if not s.get("timeouts", 0) > 0:
             problems.append("no timeout counted while no worker ran")
-        events = _events(server.url, "emergency", source="tolaria") + _events(server.url, "normal", source="tolaria")
+        events = _events(server.url, "both", source="tolaria")
         entered = sum(e.get("event") == "conservative_mode_entered" for e in events)
         cleared = sum(e.get("event") == "conservative_mode_cleared" for e in events)
         if not (s.get("conservative_entries", 0) >= 1 and entered == s.get("conservative_entries")):
@@ -279,7 +295,7 @@ async def drill_fallback_rejection() -> DrillResult:
                               TAMIYO_STEP_TIMEOUT_MS="200", TOLARIA_EMERGENCY_ENABLED="false")
         rc = await _wait_exit(trainer, WAIT_S * 2)
         s = fleet.summary()
-        events = _events(server.url, "normal") + _events(server.url, "emergency")
+        events = _events(server.url, "both")
         failed = [e for e in events if e.get("event") == "germination_failed"]
         rejected = [e for e in events
                     if e.get("event") == "gate_failure" and e.get("reason") == "fallback_status_rejected"]

@@ -38,7 +38,18 @@ from esper.kasmina.settings import KasminaSettings
 from esper.leyline import enum_name, pb
 from esper.tolaria.bus import BusThread
 from esper.tolaria.checkpoint import CheckpointError, CheckpointStore
-from esper.tolaria.commands import adjust_lr, as_scale_request, current_lr, scheduled_lr, set_lr
+from esper.tolaria.commands import (
+    LR_KEYS,
+    SET_KEYS,
+    OptimizerCommandRefused,
+    adjust_lr,
+    as_scale_request,
+    check_hyperparameters,
+    current_lr,
+    scheduled_lr,
+    set_hyperparameter,
+    set_lr,
+)
 from esper.tolaria.conservative import ConservativeMode, ModeChange
 from esper.tolaria.data import Dataset, epoch_generator, iter_batches, load_dataset
 from esper.tolaria.decisions import Decision, DecisionClient, OneInFlight, timeout_telemetry
@@ -383,23 +394,8 @@ class Trainer:
         """Apply a command Kasmina handed back; False (counted, evented) for one the trainer does not carry
         out, so it is not counted as applied."""
         if cmd.command_type == pb.COMMAND_OPTIMIZER:
-            hyper, old = cmd.optimizer_adjustment.hyperparameters, current_lr(self.optimizer)
-            if self.settings.lr_policy == "off":
-                change = adjust_lr(old, self.base_lr, hyper)
-                set_lr(self.optimizer, change.new)
-            else:  # the scale on the schedule persists: it is what the bounds hold (commands.py). An explicit
-                # rate is read against the schedule past its warm-up, or a warm-up's tiny rate inflates it.
-                change = adjust_lr(self.lr_scale, 1.0,
-                                   as_scale_request(hyper, self._scheduled_lr(warmup=False) * self.lr_scale))
-                self.lr_scale = change.new
-                self._apply_lr_policy()
-            new = current_lr(self.optimizer)
-            self.stats.lr_changes += change.new != change.old
-            log.info("optimizer adjusted", old=old, new=new, lr_scale=self.lr_scale, requested=change.requested,
-                     clamped=change.clamped, command_id=cmd.command_id)
-            self._event("optimizer_adjusted", _INFO, f"lr {old:.3g} -> {new:.3g}",
-                        clamped=change.clamped, command_id=cmd.command_id)
-        elif cmd.command_type == pb.COMMAND_ROLLBACK:
+            return self._optimizer_command(cmd)
+        if cmd.command_type == pb.COMMAND_ROLLBACK:
             self._do_rollback("command")
         elif cmd.command_type == pb.COMMAND_EMERGENCY:
             self.emergency.escalate(pb.EMERGENCY_LEVEL_CONSERVATIVE, "tamiyo_emergency_command")
@@ -410,6 +406,45 @@ class Trainer:
                         command_id=cmd.command_id, command_type=kind)
             return False
         return True
+
+    def _optimizer_command(self, cmd: pb.AdaptationCommand) -> bool:
+        """Check every hyperparameter first (a refusal changes nothing), then apply each, bounded, with
+        a log line and an `optimizer_adjusted` event carrying the old and new values."""
+        hyper = dict(cmd.optimizer_adjustment.hyperparameters)
+        try:
+            check_hyperparameters(hyper)
+        except OptimizerCommandRefused as e:
+            self.stats.rejected[e.reason] += 1
+            log.warning("optimizer command refused", reason=e.reason, detail=str(e), command_id=cmd.command_id)
+            self._event("command_rejected", _WARNING, str(e), reason=e.reason, command_id=cmd.command_id,
+                        command_type="COMMAND_OPTIMIZER")
+            return False
+        if any(k in hyper for k in LR_KEYS):
+            old = current_lr(self.optimizer)
+            if self.settings.lr_policy == "off":
+                change = adjust_lr(old, self.base_lr, hyper)
+                set_lr(self.optimizer, change.new)
+            else:  # the scale on the schedule persists: it is what the bounds hold (commands.py). An explicit
+                # rate is read against the schedule past its warm-up, or a warm-up's tiny rate inflates it.
+                change = adjust_lr(self.lr_scale, 1.0,
+                                   as_scale_request(hyper, self._scheduled_lr(warmup=False) * self.lr_scale))
+                self.lr_scale = change.new
+                self._apply_lr_policy()
+            self.stats.lr_changes += change.new != change.old
+            self._optimizer_adjusted(cmd, "learning_rate", old, current_lr(self.optimizer), change.requested,
+                                     change.clamped)
+        for name in SET_KEYS:
+            if name in hyper:
+                ch = set_hyperparameter(self.optimizer, name, hyper[name])
+                self._optimizer_adjusted(cmd, name, ch.old, ch.new, hyper[name], ch.clamped)
+        return True
+
+    def _optimizer_adjusted(self, cmd: pb.AdaptationCommand, name: str, old: float, new: float, requested: float,
+                            clamped: bool) -> None:
+        log.info("optimizer adjusted", hyperparameter=name, old=old, new=new, requested=requested, clamped=clamped,
+                 lr_scale=self.lr_scale, command_id=cmd.command_id)
+        self._event("optimizer_adjusted", _INFO, f"{name} {old:.3g} -> {new:.3g}", hyperparameter=name,
+                    old=f"{old:.6g}", new=f"{new:.6g}", clamped=clamped, command_id=cmd.command_id)
 
     def _apply_lr_policy(self) -> None:
         if self.settings.lr_policy == "off":  # the default: nothing to schedule (the call below reads settings)
