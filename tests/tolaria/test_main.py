@@ -65,6 +65,13 @@ def test_a_bad_kasmina_setting_is_a_configuration_error(tmp_path: Path) -> None:
     assert proc.stderr.startswith("tolaria: configuration error:") and "KASMINA_NONCE_CAPACITY" in proc.stderr
 
 
+def test_a_summary_path_under_a_file_is_exit_2_before_training(tmp_path: Path) -> None:
+    (tmp_path / "a_file").write_text("x")
+    proc = _run_static(tmp_path, TOLARIA_SUMMARY_JSON=str(tmp_path / "a_file" / "s.json"))
+    assert "TOLARIA_SUMMARY_JSON" in _one_line_exit_2(proc)
+    assert not (tmp_path / "var").exists()  # refused before anything ran
+
+
 def test_empty_optional_paths_mean_unset_through_the_cli(tmp_path: Path) -> None:
     proc = _run_static(tmp_path, TOLARIA_SUMMARY_JSON="", TOLARIA_PROFILER_DIR="")
     assert proc.returncode == 0, proc.stderr[-2000:]  # was IsADirectoryError after the run: summary lost

@@ -87,6 +87,17 @@ def test_profiler_runs_only_with_a_valid_output_directory(tmp_path: Path) -> Non
         TolariaSettings(profiler_dir=a_file / "sub")
 
 
+def test_an_unusable_summary_path_is_refused_at_start(tmp_path: Path) -> None:
+    """It was found after the whole run: a traceback, exit 1, and no summary printed."""
+    assert TolariaSettings(summary_json=tmp_path / "out" / "summary.json").summary_json is not None  # creatable
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("x")
+    with pytest.raises(ValidationError, match="cannot be created"):
+        TolariaSettings(summary_json=a_file / "summary.json")
+    with pytest.raises(ValidationError, match="is a directory"):
+        TolariaSettings(summary_json=tmp_path)
+
+
 def test_cuda_requested_without_cuda_is_a_configuration_error() -> None:
     s = TolariaSettings(device="cuda")
     if torch.cuda.is_available():

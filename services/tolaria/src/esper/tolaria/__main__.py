@@ -38,7 +38,7 @@ def run(static: Annotated[bool, typer.Option(help="train the host alone: no Tami
         settings.torch_device()
         KasminaSettings()  # the trainer builds Kasmina's own (KASMINA_*): a bad value is exit 2 here too
     except (ConfigurationError, ValidationError) as e:
-        typer.echo(f"tolaria: configuration error: {e}", err=True)
+        typer.echo(f"tolaria: configuration error: {_one_line(e)}", err=True)
         raise typer.Exit(2) from None
     try:  # before anything starts: a bad TOLARIA_DATASET_PATH is a configuration error, not a traceback
         dataset = load_training_data(settings)
@@ -65,6 +65,16 @@ def drill(name: Annotated[str, typer.Argument(help="drill name, or 'all'")] = "a
     from esper.tolaria.drills import run_drills
 
     raise typer.Exit(run_drills(name))
+
+
+def _one_line(e: Exception) -> str:
+    """pydantic's report spans lines (and a docs link); the operator gets one line per run."""
+    from pydantic import ValidationError
+
+    if not isinstance(e, ValidationError):
+        return str(e)
+    return "; ".join((".".join(map(str, d["loc"])) + ": " if d["loc"] else "") + d["msg"].removeprefix("Value error, ")
+                     for d in e.errors())
 
 
 if __name__ == "__main__":

@@ -188,9 +188,12 @@ class TolariaSettings(OonaSettings):
                                             description="seconds in conservative mode before one step probes "
                                                         "Tamiyo again (prototype 30; 0 = probe every step)")
     epoch_budget_ms: float = Field(250.0, gt=0.0, validation_alias=_t("epoch_budget_ms"),
-                                   description="an epoch over this budget is an epoch failure (prototype 250 ms)")
+                                   description="an epoch whose training time is over this is counted with an "
+                                               "epoch_budget_exceeded event; unlike the prototype (250 ms) not an "
+                                               "epoch failure")
     hook_budget_ms: float = Field(50.0, gt=0.0, validation_alias=_t("hook_budget_ms"),
-                                  description="per-step hook/adaptation work over this is a failure (prototype 50)")
+                                  description="a step whose boundary work is over this is counted with a HIGH "
+                                              "hook_budget event; unlike the prototype (50 ms) not a failure")
 
     # -- rollback ----------------------------------------------------------------------------------
     rollback_enabled: bool = Field(True, validation_alias=_t("rollback_enabled"),
@@ -299,21 +302,13 @@ class TolariaSettings(OonaSettings):
         return self
 
     @model_validator(mode="after")
-    def _valid_profiler_dir(self) -> TolariaSettings:
-        d = self.profiler_dir
-        if d is None:
-            return self
-        if d.exists():
-            if not d.is_dir():
-                raise ConfigurationError(f"TOLARIA_PROFILER_DIR {d} exists and is not a directory")
-            if not os.access(d, os.W_OK | os.X_OK):
-                raise ConfigurationError(f"TOLARIA_PROFILER_DIR {d} is not writable")
-            return self
-        parent = d.absolute().parent
-        while not parent.exists():
-            parent = parent.parent
-        if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
-            raise ConfigurationError(f"TOLARIA_PROFILER_DIR {d} cannot be created: {parent} is not writable")
+    def _valid_output_paths(self) -> TolariaSettings:
+        """Where the run writes at its end is checked at its start: an unusable summary path was found
+        only after the whole run (a traceback, exit 1, no summary printed)."""
+        if self.profiler_dir is not None:
+            _check_creatable(self.profiler_dir, "TOLARIA_PROFILER_DIR", directory=True)
+        if self.summary_json is not None:
+            _check_creatable(self.summary_json, "TOLARIA_SUMMARY_JSON", directory=False)
         return self
 
     # -- derived -----------------------------------------------------------------------------------
@@ -349,3 +344,19 @@ class TolariaSettings(OonaSettings):
         if self.device == "auto":
             return torch.device("cuda" if torch.cuda.is_available() else "cpu")
         return torch.device(self.device)
+
+
+def _check_creatable(path: Path, name: str, *, directory: bool) -> None:
+    """`path` is (or can be made) a writable directory, or a file the run can write atomically (a
+    temporary file beside it, then a rename: its directory must be writable)."""
+    if path.exists():
+        if path.is_dir() != directory:
+            raise ConfigurationError(f"{name} {path} exists and is {'not ' if directory else ''}a directory")
+        if not os.access(path if directory else path.parent, os.W_OK | os.X_OK):
+            raise ConfigurationError(f"{name} {path} is not writable")
+        return
+    parent = path.absolute().parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise ConfigurationError(f"{name} {path} cannot be created: {parent} is not a writable directory")
