@@ -96,6 +96,12 @@ def test_an_unusable_summary_path_is_refused_at_start(tmp_path: Path) -> None:
         TolariaSettings(summary_json=a_file / "summary.json")
     with pytest.raises(ValidationError, match="is a directory"):
         TolariaSettings(summary_json=tmp_path)
+    dangling = tmp_path / "gone"
+    dangling.symlink_to(tmp_path / "nowhere")
+    with pytest.raises(ValidationError, match="dangling symlink"):  # mkdir failed on it after the run
+        TolariaSettings(summary_json=dangling / "summary.json")
+    with pytest.raises(ValidationError, match="dangling symlink"):
+        TolariaSettings(profiler_dir=dangling)
 
 
 def test_cuda_requested_without_cuda_is_a_configuration_error() -> None:

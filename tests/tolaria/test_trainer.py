@@ -616,8 +616,29 @@ def test_weight_decay_and_momentum_commands_change_every_group_within_bounds(tmp
     events = [e.attributes for e in trainer._pending_events]  # old and new on the event, not only in its text
     assert [(e["hyperparameter"], e["old"], e["new"], e["clamped"]) for e in events] == [
         ("weight_decay", "0", "0.1", "True"), ("momentum", "0.9", "0.5", "False"), ("momentum", "0.5", "0.99", "True")]
+    trainer._pending_events.clear()
+    assert trainer._optimizer_command(_lr_command(weight_decay=0.1))  # the bound itself, sent as float32
+    assert trainer._pending_events[-1].attributes["clamped"] == "False"
     trainer.run()  # the optimizer steps with the new values
     assert trainer.stats.steps > 0 and trainer.stats.rejected == {}
+
+
+def test_momentum_turned_back_on_does_not_resume_a_stale_buffer(tmp_path: Path) -> None:
+    """SGD stops updating its momentum buffer at momentum 0 but keeps it: turned back on, the first
+    steps followed a gradient history from before the pause."""
+    trainer = Trainer(_settings(tmp_path, epochs=1, optimizer="sgd"), bus=None)
+    params = trainer.optimizer.param_groups[0]["params"]
+    for p in params:
+        p.grad = torch.ones_like(p)
+    trainer.optimizer.step()
+    assert all("momentum_buffer" in trainer.optimizer.state[p] for p in params)
+    assert trainer._optimizer_command(_lr_command(momentum=0.0))
+    trainer.optimizer.step()
+    assert all("momentum_buffer" in trainer.optimizer.state[p] for p in params)  # kept, not updated, by torch
+    assert trainer._optimizer_command(_lr_command(momentum=0.5))
+    assert not any("momentum_buffer" in trainer.optimizer.state[p] for p in params)
+    trainer.optimizer.step()  # starts a fresh buffer
+    assert all(torch.equal(trainer.optimizer.state[p]["momentum_buffer"], p.grad) for p in params)
 
 
 def test_a_command_the_trainer_does_not_carry_out_is_not_counted_as_applied(tmp_path: Path) -> None:

@@ -165,7 +165,8 @@ class Kasmina:
         self._fetch_task: asyncio.Task[int] | None = None
         self._step = 0
         self._epoch = 0
-        self.commands_applied = 0
+        self.commands_applied = 0  # executed here (SEED, PAUSE, ...)
+        self.commands_for_trainer = 0  # valid, handed back to the trainer (OPTIMIZER, ROLLBACK, ...)
         self.commands_rejected = 0
 
     # -- wiring ------------------------------------------------------------------------------------
@@ -237,7 +238,10 @@ class Kasmina:
                        step=self._step)
             log.warning("command rejected", reason=e.reason, command_id=cmd.command_id, detail=e.detail[:200])
             raise
-        self.commands_applied += 1
+        if outcome.action == "for_trainer":  # the trainer carries it out, or refuses it, and counts that
+            self.commands_for_trainer += 1
+        else:
+            self.commands_applied += 1
         return outcome
 
     def _dispatch(self, cmd: pb.AdaptationCommand) -> CommandOutcome:
@@ -840,6 +844,7 @@ class Kasmina:
             build_metric("kasmina.seeds.fossilized", float(sum(r.stage == FOSSILIZED for r in records))),
             build_metric("kasmina.isolation.violations", float(self._isolation_violations)),
             build_metric("kasmina.commands.applied_total", float(self.commands_applied)),
+            build_metric("kasmina.commands.for_trainer_total", float(self.commands_for_trainer)),
             build_metric("kasmina.commands.rejected_total", float(self.commands_rejected)),
             build_metric("kasmina.telemetry.events_dropped_total", float(self._events_dropped)),
         ]

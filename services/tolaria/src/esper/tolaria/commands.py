@@ -65,15 +65,21 @@ def check_hyperparameters(hyperparameters: Mapping[str, float]) -> None:
 
 
 def set_hyperparameter(optimizer: Optimizer, name: str, value: float) -> HyperChange:
-    """`weight_decay` or `momentum` on every group (seeds' too), clamped to its bound."""
+    """`weight_decay` or `momentum` on every group (seeds' too), clamped to its bound. SGD keeps a
+    momentum buffer it stops updating at momentum 0: turning momentum back on drops it, or the first
+    steps would follow a gradient history from before the pause."""
     new = min(value, WEIGHT_DECAY_MAX if name == "weight_decay" else MOMENTUM_MAX)
     old = _read(optimizer.param_groups[0], name)
     for group in optimizer.param_groups:
         if name == "momentum" and "betas" in group:
             group["betas"] = (new, group["betas"][1])
-        else:
-            group[name] = new
-    return HyperChange(name, old, new, clamped=new != value)
+            continue
+        if name == "momentum" and group.get(name, 0.0) == 0.0 and new > 0.0:
+            for p in group["params"]:
+                optimizer.state.get(p, {}).pop("momentum_buffer", None)
+        group[name] = new
+    # the command's values are float32: 0.1 arrives as 0.10000000149, which is not a clamp
+    return HyperChange(name, old, new, clamped=not math.isclose(new, value, rel_tol=1e-6))
 
 
 def _read(group: Mapping[str, object], name: str) -> float:

@@ -349,6 +349,8 @@ class TolariaSettings(OonaSettings):
 def _check_creatable(path: Path, name: str, *, directory: bool) -> None:
     """`path` is (or can be made) a writable directory, or a file the run can write atomically (a
     temporary file beside it, then a rename: its directory must be writable)."""
+    if path.is_symlink() and not path.exists():
+        raise ConfigurationError(f"{name} {path} is a dangling symlink")
     if path.exists():
         if path.is_dir() != directory:
             raise ConfigurationError(f"{name} {path} exists and is {'not ' if directory else ''}a directory")
@@ -357,6 +359,8 @@ def _check_creatable(path: Path, name: str, *, directory: bool) -> None:
         return
     parent = path.absolute().parent
     while not parent.exists():
+        if parent.is_symlink():  # mkdir(parents=True) would fail on it after the run
+            raise ConfigurationError(f"{name} {path} cannot be created: {parent} is a dangling symlink")
         parent = parent.parent
     if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
         raise ConfigurationError(f"{name} {path} cannot be created: {parent} is not a writable directory")
