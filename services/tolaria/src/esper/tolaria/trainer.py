@@ -123,9 +123,10 @@ class Trainer:
         self.optimizer = make_optimizer(s, self.host.parameters())
         self.base_lr = s.learning_rate
         self.lr_scale = 1.0  # OPTIMIZER commands scale the scheduled rate (TOLARIA_LR_POLICY != off)
-        self.total_steps = s.epochs * math.ceil(self.data.meta.train_size / s.batch_size)
+        steps_per_epoch = math.ceil(self.data.meta.train_size / s.batch_size)
+        self.total_steps = s.epochs * steps_per_epoch
         # KASMINA_*: command validation, lifecycle windows, kernel cache and breaker
-        ks = fit_evidence_grace(KasminaSettings(), math.ceil(self.data.meta.train_size / s.batch_size))
+        ks = fit_evidence_grace(KasminaSettings(), steps_per_epoch)
         kernels = None if bus is None else KernelClient(
             bus.client, ArtifactStore(s.artifact_dir), timeout_ms=s.kernel_timeout_ms, cache_size=ks.kernel_cache_size,
             training_run_id=s.run_id,
