@@ -170,6 +170,8 @@ def test_a_loss_spike_after_warm_up_is_refused_rolled_back_and_escalated(tmp_pat
     trainer = Trainer(s, bus=None)
     for i in range(6):
         trainer.train_step(*_batch(trainer, i))
+        if i == 4:
+            at_5 = _state(trainer)
     ewma = trainer.signals.loss.mean
     limit = max(s.loss_spike_factor * ewma, ewma + s.loss_spike_min_delta)  # both must be exceeded
     assert trainer._step_problem(limit * 1.001, 1.0) == "loss_spike"
@@ -181,6 +183,13 @@ def test_a_loss_spike_after_warm_up_is_refused_rolled_back_and_escalated(tmp_pat
     assert trainer.stats.step_failures == {"loss_spike": 1} and trainer.stats.rollbacks == {"fast": 1}
     assert trainer.emergency.level == pb.EMERGENCY_LEVEL_ELEVATED
     assert _same(_state(trainer), before)  # restored to step 6, the newest snapshot: the spike never applied
+    # the statistics restarted empty after the rollback: the same spike again was not checked, applied,
+    # and became the new level that hid the next ones
+    trainer.train_step(xb * 1000.0, yb)
+    assert trainer.stats.step_failures == {"loss_spike": 2}
+    assert _same(_state(trainer), at_5)  # refused again; failing on a restored state walks back past it
+    trainer.train_step(*_batch(trainer, 7))  # a healthy step is applied and restarts the statistics
+    assert trainer.stats.steps == 7 and trainer.signals.loss.count == 1
     early = Trainer(_settings(tmp_path / "b", epochs=1, loss_spike_warmup_steps=6), bus=None)
     for i in range(5):
         early.train_step(*_batch(early, i))

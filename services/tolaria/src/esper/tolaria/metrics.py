@@ -1,7 +1,7 @@
 """Step statistics for `SystemStatePacket.training_metrics` (REFERENCE_PROTOTYPE §6.5 names). Pure.
 
 `TrainingSignals.update(loss, grad_norm)` folds one step into exponentially weighted statistics and
-returns `loss_delta` (this loss minus the previous), `loss_ewma`, `loss_volatility` (EW standard
+returns `loss_delta` (the step's change of the loss EWMA: see `update`), `loss_ewma`, `loss_volatility` (EW standard
 deviation of the loss), `grad_norm_ewma` and `grad_var` (EW variance of the gradient norm). The EW
 mean/variance is Finch's incremental form: first sample → mean x, variance 0.
 

@@ -175,6 +175,7 @@ class Trainer:
         self._pending_events: list[pb.TelemetryEvent] = []
         self._apply_ms = 0.0
         self._tamiyo_latency: dict[str, float] = {}  # the last decision's latency, once there is one
+        self._spike_reference = 0.0  # the loss EWMA before the last rollback's reset (0: none yet)
         self._escalations_seen = 0
 
     # -- the run -----------------------------------------------------------------------------------
@@ -492,7 +493,9 @@ class Trainer:
     def _step_problem(self, loss: float, grad: float) -> str | None:
         if not math.isfinite(loss) or not math.isfinite(grad):
             return "non_finite"
-        ewma = self.signals.loss.mean
+        # right after a rollback the statistics restart empty: the loss level before it is the reference,
+        # or the first step (the spike again, often) was not checked and became the new level
+        ewma = self.signals.loss.mean if self.signals.loss.count else self._spike_reference
         s = self.settings
         if (self.stats.steps >= s.loss_spike_warmup_steps and ewma > 0 and loss > s.loss_spike_factor * ewma
                 and loss - ewma > s.loss_spike_min_delta):
@@ -528,7 +531,7 @@ class Trainer:
             self.stats.rollbacks["deadline_missed"] += 1
             if e.result is not None:  # restored, late: the statistics restart from the restored weights
                 self._applied_step = self._restored_step = e.result.step
-                self.signals.reset()
+                self._reset_signals()
             if self.settings.emergency_l4_on_rollback_deadline:
                 self.emergency.escalate(pb.EMERGENCY_LEVEL_HALT, "rollback_deadline")
             log.error("rollback missed its deadline", error=str(e), restored=e.restored)
@@ -539,9 +542,15 @@ class Trainer:
             return
         self.stats.rollbacks[result.tier] += 1
         self._applied_step = self._restored_step = result.step
-        self.signals.reset()
+        self._reset_signals()
         self._event("rollback", _WARNING, f"{result.tier} tier restored step {result.step} in "
                     f"{result.elapsed_ms:.2f} ms", reason=reason, tier=result.tier, restored_step=result.step)
+
+    def _reset_signals(self) -> None:
+        """The packet statistics restart from the restored weights; the spike check keeps the level."""
+        if self.signals.loss.count:
+            self._spike_reference = self.signals.loss.mean
+        self.signals.reset()
 
     def _cull_to_fit(self, saved: TrainingState) -> bool:
         """A checkpoint that does not fit: cull the active seeds, but only if the model and optimizer
