@@ -688,6 +688,10 @@ def test_budgets_are_reported_and_the_profiler_writes_a_trace(tmp_path: Path) ->
     assert summary["epochs"] == 1 and summary["step_failures"] == {}  # reported, not a failure
     traces = list((tmp_path / "prof").iterdir())
     assert traces and all(t.stat().st_size > 0 for t in traces)
+    one_step = Trainer(_settings(tmp_path / "one", epochs=1, batch_size=4096, profiler_dir=tmp_path / "prof1"),
+                       bus=None)  # the whole training set in one batch: a 1-step run
+    one_step.run()
+    assert one_step.stats.steps == 1 and [t.stat().st_size > 0 for t in (tmp_path / "prof1").iterdir()] == [True]
 
 
 def test_a_seed_in_a_long_epoch_gets_its_verdict_from_evidence_not_a_no_evidence_cull(tmp_path: Path) -> None:

@@ -217,7 +217,8 @@ class Trainer:
             yield None
             return
         out.mkdir(parents=True, exist_ok=True)
-        schedule = torch.profiler.schedule(wait=1, warmup=1, active=5, repeat=1)
+        # a run shorter than the schedule's 7 steps is recorded whole: a 1-step run recorded nothing at all
+        schedule = torch.profiler.schedule(wait=1, warmup=1, active=5, repeat=1) if self.total_steps >= 7 else None
         with torch.profiler.profile(schedule=schedule,
                                     on_trace_ready=torch.profiler.tensorboard_trace_handler(str(out))) as prof:
             yield prof
