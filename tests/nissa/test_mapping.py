@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import ast
+from pathlib import Path
+
 import pytest
 
 from esper.core.telemetry import build_event, build_metric, build_telemetry_packet
 from esper.leyline import pb
 from esper.nissa.errors import MalformedTelemetryError
+from esper.nissa.labels import EVENTS
 from esper.nissa.mapping import (
     SIGNAL_BSDS_CRITICAL,
     SIGNAL_BSDS_HIGH,
@@ -89,6 +93,29 @@ def test_tolaria_epoch_with_kasmina_events() -> None:
     assert ("other", "info") in u.events  # unlisted event names are bounded to `other`
     assert ("tolaria.emergency.escalated", "warning") in u.events
     assert u.decision is None and u.seeds_by_stage is None
+
+
+def _event_names(*packages: str) -> set[str]:
+    """Every event name passed to Tolaria's `_event` / Kasmina's `_emit` in their source (a literal, or
+    either branch of `a if cond else b`)."""
+    root = Path(__file__).resolve().parents[2] / "services"
+    names: set[str] = set()
+    for package in packages:
+        for path in (root / package / "src" / "esper" / package).glob("*.py"):
+            for node in ast.walk(ast.parse(path.read_text())):
+                if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+                        and node.func.attr in ("_event", "_emit") and node.args):
+                    first = node.args[0]
+                    options = [first.body, first.orelse] if isinstance(first, ast.IfExp) else [first]
+                    names |= {o.value for o in options if isinstance(o, ast.Constant) and isinstance(o.value, str)}
+    return names
+
+
+def test_every_event_tolaria_and_kasmina_emit_has_its_own_label() -> None:
+    """Tolaria's `command_unsupported` was counted as `other`, on the dashboards too."""
+    names = _event_names("tolaria", "kasmina")
+    assert {"command_unsupported", "seed_paused", "step_failure", "gate_event"} <= names  # the scan sees them
+    assert names - EVENTS == set()
 
 
 def test_halt_escalation_counts_the_lane_and_the_level() -> None:
