@@ -12,7 +12,7 @@ import pytest
 from esper.core.deadline import Deadline
 from esper.core.redis_server import EmbeddedRedis
 from esper.leyline import CHANNELS, encode_envelope, pack, pb, sign_envelope
-from esper.oona import Consumer, Delivery, OonaClient, OonaError, OonaSettings
+from esper.oona import Consumer, Delivery, OonaClient, OonaError, OonaSettings, PublishError
 from esper.oona.errors import RequestTimeoutError
 from tests.conftest import ClientFactory
 from tests.oona._helpers import dead_letters, pending_count, state
@@ -76,6 +76,33 @@ async def test_request_is_bounded_by_its_deadline_when_redis_hangs(tmp_path: obj
         assert client.metrics.request_timeouts.labels("state")._value.get() == 1
     finally:
         os.kill(server.pid, signal.SIGCONT)
+        await client.close()
+        server.stop()
+
+
+async def test_a_timed_out_publish_is_not_re_sent(tmp_path: object) -> None:
+    """A timed-out XADD may have been applied, so only connection errors are retried. redis-py adds the
+    pool's `retry_on_error` to its Retry's default list, which holds timeouts too: each XADD to a stalled
+    Redis was re-sent 3 times on new connections (8 s with 2 s timeouts; copies could land on resume)."""
+    server = EmbeddedRedis()
+    server.start()
+    settings = OonaSettings(redis_url=server.url, leyline_secret="s" * 32, socket_timeout_s=0.3, metrics_port=-1)
+    client = OonaClient.from_settings(settings, sender="trainer")
+    await client.connect()
+    assert server.pid is not None
+    connections = int((await client.redis.info("stats"))["total_connections_received"])
+    os.kill(server.pid, signal.SIGSTOP)
+    try:
+        with pytest.raises(PublishError):
+            await client.publish("state", state(1))
+    finally:
+        os.kill(server.pid, signal.SIGCONT)
+    try:
+        await asyncio.sleep(0.2)  # the server now processes what reached it while stopped
+        assert await client.redis.xlen(CHANNELS["state"].normal_stream) == 1  # sent once, applied once
+        # one connection since: the one this check needed (each retry had reconnected to re-send)
+        assert int((await client.redis.info("stats"))["total_connections_received"]) - connections == 1
+    finally:
         await client.close()
         server.stop()
 

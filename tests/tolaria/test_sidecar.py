@@ -9,6 +9,7 @@ from pathlib import Path
 
 from prometheus_client import CollectorRegistry
 
+from esper.core.redis_server import EmbeddedRedis
 from esper.leyline import pb
 from esper.oona import OonaMetrics, OonaSettings
 from esper.tamiyo.standin import sample_packet
@@ -84,6 +85,29 @@ async def test_the_sidecar_reports_a_timeout_itself(settings: OonaSettings, tmp_
     events = await tolaria_events(make_client)
     assert events == [(pb.MESSAGE_PRIORITY_HIGH, "emergency",
                        {"event": "tamiyo_timeout", "step_index": "7", "packet_id": "sc-7"})]
+
+
+async def test_a_stalled_redis_does_not_hold_the_sidecar_in_the_timeout_event(tmp_path: Path) -> None:
+    """Redis stalls (SIGSTOP): the request times out at its budget, and the event's publish would hang
+    for its socket timeout (8 s with redis-py's retries), past a sync trainer's whole wait: each
+    outage timeout then came back seconds late, uncounted. The child gives up on the event quickly and
+    hands it to the trainer (`timeout_event` empty)."""
+    server = EmbeddedRedis()
+    server.start()
+    ts = TolariaSettings(var_dir=tmp_path / "tolaria", redis_url=server.url, leyline_secret="s" * 32,
+                         metrics_port=-1, socket_timeout_s=2.0)
+    client = SidecarDecisionClient(ts, budget_ms=20.0)
+    await asyncio.to_thread(client.start)
+    assert server.pid is not None
+    os.kill(server.pid, signal.SIGSTOP)
+    try:
+        assert client.submit(sample_packet("sc-9", 9, run="sc"), 9)
+        decision = await asyncio.to_thread(client.wait)  # budget + 1 s margin: the child must answer in it
+    finally:
+        os.kill(server.pid, signal.SIGCONT)
+        await asyncio.to_thread(client.close)
+        server.stop()
+    assert decision is not None and (decision.kind, decision.timeout_event) == ("timeout", "")
 
 
 async def test_a_timeout_event_over_the_emergency_cap_is_refused_and_counted(

@@ -29,8 +29,10 @@ def command_client(
         socket_timeout=socket_timeout_s,
         socket_connect_timeout=connect_timeout_s,
         # Retry only connection errors: a timed-out XADD may have been applied, and re-sending it
-        # would duplicate the entry (consumers would then dead-letter the copy as `replayed`).
-        retry=Retry(ExponentialBackoff(cap=0.5, base=0.01), retries),
+        # would duplicate the entry (consumers would then dead-letter the copy as `replayed`). The
+        # Retry's own list must say so: redis-py adds `retry_on_error` to its default (connection
+        # *and* timeout errors), so a stalled Redis had each XADD re-sent 3 times (8 s, duplicates).
+        retry=Retry(ExponentialBackoff(cap=0.5, base=0.01), retries, supported_errors=(RedisConnectionError,)),
         retry_on_error=[RedisConnectionError],
         retry_on_timeout=False,
         health_check_interval=30,

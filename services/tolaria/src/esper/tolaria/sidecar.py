@@ -40,6 +40,11 @@ from esper.tolaria.decisions import Decision, OneInFlight, ask, timeout_telemetr
 log = get_logger("esper.tolaria.sidecar")
 
 _START_TIMEOUT_S = 30.0
+# How long the child tries to publish a timeout's event before handing that to the trainer: a Redis
+# that stalls kept the child (and a sync trainer's wait) for the publish's socket timeout per timeout,
+# so an outage went uncounted and conservative mode came ~25 s late. A publish cut off here may still
+# land, and the trainer's then doubles the event: a duplicate HIGH event beats a stalled count.
+_EVENT_PUBLISH_S = 0.1
 
 
 def _serve(conn: multiprocessing.connection.Connection) -> None:
@@ -80,12 +85,14 @@ async def _report_timeout(client: OonaClient, d: Decision) -> Decision:
     client's would be, and the trainer counts that; any other failure leaves it to the trainer."""
     packet = timeout_telemetry(d)
     try:
-        await client.publish("telemetry", packet, priority=packet_priority(packet))  # type: ignore[arg-type]
+        async with asyncio.timeout(_EVENT_PUBLISH_S):
+            await client.publish("telemetry", packet, priority=packet_priority(packet))  # type: ignore[arg-type]
     except EmergencyRateLimitedError as e:
         log.warning("tamiyo_timeout event refused by the emergency lane's cap", error=str(e))
         return dataclasses.replace(d, timeout_event="rate_limited")
-    except Exception as e:  # PublishError, a Redis error reply: the event is the trainer's to publish
-        log.warning("tamiyo_timeout event not published by the sidecar; the trainer will", error=str(e))
+    except Exception as e:  # PublishError, a Redis error reply, too slow: the event is the trainer's to publish
+        log.warning("tamiyo_timeout event not published by the sidecar; the trainer will",
+                    error=f"{type(e).__name__}: {e}")
         return d
     return dataclasses.replace(d, timeout_event="published")
 
