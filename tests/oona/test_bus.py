@@ -84,15 +84,17 @@ async def test_oversize_publish_is_refused_before_redis(make_client: ClientFacto
     assert await pub.redis.exists(STATE.stream("normal")) == 0
 
 
+async def _echo(d: Delivery) -> pb.DecisionFailure:
+    """Tamiyo's stand-in: a DecisionFailure naming the request's packet."""
+    packet = d.message_as(pb.SystemStatePacket)
+    return pb.DecisionFailure(packet_id=packet.packet_id, reason=pb.DECISION_FAILURE_REASON_TIMEOUT_INFERENCE)
+
+
 async def test_request_reply_within_deadline(make_client: ClientFactory) -> None:
     trainer = await make_client("trainer")
     tamiyo = await make_client("tamiyo")
 
-    async def handler(d: Delivery) -> pb.DecisionFailure:
-        packet = d.message_as(pb.SystemStatePacket)
-        return pb.DecisionFailure(packet_id=packet.packet_id, reason=pb.DECISION_FAILURE_REASON_TIMEOUT_INFERENCE)
-
-    consumer = Consumer(tamiyo, "state", group="tamiyo", handler=handler)
+    consumer = Consumer(tamiyo, "state", group="tamiyo", handler=_echo)
     stop = asyncio.Event()
     task = asyncio.create_task(consumer.run(stop))
     try:
@@ -170,11 +172,7 @@ async def test_a_request_gives_up_at_its_deadline_while_the_reply_read_is_still_
     assert len(blocked) == 1, "the request waited for its reply read to end instead of its own deadline"
     assert trainer.metrics.request_timeouts.labels("state")._value.get() == 1
 
-    async def echo(d: Delivery) -> pb.DecisionFailure:
-        packet = d.message_as(pb.SystemStatePacket)
-        return pb.DecisionFailure(packet_id=packet.packet_id, reason=pb.DECISION_FAILURE_REASON_TIMEOUT_INFERENCE)
-
-    consumer = Consumer(tamiyo, "state", group="tamiyo", handler=echo)
+    consumer = Consumer(tamiyo, "state", group="tamiyo", handler=_echo)
     stop = asyncio.Event()
     task = asyncio.create_task(consumer.run(stop))
     try:  # the unanswered request expired before the group saw it; the next one is answered
@@ -193,11 +191,7 @@ async def test_concurrent_requests_share_one_reply_reader(make_client: ClientFac
     trainer = await make_client("trainer")
     tamiyo = await make_client("tamiyo")
 
-    async def echo(d: Delivery) -> pb.DecisionFailure:
-        packet = d.message_as(pb.SystemStatePacket)
-        return pb.DecisionFailure(packet_id=packet.packet_id, reason=pb.DECISION_FAILURE_REASON_TIMEOUT_INFERENCE)
-
-    consumer = Consumer(tamiyo, "state", group="tamiyo", handler=echo)
+    consumer = Consumer(tamiyo, "state", group="tamiyo", handler=_echo)
     stop = asyncio.Event()
     task = asyncio.create_task(consumer.run(stop))
     try:

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import time
+from collections.abc import AsyncIterator
 
 import pytest
 
@@ -60,51 +62,51 @@ async def test_reply_to_outside_reply_streams_is_refused(make_client: ClientFact
     await consumer.close()
 
 
-async def test_request_is_bounded_by_its_deadline_when_redis_hangs(tmp_path: object) -> None:
+@contextlib.asynccontextmanager
+async def _own_server(socket_timeout_s: float) -> AsyncIterator[tuple[int, OonaClient]]:
+    """(pid, connected client) of a private redis-server the test may SIGSTOP; both gone afterwards."""
     server = EmbeddedRedis()
     server.start()
-    settings = OonaSettings(redis_url=server.url, leyline_secret="s" * 32, socket_timeout_s=2.0, metrics_port=-1)
+    settings = OonaSettings(redis_url=server.url, leyline_secret="s" * 32, socket_timeout_s=socket_timeout_s,
+                            metrics_port=-1)
     client = OonaClient.from_settings(settings, sender="trainer")
-    await client.connect()
-    assert server.pid is not None
-    os.kill(server.pid, signal.SIGSTOP)
     try:
+        await client.connect()
+        assert server.pid is not None
+        yield server.pid, client
+    finally:
+        if server.pid is not None:
+            os.kill(server.pid, signal.SIGCONT)  # harmless when running
+        await client.close()
+        server.stop()
+
+
+async def test_request_is_bounded_by_its_deadline_when_redis_hangs() -> None:
+    async with _own_server(2.0) as (pid, client):
+        os.kill(pid, signal.SIGSTOP)
         t0 = time.monotonic()
         with pytest.raises(RequestTimeoutError):
             await client.request("state", state(1), timeout_ms=100)
         assert time.monotonic() - t0 < 1.5, "the request outlived its 100 ms deadline by far (socket timeouts)"
         assert client.metrics.request_timeouts.labels("state")._value.get() == 1
-    finally:
-        os.kill(server.pid, signal.SIGCONT)
-        await client.close()
-        server.stop()
 
 
-async def test_a_timed_out_publish_is_not_re_sent(tmp_path: object) -> None:
+async def test_a_timed_out_publish_is_not_re_sent() -> None:
     """A timed-out XADD may have been applied, so only connection errors are retried. redis-py adds the
     pool's `retry_on_error` to its Retry's default list, which holds timeouts too: each XADD to a stalled
     Redis was re-sent 3 times on new connections (8 s with 2 s timeouts; copies could land on resume)."""
-    server = EmbeddedRedis()
-    server.start()
-    settings = OonaSettings(redis_url=server.url, leyline_secret="s" * 32, socket_timeout_s=0.3, metrics_port=-1)
-    client = OonaClient.from_settings(settings, sender="trainer")
-    await client.connect()
-    assert server.pid is not None
-    connections = int((await client.redis.info("stats"))["total_connections_received"])
-    os.kill(server.pid, signal.SIGSTOP)
-    try:
-        with pytest.raises(PublishError):
-            await client.publish("state", state(1))
-    finally:
-        os.kill(server.pid, signal.SIGCONT)
-    try:
+    async with _own_server(0.3) as (pid, client):
+        connections = int((await client.redis.info("stats"))["total_connections_received"])
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            with pytest.raises(PublishError):
+                await client.publish("state", state(1))
+        finally:
+            os.kill(pid, signal.SIGCONT)
         await asyncio.sleep(0.2)  # the server now processes what reached it while stopped
         assert await client.redis.xlen(CHANNELS["state"].normal_stream) == 1  # sent once, applied once
         # one connection since: the one this check needed (each retry had reconnected to re-send)
         assert int((await client.redis.info("stats"))["total_connections_received"]) - connections == 1
-    finally:
-        await client.close()
-        server.stop()
 
 
 async def test_close_fails_waiting_requests_with_a_typed_error(make_client: ClientFactory) -> None:
