@@ -56,6 +56,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime as dt
+import gc
 import json
 import os
 import resource
@@ -100,6 +101,13 @@ ANSWERED = "_answered"
 # ... and the Tamiyo it asks grows nothing (every GERMINATE becomes a PAUSE, `germinate_too_late`), so
 # the run trains the same model as its plain loop: a grown seed's compute is growth's cost, not overhead.
 NO_GROWTH = {"TAMIYO_GERMINATE_MIN_REMAINING_STEPS": str(10**9)}
+# A step of the size the budget is about (ARCHITECTURE §11): 4 x 1024 hidden, batch 256, a seeded synthetic
+# 8192 x 256 dataset, ~60 ms a step on one core of the dev machine. The ring holds three snapshots of its
+# state (3.4 M parameters with Adam's moments: 41 MB), so the fast tier works and its copies are paid for
+# (the 32 MiB default refuses them, uncopied: no snapshot, no cost, no fast rollback).
+DEEP = "_deep"
+DEEP_HOST: dict[str, Any] = {"hidden_width": 1024, "hidden_layers": 4, "batch_size": 256, "rollback_fast_cap_mb": 160.0}
+DEEP_SAMPLES, DEEP_FEATURES, DEEP_EPOCHS = 8192, 256, 4
 GROWTH_EPOCHS = 16
 GROWTH_HOST: dict[str, Any] = {"hidden_width": 4, "hidden_layers": 1, "input_slot": True, "learning_rate": 0.03}
 DIGITS_FEATURES = 64  # the input slot's width
@@ -244,11 +252,15 @@ def plan_pinning(enabled: bool) -> tuple[set[int], set[int]] | None:
 def run_fleet(var: Path, url: str, secret: str, *, mode: str, budget_ms: float,
               breaker_failures: int | None = None, host: dict[str, Any] | None = None,
               epochs: int = EPOCHS, transport: str = "process", sidecar_cores: set[int] | None = None,
-              name: str = "") -> dict[str, Any]:
+              copier_cores: set[int] | None = None, name: str = "") -> dict[str, Any]:
+    # The last run's trainer and plain loop hold their memory until the cycle collector frees it (modules
+    # and hooks refer to each other): freed first, this run reuses it instead of faulting in new pages.
+    gc.collect()
     extra: dict[str, Any] = {} if breaker_failures is None else {"decision_breaker_failures": breaker_failures}
     extra.update(host or {"hidden_width": WIDTH})
     extra.update(decision_transport=transport,
-                 decision_sidecar_cores=sorted(sidecar_cores) if sidecar_cores and transport == "process" else None)
+                 decision_sidecar_cores=sorted(sidecar_cores) if sidecar_cores and transport == "process" else None,
+                 rollback_copier_cores=sorted(copier_cores) if copier_cores else None)
     s = TolariaSettings(redis_url=url, leyline_secret=secret, var_dir=var / f"tolaria-{mode}-{transport}{name}",
                         epochs=epochs,
                         decision_mode=mode, tamiyo_step_timeout_ms=budget_ms,
@@ -288,16 +300,25 @@ def synthetic_dataset(path: Path, samples: int, features: int, seed: int = 0) ->
 
 
 def overhead_at_width(var: Path, url: str, secret: str, width: int, sidecar_cores: set[int] | None,
-                      rounds: int = SCALE_ROUNDS, epochs: int = EPOCHS,
-                      host: dict[str, Any] | None = None, budget_ms: float = 5.0, tag: str = "") -> dict[str, Any]:
+                      rounds: int = SCALE_ROUNDS, epochs: int = EPOCHS, copier_cores: set[int] | None = None,
+                      host: dict[str, Any] | None = None, budget_ms: float = 5.0, tag: str = "",
+                      warmup: int = 0) -> dict[str, Any]:
     """`overhead_ratio` on a `width`-wide host (2 hidden layers unless `host` says otherwise): the
     median of `rounds` control-plane runs (sidecar), each against its own interleaved plain loop.
 
     The seeds Tamiyo grows there are part of the control-plane run, as on the default host: the
     ratio is what a user pays with Esper on, seeds included (`w<width>_seed_parameters`). `budget_ms`
-    is the decision budget; `tag` names a variant's keys (`overhead_ratio_w<width><tag>`)."""
+    is the decision budget; `tag` names a variant's keys (`overhead_ratio_w<width><tag>`). `warmup` runs
+    come first and are reported apart (`..._warmup_ratio_runs`), outside the median: the first run of a
+    host larger than any before it grows the process's heap, one page fault at a time, in both loops."""
+    warm = [run_fleet(var, url, secret, mode="pipelined", budget_ms=budget_ms, breaker_failures=NEVER_OPEN,
+                      host={**(host or {}), "hidden_width": width}, sidecar_cores=sidecar_cores,
+                      copier_cores=copier_cores,
+                      name=f"-w{width}{tag}-warmup{i}", epochs=epochs)
+            for i in range(warmup)]
     runs = [run_fleet(var, url, secret, mode="pipelined", budget_ms=budget_ms, breaker_failures=NEVER_OPEN,
                       host={**(host or {}), "hidden_width": width}, sidecar_cores=sidecar_cores,
+                      copier_cores=copier_cores,
                       name=f"-w{width}{tag}-{i}",
                       epochs=epochs)
             for i in range(rounds)]
@@ -310,6 +331,10 @@ def overhead_at_width(var: Path, url: str, secret: str, width: int, sidecar_core
                 "step_failures", "faults_per_step", "plain_faults_per_step"):
         out[f"{k}{key}_runs"] = [r[key] for r in runs]
     out[f"{k}overhead_ms_per_step"] = statistics.median(r["step_ms"] - r["plain_step_ms"] for r in runs)
+    if warm:
+        out[f"{k}warmup_ratio_runs"] = [r["ratio"] for r in warm]
+        out[f"{k}warmup_faults_per_step_runs"] = [r["faults_per_step"] for r in warm]
+        out[f"{k}warmup_plain_faults_per_step_runs"] = [r["plain_faults_per_step"] for r in warm]
     return out
 
 
@@ -341,6 +366,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=SCALE_ROUNDS, help="control-plane runs per wider host")
     parser.add_argument("--answered-rounds", type=int, default=SCALE_ROUNDS,
                         help="runs of the widest host with answered decisions (0: none)")
+    parser.add_argument("--deep-rounds", type=int, default=SCALE_ROUNDS,
+                        help="control-plane runs of the deep host (overhead_ratio_deep; 0: none)")
     parser.add_argument("--scale-epochs", type=int, default=EPOCHS, help="epochs of each wider-host run")
     parser.add_argument("--kernel-widths", type=int, nargs="*", default=None,
                         help="wider hosts whose slot width gets compiled kernels (default: all of --widths); "
@@ -380,6 +407,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
         "heap_kept_mb": heap.keep_mb if heap.applied else 0, "heap_reason": heap.reason,
         "pinned": pinning is not None,
+        # snapshot copies (TOLARIA_ROLLBACK_COPIER_CORES) run beside the step on the fleet's cores, as the sidecar
+        "copier_cores": sorted(pinning[1]) if pinning else None,
         "trainer_cores": sorted(pinning[0]) if pinning else None,
         "fleet_cores": sorted(pinning[1]) if pinning else None,
     }
@@ -412,9 +441,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             grown = run_fleet(var, server.url, secret, mode="sync", budget_ms=30.0, host=GROWTH_HOST,
                               epochs=GROWTH_EPOCHS)
             pipelined = run_fleet(var, server.url, secret, mode="pipelined", budget_ms=5.0,
-                                  breaker_failures=NEVER_OPEN, sidecar_cores=fleet_cores)
+                                  breaker_failures=NEVER_OPEN, sidecar_cores=fleet_cores, copier_cores=fleet_cores)
             threaded = run_fleet(var, server.url, secret, mode="pipelined", budget_ms=5.0,
-                                 breaker_failures=NEVER_OPEN, transport="thread")
+                                 breaker_failures=NEVER_OPEN, transport="thread", copier_cores=fleet_cores)
             plain_ms_again, _ = plain_loop(static_settings)  # bracket the control-plane run
             result.update({
                 "plain_step_ms": pipelined["plain_step_ms"], "plain_step_ms_separate_runs": [plain_ms, plain_ms_again],
@@ -456,16 +485,36 @@ def main(argv: Sequence[str] | None = None) -> int:
                                                                args.scale_features)
             for width in widths:
                 result.update(overhead_at_width(var, server.url, secret, width, fleet_cores, rounds=args.rounds,
-                                                epochs=args.scale_epochs, host=scale_host))
+                                                epochs=args.scale_epochs, host=scale_host, copier_cores=fleet_cores))
                 result[f"goal_overhead_met_w{width}"] = result[f"overhead_ratio_w{width}"] <= GOAL_RATIO
                 save(complete=False)
-            if answered_width is not None:  # the widest host again, with a budget Tamiyo meets
+            if answered_width is not None or args.deep_rounds > 0:
                 stop_service(procs.pop())  # Tamiyo (started last); the next one grows nothing: the same model
                 procs.append(start_service("esper.tamiyo", {**env, **NO_GROWTH}, var, fleet_cores))
                 time.sleep(5)
+            if answered_width is not None:  # the widest host again, with a budget Tamiyo meets
                 result.update(overhead_at_width(var, server.url, secret, answered_width, fleet_cores,
                                                 rounds=args.answered_rounds, epochs=args.scale_epochs, host=scale_host,
-                                                budget_ms=ANSWERED_BUDGET_MS, tag=ANSWERED))
+                                                budget_ms=ANSWERED_BUDGET_MS, tag=ANSWERED, copier_cores=fleet_cores))
+                save(complete=False)
+            if args.deep_rounds > 0:  # a step of the size the budget is about, every reply a command
+                deep_host = {**DEEP_HOST, "checkpoint_every_epochs": DEEP_EPOCHS,
+                             "dataset_path": synthetic_dataset(var / "deep.npz", DEEP_SAMPLES, DEEP_FEATURES)}
+                deep = overhead_at_width(var, server.url, secret, DEEP_HOST["hidden_width"], fleet_cores,
+                                         rounds=args.deep_rounds, epochs=DEEP_EPOCHS, host=deep_host,
+                                         budget_ms=ANSWERED_BUDGET_MS, tag=DEEP, warmup=1, copier_cores=fleet_cores)
+                result.update({k.replace(f"w{DEEP_HOST['hidden_width']}{DEEP}", "deep"): v for k, v in deep.items()})
+                # the same once more with the snapshot copier on the trainer's own core (what it saves)
+                same_core = run_fleet(var, server.url, secret, mode="pipelined", budget_ms=ANSWERED_BUDGET_MS,
+                                      breaker_failures=NEVER_OPEN, host=deep_host, epochs=DEEP_EPOCHS,
+                                      sidecar_cores=fleet_cores, copier_cores=pinning[0] if pinning else None,
+                                      name="-deep-copier-trainer-core")
+                result.update({"deep_copier_on_trainer_core_ratio": same_core["ratio"],
+                               "deep_copier_on_trainer_core_snapshots": same_core["snapshots"]})
+                result.update({"deep_host": {k: v for k, v in deep_host.items() if k != "dataset_path"},
+                               "deep_samples": DEEP_SAMPLES, "deep_features": DEEP_FEATURES,
+                               "deep_epochs": DEEP_EPOCHS, "deep_budget_ms": ANSWERED_BUDGET_MS,
+                               "goal_overhead_met_deep": result["overhead_ratio_deep"] <= GOAL_RATIO})
                 save(complete=False)
         finally:
             for p in procs:
@@ -475,7 +524,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     save(complete=True)
     answered = [] if answered_width is None else [f"overhead_ratio_w{answered_width}{ANSWERED}",
                                                   f"w{answered_width}{ANSWERED}_commands_applied_runs"]
-    for k in ("overhead_ratio", "overhead_ratio_thread", *(f"overhead_ratio_w{w}" for w in widths), *answered,
+    deep = [] if args.deep_rounds <= 0 else ["overhead_ratio_deep", "deep_ratio_runs", "deep_overhead_ms_per_step",
+                                             "deep_plain_step_ms_runs", "deep_commands_applied_runs",
+                                             "deep_snapshots_runs", "deep_copier_on_trainer_core_ratio"]
+    for k in ("overhead_ratio", "overhead_ratio_thread", *(f"overhead_ratio_w{w}" for w in widths), *answered, *deep,
               *(f"w{w}_overhead_ms_per_step" for w in widths), *(f"w{w}_plain_step_ms_runs" for w in widths),
               "plain_step_ms", "control_step_ms",
               "control_step_ms_thread", "static_trainer_step_ms", "static_trainer_ratio", "rollback_fast_p95_ms",

@@ -15,6 +15,13 @@ back from checkpoints. Its size is read off the live tensors before anything is 
 a refusal the next attempt waits SNAPSHOT_MAX_STEPS steps: an empty ring is otherwise always due, and a
 model outgrowing the cap (a wide host on a GPU) would pay a full copy every step only to drop it.
 
+Copies beside the next step (`TOLARIA_ROLLBACK_SNAPSHOT_ASYNC`, on by default; `copier.py`): the
+trainer decides at the end of a step that a snapshot is due, starts its copy (`begin_snapshot`) at the
+next step's start, once that boundary's commands are applied, and `settle()`s it before the update.
+Forward and backward only read what is copied; buffers, which the forward writes, are copied at the
+start. Every other entry point (`snapshot`, `rollback`, `drop_snapshots`) settles a copy in flight
+first, so the ring never holds a half-copied state. A CUDA state is copied at once (`capture_state`).
+
 Checkpoint tier: when no snapshot qualifies (none at or before the target step, evicted, too large,
 or it no longer fits the model because its architecture changed) the newest retained checkpoint at
 or before the target is verified and loaded (broken ones are passed over and reported).
@@ -33,6 +40,7 @@ model is rebuilt, such a state is a `state_mismatch`.
 
 from __future__ import annotations
 
+import concurrent.futures
 import time
 from collections import OrderedDict
 from collections.abc import Callable
@@ -44,9 +52,17 @@ from torch import nn
 
 from esper.core.errors import DeadlineExceededError, EsperError
 from esper.tolaria.checkpoint import CheckpointError, CheckpointStore
+from esper.tolaria.copier import CopyResult, SnapshotCopier
 from esper.tolaria.instruments import TolariaMetrics
 from esper.tolaria.settings import TolariaSettings
-from esper.tolaria.state import StateMismatchError, TrainingState, capture_state, live_nbytes, restore_state
+from esper.tolaria.state import (
+    StateMismatchError,
+    TrainingState,
+    capture_state,
+    live_nbytes,
+    prepare_capture,
+    restore_state,
+)
 
 __all__ = [
     "RollbackDeadlineExceeded",
@@ -135,6 +151,17 @@ class SnapshotRing:
 
 
 @dataclass(frozen=True, slots=True)
+class _InFlight:
+    """A snapshot whose tensors the copier is still filling."""
+
+    step: int
+    epoch: int
+    state: TrainingState
+    copy: concurrent.futures.Future[CopyResult]
+    prepare_s: float
+
+
+@dataclass(frozen=True, slots=True)
 class RollbackResult:
     """What a rollback restored and how: serving tier, restored step/epoch, time taken vs the deadline."""
 
@@ -176,9 +203,12 @@ class RollbackManager:
     def __init__(self, *, fast_cap_bytes: int, snapshot_every_steps: int = 1, deadline_ms: float = 250.0,
                  checkpoints: CheckpointStore | None = None, clock: Callable[[], float] = time.perf_counter,
                  metrics: TolariaMetrics | None = None, snapshot_overhead: float = 0.0,
-                 snapshot_max_steps: int = 1) -> None:
+                 snapshot_max_steps: int = 1, copier: SnapshotCopier | None = None,
+                 async_min_bytes: int = 0) -> None:
         """`snapshot_overhead` (fraction of training time, 0 = off) and `snapshot_max_steps` set the
-        adaptive cadence (module docstring); `clock` times both the deadline and the snapshot cost."""
+        adaptive cadence (module docstring); `clock` times both the deadline and the snapshot cost.
+        `copier`: `begin_snapshot` copies there, beside the caller's next forward and backward, states of
+        at least `async_min_bytes` (a smaller one costs less to copy than to hand over)."""
         if snapshot_every_steps < 1:
             raise ValueError(f"snapshot_every_steps must be >= 1, got {snapshot_every_steps}")
         if not 0.0 <= snapshot_overhead < 1.0:
@@ -201,6 +231,10 @@ class RollbackManager:
         self.checkpoints = checkpoints
         self._clock = clock
         self.metrics = metrics
+        self.copier = copier
+        self.async_min_bytes = async_min_bytes
+        self._inflight: _InFlight | None = None
+        self.last_copy: CopyResult | None = None  # the copier's last copy: where and how long
 
     @classmethod
     def from_settings(cls, settings: TolariaSettings, *, checkpoints: CheckpointStore | None,
@@ -208,7 +242,10 @@ class RollbackManager:
         return cls(fast_cap_bytes=settings.rollback_fast_cap_bytes,
                    snapshot_every_steps=settings.rollback_snapshot_steps, deadline_ms=settings.rollback_deadline_ms,
                    checkpoints=checkpoints, metrics=metrics, snapshot_overhead=settings.rollback_snapshot_overhead,
-                   snapshot_max_steps=settings.rollback_snapshot_max_steps)
+                   snapshot_max_steps=settings.rollback_snapshot_max_steps,
+                   copier=SnapshotCopier(set(settings.rollback_copier_cores) if settings.rollback_copier_cores
+                                         else None) if settings.rollback_snapshot_async else None,
+                   async_min_bytes=settings.rollback_async_min_bytes)
 
     # -- snapshots ---------------------------------------------------------------------------------
 
@@ -237,18 +274,76 @@ class RollbackManager:
         """Copy the state after `step` into the ring when due (or `force`); True when it was kept."""
         if not (force or self.due(step)):
             return False
+        self.settle()
         t0 = self._clock()
-        self._too_big = live_nbytes(model, optimizer) > self.ring.cap_bytes
+        if self._refused(live_nbytes(model, optimizer), step):
+            return False
+        self._keep(Snapshot(step, epoch, capture_state(model, optimizer)))
+        self._last_step, self._trained_s = step, 0.0
+        self._last_cost = self._clock() - t0
+        return True
+
+    def begin_snapshot(self, model: nn.Module, optimizer: torch.optim.Optimizer | None, *, step: int,
+                       epoch: int) -> bool:
+        """Start a snapshot of the state after `step` on the copier (no `due` check: the caller asked)
+        and return; `settle()` keeps it. Until then nothing may write the parameters or the optimizer's
+        state: the trainer starts it before a forward and backward and settles it before the update.
+        Without a copier, for a small state (`copies_beside`) or one not on the CPU, the copy is made now
+        (`snapshot`). True when a copy was made or started."""
+        t0 = self._clock()
+        nbytes = live_nbytes(model, optimizer)
+        if self.copier is None or nbytes < self.async_min_bytes:
+            return self.snapshot(model, optimizer, step=step, epoch=epoch, force=True)
+        self.settle()
+        if self._refused(nbytes, step):
+            return False
+        prepared = prepare_capture(model, optimizer)
+        if prepared is None:  # a CUDA state: its copies are queued on the device, one sync (capture_state)
+            return self.snapshot(model, optimizer, step=step, epoch=epoch, force=True)
+        state, dst, src = prepared
+        self._inflight = _InFlight(step, epoch, state, self.copier.submit(dst, src), self._clock() - t0)
+        self._last_step, self._trained_s = step, 0.0
+        return True
+
+    def copies_beside(self, model: nn.Module, optimizer: torch.optim.Optimizer | None) -> bool:
+        """Would `begin_snapshot` hand this state to the copier (a copier, and a state of at least
+        `async_min_bytes`)? Read off the live tensors, nothing copied."""
+        return self.copier is not None and live_nbytes(model, optimizer) >= self.async_min_bytes
+
+    def settle(self) -> bool:
+        """Wait for the snapshot in flight, if any, and keep it; True if there was one. Its cost, for the
+        budget, is what it took to prepare plus the copy's own duration, wherever it ran."""
+        inflight, self._inflight = self._inflight, None
+        if inflight is None:
+            return False
+        copied = self.last_copy = inflight.copy.result()
+        self._keep(Snapshot(inflight.step, inflight.epoch, inflight.state))
+        self._last_cost = inflight.prepare_s + copied.seconds
+        return True
+
+    def drop_snapshots(self) -> None:
+        """Forget every snapshot, the one in flight too (the model's structure changed)."""
+        self.settle()
+        self.ring.clear()
+
+    def close(self) -> None:
+        self.settle()
+        if self.copier is not None:
+            self.copier.close()
+
+    def _refused(self, nbytes: int, step: int) -> bool:
+        """A state of `nbytes`, bigger than the whole ring, is not copied (counted)."""
+        self._too_big = nbytes > self.ring.cap_bytes
         if self._too_big:
             self.ring.rejected += 1
             self._last_step, self._trained_s, self._last_cost = step, 0.0, 0.0
             if self.metrics is not None:
                 self.metrics.snapshot_rejected.inc()
-            return False
-        # The size was checked against the cap above, so the ring keeps this state (evicting older ones).
-        evicted = self.ring.put(Snapshot(step, epoch, capture_state(model, optimizer)))
-        self._last_step, self._trained_s = step, 0.0
-        self._last_cost = self._clock() - t0
+        return self._too_big
+
+    def _keep(self, snap: Snapshot) -> None:
+        # The size was checked against the cap, so the ring keeps this state (evicting older ones).
+        evicted = self.ring.put(snap)
         self.taken += 1
         if self.metrics is not None:
             m = self.metrics
@@ -256,7 +351,6 @@ class RollbackManager:
             m.snapshot_evictions.inc(len(evicted))
             m.snapshot_bytes.set(self.ring.nbytes)
             m.snapshot_count.set(len(self.ring))
-        return True
 
     # -- rollback ----------------------------------------------------------------------------------
 
@@ -272,6 +366,7 @@ class RollbackManager:
         ("unavailable": no snapshot and no usable checkpoint; "state_mismatch": none fits the model).
         """
         t0 = self._clock()
+        self.settle()  # a copy in flight is of the last good state: kept first (inside the deadline), it may serve
 
         def elapsed_ms() -> float:
             return (self._clock() - t0) * 1000.0

@@ -213,6 +213,17 @@ class TolariaSettings(OonaSettings):
         50, ge=1, validation_alias=_t("rollback_snapshot_max_steps"),
         description="the overhead budget never defers a snapshot past this many steps since the last one "
                     "(a fast rollback loses at most this many steps)")
+    rollback_snapshot_async: bool = Field(
+        True, validation_alias=_t("rollback_snapshot_async"),
+        description="copy a CPU snapshot on a worker thread beside the next step's forward and backward, "
+                    "waited for before the update (copier.py); false: copied in line at the step's end")
+    rollback_async_min_mb: float = Field(
+        4.0, ge=0.0, validation_alias=_t("rollback_async_min_mb"),
+        description="a state smaller than this (MiB) is copied in line even with the copier on: handing a copy "
+                    "to the worker costs the training thread ~0.1 ms, more than copying a small state")
+    rollback_copier_cores: list[int] | None = Field(
+        None, validation_alias=_t("rollback_copier_cores"),
+        description="pin the snapshot copier thread to these cores (JSON list; unset: the process's cores)")
 
     # -- checkpoints -------------------------------------------------------------------------------
     var_dir: Path = Field(Path("./var/tolaria"), validation_alias=_t("var_dir"),
@@ -328,6 +339,10 @@ class TolariaSettings(OonaSettings):
     @property
     def rollback_fast_cap_bytes(self) -> int:
         return int(self.rollback_fast_cap_mb * 1024 * 1024)
+
+    @property
+    def rollback_async_min_bytes(self) -> int:
+        return int(self.rollback_async_min_mb * 1024 * 1024)
 
     @property
     def optimizer_family_index(self) -> int:

@@ -29,6 +29,7 @@ __all__ = [
     "check_state",
     "cpu_copy",
     "live_nbytes",
+    "prepare_capture",
     "restore_state",
     "tensor_nbytes",
 ]
@@ -86,6 +87,51 @@ def capture_state(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> 
     if cuda is not None:
         torch.cuda.synchronize(cuda)  # every queued copy has landed before the state is handed out
     return TrainingState(model_state, opt_state, tensor_nbytes(model_state) + tensor_nbytes(opt_state))
+
+
+def prepare_capture(model: nn.Module, optimizer: torch.optim.Optimizer | None,
+                    ) -> tuple[TrainingState, list[torch.Tensor], list[torch.Tensor]] | None:
+    """`capture_state` in two halves, for a copy that runs beside the next step (`copier.py`): returns the
+    state with the parameters' and the optimizer's tensors still to be filled, and the (destination,
+    source) lists to fill them from. Between two updates only `optimizer.step()` (and a restore) writes
+    those. Buffers (BatchNorm's running statistics: the forward pass writes them) are copied here, now.
+    None when a tensor is not on the CPU: a CUDA state is captured by `capture_state`, one device sync."""
+    dst: list[torch.Tensor] = []
+    src: list[torch.Tensor] = []
+
+    def later(obj: T) -> T:
+        if isinstance(obj, torch.Tensor):
+            if obj.device.type != "cpu":
+                raise _NotCpu
+            out = torch.empty_like(obj, requires_grad=False)
+            dst.append(out)
+            src.append(obj.detach())
+            return out  # type: ignore[return-value]
+        if isinstance(obj, dict):
+            return {k: later(v) for k, v in obj.items()}  # type: ignore[return-value]
+        if isinstance(obj, list):
+            return [later(v) for v in obj]  # type: ignore[return-value]
+        if isinstance(obj, tuple):
+            return tuple(later(v) for v in obj)  # type: ignore[return-value]
+        return obj
+
+    try:
+        model_state = {k: later(v) if isinstance(v, nn.Parameter) else _cpu_now(v)
+                       for k, v in model.state_dict(keep_vars=True).items()}
+        opt_state: dict[str, Any] = later(optimizer.state_dict()) if optimizer is not None else {}
+    except _NotCpu:
+        return None
+    return TrainingState(model_state, opt_state, tensor_nbytes(model_state) + tensor_nbytes(opt_state)), dst, src
+
+
+class _NotCpu(Exception):
+    pass
+
+
+def _cpu_now(obj: T) -> T:
+    if isinstance(obj, torch.Tensor) and obj.device.type != "cpu":
+        raise _NotCpu
+    return cpu_copy(obj)
 
 
 def live_nbytes(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> int:

@@ -177,6 +177,7 @@ class Trainer:
         self._tamiyo_latency: dict[str, float] = {}  # the last decision's latency, once there is one
         self._spike_reference = 0.0  # the loss EWMA before the last rollback's reset (0: none yet)
         self._escalations_seen = 0
+        self._snapshot_due: tuple[int, int] | None = None  # (step, epoch) of a snapshot to copy next step
 
     # -- the run -----------------------------------------------------------------------------------
 
@@ -234,9 +235,7 @@ class Trainer:
     def train_step(self, xb: torch.Tensor, yb: torch.Tensor) -> None:
         s = self.settings
         t0 = time.perf_counter()
-        if s.decision_mode == "pipelined":  # at the boundary the last step's end-of-step look shares: the
-            self._apply_ms = 0.0            # same step number, so a reply's age does not depend on which look
-            self._poll_decision()           # took it (it counted one step more here, and staleness 0 lost all)
+        self._step_start()
         self.step += 1
         self._apply_lr_policy()
         if not self.host.training:  # after validation; `_snapshot` re-applies it when a seed joins
@@ -262,6 +261,7 @@ class Trainer:
             self._step_failure(reason, loss_v)
             return
         self._report_shadow(xb, yb)  # G4's host-alone loss: this batch, these weights (before the update)
+        self.rollback.settle()  # the snapshot copied beside this step is complete before the update writes
         self.optimizer.step()
         self._applied_step = self.step
         self._restored_step = None  # the restored state passed a step: it was good
@@ -320,6 +320,15 @@ class Trainer:
                 self._take_decision(decision)
                 self._apply_ms = (time.perf_counter() - apply_t) * 1000.0
         self._report_mode_changes()
+
+    def _step_start(self) -> None:
+        """The boundary before a step: the reply that arrived is applied (pipelined), then the copy of a
+        snapshot the last step found due begins, beside this step's forward and backward."""
+        if self.settings.decision_mode == "pipelined":  # at the boundary the last step's end-of-step look
+            self._apply_ms = 0.0  # shares: the same step number, so a reply's age does not depend on which
+            self._poll_decision()  # look took it (it counted one step more here, and staleness 0 lost all)
+        if self._snapshot_due is not None:  # after the boundary's commands: a seed that joined is in it
+            self._begin_snapshot()
 
     # -- decisions ---------------------------------------------------------------------------------
 
@@ -505,6 +514,7 @@ class Trainer:
 
     def _step_failure(self, reason: str, loss: float) -> None:
         """A bad step is never applied: escalate, roll back to the last good state, keep training."""
+        self.rollback.settle()  # no copy outlives its step: the boundary's commands may change what it reads
         self.optimizer.zero_grad(set_to_none=True)
         self.kasmina.discard_step()  # nor is what the seeds saw in it evidence for their gates
         if self._snapshot_if_restructured():  # Kasmina culled the seed that broke the step (G1)
@@ -580,9 +590,26 @@ class Trainer:
         dropping parameter groups: a cheap key of those (object ids) is compared every step; the full
         key (every state-dict name) is compared whenever a snapshot is due, before it is taken."""
         self._restructured()
-        if self.rollback.due(self.step):
-            self._check_structure()
-            self.rollback.snapshot(self.host, self.optimizer, step=self.step, epoch=self.epoch, force=True)
+        if not self.rollback.due(self.step):
+            return
+        if self.rollback.copies_beside(self.host, self.optimizer):  # at the next step's start, beside its work
+            self._snapshot_due = (self.step, self.epoch)
+            return
+        self._check_structure()
+        self.rollback.snapshot(self.host, self.optimizer, step=self.step, epoch=self.epoch, force=True)
+
+    def _begin_snapshot(self) -> None:
+        """Start the copy of the snapshot the last step found due. The boundary's commands are applied
+        (a seed that joined is in it); a rollback since (a ROLLBACK command) restored another state, and
+        the copy is not made."""
+        assert self._snapshot_due is not None
+        step, epoch = self._snapshot_due
+        self._snapshot_due = None
+        if self._applied_step != step:
+            return
+        self._restructured()
+        self._check_structure()
+        self.rollback.begin_snapshot(self.host, self.optimizer, step=step, epoch=epoch)
 
     def _restructured(self) -> bool:
         """Did a seed change the model's or the optimizer's structure since the last look? If so, the
@@ -611,7 +638,7 @@ class Trainer:
     def _check_structure(self) -> None:
         structure = (*tuple(self.host.state_dict().keys()), str(len(self.optimizer.param_groups)))
         if structure != self._structure:
-            self.rollback.ring.clear()
+            self.rollback.drop_snapshots()
             self._structure = structure
 
     # -- epochs ------------------------------------------------------------------------------------
@@ -754,6 +781,7 @@ class Trainer:
         }
 
     def close(self, timeout_s: float = 5.0) -> None:
+        self.rollback.close()
         if isinstance(self.decisions, SidecarDecisionClient):
             self.decisions.close()
         publisher = self.emergency.publisher

@@ -1,0 +1,208 @@
+"""Snapshots copied beside the next step (`TOLARIA_ROLLBACK_SNAPSHOT_ASYNC`): the ring holds the state the
+copy began with, whatever the forward, backward and the waiting update do; every entry point settles it."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import os
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from esper.tolaria.copier import CopyResult, SnapshotCopier, _copy
+from esper.tolaria.rollback import RollbackManager
+from esper.tolaria.settings import TolariaSettings
+from esper.tolaria.state import capture_state, prepare_capture
+from esper.tolaria.trainer import Trainer
+from tests.tolaria._helpers import assert_same, make_model, make_optimizer, train_steps
+
+BIG = 1 << 30
+
+
+class SlowCopier(SnapshotCopier):
+    """Starts each copy `delay_s` late, on the worker: an update that does not wait for it would land first."""
+
+    def __init__(self, delay_s: float = 0.2) -> None:
+        super().__init__()
+        self.delay_s = delay_s
+
+    def submit(self, dst: list[torch.Tensor], src: list[torch.Tensor]) -> concurrent.futures.Future[CopyResult]:
+        return self._pool.submit(_late_copy, dst, src, self.delay_s)
+
+
+def _late_copy(dst: list[torch.Tensor], src: list[torch.Tensor], delay_s: float) -> CopyResult:
+    """A copy that takes `delay_s` longer, on the worker (the caller does not wait)."""
+    t0 = time.perf_counter()
+    time.sleep(delay_s)
+    return dataclasses.replace(_copy(dst, src), seconds=time.perf_counter() - t0)
+
+
+def _forward_backward(model: nn.Module, opt: torch.optim.Optimizer) -> None:
+    gen = torch.Generator().manual_seed(7)
+    opt.zero_grad()
+    nn.functional.cross_entropy(model(torch.randn(16, 8, generator=gen)),
+                                torch.randint(0, 3, (16,), generator=gen)).backward()
+
+
+def test_the_copy_runs_on_the_worker_and_holds_the_state_it_began_with() -> None:
+    model = make_model()
+    opt = make_optimizer(model)
+    train_steps(model, opt, 3)
+    before = capture_state(model, opt)
+    mgr = RollbackManager(fast_cap_bytes=BIG, copier=SlowCopier())
+    try:
+        assert mgr.begin_snapshot(model, opt, step=3, epoch=1)
+        assert len(mgr.ring) == 0  # in flight, not kept yet
+        _forward_backward(model, opt)  # reads what is being copied, as the next step does
+        assert mgr.settle()
+        opt.step()
+        assert mgr.last_copy is not None and mgr.last_copy.thread_id != threading.get_ident()
+        assert mgr.ring.steps() == [3] and mgr.taken == 1
+        assert_same(mgr.ring.get(3).state.model, before.model, "model")  # type: ignore[union-attr]
+        assert_same(mgr.ring.get(3).state.optimizer, before.optimizer, "optimizer")  # type: ignore[union-attr]
+        train_steps(model, opt, 2, seed=5)
+        result = mgr.rollback(model, opt)
+        assert (result.tier, result.step) == ("fast", 3)
+        assert_same(capture_state(model, opt).model, before.model, "restored model")
+        assert_same(capture_state(model, opt).optimizer, before.optimizer, "restored optimizer")
+    finally:
+        mgr.close()
+
+
+def test_every_entry_point_settles_the_copy_in_flight() -> None:
+    """`rollback` keeps the copy in flight first (it is the newest good state) and serves from it;
+    `drop_snapshots` drops it with the rest; `snapshot` keeps it before its own copy."""
+    model = make_model()
+    opt = make_optimizer(model)
+    train_steps(model, opt, 2)
+    at_2 = capture_state(model, opt)
+    mgr = RollbackManager(fast_cap_bytes=BIG, copier=SlowCopier(0.05))
+    try:
+        mgr.begin_snapshot(model, opt, step=2, epoch=1)
+        _forward_backward(model, opt)  # a failed step: gradients, no update
+        result = mgr.rollback(model, opt)
+        assert (result.tier, result.step) == ("fast", 2)
+        assert_same(capture_state(model, opt).model, at_2.model)
+
+        mgr.begin_snapshot(model, opt, step=3, epoch=1)
+        mgr.drop_snapshots()
+        assert len(mgr.ring) == 0 and mgr.settle() is False
+
+        mgr.begin_snapshot(model, opt, step=4, epoch=1)
+        assert mgr.snapshot(model, opt, step=5, epoch=1, force=True)
+        assert mgr.ring.steps() == [4, 5]
+    finally:
+        mgr.close()
+
+
+def test_buffers_are_copied_when_the_copy_begins() -> None:
+    """BatchNorm's running statistics change in the forward pass that runs beside the copy: they are
+    copied at once, so the snapshot holds the values of the step it is of."""
+    model = nn.Sequential(nn.Linear(8, 6), nn.BatchNorm1d(6), nn.ReLU(), nn.Linear(6, 3))
+    opt = torch.optim.Adam(model.parameters(), lr=0.01)
+    train_steps(model, opt, 2)
+    before = capture_state(model, opt)
+    mgr = RollbackManager(fast_cap_bytes=BIG, copier=SlowCopier(0.05))
+    try:
+        mgr.begin_snapshot(model, opt, step=2, epoch=1)
+        _forward_backward(model, opt)
+        assert not torch.equal(model[1].running_mean, before.model["1.running_mean"])  # type: ignore[index]
+        mgr.settle()
+        assert_same(mgr.ring.get(2).state.model, before.model)  # type: ignore[union-attr]
+    finally:
+        mgr.close()
+
+
+def test_a_state_not_on_the_cpu_is_not_prepared_for_the_copier() -> None:
+    model = make_model().to("meta")
+    assert prepare_capture(model, None) is None
+
+
+def test_the_budget_charges_the_copy_wherever_it_ran() -> None:
+    model = make_model()
+    opt = make_optimizer(model)
+    train_steps(model, opt, 1)
+    mgr = RollbackManager(fast_cap_bytes=BIG, copier=SlowCopier(0.05), snapshot_overhead=0.5, snapshot_max_steps=100)
+    try:
+        mgr.begin_snapshot(model, opt, step=1, epoch=1)
+        mgr.settle()
+        assert mgr.last_copy is not None and mgr.last_copy.seconds >= 0.05
+        mgr.record_training(0.05)  # half the copy's cost in training time: at 50 % the next one waits
+        assert not mgr.due(2)
+        mgr.record_training(0.06)
+        assert mgr.due(3)
+    finally:
+        mgr.close()
+
+
+def _settings(tmp_path: Path, **kw: object) -> TolariaSettings:
+    """A tiny host whose state is handed to the copier all the same (`rollback_async_min_mb` 0)."""
+    return TolariaSettings(**{"var_dir": tmp_path / "v", "epochs": 1, "hidden_width": 8, "metrics_port": -1,
+                              "rollback_snapshot_overhead": 0.0, "rollback_async_min_mb": 0.0, **kw})
+
+
+def test_the_trainer_waits_for_the_copy_before_its_update(tmp_path: Path) -> None:
+    """A copy started at a step's start and still running when the update comes: the update waits, so
+    the snapshot is of the weights before it (a failed next step restores them bit for bit)."""
+    trainer = Trainer(_settings(tmp_path), bus=None)
+    trainer.rollback.copier = SlowCopier(0.1)
+    try:
+        x, y = trainer.data.x_train, trainer.data.y_train
+        trainer.train_step(x[:32], y[:32])
+        after_1 = capture_state(trainer.host, trainer.optimizer)
+        trainer.train_step(x[32:64], y[32:64])  # copies step 1's state beside its forward and backward
+        assert trainer.rollback.ring.steps() == [1]
+        assert_same(trainer.rollback.ring.get(1).state.model, after_1.model)  # type: ignore[union-attr]
+        assert_same(trainer.rollback.ring.get(1).state.optimizer, after_1.optimizer)  # type: ignore[union-attr]
+    finally:
+        trainer.close()
+
+
+def test_settings_choose_the_copier(tmp_path: Path) -> None:
+    inline = Trainer(_settings(tmp_path / "a", rollback_snapshot_async=False), bus=None)
+    assert inline.rollback.copier is None
+    x, y = inline.data.x_train, inline.data.y_train
+    inline.train_step(x[:32], y[:32])
+    assert inline.rollback.ring.steps() == [1]  # copied in line at the step's end
+    inline.close()
+    small = Trainer(_settings(tmp_path / "c", rollback_async_min_mb=4.0), bus=None)  # the default: 4 MiB
+    assert small.rollback.copier is not None and not small.rollback.copies_beside(small.host, small.optimizer)
+    small.train_step(x[:32], y[:32])
+    assert small.rollback.ring.steps() == [1] and small.rollback.last_copy is None  # in line: too small to hand over
+    small.close()
+    core = min(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 0
+    pinned = Trainer(_settings(tmp_path / "b", rollback_copier_cores=[core]), bus=None)
+    try:
+        assert pinned.rollback.copier is not None and pinned.rollback.copier.cores == {core}
+        pinned.train_step(x[:32], y[:32])
+        assert pinned.rollback.ring.steps() == []  # due, copied beside the next step
+        pinned.train_step(x[32:64], y[32:64])
+        assert pinned.rollback.ring.steps() == [1]
+        last = pinned.rollback.last_copy
+        assert last is not None
+        if last.cores is not None:
+            assert last.cores == {core}
+    finally:
+        pinned.close()
+
+
+@pytest.mark.parametrize("async_copy", [True, False])
+def test_both_ways_restore_the_same_state(tmp_path: Path, async_copy: bool) -> None:
+    trainer = Trainer(_settings(tmp_path, rollback_snapshot_async=async_copy), bus=None)
+    x, y = trainer.data.x_train, trainer.data.y_train
+    try:
+        for i in range(3):
+            trainer.train_step(x[32 * i:32 * (i + 1)], y[32 * i:32 * (i + 1)])
+        at_3 = capture_state(trainer.host, trainer.optimizer)
+        bad = x[96:128].clone()
+        bad[0, 0] = float("nan")
+        trainer.train_step(bad, y[96:128])
+        assert trainer.stats.rollbacks == {"fast": 1} and trainer._applied_step == 3
+        assert_same(capture_state(trainer.host, trainer.optimizer).model, at_3.model)
+    finally:
+        trainer.close()
