@@ -32,6 +32,16 @@ Run: `.venv/bin/python bench/tolaria_bench.py --out bench/results/tolaria.json` 
   that Kasmina verifies and applies (`w<widest>_answered_commands_by_type_runs`; a reply more than
   `TOLARIA_MAX_STALENESS_STEPS` steps old is discarded, counted in `..._commands_stale_runs`), from a
   Tamiyo restarted so that it grows nothing (`NO_GROWTH`): the model stays the plain loop's.
+- deep (`overhead_ratio_deep`): a step of the size the budget is about. `DEEP_HOST` (4 x 1024 hidden,
+  batch 256, a seeded synthetic 8192 x 256 dataset: ~63 ms a plain step on one core), `DEEP_EPOCHS`
+  epochs (104 steps) per run, the answered variant's budget and no-growth Tamiyo (every reply a
+  command that Kasmina verifies and applies, the model the plain loop's), the ring sized to keep its
+  snapshots (160 MiB: the 32 MiB default refuses a 41 MB state uncopied, and a run without
+  snapshots pays nothing for them). One warm-up run first, reported apart (`deep_warmup_ratio_runs`):
+  the first run of a host larger than any before it grows the heap, a page fault at a time. Snapshot
+  copies run beside the step on the fleet's cores, as the sidecar does (`copier_cores`);
+  `overhead_ratio_deep_inline` is the same arm with the copies made in line at the step's end
+  (`TOLARIA_ROLLBACK_SNAPSHOT_ASYNC=false`, the behaviour before session 18).
 - rollback (`rollback_fast_*`, `rollback_checkpoint_*`): `RollbackManager.rollback` on the digits host
   from the in-memory ring and, with the ring empty, from the newest checkpoint on disk.
 - accuracy (`accuracy_grown`, `accuracy_static`): the same seeds and epochs, once with the host alone
@@ -47,7 +57,8 @@ choose the wider hosts; a GPU step of the digits host is launch-bound at every w
 `--scale-layers`, `--scale-batch` and `--scale-samples` / `--scale-features` (a seeded synthetic
 dataset) make their steps heavier. `device`, `gpu` and `scale_*` record where and what it ran.
 
-Nothing is asserted; goals are recorded as flags (overhead ≤ 3%). The JSON is rewritten after each
+Nothing is asserted; goals are recorded as flags (overhead ≤ 3%: `goal_overhead_met`, `..._w<width>`,
+`..._deep`). The JSON is rewritten after each
 section (`complete` false until the last), so a run cut short by a time limit keeps what it measured.
 """
 
@@ -105,7 +116,7 @@ NO_GROWTH = {"TAMIYO_GERMINATE_MIN_REMAINING_STEPS": str(10**9)}
 # 8192 x 256 dataset, ~60 ms a step on one core of the dev machine. The ring holds three snapshots of its
 # state (3.4 M parameters with Adam's moments: 41 MB), so the fast tier works and its copies are paid for
 # (the 32 MiB default refuses them, uncopied: no snapshot, no cost, no fast rollback).
-DEEP = "_deep"
+DEEP, DEEP_INLINE = "_deep", "_deep_inline"
 DEEP_HOST: dict[str, Any] = {"hidden_width": 1024, "hidden_layers": 4, "batch_size": 256, "rollback_fast_cap_mb": 160.0}
 DEEP_SAMPLES, DEEP_FEATURES, DEEP_EPOCHS = 8192, 256, 4
 GROWTH_EPOCHS = 16
@@ -500,17 +511,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             if args.deep_rounds > 0:  # a step of the size the budget is about, every reply a command
                 deep_host = {**DEEP_HOST, "checkpoint_every_epochs": DEEP_EPOCHS,
                              "dataset_path": synthetic_dataset(var / "deep.npz", DEEP_SAMPLES, DEEP_FEATURES)}
-                deep = overhead_at_width(var, server.url, secret, DEEP_HOST["hidden_width"], fleet_cores,
-                                         rounds=args.deep_rounds, epochs=DEEP_EPOCHS, host=deep_host,
-                                         budget_ms=ANSWERED_BUDGET_MS, tag=DEEP, warmup=1, copier_cores=fleet_cores)
-                result.update({k.replace(f"w{DEEP_HOST['hidden_width']}{DEEP}", "deep"): v for k, v in deep.items()})
-                # the same once more with the snapshot copier on the trainer's own core (what it saves)
-                same_core = run_fleet(var, server.url, secret, mode="pipelined", budget_ms=ANSWERED_BUDGET_MS,
-                                      breaker_failures=NEVER_OPEN, host=deep_host, epochs=DEEP_EPOCHS,
-                                      sidecar_cores=fleet_cores, copier_cores=pinning[0] if pinning else None,
-                                      name="-deep-copier-trainer-core")
-                result.update({"deep_copier_on_trainer_core_ratio": same_core["ratio"],
-                               "deep_copier_on_trainer_core_snapshots": same_core["snapshots"]})
+                for tag, host, warmup in ((DEEP, deep_host, 1),  # then the same with the copies in line
+                                          (DEEP_INLINE, {**deep_host, "rollback_snapshot_async": False}, 0)):
+                    deep = overhead_at_width(var, server.url, secret, DEEP_HOST["hidden_width"], fleet_cores,
+                                             rounds=args.deep_rounds, epochs=DEEP_EPOCHS, host=host,
+                                             budget_ms=ANSWERED_BUDGET_MS, tag=tag, warmup=warmup,
+                                             copier_cores=fleet_cores)
+                    result.update({k.replace(f"w{DEEP_HOST['hidden_width']}_", ""): v for k, v in deep.items()})
                 result.update({"deep_host": {k: v for k, v in deep_host.items() if k != "dataset_path"},
                                "deep_samples": DEEP_SAMPLES, "deep_features": DEEP_FEATURES,
                                "deep_epochs": DEEP_EPOCHS, "deep_budget_ms": ANSWERED_BUDGET_MS,
@@ -526,7 +533,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                                                   f"w{answered_width}{ANSWERED}_commands_applied_runs"]
     deep = [] if args.deep_rounds <= 0 else ["overhead_ratio_deep", "deep_ratio_runs", "deep_overhead_ms_per_step",
                                              "deep_plain_step_ms_runs", "deep_commands_applied_runs",
-                                             "deep_snapshots_runs", "deep_copier_on_trainer_core_ratio"]
+                                             "deep_snapshots_runs", "overhead_ratio_deep_inline",
+                                             "deep_inline_ratio_runs", "deep_inline_snapshots_runs"]
     for k in ("overhead_ratio", "overhead_ratio_thread", *(f"overhead_ratio_w{w}" for w in widths), *answered, *deep,
               *(f"w{w}_overhead_ms_per_step" for w in widths), *(f"w{w}_plain_step_ms_runs" for w in widths),
               "plain_step_ms", "control_step_ms",

@@ -12,9 +12,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from prometheus_client import CollectorRegistry
 from torch import nn
 
+from esper.leyline import pb
 from esper.tolaria.copier import CopyResult, SnapshotCopier, _copy
+from esper.tolaria.instruments import TolariaMetrics
 from esper.tolaria.rollback import RollbackManager
 from esper.tolaria.settings import TolariaSettings
 from esper.tolaria.state import capture_state, prepare_capture
@@ -130,11 +133,13 @@ def test_the_budget_charges_the_copy_wherever_it_ran() -> None:
     mgr = RollbackManager(fast_cap_bytes=BIG, copier=SlowCopier(0.05), snapshot_overhead=0.5, snapshot_max_steps=100)
     try:
         mgr.begin_snapshot(model, opt, step=1, epoch=1)
+        time.sleep(0.06)  # the step's forward and backward: the copy finishes meanwhile, nothing to wait for
+        t0 = time.perf_counter()
         mgr.settle()
+        mgr.record_training(0.06 + time.perf_counter() - t0)
         assert mgr.last_copy is not None and mgr.last_copy.seconds >= 0.05
-        mgr.record_training(0.05)  # half the copy's cost in training time: at 50 % the next one waits
-        assert not mgr.due(2)
-        mgr.record_training(0.06)
+        assert not mgr.due(2)  # 50 % of 0.06 s trained does not pay for a copy of >= 0.05 s
+        mgr.record_training(0.2)
         assert mgr.due(3)
     finally:
         mgr.close()
@@ -146,19 +151,43 @@ def _settings(tmp_path: Path, **kw: object) -> TolariaSettings:
                               "rollback_snapshot_overhead": 0.0, "rollback_async_min_mb": 0.0, **kw})
 
 
+def _steps(trainer: Trainer, first: int, last: int) -> None:
+    x, y = trainer.data.x_train, trainer.data.y_train
+    for i in range(first, last + 1):
+        trainer.train_step(x[32 * (i - 1):32 * i], y[32 * (i - 1):32 * i])
+
+
 def test_the_trainer_waits_for_the_copy_before_its_update(tmp_path: Path) -> None:
     """A copy started at a step's start and still running when the update comes: the update waits, so
-    the snapshot is of the weights before it (a failed next step restores them bit for bit)."""
+    the snapshot is of the weights before it. The run's first snapshot (an empty ring) is in line."""
     trainer = Trainer(_settings(tmp_path), bus=None)
     trainer.rollback.copier = SlowCopier(0.1)
     try:
-        x, y = trainer.data.x_train, trainer.data.y_train
-        trainer.train_step(x[:32], y[:32])
-        after_1 = capture_state(trainer.host, trainer.optimizer)
-        trainer.train_step(x[32:64], y[32:64])  # copies step 1's state beside its forward and backward
-        assert trainer.rollback.ring.steps() == [1]
-        assert_same(trainer.rollback.ring.get(1).state.model, after_1.model)  # type: ignore[union-attr]
-        assert_same(trainer.rollback.ring.get(1).state.optimizer, after_1.optimizer)  # type: ignore[union-attr]
+        _steps(trainer, 1, 1)
+        assert trainer.rollback.ring.steps() == [1] and trainer.rollback.last_copy is None  # in line
+        _steps(trainer, 2, 2)
+        after_2 = capture_state(trainer.host, trainer.optimizer)
+        assert trainer.rollback.ring.steps() == [1]  # step 2's is due ...
+        _steps(trainer, 3, 3)  # ... and copied beside step 3's forward and backward
+        assert trainer.rollback.ring.steps() == [1, 2] and trainer.rollback.last_copy is not None
+        assert_same(trainer.rollback.ring.get(2).state.model, after_2.model)  # type: ignore[union-attr]
+        assert_same(trainer.rollback.ring.get(2).state.optimizer, after_2.optimizer)  # type: ignore[union-attr]
+    finally:
+        trainer.close()
+
+
+def test_a_rollback_at_the_boundary_takes_the_due_snapshot_first(tmp_path: Path) -> None:
+    """Tamiyo's ROLLBACK between the step that found a snapshot due and the next: what an in-line copy
+    would have restored (that step's state), not the snapshot before it."""
+    trainer = Trainer(_settings(tmp_path), bus=None)
+    try:
+        _steps(trainer, 1, 3)
+        after_3 = capture_state(trainer.host, trainer.optimizer)
+        assert trainer.rollback.ring.steps() == [1, 2] and trainer._snapshot_due == (3, trainer.epoch)
+        trainer._trainer_command(pb.AdaptationCommand(command_type=pb.COMMAND_ROLLBACK, command_id="c1"))
+        assert trainer.stats.rollbacks == {"fast": 1} and trainer._applied_step == 3
+        assert trainer.rollback.ring.steps() == [1, 2, 3] and trainer._snapshot_due is None
+        assert_same(capture_state(trainer.host, trainer.optimizer).model, after_3.model)
     finally:
         trainer.close()
 
@@ -166,29 +195,78 @@ def test_the_trainer_waits_for_the_copy_before_its_update(tmp_path: Path) -> Non
 def test_settings_choose_the_copier(tmp_path: Path) -> None:
     inline = Trainer(_settings(tmp_path / "a", rollback_snapshot_async=False), bus=None)
     assert inline.rollback.copier is None
-    x, y = inline.data.x_train, inline.data.y_train
-    inline.train_step(x[:32], y[:32])
-    assert inline.rollback.ring.steps() == [1]  # copied in line at the step's end
+    _steps(inline, 1, 3)
+    assert inline.rollback.ring.steps() == [1, 2, 3]  # copied in line at each step's end
     inline.close()
     small = Trainer(_settings(tmp_path / "c", rollback_async_min_mb=4.0), bus=None)  # the default: 4 MiB
     assert small.rollback.copier is not None and not small.rollback.copies_beside(small.host, small.optimizer)
-    small.train_step(x[:32], y[:32])
-    assert small.rollback.ring.steps() == [1] and small.rollback.last_copy is None  # in line: too small to hand over
+    _steps(small, 1, 3)
+    assert small.rollback.ring.steps() == [1, 2, 3] and small.rollback.last_copy is None  # too small to hand over
     small.close()
     core = min(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 0
     pinned = Trainer(_settings(tmp_path / "b", rollback_copier_cores=[core]), bus=None)
     try:
         assert pinned.rollback.copier is not None and pinned.rollback.copier.cores == {core}
-        pinned.train_step(x[:32], y[:32])
-        assert pinned.rollback.ring.steps() == []  # due, copied beside the next step
-        pinned.train_step(x[32:64], y[32:64])
-        assert pinned.rollback.ring.steps() == [1]
+        _steps(pinned, 1, 3)
+        assert pinned.rollback.ring.steps() == [1, 2]  # 3's is due, copied beside the next step
         last = pinned.rollback.last_copy
-        assert last is not None
+        assert last is not None and last.thread_id != threading.get_ident()
         if last.cores is not None:
             assert last.cores == {core}
     finally:
         pinned.close()
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_getaffinity"), reason="core affinity is Linux's")
+def test_cores_the_process_may_not_use_are_refused_at_start(tmp_path: Path) -> None:
+    """It failed mid-run: the worker's pinning raised, and the first copy handed over broke the step."""
+    beyond = max(os.sched_getaffinity(0)) + 1
+    for name in ("rollback_copier_cores", "decision_sidecar_cores"):
+        with pytest.raises(ValueError, match=f"TOLARIA_{name.upper()}"):
+            TolariaSettings(**{name: [beyond]})
+        with pytest.raises(ValueError, match="non-empty"):
+            TolariaSettings(**{name: []})
+
+
+def test_preparing_and_waiting_for_a_copy_is_not_training_time() -> None:
+    """A slow copy waited for inside the step would otherwise count as training and buy itself budget."""
+    model = make_model()
+    opt = make_optimizer(model)
+    train_steps(model, opt, 1)
+    mgr = RollbackManager(fast_cap_bytes=BIG, copier=SlowCopier(0.1), snapshot_overhead=0.5, snapshot_max_steps=100)
+    try:
+        mgr.begin_snapshot(model, opt, step=1, epoch=1)
+        t0 = time.perf_counter()
+        mgr.settle()  # the step waits ~0.1 s for it
+        mgr.record_training(time.perf_counter() - t0 + 0.01)  # that step's reported time: the wait and 10 ms
+        assert mgr._trained_s < 0.02  # ~10 ms: the ~0.1 s wait is not in it
+    finally:
+        mgr.close()
+
+
+def test_a_model_off_the_cpu_is_not_handed_over() -> None:
+    mgr = RollbackManager(fast_cap_bytes=BIG, copier=SnapshotCopier())
+    try:
+        assert mgr.copies_beside(make_model(), None)
+        assert not mgr.copies_beside(make_model().to("meta"), None)
+    finally:
+        mgr.close()
+
+
+def test_dropping_the_snapshots_resets_the_gauges() -> None:
+    registry = CollectorRegistry()
+    mgr = RollbackManager(fast_cap_bytes=BIG, copier=SnapshotCopier(), metrics=TolariaMetrics(registry))
+    model = make_model()
+    opt = make_optimizer(model)
+    train_steps(model, opt, 1)
+    try:
+        mgr.begin_snapshot(model, opt, step=1, epoch=1)
+        mgr.drop_snapshots()
+        assert len(mgr.ring) == 0
+        assert registry.get_sample_value("tolaria_rollback_snapshot_count") == 0.0
+        assert registry.get_sample_value("tolaria_rollback_snapshot_bytes") == 0.0
+    finally:
+        mgr.close()
 
 
 @pytest.mark.parametrize("async_copy", [True, False])
@@ -196,8 +274,7 @@ def test_both_ways_restore_the_same_state(tmp_path: Path, async_copy: bool) -> N
     trainer = Trainer(_settings(tmp_path, rollback_snapshot_async=async_copy), bus=None)
     x, y = trainer.data.x_train, trainer.data.y_train
     try:
-        for i in range(3):
-            trainer.train_step(x[32 * i:32 * (i + 1)], y[32 * i:32 * (i + 1)])
+        _steps(trainer, 1, 3)
         at_3 = capture_state(trainer.host, trainer.optimizer)
         bad = x[96:128].clone()
         bad[0, 0] = float("nan")

@@ -41,6 +41,15 @@ from tests.tamiyo._fleet import running_tamiyo, tamiyo_settings
 from tests.urza._service import running_urza, urza_settings
 
 
+@pytest.fixture(autouse=True, params=["in_line", "beside"])
+def copy_mode(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Every trainer test both ways: snapshots copied in line (these hosts are under the 4 MiB default)
+    and beside the next step (`copier.py`), whose rollback paths must restore the same states."""
+    if request.param == "beside":
+        monkeypatch.setenv("TOLARIA_ROLLBACK_ASYNC_MIN_MB", "0")
+    return str(request.param)
+
+
 def _settings(tmp: Path, **overrides: object) -> TolariaSettings:
     base: dict[str, object] = {"var_dir": tmp / "tolaria", "epochs": 2, "hidden_width": 16, "seed": 3,
                                "learning_rate": 0.01, "emergency_enabled": False, "metrics_port": -1}

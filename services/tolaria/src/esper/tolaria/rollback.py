@@ -233,6 +233,7 @@ class RollbackManager:
         self.metrics = metrics
         self.copier = copier
         self.async_min_bytes = async_min_bytes
+        self._own_s = 0.0  # time spent preparing and waiting for copies since the last `record_training`
         self._inflight: _InFlight | None = None
         self.last_copy: CopyResult | None = None  # the copier's last copy: where and how long
 
@@ -250,8 +251,11 @@ class RollbackManager:
     # -- snapshots ---------------------------------------------------------------------------------
 
     def record_training(self, seconds: float) -> None:
-        """Training time since the last call (the trainer: each step's forward, backward and update)."""
-        self._trained_s += seconds
+        """Training time since the last call (the trainer: each step's forward, backward and update).
+        What a copy beside the step cost the caller in it (preparing it, waiting for it) is not training:
+        it is taken out, or a slow copy would buy itself budget."""
+        self._trained_s += max(0.0, seconds - self._own_s)
+        self._own_s = 0.0
 
     def due(self, step: int) -> bool:
         """Every `snapshot_every_steps` steps; with an overhead budget, only once the time since the last
@@ -301,14 +305,17 @@ class RollbackManager:
         if prepared is None:  # a CUDA state: its copies are queued on the device, one sync (capture_state)
             return self.snapshot(model, optimizer, step=step, epoch=epoch, force=True)
         state, dst, src = prepared
-        self._inflight = _InFlight(step, epoch, state, self.copier.submit(dst, src), self._clock() - t0)
+        prepare_s = self._clock() - t0
+        self._own_s += prepare_s
+        self._inflight = _InFlight(step, epoch, state, self.copier.submit(dst, src), prepare_s)
         self._last_step, self._trained_s = step, 0.0
         return True
 
     def copies_beside(self, model: nn.Module, optimizer: torch.optim.Optimizer | None) -> bool:
-        """Would `begin_snapshot` hand this state to the copier (a copier, and a state of at least
+        """Would `begin_snapshot` hand this state to the copier (a copier, a CPU model, a state of at least
         `async_min_bytes`)? Read off the live tensors, nothing copied."""
-        return self.copier is not None and live_nbytes(model, optimizer) >= self.async_min_bytes
+        return (self.copier is not None and all(p.device.type == "cpu" for p in model.parameters())
+                and live_nbytes(model, optimizer) >= self.async_min_bytes)
 
     def settle(self) -> bool:
         """Wait for the snapshot in flight, if any, and keep it; True if there was one. Its cost, for the
@@ -316,20 +323,31 @@ class RollbackManager:
         inflight, self._inflight = self._inflight, None
         if inflight is None:
             return False
-        copied = self.last_copy = inflight.copy.result()
+        t0 = self._clock()
+        try:
+            copied = self.last_copy = inflight.copy.result()
+        finally:
+            self._own_s += self._clock() - t0
         self._keep(Snapshot(inflight.step, inflight.epoch, inflight.state))
         self._last_cost = inflight.prepare_s + copied.seconds
         return True
 
     def drop_snapshots(self) -> None:
         """Forget every snapshot, the one in flight too (the model's structure changed)."""
-        self.settle()
-        self.ring.clear()
+        try:
+            self.settle()
+        finally:
+            self.ring.clear()
+            if self.metrics is not None:
+                self.metrics.snapshot_bytes.set(0)
+                self.metrics.snapshot_count.set(0)
 
     def close(self) -> None:
-        self.settle()
-        if self.copier is not None:
-            self.copier.close()
+        try:
+            self.settle()
+        finally:
+            if self.copier is not None:
+                self.copier.close()
 
     def _refused(self, nbytes: int, step: int) -> bool:
         """A state of `nbytes`, bigger than the whole ring, is not copied (counted)."""

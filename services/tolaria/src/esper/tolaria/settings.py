@@ -219,8 +219,8 @@ class TolariaSettings(OonaSettings):
                     "waited for before the update (copier.py); false: copied in line at the step's end")
     rollback_async_min_mb: float = Field(
         4.0, ge=0.0, validation_alias=_t("rollback_async_min_mb"),
-        description="a state smaller than this (MiB) is copied in line even with the copier on: handing a copy "
-                    "to the worker costs the training thread ~0.1 ms, more than copying a small state")
+        description="a state smaller than this (MiB) is copied in line even with the copier on: on a small "
+                    "host handing the copy over costs the training thread more than the copy itself")
     rollback_copier_cores: list[int] | None = Field(
         None, validation_alias=_t("rollback_copier_cores"),
         description="pin the snapshot copier thread to these cores (JSON list; unset: the process's cores)")
@@ -295,6 +295,19 @@ class TolariaSettings(OonaSettings):
             command_channel(v)
         except ValueError as e:
             raise ValueError(f"TOLARIA_RUN_ID: {e}") from e
+        return v
+
+    @field_validator("decision_sidecar_cores", "rollback_copier_cores")
+    @classmethod
+    def _allowed_cores(cls, v: list[int] | None, info: Any) -> list[int] | None:
+        """Checked at start-up: a core the process may not run on failed only when the sidecar or the
+        copier was pinned to it, mid-run (the copier's first copy raised out of a training step)."""
+        if v is None or not hasattr(os, "sched_getaffinity"):
+            return v
+        allowed = os.sched_getaffinity(0)
+        if not v or not set(v) <= allowed:
+            raise ValueError(f"TOLARIA_{str(info.field_name).upper()}: {v} is not a non-empty subset of the cores "
+                             f"this process may run on, {sorted(allowed)}")
         return v
 
     @field_validator("dataset_path")

@@ -534,6 +534,8 @@ class Trainer:
         joined does not fit the model: the seeds are culled and the same checkpoint restored, inside the
         one deadline; a miss escalates to HALT (`TOLARIA_EMERGENCY_L4_ON_ROLLBACK_DEADLINE`)."""
         restored = self._restored_step if walk_back else None
+        if self._snapshot_due is not None:  # a ROLLBACK at the boundary: the newest state is the due one's
+            self._begin_snapshot()  # (rollback() settles the copy first), as if it had been copied in line
         try:
             result = self.rollback.rollback(self.host, self.optimizer,
                                             to_step=None if restored is None else restored - 1,
@@ -592,7 +594,9 @@ class Trainer:
         self._restructured()
         if not self.rollback.due(self.step):
             return
-        if self.rollback.copies_beside(self.host, self.optimizer):  # at the next step's start, beside its work
+        # At the next step's start, beside its work; the first snapshot of a run or of a new structure (the
+        # ring is empty) now: until it lands a rollback would have no fast tier at all.
+        if len(self.rollback.ring) and self.rollback.copies_beside(self.host, self.optimizer):
             self._snapshot_due = (self.step, self.epoch)
             return
         self._check_structure()
@@ -781,13 +785,15 @@ class Trainer:
         }
 
     def close(self, timeout_s: float = 5.0) -> None:
-        self.rollback.close()
-        if isinstance(self.decisions, SidecarDecisionClient):
-            self.decisions.close()
-        publisher = self.emergency.publisher
-        if publisher is not None:
-            publisher.flush(timeout_s)
-            publisher.close(timeout_s)
+        try:
+            self.rollback.close()
+        finally:
+            if isinstance(self.decisions, SidecarDecisionClient):
+                self.decisions.close()
+            publisher = self.emergency.publisher
+            if publisher is not None:
+                publisher.flush(timeout_s)
+                publisher.close(timeout_s)
 
 
 def fit_evidence_grace(ks: KasminaSettings, steps_per_epoch: int) -> KasminaSettings:
