@@ -15,6 +15,7 @@ import torch
 from prometheus_client import CollectorRegistry
 from torch import nn
 
+from esper.core.errors import ConfigurationError
 from esper.leyline import pb
 from esper.tolaria.copier import CopyResult, SnapshotCopier, _copy
 from esper.tolaria.instruments import TolariaMetrics
@@ -217,15 +218,19 @@ def test_settings_choose_the_copier(tmp_path: Path) -> None:
         pinned.close()
 
 
-@pytest.mark.skipif(not hasattr(os, "sched_getaffinity"), reason="core affinity is Linux's")
-def test_cores_the_process_may_not_use_are_refused_at_start(tmp_path: Path) -> None:
-    """It failed mid-run: the worker's pinning raised, and the first copy handed over broke the step."""
-    beyond = max(os.sched_getaffinity(0)) + 1
+def test_cores_are_checked_at_start(tmp_path: Path) -> None:
+    """A core the copier may not run on failed mid-run: the worker's pinning raised, and the first copy
+    handed over broke its step. Now numbers this machine lacks are refused by the settings, and a core
+    the OS refuses by the copier as it starts (the trainer's start-up)."""
+    beyond = (os.cpu_count() or 1) + 1
     for name in ("rollback_copier_cores", "decision_sidecar_cores"):
         with pytest.raises(ValueError, match=f"TOLARIA_{name.upper()}"):
             TolariaSettings(**{name: [beyond]})
         with pytest.raises(ValueError, match="non-empty"):
             TolariaSettings(**{name: []})
+    if hasattr(os, "sched_getaffinity"):
+        with pytest.raises(ConfigurationError, match="TOLARIA_ROLLBACK_COPIER_CORES"):
+            SnapshotCopier({beyond + 4096})
 
 
 def test_preparing_and_waiting_for_a_copy_is_not_training_time() -> None:

@@ -24,6 +24,8 @@ from dataclasses import dataclass
 
 import torch
 
+from esper.core.errors import ConfigurationError
+
 __all__ = ["CopyResult", "SnapshotCopier"]
 
 
@@ -50,6 +52,13 @@ class SnapshotCopier:
         self.cores = cores
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="tolaria-snapshot",
                                                            initializer=self._pin)
+        if cores:  # pinned now, at the trainer's start-up: a refusal broke the pool, and its first copy, mid-run
+            try:
+                self._pool.submit(int).result()
+            except concurrent.futures.BrokenExecutor as e:
+                self._pool.shutdown(wait=True)
+                raise ConfigurationError(f"TOLARIA_ROLLBACK_COPIER_CORES: cannot run the snapshot copier on cores "
+                                         f"{sorted(cores)}: {e.__cause__ or e}") from e
 
     def _pin(self) -> None:
         if self.cores and hasattr(os, "sched_setaffinity"):

@@ -299,15 +299,14 @@ class TolariaSettings(OonaSettings):
 
     @field_validator("decision_sidecar_cores", "rollback_copier_cores")
     @classmethod
-    def _allowed_cores(cls, v: list[int] | None, info: Any) -> list[int] | None:
-        """Checked at start-up: a core the process may not run on failed only when the sidecar or the
-        copier was pinned to it, mid-run (the copier's first copy raised out of a training step)."""
-        if v is None or not hasattr(os, "sched_getaffinity"):
-            return v
-        allowed = os.sched_getaffinity(0)
-        if not v or not set(v) <= allowed:
-            raise ValueError(f"TOLARIA_{str(info.field_name).upper()}: {v} is not a non-empty subset of the cores "
-                             f"this process may run on, {sorted(allowed)}")
+    def _valid_cores(cls, v: list[int] | None, info: Any) -> list[int] | None:
+        """Core numbers this machine has. Not the process's own affinity: the bench pins the trainer to
+        one core and its sidecar and copier to the others. Whether the OS lets a thread onto them is
+        found out when the copier starts (the trainer's start-up) and when the sidecar starts."""
+        cores = os.cpu_count() or 1
+        if v is not None and (not v or any(not 0 <= c < cores for c in v)):
+            raise ValueError(f"TOLARIA_{str(info.field_name).upper()}: {v} must be a non-empty list of core "
+                             f"numbers of this machine, 0-{cores - 1}")
         return v
 
     @field_validator("dataset_path")
