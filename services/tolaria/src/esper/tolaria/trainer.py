@@ -604,8 +604,8 @@ class Trainer:
 
     def _begin_snapshot(self) -> None:
         """Start the copy of the snapshot the last step found due. The boundary's commands are applied
-        (a seed that joined is in it); a rollback since (a ROLLBACK command) restored another state, and
-        the copy is not made."""
+        (a seed that joined is in it). If the weights are no longer that step's (a restore since), the copy
+        is not made; `_do_rollback` takes a due copy before it restores anything."""
         assert self._snapshot_due is not None
         step, epoch = self._snapshot_due
         self._snapshot_due = None
