@@ -113,7 +113,7 @@ ANSWERED = "_answered"
 # the run trains the same model as its plain loop: a grown seed's compute is growth's cost, not overhead.
 NO_GROWTH = {"TAMIYO_GERMINATE_MIN_REMAINING_STEPS": str(10**9)}
 # A step of the size the budget is about (ARCHITECTURE §11): 4 x 1024 hidden, batch 256, a seeded synthetic
-# 8192 x 256 dataset, ~60 ms a step on one core of the dev machine. The ring holds three snapshots of its
+# 8192 x 256 dataset, ~63 ms a step on one core of the dev machine. The ring holds four snapshots of its
 # state (3.4 M parameters with Adam's moments: 41 MB), so the fast tier works and its copies are paid for
 # (the 32 MiB default refuses them, uncopied: no snapshot, no cost, no fast rollback).
 DEEP, DEEP_INLINE = "_deep", "_deep_inline"
@@ -531,13 +531,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     save(complete=True)
     answered = [] if answered_width is None else [f"overhead_ratio_w{answered_width}{ANSWERED}",
                                                   f"w{answered_width}{ANSWERED}_commands_applied_runs"]
-    deep = [] if args.deep_rounds <= 0 else ["overhead_ratio_deep", "deep_ratio_runs", "deep_overhead_ms_per_step",
+    deep_keys = [] if args.deep_rounds <= 0 else ["overhead_ratio_deep", "deep_ratio_runs", "deep_overhead_ms_per_step",
                                              "deep_plain_step_ms_runs", "deep_commands_applied_runs",
                                              "deep_snapshots_runs", "overhead_ratio_deep_inline",
                                              "deep_inline_ratio_runs", "deep_inline_snapshots_runs"]
-    for k in ("overhead_ratio", "overhead_ratio_thread", *(f"overhead_ratio_w{w}" for w in widths), *answered, *deep,
-              *(f"w{w}_overhead_ms_per_step" for w in widths), *(f"w{w}_plain_step_ms_runs" for w in widths),
-              "plain_step_ms", "control_step_ms",
+    for k in ("overhead_ratio", "overhead_ratio_thread", *(f"overhead_ratio_w{w}" for w in widths), *answered,
+              *deep_keys, *(f"w{w}_overhead_ms_per_step" for w in widths),
+              *(f"w{w}_plain_step_ms_runs" for w in widths), "plain_step_ms", "control_step_ms",
               "control_step_ms_thread", "static_trainer_step_ms", "static_trainer_ratio", "rollback_fast_p95_ms",
               "rollback_checkpoint_p95_ms", "accuracy_static", "accuracy_grown", "grown_seeds_fossilized"):
         print(f"{k:28s} {result[k]}")

@@ -100,6 +100,9 @@ class SnapshotRing:
     def __len__(self) -> int:
         return len(self._items)
 
+    def __contains__(self, step: object) -> bool:
+        return step in self._items
+
     @property
     def nbytes(self) -> int:
         return self._nbytes

@@ -515,6 +515,7 @@ class Trainer:
     def _step_failure(self, reason: str, loss: float) -> None:
         """A bad step is never applied: escalate, roll back to the last good state, keep training."""
         self.rollback.settle()  # no copy outlives its step: the boundary's commands may change what it reads
+        self.rollback.record_training(0.0)  # a refused step trained nothing (nor is its wait the next step's)
         self.optimizer.zero_grad(set_to_none=True)
         self.kasmina.discard_step()  # nor is what the seeds saw in it evidence for their gates
         if self._snapshot_if_restructured():  # Kasmina culled the seed that broke the step (G1)
@@ -609,8 +610,8 @@ class Trainer:
         assert self._snapshot_due is not None
         step, epoch = self._snapshot_due
         self._snapshot_due = None
-        if self._applied_step != step:
-            return
+        if self._applied_step != step or step in self.rollback.ring:  # restored since, or a command that
+            return  # changed the structure had it copied in line already (`_snapshot_if_restructured`)
         self._restructured()
         self._check_structure()
         self.rollback.begin_snapshot(self.host, self.optimizer, step=step, epoch=epoch)
