@@ -3,8 +3,8 @@
 Runs the trainer without a bus on the bench's deep host (4 x 1024, batch 256, synthetic 8192 x 256),
 each run beside its interleaved plain loop, alternating `TOLARIA_ROLLBACK_SNAPSHOT_ASYNC` on and off
 (`rounds` pairs; the first pair grows the heap: read it as a warm-up). The trainer is pinned to the
-first allowed core and the copier to the next, as the bench pins them. Session 18, two runs of it:
-means of 1.031x the plain loop in line, 1.010x beside (docs/benchmarks.md). About 3 minutes at the
+first allowed core and the copier to the next, as the bench pins them. Session 18, three runs of it:
+means of 1.026x the plain loop in line, 1.011x beside (docs/benchmarks.md). About 3 minutes at the
 defaults on the dev machine.
 `python scripts/snapshot_ab.py [--rounds 4] [--epochs 6]`
 """

@@ -318,3 +318,64 @@ def test_a_refused_steps_wait_is_not_taken_from_the_next_step(tmp_path: Path) ->
         assert trainer.rollback._own_s == 0.0
     finally:
         trainer.close()
+
+
+def _ptrs(state: object) -> set[int]:
+    if isinstance(state, torch.Tensor):
+        return {state.data_ptr()} if state.dim() else set()
+    if isinstance(state, dict):
+        return set().union(*(_ptrs(v) for v in state.values())) if state else set()
+    if isinstance(state, list | tuple):
+        return set().union(*(_ptrs(v) for v in state)) if state else set()
+    return set()
+
+
+def test_a_full_ring_copies_into_the_evicted_snapshots_memory() -> None:
+    """Fresh allocations beside the step moved the heap under the step's own tensors (page faults on
+    the training thread); a full ring now fills the snapshot it evicts, and the copy is still exact."""
+    model = make_model()
+    opt = make_optimizer(model)
+    train_steps(model, opt, 1)
+    size = capture_state(model, opt).nbytes
+    mgr = RollbackManager(fast_cap_bytes=2 * size, copier=SnapshotCopier())
+    try:
+        lent: set[int] = set()
+        for step in (1, 2):
+            mgr.begin_snapshot(model, opt, step=step, epoch=1)
+            mgr.settle()
+            if step == 1:  # read before step 2 is kept: `get` counts as use, and step 1 must stay the oldest
+                oldest = mgr.ring.get(1)
+                assert oldest is not None
+                lent = _ptrs(oldest.state.model) | _ptrs(oldest.state.optimizer)
+                del oldest
+            train_steps(model, opt, 1, seed=step)
+        at_3 = capture_state(model, opt)
+        mgr.begin_snapshot(model, opt, step=3, epoch=1)
+        mgr.settle()
+        assert mgr.ring.steps() == [2, 3] and mgr.ring.evictions == 1
+        third = mgr.ring.get(3)
+        assert third is not None
+        assert _ptrs(third.state.model) | _ptrs(third.state.optimizer) == lent  # the same memory, filled again
+        assert_same(third.state.model, at_3.model)
+        assert_same(third.state.optimizer, at_3.optimizer)
+    finally:
+        mgr.close()
+
+
+def test_an_evicted_snapshot_of_another_structure_lends_nothing() -> None:
+    small, big = make_model(hidden=(6, 5)), make_model(hidden=(7, 5))
+    opt_small, opt_big = make_optimizer(small), make_optimizer(big)
+    train_steps(small, opt_small, 1)
+    train_steps(big, opt_big, 1)
+    mgr = RollbackManager(fast_cap_bytes=capture_state(big, opt_big).nbytes, copier=SnapshotCopier())
+    try:
+        mgr.begin_snapshot(small, opt_small, step=1, epoch=1)
+        mgr.settle()
+        at_2 = capture_state(big, opt_big)
+        mgr.begin_snapshot(big, opt_big, step=2, epoch=1)  # evicts step 1, whose shapes differ
+        mgr.settle()
+        assert mgr.ring.steps() == [2]
+        assert_same(mgr.ring.get(2).state.model, at_2.model)  # type: ignore[union-attr]
+        assert_same(mgr.ring.get(2).state.optimizer, at_2.optimizer)  # type: ignore[union-attr]
+    finally:
+        mgr.close()

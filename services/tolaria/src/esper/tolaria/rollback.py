@@ -127,6 +127,17 @@ class SnapshotRing:
         self._nbytes += snap.state.nbytes
         return evicted
 
+    def make_room(self, nbytes: int) -> list[Snapshot]:
+        """Evict now, least recently used first, what keeping a state of `nbytes` would evict; returns
+        them (their memory may be filled again: `prepare_capture(reuse=)`)."""
+        out: list[Snapshot] = []
+        while self._items and nbytes <= self.cap_bytes and self._nbytes + nbytes > self.cap_bytes:
+            _, old = self._items.popitem(last=False)
+            self._nbytes -= old.state.nbytes
+            out.append(old)
+        self.evictions += len(out)
+        return out
+
     def get(self, at_or_before: int | None = None) -> Snapshot | None:
         """The newest snapshot with step <= `at_or_before` (the newest of all if None); marks it used."""
         candidates = [s for s in self._items if at_or_before is None or s <= at_or_before]
@@ -304,7 +315,12 @@ class RollbackManager:
         self.settle()
         if self._refused(nbytes, step):
             return False
-        prepared = prepare_capture(model, optimizer)
+        # The ring's oldest snapshot, which keeping this one would evict, lends it its memory (not for a
+        # step already held: keeping this one replaces that, and evicts nothing more).
+        evicted = [] if step in self.ring else self.ring.make_room(nbytes)
+        if evicted and self.metrics is not None:
+            self.metrics.snapshot_evictions.inc(len(evicted))
+        prepared = prepare_capture(model, optimizer, reuse=evicted[0].state if evicted else None)
         if prepared is None:  # a CUDA state: its copies are queued on the device, one sync (capture_state)
             return self.snapshot(model, optimizer, step=step, epoch=epoch, force=True)
         state, dst, src = prepared

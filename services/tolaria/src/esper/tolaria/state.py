@@ -89,36 +89,46 @@ def capture_state(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> 
     return TrainingState(model_state, opt_state, tensor_nbytes(model_state) + tensor_nbytes(opt_state))
 
 
-def prepare_capture(model: nn.Module, optimizer: torch.optim.Optimizer | None,
+def prepare_capture(model: nn.Module, optimizer: torch.optim.Optimizer | None, *,
+                    reuse: TrainingState | None = None,
                     ) -> tuple[TrainingState, list[torch.Tensor], list[torch.Tensor]] | None:
     """`capture_state` in two halves, for a copy that runs beside the next step (`copier.py`): returns the
     state with the parameters' and the optimizer's tensors still to be filled, and the (destination,
     source) lists to fill them from. Between two updates only `optimizer.step()` (and a restore) writes
     those. Buffers (BatchNorm's running statistics: the forward pass writes them) are copied here, now.
-    None when a tensor is not on the CPU: a CUDA state is captured by `capture_state`, one device sync."""
+    `reuse`: a state nobody holds any more (a snapshot the ring evicted); its tensors at the same place
+    (key path, shape, dtype) are filled again instead of allocating new ones, so a full ring copies into
+    the same memory every time (fresh allocations beside the step moved the heap's layout under the
+    step's own tensors: page faults on the training thread). None when a tensor is not on the CPU: a
+    CUDA state is captured by `capture_state`, one device sync."""
     dst: list[torch.Tensor] = []
     src: list[torch.Tensor] = []
 
-    def later(obj: T) -> T:
+    def later(obj: T, old: object) -> T:
         if isinstance(obj, torch.Tensor):
             if obj.device.type != "cpu":
                 raise _NotCpu
-            out = torch.empty_like(obj, requires_grad=False)
-            dst.append(out)
+            fits = (isinstance(old, torch.Tensor) and old.shape == obj.shape and old.dtype == obj.dtype
+                    and old.device == obj.device and old.is_contiguous() and obj.is_contiguous())
+            out = old if fits else torch.empty_like(obj, requires_grad=False)
+            dst.append(out)  # type: ignore[arg-type]
             src.append(obj.detach())
             return out  # type: ignore[return-value]
         if isinstance(obj, dict):
-            return {k: later(v) for k, v in obj.items()}  # type: ignore[return-value]
-        if isinstance(obj, list):
-            return [later(v) for v in obj]  # type: ignore[return-value]
-        if isinstance(obj, tuple):
-            return tuple(later(v) for v in obj)  # type: ignore[return-value]
+            olds = old if isinstance(old, dict) else {}
+            return {k: later(v, olds.get(k)) for k, v in obj.items()}  # type: ignore[return-value]
+        if isinstance(obj, list | tuple):
+            olds_seq = old if isinstance(old, list | tuple) and len(old) == len(obj) else [None] * len(obj)
+            items = [later(v, o) for v, o in zip(obj, olds_seq, strict=True)]
+            return (items if isinstance(obj, list) else tuple(items))  # type: ignore[return-value]
         return obj
 
+    old_model = reuse.model if reuse is not None else {}
     try:
-        model_state = {k: later(v) if isinstance(v, nn.Parameter) else _cpu_now(v)
+        model_state = {k: later(v, old_model.get(k)) if isinstance(v, nn.Parameter) else _cpu_now(v)
                        for k, v in model.state_dict(keep_vars=True).items()}
-        opt_state: dict[str, Any] = later(optimizer.state_dict()) if optimizer is not None else {}
+        opt_state: dict[str, Any] = (later(optimizer.state_dict(), reuse.optimizer if reuse is not None else None)
+                                     if optimizer is not None else {})
     except _NotCpu:
         return None
     return TrainingState(model_state, opt_state, tensor_nbytes(model_state) + tensor_nbytes(opt_state)), dst, src
