@@ -379,3 +379,18 @@ def test_an_evicted_snapshot_of_another_structure_lends_nothing() -> None:
         assert_same(mgr.ring.get(2).state.optimizer, at_2.optimizer)  # type: ignore[union-attr]
     finally:
         mgr.close()
+
+
+@pytest.mark.parametrize("kind", ["sgd", "adam", "adamw"])
+def test_a_prepared_capture_once_filled_is_what_capture_state_takes(kind: str) -> None:
+    model = make_model()
+    opt = make_optimizer(model, kind)
+    train_steps(model, opt, 2)
+    prepared = prepare_capture(model, opt)
+    assert prepared is not None
+    state, dst, src = prepared
+    _copy(dst, src)
+    whole = capture_state(model, opt)
+    assert state.nbytes == whole.nbytes
+    assert_same(state.model, whole.model, "model")
+    assert_same(state.optimizer, whole.optimizer, "optimizer")
