@@ -322,17 +322,13 @@ def overhead_at_width(var: Path, url: str, secret: str, width: int, sidecar_core
     is the decision budget; `tag` names a variant's keys (`overhead_ratio_w<width><tag>`). `warmup` runs
     come first and are reported apart (`..._warmup_ratio_runs`), outside the median: the first run of a
     host larger than any before it grows the process's heap, one page fault at a time, in both loops."""
-    warm = [run_fleet(var, url, secret, mode="pipelined", budget_ms=budget_ms, breaker_failures=NEVER_OPEN,
-                      host={**(host or {}), "hidden_width": width}, sidecar_cores=sidecar_cores,
-                      copier_cores=copier_cores,
-                      name=f"-w{width}{tag}-warmup{i}", epochs=epochs)
-            for i in range(warmup)]
-    runs = [run_fleet(var, url, secret, mode="pipelined", budget_ms=budget_ms, breaker_failures=NEVER_OPEN,
-                      host={**(host or {}), "hidden_width": width}, sidecar_cores=sidecar_cores,
-                      copier_cores=copier_cores,
-                      name=f"-w{width}{tag}-{i}",
-                      epochs=epochs)
-            for i in range(rounds)]
+    def run(name: str) -> dict[str, Any]:
+        return run_fleet(var, url, secret, mode="pipelined", budget_ms=budget_ms, breaker_failures=NEVER_OPEN,
+                         host={**(host or {}), "hidden_width": width}, sidecar_cores=sidecar_cores,
+                         copier_cores=copier_cores, name=f"-w{width}{tag}-{name}", epochs=epochs)
+
+    warm = [run(f"warmup{i}") for i in range(warmup)]
+    runs = [run(str(i)) for i in range(rounds)]
     k = f"w{width}{tag}_"
     out: dict[str, Any] = {f"overhead_ratio_w{width}{tag}": statistics.median(r["ratio"] for r in runs),
                            f"{k}host_parameters": runs[-1]["host_parameters"]}

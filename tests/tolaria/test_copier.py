@@ -127,11 +127,17 @@ def test_a_state_not_on_the_cpu_is_not_prepared_for_the_copier() -> None:
     assert prepare_capture(model, None) is None
 
 
-def test_the_budget_charges_the_copy_wherever_it_ran() -> None:
+def _budgeted(delay_s: float) -> tuple[nn.Module, torch.optim.Optimizer, RollbackManager]:
+    """A trained model and a manager with a 50 % snapshot budget whose copies take `delay_s` longer."""
     model = make_model()
     opt = make_optimizer(model)
     train_steps(model, opt, 1)
-    mgr = RollbackManager(fast_cap_bytes=BIG, copier=SlowCopier(0.05), snapshot_overhead=0.5, snapshot_max_steps=100)
+    return model, opt, RollbackManager(fast_cap_bytes=BIG, copier=SlowCopier(delay_s), snapshot_overhead=0.5,
+                                       snapshot_max_steps=100)
+
+
+def test_the_budget_charges_the_copy_wherever_it_ran() -> None:
+    model, opt, mgr = _budgeted(0.05)
     try:
         mgr.begin_snapshot(model, opt, step=1, epoch=1)
         time.sleep(0.06)  # the step's forward and backward: the copy finishes meanwhile, nothing to wait for
@@ -235,10 +241,7 @@ def test_cores_are_checked_at_start(tmp_path: Path) -> None:
 
 def test_preparing_and_waiting_for_a_copy_is_not_training_time() -> None:
     """A slow copy waited for inside the step would otherwise count as training and buy itself budget."""
-    model = make_model()
-    opt = make_optimizer(model)
-    train_steps(model, opt, 1)
-    mgr = RollbackManager(fast_cap_bytes=BIG, copier=SlowCopier(0.1), snapshot_overhead=0.5, snapshot_max_steps=100)
+    model, opt, mgr = _budgeted(0.1)
     try:
         mgr.begin_snapshot(model, opt, step=1, epoch=1)
         t0 = time.perf_counter()

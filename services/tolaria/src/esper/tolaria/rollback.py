@@ -310,7 +310,8 @@ class RollbackManager:
         (`snapshot`). True when a copy was made or started."""
         t0 = self._clock()
         nbytes = live_nbytes(model, optimizer)
-        if self.copier is None or nbytes < self.async_min_bytes:
+        copier = self.copier
+        if copier is None or not self._beside(model, nbytes):
             return self.snapshot(model, optimizer, step=step, epoch=epoch, force=True)
         self.settle()
         if self._refused(nbytes, step):
@@ -321,20 +322,23 @@ class RollbackManager:
         if evicted and self.metrics is not None:
             self.metrics.snapshot_evictions.inc(len(evicted))
         prepared = prepare_capture(model, optimizer, reuse=evicted[0].state if evicted else None)
-        if prepared is None:  # a CUDA state: its copies are queued on the device, one sync (capture_state)
+        if prepared is None:  # a buffer or optimizer state off the CPU: copied as a CUDA state is (capture_state)
             return self.snapshot(model, optimizer, step=step, epoch=epoch, force=True)
         state, dst, src = prepared
         prepare_s = self._clock() - t0
         self._own_s += prepare_s
-        self._inflight = _InFlight(step, epoch, state, self.copier.submit(dst, src), prepare_s)
+        self._inflight = _InFlight(step, epoch, state, copier.submit(dst, src), prepare_s)
         self._last_step, self._trained_s = step, 0.0
         return True
 
     def copies_beside(self, model: nn.Module, optimizer: torch.optim.Optimizer | None) -> bool:
         """Would `begin_snapshot` hand this state to the copier (a copier, a CPU model, a state of at least
         `async_min_bytes`)? Read off the live tensors, nothing copied."""
-        return (self.copier is not None and all(p.device.type == "cpu" for p in model.parameters())
-                and live_nbytes(model, optimizer) >= self.async_min_bytes)
+        return self._beside(model, live_nbytes(model, optimizer))
+
+    def _beside(self, model: nn.Module, nbytes: int) -> bool:
+        return (self.copier is not None and nbytes >= self.async_min_bytes
+                and all(p.device.type == "cpu" for p in model.parameters()))
 
     def settle(self) -> bool:
         """Wait for the snapshot in flight, if any, and keep it; True if there was one. Its cost, for the
