@@ -37,6 +37,7 @@ def test_g0_passes() -> None:
     result = gate_g0_sanity(**G0_OK)  # type: ignore[arg-type]
     assert result.passed and result.name == "G0_SANITY"
     assert gate_g0_sanity(**G0_OK, kernel_finite=True).passed  # type: ignore[arg-type]
+    assert gate_g0_sanity(**G0_OK, kernel_id="BP002@v8", expected_kernel_id="BP002@v8").passed  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize(("change", "reason"), [
@@ -46,6 +47,7 @@ def test_g0_passes() -> None:
     ({"parameters": {"alpha": math.nan}}, "non_finite_parameters"),
     ({"parameters": {"alpha": math.inf}}, "non_finite_parameters"),
     ({"kernel_finite": False}, "non_finite_kernel_parameters"),
+    ({"kernel_id": "BP006@v8", "expected_kernel_id": "BP002@v8"}, "kernel_mismatch"),
 ])
 def test_g0_fails(change: dict[str, object], reason: str) -> None:
     _failed(gate_g0_sanity(**{**G0_OK, **change}), pb.SEED_GATE_G0_SANITY, reason)  # type: ignore[arg-type]

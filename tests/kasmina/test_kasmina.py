@@ -4,13 +4,15 @@ optimizer bookkeeping and the exported SeedState/telemetry."""
 
 from __future__ import annotations
 
+import asyncio
 import math
 from collections.abc import Mapping
 
 import pytest
 import torch
 
-from esper.kasmina import Kasmina, KasminaSettings
+from esper.karn import SlotShape
+from esper.kasmina import FetchedKernel, Kasmina, KasminaSettings
 from esper.kasmina.errors import KernelFetchError
 from esper.kasmina.optim import SEED_GROUP_KEY, seed_group
 from esper.leyline import pb
@@ -491,6 +493,61 @@ async def test_a_failed_kernel_fetch_is_a_g4_fallback_rejection(failure: str) ->
     rig.step(4)  # through the embargo to DORMANT: no substitute kernel at any boundary
     assert rig.k.stage(SEED) == S.SEED_STAGE_DORMANT and rig.model.slot.seed is None
     assert all(e["event"] != "kernel_attached" for e in evs + events(rig.k)) and seed_group(rig.opt, SEED) is None
+
+
+class _OtherBlueprintSource(KarnKernelSource):
+    """Answers every fetch with BP006's kernel, checksum and all: the bytes verify, the identity does not."""
+
+    async def fetch(self, blueprint_id: str, slot: SlotShape, *, device: torch.device) -> FetchedKernel:
+        return await super().fetch("BP006", slot, device=device)
+
+
+async def test_a_kernel_that_is_not_the_commanded_blueprint_fails_g0_and_is_never_attached() -> None:
+    rig = Rig(source=_OtherBlueprintSource())
+    await rig.germinate(blueprint="BP002")
+    rig.step()
+    assert rig.k.stage(SEED) == S.SEED_STAGE_CULLED and rig.model.slot.seed is None
+    evs = events(rig.k)
+    [gate] = [e for e in evs if e["event"] == "gate_failure"]
+    assert (gate["gate"], gate["reason"]) == ("G0_SANITY", "kernel_mismatch")
+    assert all(e["event"] != "kernel_attached" for e in evs) and seed_group(rig.opt, SEED) is None
+
+
+class _HangingSource(KarnKernelSource):
+    def __init__(self) -> None:
+        super().__init__()
+        self.entered = asyncio.Event()
+
+    async def fetch(self, blueprint_id: str, slot: SlotShape, *, device: torch.device) -> FetchedKernel:
+        self.entered.set()
+        await asyncio.sleep(3600)
+        raise AssertionError("unreachable")
+
+
+@pytest.mark.parametrize("inside_fetch", [False, True])
+async def test_a_cancelled_kernel_fetch_fails_its_germination_explicitly(inside_fetch: bool) -> None:
+    """A cancelled fetch (shutdown, or the prefetch task cancelled) stayed "in flight" for good: nothing
+    retried it and the seed sat in GERMINATED without a word. It is a failed fetch like any other,
+    whether the cancel lands inside the fetch or before the per-seed fetches began."""
+    source = _HangingSource()
+    rig = Rig(source=source)
+    rig.k.apply_command(command())
+    task = rig.k.start_prefetch()
+    assert task is not None
+    if inside_fetch:
+        await source.entered.wait()
+    else:
+        await asyncio.sleep(0)  # fetch_kernels ran to its gather; the per-seed fetches have not started
+        assert not source.entered.is_set()
+    assert rig.k.pending_kernels() == []  # in flight
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    rig.step()
+    assert rig.k.stage(SEED) == S.SEED_STAGE_CULLED and rig.model.slot.seed is None
+    evs = events(rig.k)
+    assert [e["reason"] for e in evs if e["event"] == "germination_failed"] == ["cancelled"]
+    assert [e["reason"] for e in evs if e["event"] == "seed_culled"] == ["kernel_cancelled"]
 
 
 async def test_cull_before_the_kernel_arrives_drops_it() -> None:

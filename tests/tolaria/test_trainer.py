@@ -296,6 +296,48 @@ def test_a_checkpoint_that_culling_cannot_fit_costs_no_seed(tmp_path: Path) -> N
     assert trainer.kasmina.stage(sid) == pb.SEED_STAGE_CULLED and trainer.kasmina.active_slots() == []
 
 
+def _flip_last_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def test_a_tampered_checkpoint_a_rollback_passes_over_is_reported(tmp_path: Path) -> None:
+    """The checkpoint tier walks back past a broken checkpoint; that used to leave no event, no count and
+    no log line: an epoch of training lost without a word. Each one is now refused out loud."""
+    from prometheus_client import CollectorRegistry
+
+    registry = CollectorRegistry()
+    trainer = Trainer(_settings(tmp_path, epochs=2, rollback_fast_cap_mb=0.001), bus=None, registry=registry)
+    trainer.run()  # every snapshot over the fast tier's cap: the checkpoint tier serves
+    assert len(trainer.rollback.ring) == 0
+    older, newest = sorted(trainer.checkpoints.history(), key=lambda i: i.step)
+    _flip_last_byte(trainer.checkpoints.directory / newest.file)
+    trainer._pending_events.clear()
+    trainer._do_rollback("test")
+    assert trainer.stats.rollbacks == {"checkpoint": 1} and trainer._applied_step == older.step
+    [(reason, count)] = trainer.summary(clean_shutdown=True)["checkpoints_refused"].items()
+    assert count == 1 and registry.get_sample_value("tolaria_checkpoint_errors_total", {"reason": reason}) == 1
+    refused = [e for e in trainer._pending_events if e.attributes["event"] == "checkpoint_refused"]
+    assert [(e.level, e.attributes["reason"], e.attributes["file"]) for e in refused] == [
+        (pb.TELEMETRY_LEVEL_ERROR, reason, newest.file)]
+
+
+def test_a_rollback_that_restores_nothing_is_an_event_and_names_every_refused_checkpoint(tmp_path: Path) -> None:
+    trainer = Trainer(_settings(tmp_path, epochs=2, rollback_fast_cap_mb=0.001), bus=None)
+    trainer.run()
+    for info in trainer.checkpoints.history():
+        _flip_last_byte(trainer.checkpoints.directory / info.file)
+    trainer._pending_events.clear()
+    trainer._do_rollback("test")
+    assert trainer.stats.rollbacks == {"failed_unavailable": 1}
+    assert sum(trainer.stats.checkpoints_refused.values()) == 2
+    names = [e.attributes["event"] for e in trainer._pending_events]
+    assert names == ["checkpoint_refused", "checkpoint_refused", "rollback_failed"]
+    failed = trainer._pending_events[-1]
+    assert failed.level == pb.TELEMETRY_LEVEL_ERROR and failed.attributes["failure"] == "unavailable"
+
+
 def test_a_rollback_command_after_a_failure_restores_the_newest_state(tmp_path: Path) -> None:
     """The walk-back past a restored state is for a step that fails on it, not for Tamiyo's ROLLBACK
     arriving next (it used to discard the good state just restored)."""

@@ -4,7 +4,8 @@ What each gate guards, and its checks (reason code on failure):
 
 - **G0 sanity** (DORMANT -> GERMINATED, and the kernel at attach): seed id (``missing_seed_id``), slot
   registered (``unknown_seed``), blueprint id (``missing_blueprint_id``), finite command parameters
-  (``non_finite_parameters``), finite kernel weights (``non_finite_kernel_parameters``).
+  (``non_finite_parameters``), the fetched kernel is the one commanded (``kernel_mismatch``), finite
+  kernel weights (``non_finite_kernel_parameters``).
 - **G1 gradient health** (GERMINATED -> TRAINING, then every step while isolated): the seed's output
   finite wherever its input was (``non_finite_output``), gradients arrived (``no_gradients``), finite
   (``non_finite_gradients``), bounded (``gradient_explosion``), isolation holds, |host·seed| <=
@@ -89,8 +90,11 @@ def _fail(gate: int, reason: str, detail: str = "") -> GateResult:
 
 
 def gate_g0_sanity(*, seed_id: str, registered: bool, blueprint_id: str,
-                   parameters: Mapping[str, float] | None = None, kernel_finite: bool | None = None) -> GateResult:
-    """IDs present and real, numbers finite. ``kernel_finite`` is None before a kernel is attached."""
+                   parameters: Mapping[str, float] | None = None, kernel_finite: bool | None = None,
+                   kernel_id: str | None = None, expected_kernel_id: str | None = None) -> GateResult:
+    """IDs present and real, numbers finite. ``kernel_finite`` is None before a kernel is attached; at
+    attach, ``kernel_id`` (what was fetched) must be ``expected_kernel_id`` (what the command asked for):
+    a checksum proves the bytes are Urza's, not that they are the blueprint Tamiyo chose."""
     if not seed_id.strip():
         return _fail(G0, "missing_seed_id")
     if not registered:
@@ -100,6 +104,8 @@ def gate_g0_sanity(*, seed_id: str, registered: bool, blueprint_id: str,
     bad = sorted(k for k, v in (parameters or {}).items() if not math.isfinite(v))
     if bad:
         return _fail(G0, "non_finite_parameters", ", ".join(bad))
+    if kernel_id is not None and expected_kernel_id is not None and kernel_id != expected_kernel_id:
+        return _fail(G0, "kernel_mismatch", f"commanded {expected_kernel_id}, fetched {kernel_id}")
     if kernel_finite is False:
         return _fail(G0, "non_finite_kernel_parameters")
     return _ok(G0)

@@ -376,9 +376,17 @@ class Kasmina:
             todo = [r for r in self._records.values() if r.fetch_state == "pending"]
             if not todo:
                 break
+            started = [(r, r.generation) for r in todo]
             for r in todo:
                 r.fetch_state = "in_flight"
-            await asyncio.gather(*(self._fetch_one(r, r.generation) for r in todo))
+            try:
+                await asyncio.gather(*(self._fetch_one(r, gen) for r, gen in started))
+            except asyncio.CancelledError:  # shutdown, or the prefetch task cancelled: a fetch left
+                for r, gen in started:       # "in_flight" would hold its seed in GERMINATED for good
+                    if r.fetch_state == "in_flight":
+                        self._fetch_failed(r, gen, KernelFetchError("cancelled", "the kernel fetch was cancelled",
+                                                                    kernel_id=r.kernel_id))
+                raise
             done += len(todo)
         return done
 
@@ -404,7 +412,11 @@ class Kasmina:
                 rec.fetch_generation, rec.fetched = generation, fetched
                 rec.fetch_state = "ready"
             return
-        if rec.generation == generation:
+        self._fetch_failed(rec, generation, error)
+
+    @staticmethod
+    def _fetch_failed(rec: SeedRecord, generation: int, error: KernelFetchError) -> None:
+        if rec.generation == generation:  # the state last: the boundary reads it first
             rec.fetch_generation, rec.fetch_error = generation, error
             rec.fetch_state = "failed"
 
@@ -430,7 +442,8 @@ class Kasmina:
             return
         fetched = rec.fetched
         g0 = gate_g0_sanity(seed_id=rec.seed_id, registered=True, blueprint_id=fetched.blueprint_id,
-                            kernel_finite=_finite_module(fetched.module))
+                            kernel_finite=_finite_module(fetched.module), kernel_id=fetched.kernel_id,
+                            expected_kernel_id=rec.kernel_id)  # resolved at germination: BP002@v64
         if not g0.passed:
             self._cull(rec, "gate_g0", gate=g0)
             return

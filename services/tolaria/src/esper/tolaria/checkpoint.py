@@ -96,16 +96,20 @@ CheckpointErrorReason = Literal[
 
 
 class CheckpointError(EsperError):
-    """A checkpoint that was not written or must not be loaded; `reason` is a `CheckpointErrorReason`."""
+    """A checkpoint that was not written or must not be loaded; `reason` is a `CheckpointErrorReason`.
+    `skipped`: for "no_checkpoint", the broken checkpoints passed over on the way (each reported)."""
 
-    def __init__(self, reason: CheckpointErrorReason, detail: str, path: Path | None = None) -> None:
+    def __init__(self, reason: CheckpointErrorReason, detail: str, path: Path | None = None,
+                 skipped: tuple[CheckpointError, ...] = ()) -> None:
         super().__init__(f"{reason}: {detail}")
         self.reason: CheckpointErrorReason = reason
         self.detail = detail
         self.path = path
+        self.skipped = skipped
 
-    def __reduce__(self) -> tuple[type[CheckpointError], tuple[str, str, Path | None]]:
-        return (type(self), (self.reason, self.detail, self.path))
+    def __reduce__(self) -> tuple[type[CheckpointError],
+                                  tuple[str, str, Path | None, tuple[CheckpointError, ...]]]:
+        return (type(self), (self.reason, self.detail, self.path, self.skipped))
 
 
 @dataclass(frozen=True, slots=True)
@@ -463,8 +467,8 @@ class CheckpointStore:
     def load_at_or_before(self, step: int | None = None) -> tuple[Checkpoint, list[CheckpointError]]:
         """The most recently saved retained checkpoint with step <= `step` (any step if None) that verifies.
 
-        Newer or broken ones are passed over; the broken ones come back in the list, so nothing is
-        skipped silently. CheckpointError("no_checkpoint") when none qualifies.
+        Newer or broken ones are passed over; the broken ones come back in the list (or, when none
+        qualifies, in the CheckpointError("no_checkpoint")'s `skipped`), so nothing is skipped silently.
         """
         skipped: list[CheckpointError] = []
         for info in self.history():
@@ -476,7 +480,7 @@ class CheckpointStore:
                 skipped.append(e)
         detail = "no checkpoint saved" if not skipped else f"{len(skipped)} checkpoints failed verification"
         where = "" if step is None else f" at or before step {step}"
-        raise CheckpointError("no_checkpoint", f"{detail}{where}", self.directory)
+        raise CheckpointError("no_checkpoint", f"{detail}{where}", self.directory, skipped=tuple(skipped))
 
     def restore_latest(self, model: nn.Module, optimizer: torch.optim.Optimizer | None) -> Checkpoint | None:
         """Load the latest checkpoint into `model`/`optimizer` (resume after a restart); None if there is none."""

@@ -185,19 +185,21 @@ class RollbackResult:
     elapsed_ms: float
     deadline_ms: float
     fast_miss: str | None = None  # why the fast tier did not serve (None when it did)
-    skipped_checkpoints: tuple[str, ...] = ()  # checkpoints passed over as broken: "<file>: <reason>"
+    skipped_checkpoints: tuple[CheckpointError, ...] = ()  # passed over as broken (the trainer reports each)
 
 
 class RollbackError(EsperError):
-    """Nothing was restored (`restored` False) or, for deadline misses, maybe it was; `reason` says why."""
+    """Nothing was restored (`restored` False) or, for deadline misses, maybe it was; `reason` says why.
+    `skipped`: broken checkpoints passed over before the failure (the trainer reports each)."""
 
     def __init__(self, reason: RollbackErrorReason, detail: str, *, elapsed_ms: float = 0.0,
-                 restored: bool = False) -> None:
+                 restored: bool = False, skipped: tuple[CheckpointError, ...] = ()) -> None:
         super().__init__(f"{reason}: {detail}")
         self.reason: RollbackErrorReason = reason
         self.detail = detail
         self.elapsed_ms = elapsed_ms
         self.restored = restored
+        self.skipped = skipped
 
 
 class RollbackDeadlineExceeded(RollbackError, DeadlineExceededError):
@@ -438,7 +440,7 @@ class RollbackManager:
             ckpt, skipped = self.checkpoints.load_at_or_before(to_step)
         except CheckpointError as e:
             raise self._fail("unavailable", f"fast tier missed ({fast_miss}); checkpoint tier: {e}",
-                             elapsed_ms()) from e
+                             elapsed_ms(), skipped=e.skipped) from e
         try:
             try:
                 ckpt.restore(model, optimizer)
@@ -448,11 +450,10 @@ class RollbackManager:
                 ckpt.restore(model, optimizer)
         except StateMismatchError as e:
             raise self._fail("state_mismatch", f"fast tier missed ({fast_miss}); checkpoint {ckpt.info.file}: {e}",
-                             elapsed_ms()) from e
+                             elapsed_ms(), skipped=tuple(skipped)) from e
         self.ring.discard_after(ckpt.step)
-        skipped_text = tuple(f"{e.path.name if e.path else '?'}: {e.reason}" for e in skipped)
         return self._finish(RollbackResult("checkpoint", ckpt.step, ckpt.epoch, elapsed_ms(), self.deadline_ms,
-                                           fast_miss=fast_miss, skipped_checkpoints=skipped_text))
+                                           fast_miss=fast_miss, skipped_checkpoints=tuple(skipped)))
 
     def _finish(self, result: RollbackResult) -> RollbackResult:
         if self.metrics is not None:
@@ -472,8 +473,9 @@ class RollbackManager:
         if self.metrics is not None:
             self.metrics.rollback_deadline_misses.inc()
 
-    def _fail(self, reason: RollbackErrorReason, detail: str, spent_ms: float) -> RollbackError:
+    def _fail(self, reason: RollbackErrorReason, detail: str, spent_ms: float,
+              skipped: tuple[CheckpointError, ...] = ()) -> RollbackError:
         if self.metrics is not None:
             self.metrics.rollback_failures.labels(reason).inc()
-        return RollbackError(reason, detail, elapsed_ms=spent_ms)
+        return RollbackError(reason, detail, elapsed_ms=spent_ms, skipped=skipped)
 

@@ -67,7 +67,7 @@ from esper.urza.store import ArtifactStore
 
 log = get_logger("esper.tolaria.trainer")
 
-_INFO, _WARNING = pb.TELEMETRY_LEVEL_INFO, pb.TELEMETRY_LEVEL_WARNING
+_INFO, _WARNING, _ERROR = pb.TELEMETRY_LEVEL_INFO, pb.TELEMETRY_LEVEL_WARNING, pb.TELEMETRY_LEVEL_ERROR
 
 
 def make_optimizer(settings: TolariaSettings, params: Any) -> torch.optim.Optimizer:
@@ -94,6 +94,7 @@ class RunStats:
     budget_misses: Counter[str] = field(default_factory=Counter)  # epoch / hook
     step_failures: Counter[str] = field(default_factory=Counter)
     rollbacks: Counter[str] = field(default_factory=Counter)
+    checkpoints_refused: Counter[str] = field(default_factory=Counter)  # passed over by a rollback, by reason
     seeds_fossilized: int = 0
     seeds_culled: int = 0
     lr_changes: int = 0
@@ -546,19 +547,35 @@ class Trainer:
             if e.result is not None:  # restored, late: the statistics restart from the restored weights
                 self._applied_step = self._restored_step = e.result.step
                 self._reset_signals()
+                self._report_refused_checkpoints(e.result.skipped_checkpoints)
             if self.settings.emergency_l4_on_rollback_deadline:
                 self.emergency.escalate(pb.EMERGENCY_LEVEL_HALT, "rollback_deadline")
             log.error("rollback missed its deadline", error=str(e), restored=e.restored)
             return
         except RollbackError as e:
             self.stats.rollbacks[f"failed_{e.reason}"] += 1
-            log.warning("nothing to roll back to", reason=reason, error=str(e))
+            self._report_refused_checkpoints(e.skipped)
+            log.error("nothing to roll back to", reason=reason, error=str(e))
+            self._event("rollback_failed", _ERROR, str(e), priority=pb.MESSAGE_PRIORITY_HIGH, reason=reason,
+                        failure=e.reason, step_index=self.step)
             return
+        self._report_refused_checkpoints(result.skipped_checkpoints)
         self.stats.rollbacks[result.tier] += 1
         self._applied_step = self._restored_step = result.step
         self._reset_signals()
         self._event("rollback", _WARNING, f"{result.tier} tier restored step {result.step} in "
                     f"{result.elapsed_ms:.2f} ms", reason=reason, tier=result.tier, restored_step=result.step)
+
+    def _report_refused_checkpoints(self, refused: tuple[CheckpointError, ...]) -> None:
+        """A broken or tampered checkpoint a rollback passed over is never skipped silently: counted
+        (`tolaria_checkpoint_errors_total`, the summary) and sent as a HIGH event on the emergency lane."""
+        for e in refused:
+            self.stats.checkpoints_refused[e.reason] += 1
+            self.metrics.checkpoint_errors.labels(e.reason).inc()
+            file = e.path.name if e.path is not None else ""
+            log.error("checkpoint refused", file=file, error=str(e))
+            self._event("checkpoint_refused", _ERROR, str(e), priority=pb.MESSAGE_PRIORITY_HIGH,
+                        reason=e.reason, file=file, step_index=self.step)
 
     def _reset_signals(self) -> None:
         """The packet statistics restart from the restored weights; the spike check keeps the level."""
@@ -768,6 +785,7 @@ class Trainer:
             "commands_stale": st.stale, "commands_rejected": sum(st.rejected.values()),
             "rejected_by_reason": dict(st.rejected), "lr_changes": st.lr_changes,
             "step_failures": dict(st.step_failures), "rollbacks": dict(st.rollbacks),
+            "checkpoints_refused": dict(st.checkpoints_refused),
             "budget_misses": dict(st.budget_misses),
             "emergencies": len(self.emergency.history), "emergency_level": int(self.emergency.level),
             "halted": self.emergency.halted, "seeds_fossilized": st.seeds_fossilized,
