@@ -387,6 +387,22 @@ def test_a_late_rollback_escalates_to_halt_and_restarts_the_loss_statistics(tmp_
     assert trainer.signals.loss.count == 0
 
 
+def test_halt_stops_the_run_mid_epoch_checkpoints_that_step_and_exits_3(tmp_path: Path) -> None:
+    """HALT (here: a rollback past a 0 ms deadline) ends the run at that step, not at the epochs' end;
+    the step it stopped at is checkpointed, and the process exits 3 (EXIT_HALTED)."""
+    from esper.tolaria.service import EXIT_HALTED, run_training
+
+    s = _settings(tmp_path, epochs=3, enable_fault_injection=True, fault_nan_at_step=5, rollback_deadline_ms=0.0)
+    code, summary = run_training(s, static=True)
+    assert code == EXIT_HALTED and summary["halted"] and summary["emergency_level"] == pb.EMERGENCY_LEVEL_HALT
+    assert summary["rollbacks"] == {"deadline_missed": 1} and summary["epochs"] == 1
+    assert summary["steps"] == 4  # the four good steps; the fifth failed and HALT stopped the loop there
+    from esper.tolaria.checkpoint import CheckpointStore
+
+    newest = CheckpointStore(s.var_dir / "checkpoints").history()[0]
+    assert (newest.step, newest.epoch) == (5, 1)  # saved where HALT stopped it (the failed step made no update)
+
+
 def test_faults_need_opt_in(tmp_path: Path) -> None:
     with pytest.raises(Exception, match="ESPER_ENABLE_FAULT_INJECTION"):
         _settings(tmp_path, fault_nan_at_step=3)
