@@ -33,6 +33,7 @@ from esper.tolaria.emergency import (
 )
 from esper.tolaria.instruments import TolariaMetrics
 from esper.tolaria.settings import TolariaSettings
+from esper.tolaria.trainer import Trainer
 
 NOTICE, ELEVATED = pb.EMERGENCY_LEVEL_NOTICE, pb.EMERGENCY_LEVEL_ELEVATED
 CONSERVATIVE, HALT = pb.EMERGENCY_LEVEL_CONSERVATIVE, pb.EMERGENCY_LEVEL_HALT
@@ -336,6 +337,14 @@ def test_outage_queues_spills_survives_an_emitter_restart_and_flushes_in_order(
     assert SpillStore(spill).count() == 0
 
 
+def _trainer_with(pub: EmergencyPublisher, tmp_path: Path) -> Trainer:
+    """A static trainer whose emergency controller delivers through `pub` (the run summary reads it)."""
+    trainer = Trainer(TolariaSettings(var_dir=tmp_path / "tolaria", epochs=1, hidden_width=8, metrics_port=-1),
+                      bus=None)
+    trainer.emergency = EmergencyController(run_id="run-summary", publisher=pub)
+    return trainer
+
+
 def test_drops_past_the_spill_cap_are_counted_and_reported_once_redis_is_back(
         own_redis: EmbeddedRedis, tmp_path: Path, publishers: list[EmergencyPublisher]) -> None:
     metrics = TolariaMetrics(CollectorRegistry())
@@ -349,6 +358,10 @@ def test_drops_past_the_spill_cap_are_counted_and_reported_once_redis_is_back(
     wait_for(lambda: pub.stats().dropped == {"spill_full": 3} and pub.stats().pending == 2,
              "three oldest dropped past the spill cap")
     assert metrics.emergency_dropped.labels("spill_full")._value.get() == 3
+
+    summary = _trainer_with(pub, tmp_path).summary(clean_shutdown=True)  # the run's record says so too
+    assert (summary["emergency_signals_pending"], summary["emergency_signals_dropped"]) == (2, {"spill_full": 3})
+    assert summary["emergency_signals_published"] == 0
 
     own_redis.start()
     assert pub.flush(15.0)

@@ -20,13 +20,13 @@ from esper.oona import OonaSettings
 _OURS = ("ESPER_", "TOLARIA_", "TAMIYO_", "KASMINA_", "URZA_")
 
 
-def _run_static(tmp_path: Path, **env: str) -> subprocess.CompletedProcess[str]:
+def _run_static(tmp_path: Path, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
     """A real static run in a clean environment (no user ESPER_/TOLARIA_ knobs, no .env in cwd)."""
     base = {k: v for k, v in os.environ.items() if not k.upper().startswith(_OURS)}
     base.update(TOLARIA_VAR_DIR=str(tmp_path / "var"), TOLARIA_EPOCHS="1", TOLARIA_MALLOC_KEEP_MB="0",
                 ESPER_LOG_LEVEL="WARNING", **env)
-    return subprocess.run([sys.executable, "-m", "esper.tolaria", "run", "--static"], cwd=tmp_path, env=base,
-                          capture_output=True, text=True, timeout=100, check=False)
+    return subprocess.run([sys.executable, "-m", "esper.tolaria", "run", "--static", *args], cwd=tmp_path,
+                          env=base, capture_output=True, text=True, timeout=100, check=False)
 
 
 def _one_line_exit_2(proc: subprocess.CompletedProcess[str]) -> str:
@@ -51,6 +51,27 @@ def test_an_invalid_dataset_is_a_configuration_error(tmp_path: Path) -> None:
     path = tmp_path / "one_class.npz"
     np.savez(path, x=np.random.default_rng(0).normal(size=(40, 6)), y=np.zeros(40, dtype=np.int64))
     assert "label_range" in _one_line_exit_2(_run_static(tmp_path, TOLARIA_DATASET_PATH=str(path)))
+
+
+def test_the_dataset_flag_trains_on_the_users_npz(tmp_path: Path) -> None:
+    """`--dataset` wins over TOLARIA_DATASET_PATH (another file here): 120 samples of 5 features in 3
+    classes; its 96 training samples at the default batch of 64 make 2 steps (digits 23, the other 1)."""
+    rng = np.random.default_rng(0)
+    y = np.arange(120) % 3
+    x = rng.normal(size=(120, 5)) + y[:, None] * 2.0  # separable enough to learn in one epoch
+    path = tmp_path / "mine.npz"
+    np.savez(path, x=x, y=y)
+    other = tmp_path / "other.npz"
+    np.savez(other, x=rng.normal(size=(40, 7)), y=np.arange(40) % 2)
+    proc = _run_static(tmp_path, "--dataset", str(path), TOLARIA_DATASET_PATH=str(other))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    summary = json.loads(proc.stdout)
+    assert summary["epochs"] == 1 and summary["steps"] == 2
+
+
+def test_a_bad_file_given_by_the_dataset_flag_is_named_as_the_flag(tmp_path: Path) -> None:
+    line = _one_line_exit_2(_run_static(tmp_path, "--dataset", str(tmp_path / "missing.npz")))
+    assert "--dataset" in line and "missing_file" in line
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is present: TOLARIA_DEVICE=cuda is valid here")

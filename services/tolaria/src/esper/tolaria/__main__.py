@@ -1,10 +1,11 @@
-"""`python -m esper.tolaria [run [--static]|drill NAME|all]`."""
+"""`python -m esper.tolaria [run [--static] [--dataset FILE.npz]|drill NAME|all]`."""
 
 from __future__ import annotations
 
 import json
 import signal
 import sys
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -20,7 +21,10 @@ def main(ctx: typer.Context) -> None:
 
 
 @app.command()
-def run(static: Annotated[bool, typer.Option(help="train the host alone: no Tamiyo, no seeds")] = False) -> None:
+def run(static: Annotated[bool, typer.Option(help="train the host alone: no Tamiyo, no seeds")] = False,
+        dataset: Annotated[Path | None, typer.Option(
+            help="your own .npz (x, y; optional x_val, y_val) instead of digits; overrides TOLARIA_DATASET_PATH",
+            dir_okay=False)] = None) -> None:
     """Train for TOLARIA_EPOCHS, asking Tamiyo every step; print the summary as JSON."""
     from pydantic import ValidationError
 
@@ -30,8 +34,9 @@ def run(static: Annotated[bool, typer.Option(help="train the host alone: no Tami
     from esper.tolaria.service import TrainerStartError, load_training_data, run_training
     from esper.tolaria.settings import TolariaSettings
 
+    source = "TOLARIA_DATASET_PATH" if dataset is None else "--dataset"
     try:
-        settings = TolariaSettings()
+        settings = TolariaSettings() if dataset is None else TolariaSettings(dataset_path=dataset)
         if not static:
             settings.signing_keys()
             settings.require_redis_url()
@@ -40,13 +45,13 @@ def run(static: Annotated[bool, typer.Option(help="train the host alone: no Tami
     except (ConfigurationError, ValidationError) as e:
         typer.echo(f"tolaria: configuration error: {_one_line(e)}", err=True)
         raise typer.Exit(2) from None
-    try:  # before anything starts: a bad TOLARIA_DATASET_PATH is a configuration error, not a traceback
-        dataset = load_training_data(settings)
+    try:  # before anything starts: a bad dataset file is a configuration error, not a traceback
+        data = load_training_data(settings)
     except DatasetError as e:
-        typer.echo(f"tolaria: configuration error: TOLARIA_DATASET_PATH: {e}", err=True)
+        typer.echo(f"tolaria: configuration error: {source}: {e}", err=True)
         raise typer.Exit(2) from None
     try:
-        code, summary = run_training(settings, static=static, dataset=dataset)
+        code, summary = run_training(settings, static=static, dataset=data)
     except ConfigurationError as e:  # found while starting (a metrics port in use)
         typer.echo(f"tolaria: configuration error: {e}", err=True)
         raise typer.Exit(2) from None

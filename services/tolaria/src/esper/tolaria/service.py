@@ -90,6 +90,7 @@ def run_training(settings: TolariaSettings, *, static: bool = False,
         summary = trainer.summary(clean_shutdown=clean) | {"heap_kept_mb": heap.keep_mb if heap.applied else 0}
         try:
             trainer.close()
+            summary |= trainer.emergency_delivery()  # after close's flush: what is still pending is on disk
             _stop_bus(bus, http)
             if settings.summary_json is not None:
                 settings.summary_json.parent.mkdir(parents=True, exist_ok=True)

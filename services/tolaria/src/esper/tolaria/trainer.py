@@ -801,7 +801,17 @@ class Trainer:
             "conservative_probe_failures": self.conservative.probe_failures,
             "commands_dropped_conservative": st.commands_dropped_conservative,
             "val_accuracy_by_epoch": list(st.val_accuracy), "clean_shutdown": clean_shutdown,
-        }
+        } | self.emergency_delivery()
+
+    def emergency_delivery(self) -> dict[str, Any]:
+        """Where the run's EmergencySignals went: a run that ends with Redis down still says, in its
+        summary, what waits on disk for the next start and what was lost (not only in a log line)."""
+        publisher = self.emergency.publisher
+        if publisher is None:
+            return {"emergency_signals_published": 0, "emergency_signals_pending": 0, "emergency_signals_dropped": {}}
+        st = publisher.stats()
+        return {"emergency_signals_published": st.published, "emergency_signals_pending": st.pending,
+                "emergency_signals_dropped": dict(st.dropped)}
 
     def close(self, timeout_s: float = 5.0) -> None:
         try:
