@@ -550,6 +550,25 @@ async def test_a_cancelled_kernel_fetch_fails_its_germination_explicitly(inside_
     assert [e["reason"] for e in evs if e["event"] == "seed_culled"] == ["kernel_cancelled"]
 
 
+def test_kernel_breaker_transitions_are_breaker_events() -> None:
+    """The prototype's `breaker_event`: the kernel-fetch breaker opening (WARNING) and closing again."""
+    from esper.core.breaker import CircuitBreaker
+
+    rig = Rig()
+    now = [0.0]
+    breaker = CircuitBreaker("kernel_fetch", failure_threshold=2, success_threshold=1, reset_timeout_s=5.0,
+                             clock=lambda: now[0], on_transition=rig.k.breaker_transition)
+    breaker.record_failure()
+    breaker.record_failure()
+    now[0] = 6.0
+    assert breaker.allow()  # HALF_OPEN: a probe
+    breaker.record_success()
+    got = [(e["breaker"], e["from_state"], e["to_state"], e["_level"]) for e in events(rig.k, "breaker_event")]
+    assert got == [("kernel_fetch", "CIRCUIT_STATE_CLOSED", "CIRCUIT_STATE_OPEN", str(pb.TELEMETRY_LEVEL_WARNING)),
+                   ("kernel_fetch", "CIRCUIT_STATE_OPEN", "CIRCUIT_STATE_HALF_OPEN", str(pb.TELEMETRY_LEVEL_INFO)),
+                   ("kernel_fetch", "CIRCUIT_STATE_HALF_OPEN", "CIRCUIT_STATE_CLOSED", str(pb.TELEMETRY_LEVEL_INFO))]
+
+
 async def test_cull_before_the_kernel_arrives_drops_it() -> None:
     rig = Rig()
     rig.k.apply_command(command())

@@ -552,6 +552,20 @@ async def _trainer_with_urza(settings: OonaSettings, tmp_path: Path, run_id: str
             await asyncio.to_thread(bus.stop)
 
 
+async def test_the_trainers_kernel_breaker_reports_through_kasmina(make_client: ClientFactory,
+                                                                   settings: OonaSettings, tmp_path: Path) -> None:
+    """Tolaria builds the kernel-fetch breaker; its transitions used to reach only a gauge."""
+    from esper.kasmina import KernelClient
+
+    async with _trainer_with_urza(settings, tmp_path, "run-breaker", 0.001) as (trainer, _):
+        kernels = trainer.kasmina.kernels
+        assert isinstance(kernels, KernelClient)
+        for _ in range(trainer.kasmina.settings.breaker_failures):
+            kernels.breaker.record_failure()
+        opened = [e.attributes for e in trainer.kasmina.drain_events() if e.attributes["event"] == "breaker_event"]
+        assert [(e["breaker"], e["to_state"]) for e in opened] == [("kernel_fetch", "CIRCUIT_STATE_OPEN")]
+
+
 @pytest.mark.parametrize(("wait_ms", "attached_next_boundary"), [(5000.0, True), (0.001, False)])
 async def test_kernel_wait_fixes_the_attach_step(make_client: ClientFactory, settings: OonaSettings, tmp_path: Path,
                                                  wait_ms: float, attached_next_boundary: bool) -> None:

@@ -742,6 +742,14 @@ class Kasmina:
         rec.evidence.append(loss_without - loss_with if math.isfinite(loss_with) else -math.inf)
         return True
 
+    def breaker_transition(self, name: str, old: int, new: int) -> None:
+        """``on_transition`` for the kernel-fetch breaker (the prototype's ``breaker_event``). An open
+        breaker is a WARNING: every germination fails fast (``breaker_open``) until it probes again.
+        Called on the fetch's thread, so it only appends to the event queue."""
+        old_name, new_name = enum_name(pb.CircuitBreakerState, old), enum_name(pb.CircuitBreakerState, new)
+        self._emit("breaker_event", _WARNING if new == pb.CIRCUIT_STATE_OPEN else _INFO,
+                   f"{name}: {old_name} -> {new_name}", breaker=name, from_state=old_name, to_state=new_name)
+
     def set_performance_status(self, seed_id: str, status: str) -> None:
         """Report a seed's runtime status; ``fallback`` fails G4 at the next step (terminal)."""
         self._record(seed_id).performance_status = status.strip().lower()
@@ -785,8 +793,10 @@ class Kasmina:
             self._emit("fallback_status_rejected", _CRITICAL, result.detail, seed_id=rec.seed_id)
 
     def drain_events(self) -> list[pb.TelemetryEvent]:
-        events = list(self._events)
-        self._events.clear()
+        # popleft, not list() then clear(): the breaker's events are appended from the fetch's thread
+        events: list[pb.TelemetryEvent] = []
+        while self._events:
+            events.append(self._events.popleft())
         return events
 
     def _seed_group_lr(self, seed_id: str) -> float:

@@ -132,7 +132,8 @@ class Trainer:
             bus.client, ArtifactStore(s.artifact_dir), timeout_ms=s.kernel_timeout_ms, cache_size=ks.kernel_cache_size,
             training_run_id=s.run_id,
             breaker=CircuitBreaker("kernel_fetch", failure_threshold=ks.breaker_failures,
-                                   success_threshold=ks.breaker_successes, reset_timeout_s=ks.breaker_reset_s))
+                                   success_threshold=ks.breaker_successes, reset_timeout_s=ks.breaker_reset_s,
+                                   on_transition=lambda *change: self.kasmina.breaker_transition(*change)))
         self.kasmina = Kasmina(keys=s.signing_keys() if bus is not None else None, settings=ks, kernels=kernels,
                                optimizer=self.optimizer)
         self.kasmina.register_host(self.host)
