@@ -316,11 +316,13 @@ def test_a_tampered_checkpoint_a_rollback_passes_over_is_reported(tmp_path: Path
     trainer._pending_events.clear()
     trainer._do_rollback("test")
     assert trainer.stats.rollbacks == {"checkpoint": 1} and trainer._applied_step == older.step
-    [(reason, count)] = trainer.summary(clean_shutdown=True)["checkpoints_refused"].items()
-    assert count == 1 and registry.get_sample_value("tolaria_checkpoint_errors_total", {"reason": reason}) == 1
+    trainer._do_rollback("again")  # walks past the same file: counted and announced once
+    assert trainer.stats.rollbacks == {"checkpoint": 2}
+    assert trainer.summary(clean_shutdown=True)["checkpoints_refused"] == {"checksum_mismatch": 1}
+    assert registry.get_sample_value("tolaria_checkpoint_errors_total", {"reason": "checksum_mismatch"}) == 1
     refused = [e for e in trainer._pending_events if e.attributes["event"] == "checkpoint_refused"]
     assert [(e.level, e.attributes["reason"], e.attributes["file"]) for e in refused] == [
-        (pb.TELEMETRY_LEVEL_ERROR, reason, newest.file)]
+        (pb.TELEMETRY_LEVEL_ERROR, "checksum_mismatch", newest.file)]
 
 
 def test_a_rollback_that_restores_nothing_is_an_event_and_names_every_refused_checkpoint(tmp_path: Path) -> None:
@@ -370,6 +372,17 @@ def test_stopping_checkpoints_even_off_the_cadence(tmp_path: Path) -> None:
     last = Trainer(_settings(tmp_path / "b", epochs=3, checkpoint_every_epochs=2), bus=None)
     last.run()
     assert sorted(c.epoch for c in last.checkpoints.history()) == [2, 3]
+
+
+def test_a_rollback_out_of_time_before_restoring_anything_is_a_rollback_failed_event(tmp_path: Path) -> None:
+    trainer = Trainer(_settings(tmp_path, epochs=1, rollback_deadline_ms=0.0, rollback_fast_cap_mb=0.001,
+                                emergency_l4_on_rollback_deadline=False), bus=None)
+    trainer.run()
+    trainer._pending_events.clear()
+    trainer._do_rollback("test")  # the fast tier has nothing and the 0 ms deadline is spent: no checkpoint tier
+    assert trainer.stats.rollbacks == {"deadline_missed": 1} and not trainer.emergency.halted
+    [event] = trainer._pending_events
+    assert (event.attributes["event"], event.attributes["failure"]) == ("rollback_failed", "deadline")
 
 
 def test_a_late_rollback_escalates_to_halt_and_restarts_the_loss_statistics(tmp_path: Path) -> None:

@@ -26,13 +26,13 @@ EVENTS: Final[frozenset[str]] = frozenset({
     # Tolaria (trainer.py, emergency.py)
     "epoch_budget_exceeded", "hook_budget", "tamiyo_timeout", "command_stale", "optimizer_adjusted", "loss_spike",
     "step_failure", "rollback", "tolaria.emergency.escalated", "tolaria.emergency.halt", "tolaria.emergency.dropped",
-    "conservative_mode_cleared", "kernel_wait_timeout", "command_unsupported",
+    "conservative_mode_cleared", "kernel_wait_timeout", "command_unsupported", "checkpoint_refused", "rollback_failed",
     # (conservative_mode_entered: listed with Tamiyo's; command_rejected: with Kasmina's)
     # Kasmina (kasmina.py; published inside Tolaria's epoch packet)
     "command_rejected", "emergency_cleanup", "fallback_status_rejected", "gate_event", "gate_failure",
     "germination_failed", "isolation_violation", "kernel_attached", "mesh_coverage_missing", "optimizer_unbound",
     "rollback_ready", "seed_culled", "seed_fossilized", "seed_operation", "seed_paused", "seed_resumed",
-    "seed_stage", "seed_verdict",
+    "seed_stage", "seed_verdict", "breaker_event",
     # Tamiyo: decision failures, metadata, policy updates, conservative mode ...
     "timeout_inference", "timeout_urza", "degraded_inputs", "metadata_unavailable", "dependency_violation",
     "inference_breaker_open", "inference_error", "policy_update_applied", "policy_update_rejected",

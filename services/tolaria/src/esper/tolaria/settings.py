@@ -313,7 +313,7 @@ class TolariaSettings(OonaSettings):
     @classmethod
     def _valid_dataset(cls, v: Path | None) -> Path | None:
         if v is not None and v.suffix != ".npz":
-            raise ValueError(f"TOLARIA_DATASET_PATH must name an .npz file, got {v}")
+            raise ValueError(f"the dataset (--dataset or TOLARIA_DATASET_PATH) must be an .npz file, got {v}")
         return v
 
     @model_validator(mode="after")

@@ -155,6 +155,7 @@ class Trainer:
                         directory=str(s.checkpoint_dir))
         self.checkpoints = CheckpointStore(s.checkpoint_dir, keep=s.checkpoint_keep, run_id=s.run_id, keys=ckpt_keys)
         self.rollback = RollbackManager.from_settings(s, checkpoints=self.checkpoints, metrics=self.metrics)
+        self._refused_checkpoints: set[tuple[str, str]] = set()  # (file, reason) already reported
         publisher = None
         if bus is not None and s.emergency_enabled:
             publisher = EmergencyPublisher.from_settings(s, metrics=self.metrics)
@@ -549,6 +550,9 @@ class Trainer:
                 self._applied_step = self._restored_step = e.result.step
                 self._reset_signals()
                 self._report_refused_checkpoints(e.result.skipped_checkpoints)
+            else:  # out of time before the checkpoint tier: nothing restored
+                self._event("rollback_failed", _ERROR, str(e), priority=pb.MESSAGE_PRIORITY_HIGH, reason=reason,
+                            failure=e.reason, step_index=self.step)
             if self.settings.emergency_l4_on_rollback_deadline:
                 self.emergency.escalate(pb.EMERGENCY_LEVEL_HALT, "rollback_deadline")
             log.error("rollback missed its deadline", error=str(e), restored=e.restored)
@@ -569,8 +573,13 @@ class Trainer:
 
     def _report_refused_checkpoints(self, refused: tuple[CheckpointError, ...]) -> None:
         """A broken or tampered checkpoint a rollback passed over is never skipped silently: counted
-        (`tolaria_checkpoint_errors_total`, the summary) and sent as a HIGH event on the emergency lane."""
+        (`tolaria_checkpoint_errors_total`, the summary) and sent as a HIGH event on the emergency lane,
+        once per file and reason (every later rollback walks past it again until retention drops it)."""
         for e in refused:
+            key = (str(e.path), e.reason)
+            if key in self._refused_checkpoints:
+                continue
+            self._refused_checkpoints.add(key)
             self.stats.checkpoints_refused[e.reason] += 1
             self.metrics.checkpoint_errors.labels(e.reason).inc()
             file = e.path.name if e.path is not None else ""
