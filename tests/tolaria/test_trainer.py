@@ -405,7 +405,8 @@ def test_halt_stops_the_run_mid_epoch_checkpoints_that_step_and_exits_3(tmp_path
     the step it stopped at is checkpointed, and the process exits 3 (EXIT_HALTED)."""
     from esper.tolaria.service import EXIT_HALTED, run_training
 
-    s = _settings(tmp_path, epochs=3, enable_fault_injection=True, fault_nan_at_step=5, rollback_deadline_ms=0.0)
+    s = _settings(tmp_path, epochs=3, enable_fault_injection=True, fault_nan_at_step=5, rollback_deadline_ms=0.0,
+                  malloc_keep_mb=0)  # in process: leave glibc's heap settings alone for the tests after this one
     code, summary = run_training(s, static=True)
     assert code == EXIT_HALTED and summary["halted"] and summary["emergency_level"] == pb.EMERGENCY_LEVEL_HALT
     assert summary["rollbacks"] == {"deadline_missed": 1} and summary["epochs"] == 1
