@@ -551,8 +551,7 @@ class Trainer:
                 self._reset_signals()
                 self._report_refused_checkpoints(e.result.skipped_checkpoints)
             else:  # out of time before the checkpoint tier: nothing restored
-                self._event("rollback_failed", _ERROR, str(e), priority=pb.MESSAGE_PRIORITY_HIGH, reason=reason,
-                            failure=e.reason, step_index=self.step)
+                self._rollback_failed(e, reason)
             if self.settings.emergency_l4_on_rollback_deadline:
                 self.emergency.escalate(pb.EMERGENCY_LEVEL_HALT, "rollback_deadline")
             log.error("rollback missed its deadline", error=str(e), restored=e.restored)
@@ -561,8 +560,7 @@ class Trainer:
             self.stats.rollbacks[f"failed_{e.reason}"] += 1
             self._report_refused_checkpoints(e.skipped)
             log.error("nothing to roll back to", reason=reason, error=str(e))
-            self._event("rollback_failed", _ERROR, str(e), priority=pb.MESSAGE_PRIORITY_HIGH, reason=reason,
-                        failure=e.reason, step_index=self.step)
+            self._rollback_failed(e, reason)
             return
         self._report_refused_checkpoints(result.skipped_checkpoints)
         self.stats.rollbacks[result.tier] += 1
@@ -570,6 +568,11 @@ class Trainer:
         self._reset_signals()
         self._event("rollback", _WARNING, f"{result.tier} tier restored step {result.step} in "
                     f"{result.elapsed_ms:.2f} ms", reason=reason, tier=result.tier, restored_step=result.step)
+
+    def _rollback_failed(self, e: RollbackError, reason: str) -> None:
+        """Nothing was restored: a HIGH event on the emergency lane, not only a log line."""
+        self._event("rollback_failed", _ERROR, str(e), priority=pb.MESSAGE_PRIORITY_HIGH, reason=reason,
+                    failure=e.reason, step_index=self.step)
 
     def _report_refused_checkpoints(self, refused: tuple[CheckpointError, ...]) -> None:
         """A broken or tampered checkpoint a rollback passed over is never skipped silently: counted
